@@ -1,0 +1,31 @@
+//! Types shared by the eBPF programs (`ckpt-ebpf`) and userspace (`ckpt-user`).
+//!
+//! Everything here is `#[repr(C)]` plain data: it crosses the kernel/user boundary
+//! through maps, ring buffers and global variables, so layouts must match exactly on
+//! both sides. Keep it `no_std` and free of logic beyond small conversions.
+#![no_std]
+
+pub mod counters;
+pub mod lock;
+pub mod offsets;
+
+/// Names of the maps and programs, shared so that the agent pins what the
+/// programs declare and the readers open what the agent pinned.
+pub mod names {
+    pub const LOCK_EVENTS: &str = "LOCK_EVENTS";
+    pub const LOCKS: &str = "LOCKS";
+    pub const WAITERS: &str = "WAITERS";
+    pub const SYSCALL_CTX: &str = "SYSCALL_CTX";
+    pub const COUNTERS: &str = "COUNTERS";
+    pub const AGENT_STATS: &str = "AGENT_STATS";
+}
+
+/// Capacities of the maps. The lock table and the waiter table are sized for large
+/// hosts; a full map is counted (see [`counters`]) and reported, never silent.
+pub mod capacity {
+    pub const LOCKS: u32 = 131_072;
+    pub const WAITERS: u32 = 16_384;
+    pub const SYSCALL_CTX: u32 = 16_384;
+    /// Ring buffer bytes: ~200k events, enough to cover an agent restart on a busy host.
+    pub const LOCK_EVENTS_BYTES: u32 = 16 * 1024 * 1024;
+}

@@ -1,0 +1,129 @@
+//! filelock:posix_lock_inode and filelock:flock_lock_inode.
+
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
+use aya_log_ebpf::warn;
+use ckpt_common::{
+    counters::Counter,
+    lock::{fl_flags, EventSource, LockEvent, Waiter, FILE_LOCK_DEFERRED},
+    offsets::LockTpOffsets,
+};
+
+use crate::maps::{count, current_ids, layout, LOCK_EVENTS, SYSCALL_CTX, WAITERS};
+
+/// FL_ACCESS requests only test for conflicts; they never change lock state.
+const FL_ACCESS: u32 = 8;
+
+#[tracepoint]
+pub fn posix_lock_inode(ctx: TracePointContext) -> u32 {
+    let l = layout();
+    if l.valid != 0 {
+        let _ = handle(&ctx, &l.posix, EventSource::Posix);
+    }
+    0
+}
+
+#[tracepoint]
+pub fn flock_lock_inode(ctx: TracePointContext) -> u32 {
+    let l = layout();
+    if l.valid != 0 {
+        let _ = handle(&ctx, &l.flock, EventSource::Flock);
+    }
+    0
+}
+
+#[inline(always)]
+fn read<T>(ctx: &TracePointContext, off: u32) -> Result<T, i32> {
+    // SAFETY: offsets come from this kernel's tracefs format file.
+    unsafe { ctx.read_at::<T>(off as usize) }
+}
+
+fn handle(ctx: &TracePointContext, off: &LockTpOffsets, source: EventSource) -> Result<(), i32> {
+    count(Counter::EventsSeen);
+    let ret: i32 = read(ctx, off.ret)?;
+    let flags: u32 = read(ctx, off.flags)?;
+    // A refused or deferred POSIX request changes nothing. A refused or deferred flock
+    // *conversion* has already dropped the old lock, so flock events always go out.
+    // (A blocked waiter is removed at syscall exit, whatever the outcome.)
+    if flags & FL_ACCESS != 0 || (ret < 0 && source == EventSource::Posix) {
+        return Ok(());
+    }
+    let (tgid, tid) = current_ids();
+    let fd = match SYSCALL_CTX.get_ptr(&tid) {
+        // SAFETY: value of our own map, plain data.
+        Some(p) => unsafe { (*p).fd },
+        None => -1,
+    };
+    let ino: u64 = read(ctx, off.i_ino)?;
+    let dev: u32 = read(ctx, off.s_dev)?;
+    let owner: u64 = read(ctx, off.owner)?;
+    let start: i64 = read(ctx, off.start)?;
+    let end: i64 = read(ctx, off.end)?;
+    let lock_type: u8 = read(ctx, off.lock_type)?;
+    let now = unsafe { bpf_ktime_get_ns() };
+
+    if ret == FILE_LOCK_DEFERRED {
+        // Keep the first blocking time across the kernel's retries of the same request.
+        let since = match WAITERS.get_ptr(&tid) {
+            Some(p) => unsafe { (*p).since_ns },
+            None => now,
+        };
+        let waiter = Waiter {
+            since_ns: since,
+            ino,
+            owner,
+            blocker: read(ctx, off.blocker)?,
+            start,
+            end,
+            dev,
+            tgid,
+            tid,
+            flags,
+            fd,
+            lock_type,
+            _pad: [0; 3],
+        };
+        if WAITERS.insert(&tid, &waiter, 0).is_err() {
+            count(Counter::WaitersFull);
+            warn!(
+                ctx,
+                "WAITERS full: waiter tid {} on inode {} not recorded", tid, ino
+            );
+        }
+        if source == EventSource::Posix {
+            return Ok(());
+        }
+    }
+
+    // Granted: this thread no longer waits.
+    if ret == 0 && flags & fl_flags::FL_SLEEP != 0 {
+        let _ = WAITERS.remove(&tid);
+    }
+    let pid: u32 = read(ctx, off.pid)?;
+    match LOCK_EVENTS.reserve::<LockEvent>(0) {
+        Some(mut entry) => {
+            entry.write(LockEvent {
+                ts_ns: now,
+                ino,
+                owner,
+                start,
+                end,
+                dev,
+                pid,
+                tgid,
+                fd,
+                flags,
+                ret,
+                source: source as u8,
+                lock_type,
+                _pad: [0; 6],
+            });
+            entry.submit(0);
+            count(Counter::EventsEmitted);
+        }
+        None => {
+            count(Counter::RingBufFull);
+            warn!(ctx, "LOCK_EVENTS full: lock event on inode {} lost", ino);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,57 @@
+//! Maps shared with userspace. Pinned by name so that a restarted agent re-adopts them.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, PerCpuArray, RingBuf},
+};
+use ckpt_common::{
+    capacity,
+    counters::{AgentStat, Counter},
+    lock::{LockKey, LockRecord, SyscallCtx, Waiter},
+    offsets::KernelLayout,
+};
+
+/// Tracepoint offsets for this kernel; filled in by userspace at load time.
+#[unsafe(no_mangle)]
+pub static LAYOUT: KernelLayout = KernelLayout::ZERO;
+
+#[map]
+pub static LOCK_EVENTS: RingBuf = RingBuf::pinned(capacity::LOCK_EVENTS_BYTES, 0);
+
+/// Written by the agent only; declared here so that one object owns every map.
+#[map]
+pub static LOCKS: HashMap<LockKey, LockRecord> = HashMap::pinned(capacity::LOCKS, 0);
+
+#[map]
+pub static WAITERS: HashMap<u32, Waiter> = HashMap::pinned(capacity::WAITERS, 0);
+
+#[map]
+pub static SYSCALL_CTX: HashMap<u32, SyscallCtx> = HashMap::pinned(capacity::SYSCALL_CTX, 0);
+
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
+
+/// Written by the agent only.
+#[map]
+pub static AGENT_STATS: Array<u64> = Array::pinned(AgentStat::COUNT, 0);
+
+#[inline(always)]
+pub fn layout() -> KernelLayout {
+    // SAFETY: a read-only global; volatile so that the compiler does not fold in the
+    // zero placeholder that userspace replaces at load time.
+    unsafe { core::ptr::read_volatile(&LAYOUT) }
+}
+
+#[inline(always)]
+pub fn count(counter: Counter) {
+    if let Some(slot) = COUNTERS.get_ptr_mut(counter as u32) {
+        // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+        unsafe { *slot += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn current_ids() -> (u32, u32) {
+    let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
+    ((id >> 32) as u32, id as u32)
+}

@@ -1,0 +1,31 @@
+use ckpt_user::{
+    agent::{run, Options},
+    cli::{report, AgentArgs},
+    tracer::pins::PinDir,
+};
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+
+fn main() {
+    let args = AgentArgs::parse();
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&args.log_level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => std::process::exit(report("ckpt-agent", &e.into())),
+    };
+    let opts = Options {
+        pins: PinDir::new(args.pin_dir),
+        unpin: args.unpin,
+    };
+    if let Err(e) = rt.block_on(run(opts)) {
+        std::process::exit(report("ckpt-agent", &e));
+    }
+}

@@ -1,0 +1,3 @@
+//! Small wrappers over the kernel interfaces the agent needs mounted.
+
+pub mod mounts;

@@ -1,0 +1,186 @@
+//! Tracepoint `format` files and the [`KernelLayout`] derived from them.
+//!
+//! Field names changed across kernels (6.1: `fl_owner`, `fl_flags`, `fl_type`,
+//! `fl_pid`, `fl_blocker`; 6.9+: `owner`, `flags`, `type`, `pid`, `blocker`), so each
+//! logical field lists the names it may have, newest first.
+
+use std::collections::HashMap;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use ckpt_common::offsets::{KernelLayout, LockTpOffsets, SyscallTpOffsets};
+
+use crate::sys::mounts::event_dir;
+
+/// A field of a tracepoint record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Field {
+    pub offset: u32,
+    pub size: u32,
+}
+
+/// Parsed `format` file: field name -> offset and size.
+#[derive(Clone, Debug, Default)]
+pub struct Format {
+    pub fields: HashMap<String, Field>,
+}
+
+impl Format {
+    pub fn parse(text: &str) -> Result<Format> {
+        let mut fields = HashMap::new();
+        for line in text.lines() {
+            let line = line.trim();
+            let Some(rest) = line.strip_prefix("field:") else {
+                continue;
+            };
+            let mut decl = "";
+            let mut offset = None;
+            let mut size = None;
+            for part in rest.split(';') {
+                let part = part.trim();
+                if let Some(v) = part.strip_prefix("offset:") {
+                    offset = v.parse().ok();
+                } else if let Some(v) = part.strip_prefix("size:") {
+                    size = v.parse().ok();
+                } else if decl.is_empty() {
+                    decl = part;
+                }
+            }
+            // "unsigned long i_ino" / "char comm[16]": the name is the last word.
+            let name = decl
+                .rsplit(|c: char| c.is_whitespace() || c == '*')
+                .next()
+                .unwrap_or("")
+                .split('[')
+                .next()
+                .unwrap_or("");
+            match (offset, size) {
+                (Some(offset), Some(size)) if !name.is_empty() => {
+                    fields.insert(name.to_string(), Field { offset, size });
+                }
+                _ => bail!("malformed field line: {line}"),
+            }
+        }
+        if fields.is_empty() {
+            bail!("no fields");
+        }
+        Ok(Format { fields })
+    }
+
+    pub fn read(category: &str, name: &str) -> Result<Format> {
+        let path = event_dir(category, name).join("format");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("tracepoint {category}:{name} not available ({path:?})"))?;
+        Format::parse(&text).with_context(|| format!("parsing {path:?}"))
+    }
+
+    /// Offset of the first of `names` present, checking its size.
+    pub fn offset(&self, names: &[&str], size: u32) -> Result<u32> {
+        for n in names {
+            if let Some(f) = self.fields.get(*n) {
+                if f.size != size {
+                    bail!("field {n} has size {} (expected {size})", f.size);
+                }
+                return Ok(f.offset);
+            }
+        }
+        Err(anyhow!("none of the fields {names:?} present"))
+    }
+}
+
+/// Offsets of the filelock_lock event class (posix_lock_inode, flock_lock_inode).
+pub fn lock_offsets(f: &Format) -> Result<LockTpOffsets> {
+    Ok(LockTpOffsets {
+        i_ino: f.offset(&["i_ino"], 8)?,
+        s_dev: f.offset(&["s_dev"], 4)?,
+        blocker: f.offset(&["blocker", "fl_blocker"], 8)?,
+        owner: f.offset(&["owner", "fl_owner"], 8)?,
+        pid: f.offset(&["pid", "fl_pid"], 4)?,
+        flags: f.offset(&["flags", "fl_flags"], 4)?,
+        lock_type: f.offset(&["type", "fl_type"], 1)?,
+        start: f.offset(&["fl_start"], 8)?,
+        end: f.offset(&["fl_end"], 8)?,
+        ret: f.offset(&["ret"], 4)?,
+    })
+}
+
+/// Reads this kernel's format files and builds the layout the programs need.
+pub fn resolve_layout() -> Result<KernelLayout> {
+    let posix = Format::read("filelock", "posix_lock_inode")?;
+    let flock = Format::read("filelock", "flock_lock_inode")?;
+    let fcntl = Format::read("syscalls", "sys_enter_fcntl")?;
+    let flock_sys = Format::read("syscalls", "sys_enter_flock")?;
+    Ok(KernelLayout {
+        posix: lock_offsets(&posix).context("filelock:posix_lock_inode")?,
+        flock: lock_offsets(&flock).context("filelock:flock_lock_inode")?,
+        syscalls: SyscallTpOffsets {
+            fcntl_fd: fcntl.offset(&["fd"], 8)?,
+            fcntl_cmd: fcntl.offset(&["cmd"], 8)?,
+            flock_fd: flock_sys.offset(&["fd"], 8)?,
+        },
+        valid: 1,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// 6.18's filelock_lock class.
+    const NEW: &str = "name: posix_lock_inode
+ID: 1
+format:
+\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
+\tfield:struct file_lock * fl;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:unsigned long i_ino;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:dev_t s_dev;\toffset:24;\tsize:4;\tsigned:0;
+\tfield:struct file_lock_core * blocker;\toffset:32;\tsize:8;\tsigned:0;
+\tfield:fl_owner_t owner;\toffset:40;\tsize:8;\tsigned:0;
+\tfield:unsigned int pid;\toffset:48;\tsize:4;\tsigned:0;
+\tfield:unsigned int flags;\toffset:52;\tsize:4;\tsigned:0;
+\tfield:unsigned char type;\toffset:56;\tsize:1;\tsigned:0;
+\tfield:loff_t fl_start;\toffset:64;\tsize:8;\tsigned:1;
+\tfield:loff_t fl_end;\toffset:72;\tsize:8;\tsigned:1;
+\tfield:int ret;\toffset:80;\tsize:4;\tsigned:1;
+
+print fmt: \"fl=%p\"
+";
+
+    /// 6.1's names (fl_ prefixes).
+    const OLD: &str = "format:
+\tfield:struct file_lock * fl;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:unsigned long i_ino;\toffset:16;\tsize:8;\tsigned:0;
+\tfield:dev_t s_dev;\toffset:24;\tsize:4;\tsigned:0;
+\tfield:struct file_lock * fl_blocker;\toffset:32;\tsize:8;\tsigned:0;
+\tfield:fl_owner_t fl_owner;\toffset:40;\tsize:8;\tsigned:0;
+\tfield:unsigned int fl_pid;\toffset:48;\tsize:4;\tsigned:0;
+\tfield:unsigned int fl_flags;\toffset:52;\tsize:4;\tsigned:0;
+\tfield:unsigned char fl_type;\toffset:56;\tsize:1;\tsigned:0;
+\tfield:loff_t fl_start;\toffset:64;\tsize:8;\tsigned:1;
+\tfield:loff_t fl_end;\toffset:72;\tsize:8;\tsigned:1;
+\tfield:int ret;\toffset:80;\tsize:4;\tsigned:1;
+";
+
+    #[test]
+    fn resolves_both_naming_generations_to_the_same_offsets() {
+        let new = lock_offsets(&Format::parse(NEW).unwrap()).unwrap();
+        let old = lock_offsets(&Format::parse(OLD).unwrap()).unwrap();
+        assert_eq!(new, old);
+        assert_eq!(new.owner, 40);
+        assert_eq!(new.lock_type, 56);
+        assert_eq!(new.ret, 80);
+    }
+
+    #[test]
+    fn missing_or_resized_field_is_an_error() {
+        let f = Format::parse(&NEW.replace("fl_end", "other")).unwrap();
+        assert!(lock_offsets(&f).is_err());
+        let f = Format::parse(&NEW.replace("size:4;\tsigned:1;", "size:8;\tsigned:1;")).unwrap();
+        assert!(lock_offsets(&f).is_err());
+    }
+
+    #[test]
+    fn array_fields_are_named_without_brackets() {
+        let f = Format::parse("\tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;\n").unwrap();
+        assert_eq!(f.offset(&["comm"], 16).unwrap(), 8);
+    }
+}

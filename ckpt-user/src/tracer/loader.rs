@@ -1,0 +1,89 @@
+//! Loads the eBPF object with this kernel's layout, attaches every program to its
+//! tracepoint and pins programs, links and maps.
+//!
+//! Restart without loss: maps are pinned by name, so a new agent's object reuses the
+//! old maps (LOCK_EVENTS still holds what happened while no agent ran). The new
+//! programs are attached *before* the old links are unpinned, so no event is missed;
+//! during that instant an event may be seen twice, which is harmless because replaying
+//! a lock request is idempotent (see `locks::model`).
+
+use std::fs;
+
+use anyhow::{Context as _, Result};
+use aya::{
+    programs::{links::FdLink, TracePoint},
+    Ebpf, EbpfLoader,
+};
+use tracing::{debug, info};
+
+use super::{format::resolve_layout, pins::PinDir};
+use crate::sys::mounts;
+
+/// The eBPF object built by build.rs.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ckpt"));
+
+/// (program, tracepoint category, tracepoint name)
+pub const PROGRAMS: &[(&str, &str, &str)] = &[
+    ("posix_lock_inode", "filelock", "posix_lock_inode"),
+    ("flock_lock_inode", "filelock", "flock_lock_inode"),
+    ("sys_enter_fcntl", "syscalls", "sys_enter_fcntl"),
+    ("sys_enter_flock", "syscalls", "sys_enter_flock"),
+    ("sys_exit_fcntl", "syscalls", "sys_exit_fcntl"),
+    ("sys_exit_flock", "syscalls", "sys_exit_flock"),
+    ("sched_process_exit", "sched", "sched_process_exit"),
+];
+
+pub struct Loaded {
+    pub ebpf: Ebpf,
+    /// True when pinned maps from an earlier agent were reused.
+    pub adopted: bool,
+}
+
+/// Loads, attaches and pins everything under `pins`.
+pub fn load_and_attach(pins: &PinDir) -> Result<Loaded> {
+    if mounts::ensure_tracefs()? {
+        info!("mounted tracefs at {}", mounts::TRACEFS);
+    }
+    if mounts::ensure_bpffs()? {
+        info!("mounted bpffs at {}", mounts::BPFFS);
+    }
+    let layout = resolve_layout().context("resolving tracepoint layout")?;
+    debug!(?layout, "tracepoint layout");
+
+    let adopted = pins.has_state();
+    for dir in [pins.maps_dir(), pins.progs_dir(), pins.links_dir()] {
+        fs::create_dir_all(&dir).with_context(|| format!("creating {dir:?}"))?;
+    }
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pins.maps_dir())
+        .override_global("LAYOUT", &layout, true)
+        .load(OBJECT)
+        .context("loading the eBPF object")?;
+
+    for (prog_name, category, tp) in PROGRAMS {
+        let prog: &mut TracePoint = ebpf
+            .program_mut(prog_name)
+            .with_context(|| format!("program {prog_name} missing from object"))?
+            .try_into()?;
+        prog.load()
+            .with_context(|| format!("loading {prog_name}"))?;
+        let link_id = prog
+            .attach(category, tp)
+            .with_context(|| format!("attaching {prog_name} to {category}:{tp}"))?;
+        let link: FdLink = prog.take_link(link_id)?.try_into()?;
+
+        // Replace the previous agent's pins only now that the new program is attached.
+        let link_pin = pins.links_dir().join(prog_name);
+        let prog_pin = pins.progs_dir().join(prog_name);
+        for old in [&link_pin, &prog_pin] {
+            if old.exists() {
+                fs::remove_file(old).with_context(|| format!("removing old pin {old:?}"))?;
+            }
+        }
+        link.pin(&link_pin)
+            .with_context(|| format!("pinning link {link_pin:?}"))?;
+        prog.pin(&prog_pin)
+            .with_context(|| format!("pinning program {prog_pin:?}"))?;
+    }
+    Ok(Loaded { ebpf, adopted })
+}

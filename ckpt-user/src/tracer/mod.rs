@@ -1,0 +1,7 @@
+//! The kernel side of ckpt, seen from userspace: which tracepoints exist and where
+//! their fields are (`format`), and loading, attaching and pinning the programs
+//! (`loader`, `pins`).
+
+pub mod format;
+pub mod loader;
+pub mod pins;

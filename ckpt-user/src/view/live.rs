@@ -1,0 +1,180 @@
+//! Read-only access to the agent's pinned maps.
+//!
+//! Consistency: the agent acknowledges a ring-buffer event only after the lock table
+//! holds its effect. [`LiveMaps::barrier`] waits until the ring's consumer position
+//! reaches the producer position observed at the call, so a reader sees every lock
+//! change the kernel made before it looked.
+
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    sync::atomic::{AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
+use ckpt_common::{
+    counters::{AgentStat, Counter},
+    lock::{LockKey, LockRecord, Waiter},
+    names,
+};
+
+use crate::{agent::instance::agent_running, tracer::pins::PinDir};
+
+pub struct LiveMaps {
+    pub locks: HashMap<MapData, LockKey, LockRecord>,
+    pub waiters: HashMap<MapData, u32, Waiter>,
+    pub counters: PerCpuArray<MapData, u64>,
+    pub stats: Array<MapData, u64>,
+    ring: RingPositions,
+}
+
+/// Why the live maps cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("ckpt-agent is not running (no agent holds {0})")]
+    NoAgent(String),
+    #[error("ckpt-agent is running but its maps under {0} cannot be opened: {1}")]
+    Maps(String, String),
+}
+
+fn open_map(pins: &PinDir, name: &str) -> Result<MapData> {
+    let path = pins.map(name);
+    MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
+}
+
+impl LiveMaps {
+    pub fn open(pins: &PinDir) -> std::result::Result<LiveMaps, Unavailable> {
+        if !agent_running(pins) {
+            return Err(Unavailable::NoAgent(
+                pins.agent_lock_file().display().to_string(),
+            ));
+        }
+        let open = || -> Result<LiveMaps> {
+            Ok(LiveMaps {
+                locks: HashMap::try_from(Map::HashMap(open_map(pins, names::LOCKS)?))?,
+                waiters: HashMap::try_from(Map::HashMap(open_map(pins, names::WAITERS)?))?,
+                counters: PerCpuArray::try_from(Map::PerCpuArray(open_map(
+                    pins,
+                    names::COUNTERS,
+                )?))?,
+                stats: Array::try_from(Map::Array(open_map(pins, names::AGENT_STATS)?))?,
+                ring: RingPositions::open(&open_map(pins, names::LOCK_EVENTS)?)?,
+            })
+        };
+        open().map_err(|e| Unavailable::Maps(pins.root().display().to_string(), format!("{e:#}")))
+    }
+
+    /// Waits until the agent has applied every event produced before this call.
+    pub fn barrier(&self, timeout: Duration) -> Result<()> {
+        let target = self.ring.producer();
+        let deadline = Instant::now() + timeout;
+        while self.ring.consumer() < target {
+            if Instant::now() > deadline {
+                bail!(
+                    "ckpt-agent is {} bytes of events behind after {:?}; is it stuck?",
+                    target - self.ring.consumer(),
+                    timeout
+                );
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(())
+    }
+
+    pub fn counter(&self, c: Counter) -> Result<u64> {
+        Ok(self.counters.get(&(c as u32), 0)?.iter().sum())
+    }
+
+    pub fn stat(&self, s: AgentStat) -> Result<u64> {
+        Ok(self.stats.get(&(s as u32), 0)?)
+    }
+
+    /// Every loss the tracer or agent counted, as (what, how many), non-zero only.
+    pub fn losses(&self) -> Result<Vec<(&'static str, u64)>> {
+        let mut out = Vec::new();
+        for c in [
+            Counter::RingBufFull,
+            Counter::WaitersFull,
+            Counter::SyscallCtxFull,
+        ] {
+            let n = self.counter(c)?;
+            if n > 0 {
+                out.push((c.name(), n));
+            }
+        }
+        let n = self.stat(AgentStat::LocksFull)?;
+        if n > 0 {
+            out.push(("locks_full", n));
+        }
+        Ok(out)
+    }
+}
+
+/// The ring buffer's consumer and producer positions, mapped read-only.
+struct RingPositions {
+    consumer: *const AtomicU64,
+    producer: *const AtomicU64,
+    page: usize,
+}
+
+impl RingPositions {
+    fn open(map: &MapData) -> Result<RingPositions> {
+        let page = page_size();
+        let fd = map.fd().as_fd().as_raw_fd();
+        let map_page = |offset: usize| -> Result<*const AtomicU64> {
+            // SAFETY: mapping the ring's control pages read-only (kernel ABI: consumer
+            // position at page 0, producer position at page 1).
+            let p = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    page,
+                    libc::PROT_READ,
+                    libc::MAP_SHARED,
+                    fd,
+                    offset as libc::off_t,
+                )
+            };
+            if p == libc::MAP_FAILED {
+                bail!("mmap of ring buffer: {}", std::io::Error::last_os_error());
+            }
+            Ok(p as *const AtomicU64)
+        };
+        Ok(RingPositions {
+            consumer: map_page(0)?,
+            producer: map_page(page)?,
+            page,
+        })
+    }
+
+    fn consumer(&self) -> u64 {
+        // SAFETY: valid mapping for the lifetime of self.
+        unsafe { (*self.consumer).load(Ordering::Acquire) }
+    }
+
+    fn producer(&self) -> u64 {
+        // SAFETY: as above.
+        unsafe { (*self.producer).load(Ordering::Acquire) }
+    }
+}
+
+impl Drop for RingPositions {
+    fn drop(&mut self) {
+        // SAFETY: unmapping what open() mapped.
+        unsafe {
+            libc::munmap(self.consumer as *mut _, self.page);
+            libc::munmap(self.producer as *mut _, self.page);
+        }
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
+}
+
+/// CLOCK_MONOTONIC now, in ns (the clock bpf_ktime_get_ns uses).
+pub fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
