@@ -52,8 +52,11 @@ pub enum AgentStat {
     /// The RingBufFull total the agent last resynchronised after; a larger total
     /// means events were lost and the table must be rebuilt from /proc/locks.
     RingBufFullSeen = 3,
+    /// Seqlock over LOCKS: odd while the agent writes a batch, even when LOCKS is
+    /// consistent. Readers retry an iteration that saw it change.
+    FlushSeq = 4,
 }
 
 impl AgentStat {
-    pub const COUNT: u32 = 4;
+    pub const COUNT: u32 = 5;
 }

@@ -30,6 +30,10 @@ pub struct AgentArgs {
     /// continues and a restarted agent loses nothing.
     #[arg(long)]
     pub unpin: bool,
+    /// Capacity of the lock table when it is first created (default 131072). A full
+    /// table is counted, logged, and reported by `ckpt-user locks`.
+    #[arg(long)]
+    pub max_locks: Option<u32>,
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides.
     #[arg(long, default_value = "info")]
     pub log_level: String,

@@ -8,7 +8,7 @@ pub mod table;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{Array, MapData, PerCpuArray, RingBuf};
+use aya::maps::{Array, Map, MapData, PerCpuArray};
 use ckpt_common::{
     counters::{AgentStat, Counter},
     lock::LockEvent,
@@ -20,13 +20,15 @@ use tokio::{
 };
 use tracing::{info, warn};
 
-use crate::tracer::{loader, pins::PinDir};
+use crate::tracer::{loader, pins::PinDir, ring::RingConsumer};
 use table::LockTable;
 
 pub struct Options {
     pub pins: PinDir,
     /// Remove every pin on exit (tracing stops).
     pub unpin: bool,
+    /// Capacity of the lock table (default: `capacity::LOCKS`).
+    pub max_locks: Option<u32>,
 }
 
 fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
@@ -54,7 +56,7 @@ pub fn counter_total(counters: &PerCpuArray<MapData, u64>, c: Counter) -> Result
 
 pub async fn run(opts: Options) -> Result<()> {
     let _instance = instance::InstanceLock::acquire(&opts.pins)?;
-    let loader::Loaded { mut ebpf, adopted } = loader::load_and_attach(&opts.pins)?;
+    let loader::Loaded { mut ebpf, adopted } = loader::load_and_attach(&opts.pins, opts.max_locks)?;
     info!(
         pin_dir = %opts.pins.root().display(),
         adopted,
@@ -65,13 +67,17 @@ pub async fn run(opts: Options) -> Result<()> {
     let logger = aya_log::EbpfLogger::init(&mut ebpf).context("initialising aya-log")?;
     let mut logger = readable(logger)?;
 
-    let ring: RingBuf<MapData> = take(&mut ebpf, names::LOCK_EVENTS)?;
+    let ring = match ebpf.take_map(names::LOCK_EVENTS) {
+        Some(Map::RingBuf(data)) => RingConsumer::open(data)?,
+        _ => anyhow::bail!("map {} missing or not a ring buffer", names::LOCK_EVENTS),
+    };
     let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, names::COUNTERS)?;
     let stats: Array<MapData, u64> = take(&mut ebpf, names::AGENT_STATS)?;
     let mut table = LockTable::open(take(&mut ebpf, names::LOCKS)?, stats)?;
 
     if !adopted {
         let n = reconcile::import_proc_locks(&mut table)?;
+        table.flush()?;
         info!(
             imported = n,
             "reconciled with /proc/locks: locks taken before tracing started"
@@ -105,14 +111,18 @@ pub async fn run(opts: Options) -> Result<()> {
                 if drops > drops_seen {
                     warn!(lost = drops - drops_seen, "lock events were lost (ring buffer full): resynchronising from /proc/locks");
                     drain(ring.get_mut(), &mut table)?;
-                    table.clear()?;
+                    table.clear();
                     reconcile::import_proc_locks(&mut table)?;
+                    table.flush()?;
                     drops_seen = drops;
                     table.set_stat(AgentStat::RingBufFullSeen, drops)?;
                 }
                 if table.has_reconciled() {
                     reconcile::verify(&mut table)?;
+                    table.flush()?;
                 }
+                // Safety net for a wakeup lost to a record that was busy when we looked.
+                drain(ring.get_mut(), &mut table)?;
                 let full = counter_total(&counters, Counter::WaitersFull)?;
                 if full > 0 {
                     warn!(count = full, "WAITERS map was full: some blocked waiters are missing");
@@ -134,20 +144,36 @@ pub async fn run(opts: Options) -> Result<()> {
     Ok(())
 }
 
-/// Applies every queued event. An event is acknowledged (the ring's consumer position
-/// moves past it) only after the table holds its effect, so a reader that waits for the
-/// consumer to reach the producer sees every lock change made before it looked.
-fn drain(ring: &mut RingBuf<MapData>, table: &mut LockTable) -> Result<()> {
-    while let Some(item) = ring.next() {
-        if item.len() < std::mem::size_of::<LockEvent>() {
-            warn!(len = item.len(), "short lock event ignored");
-            continue;
+/// Applies every queued event. A batch is acknowledged (the ring's consumer position
+/// moves past it) only after the lock table holds its effect: a reader that waits for
+/// the consumer to reach the producer sees every lock change made before it looked, and
+/// an agent killed mid-batch leaves the batch for its successor.
+fn drain(ring: &mut RingConsumer, table: &mut LockTable) -> Result<()> {
+    loop {
+        let t0 = std::time::Instant::now();
+        let mut n = 0u64;
+        let pos = ring.read(|bytes| {
+            n += 1;
+            if bytes.len() < std::mem::size_of::<LockEvent>() {
+                warn!(len = bytes.len(), "short lock event ignored");
+                return;
+            }
+            // SAFETY: the program writes a whole LockEvent; read_unaligned copes with
+            // the ring's 8-byte alignment.
+            let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const LockEvent) };
+            table.apply(&ev);
+        });
+        if pos == ring.position() {
+            return Ok(());
         }
-        // SAFETY: the program writes a whole LockEvent; read_unaligned copes with the
-        // ring's 8-byte alignment.
-        let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const LockEvent) };
-        table.apply(&ev)?;
-        drop(item);
+        let t1 = std::time::Instant::now();
+        table.flush()?;
+        ring.commit(pos);
+        tracing::debug!(
+            events = n,
+            apply_us = (t1 - t0).as_micros() as u64,
+            flush_us = t1.elapsed().as_micros() as u64,
+            "batch"
+        );
     }
-    Ok(())
 }

@@ -77,7 +77,7 @@ pub fn import_proc_locks(table: &mut LockTable) -> Result<usize> {
             since_ns: 0,
             origin: Origin::Reconciled,
         };
-        table.insert_reconciled((dev, ino), lock, h)?;
+        table.insert_reconciled((dev, ino), lock, h);
     }
     Ok(missing.len())
 }
@@ -92,18 +92,18 @@ pub fn verify(table: &mut LockTable) -> Result<()> {
     // Traced locks are exact: count them first, then let reconciled ones fill what
     // remains of the kernel's count.
     let mut ours: Vec<(InodeId, HeldLock)> = table.iter().map(|(id, l)| (id, *l)).collect();
-    ours.sort_by_key(|(_, l)| (l.origin == Origin::Reconciled && l.owner <= u32::MAX as u64) as u8);
+    ours.sort_by_key(|(_, l)| LockTable::is_unadopted(l));
     let mut stale = Vec::new();
     for (id, l) in ours {
         let n = kernel.entry(shape_of(id, &l)).or_default();
         if *n > 0 {
             *n -= 1;
-        } else if l.origin == Origin::Reconciled && l.owner <= u32::MAX as u64 {
+        } else if LockTable::is_unadopted(&l) {
             stale.push((id, l));
         }
     }
     for (id, l) in stale {
-        table.remove(id, &l)?;
+        table.remove(id, &l);
     }
     Ok(())
 }

@@ -13,22 +13,42 @@ use ckpt_common::{
 use tracing::warn;
 
 use crate::locks::{
-    model::{HeldLock, InodeLocks, Request},
+    model::{Change, HeldLock, List, OwnerLocks, Request},
     KernelDev, LockType,
 };
 
 pub type InodeId = (KernelDev, u64);
 
+/// One owner's locks on one list of one inode.
+pub type OwnerKey = (InodeId, List, u64);
+
+/// Synthetic owners of locks imported from /proc/locks are small integers; kernel
+/// owners are kernel addresses, far above this.
+fn is_synthetic(owner: u64) -> bool {
+    owner <= u32::MAX as u64
+}
+
 /// Who can be holding a lock imported from /proc/locks: (pid, fd) pairs found in
 /// /proc/PID/fdinfo. Used to recognise its kernel owner when an event names it.
 pub type Holders = Vec<(u32, i32)>;
 
+/// Held locks, in memory and in the pinned map. Changes are staged per key and written
+/// by [`LockTable::flush`], so a burst of events costs one map write per lock that
+/// actually changed, not one per event.
 pub struct LockTable {
     map: BpfHashMap<MapData, LockKey, LockRecord>,
     stats: Array<MapData, u64>,
-    inodes: HashMap<InodeId, InodeLocks>,
+    owners: HashMap<OwnerKey, OwnerLocks>,
+    /// Imported locks whose kernel owner is not known yet, by inode.
+    unadopted: HashMap<InodeId, Vec<OwnerKey>>,
+    /// Who may hold each unadopted OFD/flock lock (by synthetic owner).
     holders: HashMap<u64, Holders>,
     next_synthetic_owner: u64,
+    /// key -> record to write, or None to delete.
+    staged: HashMap<LockKey, Option<LockRecord>>,
+    /// Counters not yet added to AGENT_STATS.
+    applied: u64,
+    reconciled: u64,
 }
 
 pub fn key_of(dev: KernelDev, ino: u64, l: &HeldLock) -> LockKey {
@@ -102,36 +122,37 @@ impl LockTable {
         map: BpfHashMap<MapData, LockKey, LockRecord>,
         stats: Array<MapData, u64>,
     ) -> Result<LockTable> {
-        let mut inodes: HashMap<InodeId, InodeLocks> = HashMap::new();
-        let mut max_synthetic = 0;
-        for entry in map.iter() {
-            let (k, r) = entry?;
-            if let Some(l) = held_of(&k, &r) {
-                if l.origin == Origin::Reconciled && l.owner <= u32::MAX as u64 {
-                    max_synthetic = max_synthetic.max(l.owner);
-                }
-                inodes
-                    .entry((KernelDev(k.dev), k.ino))
-                    .or_default()
-                    .locks
-                    .push(l);
-            }
-        }
-        Ok(LockTable {
+        let mut table = LockTable {
             map,
             stats,
-            inodes,
+            owners: HashMap::new(),
+            unadopted: HashMap::new(),
             holders: HashMap::new(),
-            next_synthetic_owner: max_synthetic + 1,
-        })
+            next_synthetic_owner: 1,
+            staged: HashMap::new(),
+            applied: 0,
+            reconciled: 0,
+        };
+        let saved: Vec<(LockKey, LockRecord)> = table.map.iter().collect::<Result<_, _>>()?;
+        for (k, r) in saved {
+            let Some(l) = held_of(&k, &r) else { continue };
+            let id = (KernelDev(k.dev), k.ino);
+            let key = (id, List::of(l.kind), l.owner);
+            if is_synthetic(l.owner) {
+                table.next_synthetic_owner = table.next_synthetic_owner.max(l.owner + 1);
+                table.unadopted.entry(id).or_default().push(key);
+            }
+            table.owners.entry(key).or_default().insert(l);
+        }
+        Ok(table)
     }
 
     pub fn len(&self) -> usize {
-        self.inodes.values().map(|i| i.locks.len()).sum()
+        self.owners.values().map(OwnerLocks::len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.inodes.is_empty()
+        self.owners.is_empty()
     }
 
     pub fn stat(&self, s: AgentStat) -> Result<u64> {
@@ -142,139 +163,200 @@ impl LockTable {
         Ok(self.stats.set(s as u32, v, 0)?)
     }
 
-    fn bump(&mut self, s: AgentStat) -> Result<()> {
-        let v = self.stat(s)?;
-        self.set_stat(s, v + 1)
+    fn add_stat(&mut self, s: AgentStat, n: u64) -> Result<()> {
+        if n > 0 {
+            let v = self.stat(s)?;
+            self.set_stat(s, v + n)?;
+        }
+        Ok(())
     }
 
-    /// Applies one traced event.
-    pub fn apply(&mut self, ev: &LockEvent) -> Result<()> {
-        self.bump(AgentStat::EventsApplied)?;
+    /// Applies one traced event (in memory; see [`LockTable::flush`]).
+    pub fn apply(&mut self, ev: &LockEvent) {
+        self.applied += 1;
         let Some(req) = request_of(ev) else {
-            return Ok(());
+            return;
         };
         let id = (KernelDev(ev.dev), ev.ino);
-        self.adopt_reconciled(id, &req, ev.tgid)?;
-        let inode = self.inodes.entry(id).or_default();
-        let (before, after) = inode.apply(&req);
-        if inode.is_empty() {
-            self.inodes.remove(&id);
+        if self.unadopted.contains_key(&id) {
+            self.adopt_reconciled(id, &req, ev.tgid);
         }
-        self.write_diff(id, &before, &after)
+        let key = (id, List::of(req.kind), req.owner);
+        let owner = self.owners.entry(key).or_default();
+        let change = owner.apply(&req);
+        if owner.is_empty() {
+            self.owners.remove(&key);
+        }
+        self.stage(id, &change);
     }
 
-    /// Writes the difference between an owner's locks before and after a change.
-    fn write_diff(&mut self, id: InodeId, before: &[HeldLock], after: &[HeldLock]) -> Result<()> {
-        for b in before {
-            if !after.iter().any(|a| a.start == b.start) {
-                match self.map.remove(&key_of(id.0, id.1, b)) {
+    fn stage(&mut self, id: InodeId, change: &Change) {
+        for l in &change.removed {
+            self.staged.insert(key_of(id.0, id.1, l), None);
+        }
+        for l in &change.added {
+            self.staged
+                .insert(key_of(id.0, id.1, l), Some(record_of(l)));
+        }
+    }
+
+    /// Writes staged changes and counters to the pinned maps. Deletions go first so
+    /// that a full map has room for what replaces them.
+    pub fn flush(&mut self) -> Result<()> {
+        if !self.staged.is_empty() {
+            let seq = self.stat(AgentStat::FlushSeq)?;
+            let seq = seq + (seq & 1) + 1; // odd: writing
+            self.set_stat(AgentStat::FlushSeq, seq)?;
+            let written = self.write_staged();
+            self.set_stat(AgentStat::FlushSeq, seq + 1)?;
+            written?;
+        }
+        let applied = std::mem::take(&mut self.applied);
+        let reconciled = std::mem::take(&mut self.reconciled);
+        self.add_stat(AgentStat::EventsApplied, applied)?;
+        self.add_stat(AgentStat::Reconciled, reconciled)
+    }
+
+    fn write_staged(&mut self) -> Result<()> {
+        let mut staged: Vec<(LockKey, Option<LockRecord>)> = self.staged.drain().collect();
+        staged.sort_by_key(|(_, v)| v.is_some());
+        let mut full = 0;
+        for (k, v) in staged {
+            match v {
+                // A lock added and removed within one batch was never written.
+                None => match self.map.remove(&k) {
                     Ok(()) | Err(MapError::KeyNotFound) => {}
+                    Err(MapError::SyscallError(e))
+                        if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
                     Err(e) => return Err(e.into()),
+                },
+                Some(r) => {
+                    if let Err(e) = self.map.insert(k, r, 0) {
+                        full += 1;
+                        warn!(error = %e, dev = %KernelDev(k.dev), ino = k.ino, "LOCKS map insert failed (map full?): lock not visible to readers");
+                    }
                 }
             }
         }
-        for a in after {
-            if before.contains(a) {
-                continue;
-            }
-            if let Err(e) = self.map.insert(key_of(id.0, id.1, a), record_of(a), 0) {
-                self.bump(AgentStat::LocksFull)?;
-                warn!(error = %e, dev = %id.0, ino = id.1, "LOCKS map insert failed (map full?): lock not visible to readers");
-            }
-        }
-        Ok(())
+        self.add_stat(AgentStat::LocksFull, full)
     }
 
     /// Locks imported from /proc/locks have no kernel owner. When an event comes from
     /// their owner, give them that owner so that the event applies to them.
-    fn adopt_reconciled(&mut self, id: InodeId, req: &Request, tgid: u32) -> Result<()> {
-        let Some(inode) = self.inodes.get_mut(&id) else {
-            return Ok(());
+    fn adopt_reconciled(&mut self, id: InodeId, req: &Request, tgid: u32) {
+        let list = List::of(req.kind);
+        let Some(candidates) = self.unadopted.get(&id) else {
+            return;
         };
-        let mut changed = Vec::new();
-        for l in inode.locks.iter_mut() {
-            if l.origin != Origin::Reconciled || l.kind != req.kind || l.owner == req.owner {
+        let ours: Vec<OwnerKey> = candidates
+            .iter()
+            .filter(|k| k.1 == list)
+            .filter(|k| {
+                let Some(lock) = self.owners.get(k).and_then(|o| o.iter().next()) else {
+                    return false;
+                };
+                match lock.kind {
+                    // POSIX owner = the process: fl_pid identifies it.
+                    LockKind::Posix => req.kind == LockKind::Posix && lock.pid == req.pid,
+                    // OFD/flock owner = the open file description: match the fd the
+                    // request came through (or, for a close, the closing process).
+                    LockKind::Ofd | LockKind::Flock => self.holders.get(&k.2).is_some_and(|h| {
+                        h.iter()
+                            .any(|&(pid, fd)| pid == tgid && (fd == req.fd || req.fd < 0))
+                    }),
+                }
+            })
+            .copied()
+            .collect();
+        for old_key in ours {
+            self.forget_unadopted(id, old_key);
+            let Some(old) = self.owners.remove(&old_key) else {
                 continue;
-            }
-            if l.owner > u32::MAX as u64 {
-                continue; // already adopted: the owner is a kernel address
-            }
-            let ours = match req.kind {
-                // POSIX owner = the process: fl_pid identifies it.
-                LockKind::Posix => l.pid == req.pid,
-                // OFD/flock owner = the open file description: match the fd it came
-                // through (or, for a close without fd, the closing process).
-                LockKind::Ofd | LockKind::Flock => self.holders.get(&l.owner).is_some_and(|h| {
-                    h.iter()
-                        .any(|&(pid, fd)| pid == tgid && (fd == req.fd || req.fd < 0))
-                }),
             };
-            if ours {
-                changed.push(*l);
-                self.holders.remove(&l.owner);
-                l.owner = req.owner;
+            let new_key = (id, list, req.owner);
+            let mut change = Change::default();
+            for l in old.iter() {
+                let moved = HeldLock {
+                    owner: req.owner,
+                    ..*l
+                };
+                change.removed.push(*l);
+                change.added.push(moved);
+                self.owners.entry(new_key).or_default().insert(moved);
+            }
+            self.stage(id, &change);
+        }
+    }
+
+    fn forget_unadopted(&mut self, id: InodeId, key: OwnerKey) {
+        if let Some(v) = self.unadopted.get_mut(&id) {
+            v.retain(|k| *k != key);
+            if v.is_empty() {
+                self.unadopted.remove(&id);
             }
         }
-        for old in changed {
-            match self.map.remove(&key_of(id.0, id.1, &old)) {
-                Ok(()) | Err(MapError::KeyNotFound) => {}
-                Err(e) => return Err(e.into()),
-            }
-            let new = HeldLock {
-                owner: req.owner,
-                ..old
-            };
-            self.map
-                .insert(key_of(id.0, id.1, &new), record_of(&new), 0)?;
-        }
-        Ok(())
+        self.holders.remove(&key.2);
     }
 
     /// Adds a lock imported from /proc/locks, with a synthetic owner.
-    pub fn insert_reconciled(
-        &mut self,
-        id: InodeId,
-        mut l: HeldLock,
-        holders: Holders,
-    ) -> Result<()> {
+    pub fn insert_reconciled(&mut self, id: InodeId, mut l: HeldLock, holders: Holders) {
         l.owner = self.next_synthetic_owner;
         l.origin = Origin::Reconciled;
         self.next_synthetic_owner += 1;
+        let key = (id, List::of(l.kind), l.owner);
         self.holders.insert(l.owner, holders);
-        self.inodes.entry(id).or_default().locks.push(l);
-        self.write_diff(id, &[], &[l])?;
-        self.bump(AgentStat::Reconciled)
+        self.unadopted.entry(id).or_default().push(key);
+        self.owners.entry(key).or_default().insert(l);
+        self.stage(
+            id,
+            &Change {
+                removed: vec![],
+                added: vec![l],
+            },
+        );
+        self.reconciled += 1;
     }
 
     /// Removes one lock (used when /proc/locks shows a reconciled lock is gone).
-    pub fn remove(&mut self, id: InodeId, l: &HeldLock) -> Result<()> {
-        if let Some(inode) = self.inodes.get_mut(&id) {
-            inode.locks.retain(|x| x != l);
-            if inode.is_empty() {
-                self.inodes.remove(&id);
+    pub fn remove(&mut self, id: InodeId, l: &HeldLock) {
+        let key = (id, List::of(l.kind), l.owner);
+        if let Some(o) = self.owners.get_mut(&key) {
+            o.remove(l.start);
+            if o.is_empty() {
+                self.owners.remove(&key);
+                self.forget_unadopted(id, key);
             }
         }
-        self.holders.remove(&l.owner);
-        self.write_diff(id, std::slice::from_ref(l), &[])
+        self.stage(
+            id,
+            &Change {
+                removed: vec![*l],
+                added: vec![],
+            },
+        );
     }
 
+    /// Whether imported locks still wait for their owner to show up.
     pub fn has_reconciled(&self) -> bool {
-        self.iter()
-            .any(|(_, l)| l.origin == Origin::Reconciled && l.owner <= u32::MAX as u64)
+        !self.unadopted.is_empty()
+    }
+
+    /// Whether a lock is an imported one whose owner is still unknown.
+    pub fn is_unadopted(l: &HeldLock) -> bool {
+        l.origin == Origin::Reconciled && is_synthetic(l.owner)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (InodeId, &HeldLock)> {
-        self.inodes
+        self.owners
             .iter()
-            .flat_map(|(id, i)| i.locks.iter().map(move |l| (*id, l)))
+            .flat_map(|((id, _, _), o)| o.iter().map(move |l| (*id, l)))
     }
 
     /// Forgets everything (before a full resynchronisation).
-    pub fn clear(&mut self) -> Result<()> {
+    pub fn clear(&mut self) {
         let all: Vec<(InodeId, HeldLock)> = self.iter().map(|(id, l)| (id, *l)).collect();
         for (id, l) in all {
-            self.remove(id, &l)?;
+            self.remove(id, &l);
         }
-        Ok(())
     }
 }

@@ -24,6 +24,7 @@ fn main() {
     let opts = Options {
         pins: PinDir::new(args.pin_dir),
         unpin: args.unpin,
+        max_locks: args.max_locks,
     };
     if let Err(e) = rt.block_on(run(opts)) {
         std::process::exit(report("ckpt-agent", &e));

@@ -2,7 +2,10 @@
 //!
 //! The tracer reports each request the kernel granted; this module applies it exactly
 //! as fs/locks.c does, so that the table agrees with /proc/locks lock for lock:
-//! - POSIX and OFD (`posix_lock_inode`): a request only changes its owner's locks. The
+//! - POSIX and OFD (`posix_lock_inode`): one list, told apart only by owner (a
+//!   files_struct for POSIX, a struct file for OFD), so the last close of a file sends
+//!   a plain POSIX unlock whose owner is the file and which removes its OFD locks.
+//!   A request only changes its owner's locks. The
 //!   requested range replaces whatever the owner held there; ranges of the same type
 //!   that overlap *or touch* are merged; an unlock in the middle splits a range.
 //!   A refused request (conflict, EDEADLK, deferred) changes nothing.
@@ -12,6 +15,8 @@
 //!
 //! Replaying a request twice gives the same state (idempotent), which lets an agent that
 //! died between applying an event and acknowledging it simply replay it.
+
+use std::collections::BTreeMap;
 
 use ckpt_common::lock::{LockKind, Origin};
 
@@ -46,76 +51,165 @@ pub struct Request {
     pub ret: i32,
 }
 
-/// All locks on one inode (any owner, any kind).
+/// Which of the inode's lock lists a lock lives on. POSIX and OFD locks share one
+/// list and are told apart only by owner; flock locks have their own list.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum List {
+    Posix,
+    Flock,
+}
+
+impl List {
+    pub fn of(kind: LockKind) -> List {
+        match kind {
+            LockKind::Posix | LockKind::Ofd => List::Posix,
+            LockKind::Flock => List::Flock,
+        }
+    }
+}
+
+/// What a request changed: locks that disappeared and locks that appeared (a lock
+/// whose range or type changed is in both).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct InodeLocks {
-    pub locks: Vec<HeldLock>,
+pub struct Change {
+    pub removed: Vec<HeldLock>,
+    pub added: Vec<HeldLock>,
 }
 
-impl InodeLocks {
-    /// Applies `req` and returns the owner's locks before and after, so that callers
-    /// can turn the change into map updates.
-    pub fn apply(&mut self, req: &Request) -> (Vec<HeldLock>, Vec<HeldLock>) {
-        let (before, others): (Vec<HeldLock>, Vec<HeldLock>) = self
-            .locks
-            .iter()
-            .partition(|l| l.owner == req.owner && l.kind == req.kind);
-        let after = match req.kind {
-            LockKind::Posix | LockKind::Ofd => apply_posix(&before, req),
-            LockKind::Flock => apply_flock(&before, req),
-        };
-        self.locks = others;
-        self.locks.extend(after.iter().copied());
-        (before, after)
-    }
+/// The locks one owner holds on one inode's list: disjoint ranges keyed by start.
+/// A request touches only the ranges it overlaps or abuts, so an owner holding
+/// thousands of ranges costs O(log n) per request, not O(n).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OwnerLocks {
+    ranges: BTreeMap<i64, HeldLock>,
+}
 
+impl OwnerLocks {
     pub fn is_empty(&self) -> bool {
-        self.locks.is_empty()
+        self.ranges.is_empty()
     }
-}
 
-fn apply_posix(mine: &[HeldLock], req: &Request) -> Vec<HeldLock> {
-    if req.ret != 0 {
-        return mine.to_vec();
+    pub fn len(&self) -> usize {
+        self.ranges.len()
     }
-    // 1. Cut the requested range out of everything the owner holds.
-    let mut out: Vec<HeldLock> = Vec::with_capacity(mine.len() + 2);
-    for l in mine {
-        if l.end < req.start || l.start > req.end {
-            out.push(*l);
-            continue;
+
+    pub fn iter(&self) -> impl Iterator<Item = &HeldLock> {
+        self.ranges.values()
+    }
+
+    /// Adds a lock as is (used when loading a saved table or importing /proc/locks).
+    pub fn insert(&mut self, l: HeldLock) {
+        self.ranges.insert(l.start, l);
+    }
+
+    pub fn remove(&mut self, start: i64) -> Option<HeldLock> {
+        self.ranges.remove(&start)
+    }
+
+    /// Applies a request of this owner, exactly as the kernel does.
+    pub fn apply(&mut self, req: &Request) -> Change {
+        match List::of(req.kind) {
+            List::Posix => self.apply_posix(req),
+            List::Flock => self.apply_flock(req),
         }
-        if l.start < req.start {
-            out.push(HeldLock {
-                end: req.start - 1,
-                ..*l
+    }
+
+    fn apply_posix(&mut self, req: &Request) -> Change {
+        if req.ret != 0 {
+            return Change::default();
+        }
+        // Ranges overlapping or touching [start, end]: disjoint and sorted by start,
+        // hence also by end, so walk back from the last one starting by end + 1.
+        let lo = req.start.saturating_sub(1);
+        let hi = req.end.saturating_add(1);
+        let touched: Vec<i64> = self
+            .ranges
+            .range(..=hi)
+            .rev()
+            .take_while(|(_, l)| l.end >= lo)
+            .map(|(s, _)| *s)
+            .collect();
+        let old: Vec<HeldLock> = touched
+            .iter()
+            .filter_map(|s| self.ranges.remove(s))
+            .collect();
+
+        // 1. Cut the requested range out of them.
+        let mut pieces: Vec<HeldLock> = Vec::with_capacity(old.len() + 2);
+        for l in &old {
+            if l.end < req.start || l.start > req.end {
+                pieces.push(*l);
+                continue;
+            }
+            if l.start < req.start {
+                pieces.push(HeldLock {
+                    end: req.start - 1,
+                    ..*l
+                });
+            }
+            if l.end > req.end {
+                pieces.push(HeldLock {
+                    start: req.end + 1,
+                    ..*l
+                });
+            }
+        }
+        // 2. Add the requested range and merge same-type neighbours into it.
+        if let Some(lock_type) = req.lock_type {
+            pieces.push(HeldLock {
+                kind: req.kind,
+                owner: req.owner,
+                start: req.start,
+                end: req.end,
+                lock_type,
+                pid: req.pid,
+                fd: req.fd,
+                since_ns: req.ts_ns,
+                origin: Origin::Traced,
             });
+            pieces.sort_by_key(|l| l.start);
+            pieces = merge_touching(pieces, req);
         }
-        if l.end > req.end {
-            out.push(HeldLock {
-                start: req.end + 1,
-                ..*l
-            });
+        for p in &pieces {
+            self.ranges.insert(p.start, *p);
+        }
+        Change {
+            removed: old
+                .iter()
+                .filter(|o| !pieces.contains(o))
+                .copied()
+                .collect(),
+            added: pieces.into_iter().filter(|p| !old.contains(p)).collect(),
         }
     }
-    // 2. Add the requested range, then merge same-type neighbours as the kernel does.
-    if let Some(lock_type) = req.lock_type {
-        out.push(HeldLock {
-            kind: req.kind,
-            owner: req.owner,
-            start: req.start,
-            end: req.end,
-            lock_type,
-            pid: req.pid,
-            fd: req.fd,
-            since_ns: req.ts_ns,
-            origin: Origin::Traced,
-        });
-        out.sort_by_key(|l| l.start);
-        out = merge_touching(out, req);
+
+    fn apply_flock(&mut self, req: &Request) -> Change {
+        let held = self.ranges.values().next().copied();
+        if let (Some(held), Some(wanted)) = (held, req.lock_type) {
+            if held.lock_type == wanted {
+                return Change::default();
+            }
+        }
+        // The old lock goes first, whether or not the new one is granted.
+        let removed: Vec<HeldLock> = std::mem::take(&mut self.ranges).into_values().collect();
+        let mut added = Vec::new();
+        if let (Some(lock_type), 0) = (req.lock_type, req.ret) {
+            let l = HeldLock {
+                kind: LockKind::Flock,
+                owner: req.owner,
+                start: 0,
+                end: OFFSET_MAX,
+                lock_type,
+                pid: req.pid,
+                fd: req.fd,
+                since_ns: req.ts_ns,
+                origin: Origin::Traced,
+            };
+            self.ranges.insert(0, l);
+            added.push(l);
+        }
+        Change { removed, added }
     }
-    out.sort_by_key(|l| l.start);
-    out
 }
 
 /// Merges same-type locks that overlap or touch the request's (growing) range. The
@@ -129,8 +223,7 @@ fn merge_touching(sorted: Vec<HeldLock>, req: &Request) -> Vec<HeldLock> {
                 && last.end != OFFSET_MAX
                 && last.end + 1 >= l.start
                 && (covers(last, req) || covers(&l, req));
-            let overlaps_same = last.lock_type == l.lock_type && last.end >= l.start;
-            if touches || overlaps_same {
+            if touches {
                 let keep_first = last.origin == Origin::Traced && last.since_ns <= l.since_ns;
                 let base = if keep_first { *last } else { l };
                 *last = HeldLock {
@@ -152,31 +245,33 @@ fn covers(l: &HeldLock, req: &Request) -> bool {
     l.start <= req.end && l.end >= req.start
 }
 
-fn apply_flock(mine: &[HeldLock], req: &Request) -> Vec<HeldLock> {
-    if let (Some(held), Some(wanted)) = (mine.first(), req.lock_type) {
-        if held.lock_type == wanted {
-            return mine.to_vec();
-        }
-    }
-    match req.lock_type {
-        Some(lock_type) if req.ret == 0 => vec![HeldLock {
-            kind: LockKind::Flock,
-            owner: req.owner,
-            start: 0,
-            end: OFFSET_MAX,
-            lock_type,
-            pid: req.pid,
-            fd: req.fd,
-            since_ns: req.ts_ns,
-            origin: Origin::Traced,
-        }],
-        _ => Vec::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// All owners' locks on one inode, as the table keeps them.
+    #[derive(Default)]
+    struct InodeLocks {
+        owners: std::collections::HashMap<(List, u64), OwnerLocks>,
+    }
+
+    impl InodeLocks {
+        fn apply(&mut self, r: &Request) -> Change {
+            self.owners
+                .entry((List::of(r.kind), r.owner))
+                .or_default()
+                .apply(r)
+        }
+        fn all(&self) -> Vec<HeldLock> {
+            self.owners
+                .values()
+                .flat_map(|o| o.iter().copied())
+                .collect()
+        }
+        fn is_empty(&self) -> bool {
+            self.all().is_empty()
+        }
+    }
 
     const A: u64 = 0xa;
     const B: u64 = 0xb;
@@ -197,7 +292,7 @@ mod tests {
 
     fn ranges(s: &InodeLocks, owner: u64) -> Vec<(i64, i64, LockType)> {
         let mut v: Vec<_> = s
-            .locks
+            .all()
             .iter()
             .filter(|l| l.owner == owner)
             .map(|l| (l.start, l.end, l.lock_type))
@@ -269,11 +364,50 @@ mod tests {
     }
 
     #[test]
-    fn posix_and_ofd_of_same_pointer_value_are_distinct_kinds() {
+    fn close_unlock_of_a_file_owner_removes_its_ofd_locks_but_not_flock() {
+        let mut s = InodeLocks::default();
+        s.apply(&req(LockKind::Ofd, A, 0, 9, Some(W)));
+        s.apply(&req(LockKind::Ofd, A, 20, 29, Some(R)));
+        s.apply(&req(LockKind::Flock, A, 0, OFFSET_MAX, Some(R)));
+        // locks_remove_file -> locks_remove_posix(filp, filp): FL_POSIX|FL_CLOSE.
+        s.apply(&req(LockKind::Posix, A, 0, OFFSET_MAX, None));
+        assert_eq!(ranges(&s, A), vec![(0, OFFSET_MAX, R)]);
+        assert_eq!(s.all()[0].kind, LockKind::Flock);
+    }
+
+    #[test]
+    fn change_lists_only_what_moved() {
         let mut s = InodeLocks::default();
         s.apply(&req(LockKind::Posix, A, 0, 9, Some(W)));
-        s.apply(&req(LockKind::Ofd, A, 0, 9, None));
-        assert_eq!(ranges(&s, A), vec![(0, 9, W)]);
+        s.apply(&req(LockKind::Posix, A, 100, 109, Some(R)));
+        let c = s.apply(&req(LockKind::Posix, A, 10, 19, Some(W)));
+        assert_eq!(
+            c.removed
+                .iter()
+                .map(|l| (l.start, l.end))
+                .collect::<Vec<_>>(),
+            vec![(0, 9)]
+        );
+        assert_eq!(
+            c.added.iter().map(|l| (l.start, l.end)).collect::<Vec<_>>(),
+            vec![(0, 19)]
+        );
+        let c = s.apply(&req(LockKind::Posix, A, 50, 59, None));
+        assert_eq!(c, Change::default());
+    }
+
+    #[test]
+    fn many_ranges_of_one_owner() {
+        let mut s = InodeLocks::default();
+        for i in 0..2000 {
+            s.apply(&req(LockKind::Posix, A, i * 10, i * 10 + 4, Some(W)));
+        }
+        assert_eq!(ranges(&s, A).len(), 2000);
+        // Bridge every gap: one range.
+        for i in 0..2000 {
+            s.apply(&req(LockKind::Posix, A, i * 10 + 5, i * 10 + 9, Some(W)));
+        }
+        assert_eq!(ranges(&s, A), vec![(0, 19999, W)]);
     }
 
     #[test]

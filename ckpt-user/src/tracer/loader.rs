@@ -39,8 +39,9 @@ pub struct Loaded {
     pub adopted: bool,
 }
 
-/// Loads, attaches and pins everything under `pins`.
-pub fn load_and_attach(pins: &PinDir) -> Result<Loaded> {
+/// Loads, attaches and pins everything under `pins`. `max_locks` overrides the lock
+/// table's capacity when the maps are created (not when re-adopted).
+pub fn load_and_attach(pins: &PinDir, max_locks: Option<u32>) -> Result<Loaded> {
     if mounts::ensure_tracefs()? {
         info!("mounted tracefs at {}", mounts::TRACEFS);
     }
@@ -54,11 +55,14 @@ pub fn load_and_attach(pins: &PinDir) -> Result<Loaded> {
     for dir in [pins.maps_dir(), pins.progs_dir(), pins.links_dir()] {
         fs::create_dir_all(&dir).with_context(|| format!("creating {dir:?}"))?;
     }
-    let mut ebpf = EbpfLoader::new()
+    let mut loader = EbpfLoader::new();
+    loader
         .default_map_pin_directory(pins.maps_dir())
-        .override_global("LAYOUT", &layout, true)
-        .load(OBJECT)
-        .context("loading the eBPF object")?;
+        .override_global("LAYOUT", &layout, true);
+    if let Some(n) = max_locks {
+        loader.map_max_entries(ckpt_common::names::LOCKS, n);
+    }
+    let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
 
     for (prog_name, category, tp) in PROGRAMS {
         let prog: &mut TracePoint = ebpf

@@ -5,11 +5,7 @@
 //! reaches the producer position observed at the call, so a reader sees every lock
 //! change the kernel made before it looked.
 
-use std::{
-    os::fd::{AsFd as _, AsRawFd as _},
-    sync::atomic::{AtomicU64, Ordering},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
@@ -19,14 +15,17 @@ use ckpt_common::{
     names,
 };
 
-use crate::{agent::instance::agent_running, tracer::pins::PinDir};
+use crate::{
+    agent::instance::agent_running,
+    tracer::{pins::PinDir, ring::RingObserver},
+};
 
 pub struct LiveMaps {
     pub locks: HashMap<MapData, LockKey, LockRecord>,
     pub waiters: HashMap<MapData, u32, Waiter>,
     pub counters: PerCpuArray<MapData, u64>,
     pub stats: Array<MapData, u64>,
-    ring: RingPositions,
+    ring: RingObserver,
 }
 
 /// Why the live maps cannot be used.
@@ -59,7 +58,7 @@ impl LiveMaps {
                     names::COUNTERS,
                 )?))?,
                 stats: Array::try_from(Map::Array(open_map(pins, names::AGENT_STATS)?))?,
-                ring: RingPositions::open(&open_map(pins, names::LOCK_EVENTS)?)?,
+                ring: RingObserver::open(open_map(pins, names::LOCK_EVENTS)?)?,
             })
         };
         open().map_err(|e| Unavailable::Maps(pins.root().display().to_string(), format!("{e:#}")))
@@ -80,6 +79,24 @@ impl LiveMaps {
             std::thread::sleep(Duration::from_micros(200));
         }
         Ok(())
+    }
+
+    /// A consistent copy of the lock table: retried while the agent was writing it
+    /// (iterating a BPF hash map that changes underneath can skip or repeat keys).
+    pub fn lock_snapshot(&self) -> Result<Vec<(LockKey, LockRecord)>> {
+        for _ in 0..1000 {
+            let before = self.stat(AgentStat::FlushSeq)?;
+            if before & 1 == 1 {
+                std::thread::yield_now();
+                continue;
+            }
+            let entries: Vec<(LockKey, LockRecord)> =
+                self.locks.iter().collect::<Result<_, _>>()?;
+            if self.stat(AgentStat::FlushSeq)? == before {
+                return Ok(entries);
+            }
+        }
+        bail!("the lock table kept changing during 1000 reads; try again")
     }
 
     pub fn counter(&self, c: Counter) -> Result<u64> {
@@ -109,68 +126,6 @@ impl LiveMaps {
         }
         Ok(out)
     }
-}
-
-/// The ring buffer's consumer and producer positions, mapped read-only.
-struct RingPositions {
-    consumer: *const AtomicU64,
-    producer: *const AtomicU64,
-    page: usize,
-}
-
-impl RingPositions {
-    fn open(map: &MapData) -> Result<RingPositions> {
-        let page = page_size();
-        let fd = map.fd().as_fd().as_raw_fd();
-        let map_page = |offset: usize| -> Result<*const AtomicU64> {
-            // SAFETY: mapping the ring's control pages read-only (kernel ABI: consumer
-            // position at page 0, producer position at page 1).
-            let p = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    page,
-                    libc::PROT_READ,
-                    libc::MAP_SHARED,
-                    fd,
-                    offset as libc::off_t,
-                )
-            };
-            if p == libc::MAP_FAILED {
-                bail!("mmap of ring buffer: {}", std::io::Error::last_os_error());
-            }
-            Ok(p as *const AtomicU64)
-        };
-        Ok(RingPositions {
-            consumer: map_page(0)?,
-            producer: map_page(page)?,
-            page,
-        })
-    }
-
-    fn consumer(&self) -> u64 {
-        // SAFETY: valid mapping for the lifetime of self.
-        unsafe { (*self.consumer).load(Ordering::Acquire) }
-    }
-
-    fn producer(&self) -> u64 {
-        // SAFETY: as above.
-        unsafe { (*self.producer).load(Ordering::Acquire) }
-    }
-}
-
-impl Drop for RingPositions {
-    fn drop(&mut self) {
-        // SAFETY: unmapping what open() mapped.
-        unsafe {
-            libc::munmap(self.consumer as *mut _, self.page);
-            libc::munmap(self.producer as *mut _, self.page);
-        }
-    }
-}
-
-fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
 
 /// CLOCK_MONOTONIC now, in ns (the clock bpf_ktime_get_ns uses).

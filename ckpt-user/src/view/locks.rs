@@ -94,8 +94,7 @@ pub fn from_agent(live: &LiveMaps) -> Result<Vec<LockRow>> {
     let now = monotonic_ns();
     let mut paths = PathResolver::default();
     let mut rows = Vec::new();
-    for entry in live.locks.iter() {
-        let (k, r) = entry?;
+    for (k, r) in live.lock_snapshot()? {
         let Some(l) = held_of(&k, &r) else { continue };
         let dev = KernelDev(k.dev);
         let known_owner = l.owner > u32::MAX as u64;

@@ -1,0 +1,418 @@
+//! Support for the integration tests: real agents, real lock-holding processes, and an
+//! independent reading of /proc/locks to compare against.
+//!
+//! Every test runs as root against the live kernel and starts its own agent on its own
+//! pin directory, so tests can run in parallel.
+
+use std::{
+    collections::BTreeSet,
+    io::{BufRead, BufReader, Write},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// A name unique to this test process and call.
+pub fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::SeqCst)
+    )
+}
+
+/// Directory holding ckpt-agent, ckpt-user and locker (set by `cargo xtask test`).
+pub fn bin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("CKPT_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release"));
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built (run `cargo xtask test`)",
+        p.display()
+    );
+    p
+}
+
+pub fn require_root() {
+    // SAFETY: getuid has no preconditions.
+    assert_eq!(
+        unsafe { libc::getuid() },
+        0,
+        "integration tests must run as root"
+    );
+}
+
+/// Polls `f` until it returns Some, or panics with `what` after `timeout`.
+pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A scratch directory, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        let p = std::env::temp_dir().join(unique("ckpt-test"));
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+    pub fn file(&self, name: &str) -> String {
+        let p = self.0.join(name);
+        std::fs::write(&p, vec![b'x'; 4096]).unwrap();
+        p.display().to_string()
+    }
+}
+
+impl Default for Scratch {
+    fn default() -> Self {
+        Scratch::new()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// (dev "maj:min", inode) of a path, as ckpt-user prints them.
+pub fn dev_ino(path: &str) -> (String, u64) {
+    let m = std::fs::metadata(path).unwrap();
+    (
+        format!("{}:{}", libc::major(m.dev()), libc::minor(m.dev())),
+        m.ino(),
+    )
+}
+
+/// A running ckpt-agent on its own pin directory.
+pub struct Agent {
+    pub child: Option<Child>,
+    pub pin_dir: PathBuf,
+    pub log: PathBuf,
+    /// Remove the pins on drop (not after kill -9: they must survive it).
+    pub owns_pins: bool,
+}
+
+impl Agent {
+    pub fn start() -> Agent {
+        Agent::start_on(&PathBuf::from("/sys/fs/bpf").join(unique("ckpt-test")), &[])
+    }
+
+    /// Starts an agent on `pin_dir` and waits until it serves (instance lock held and
+    /// maps pinned).
+    pub fn start_on(pin_dir: &Path, extra: &[&str]) -> Agent {
+        require_root();
+        let log = std::env::temp_dir().join(format!("{}.log", unique("ckpt-agent")));
+        let child = Command::new(bin("ckpt-agent"))
+            .arg("--pin-dir")
+            .arg(pin_dir)
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawning ckpt-agent");
+        let mut agent = Agent {
+            child: Some(child),
+            pin_dir: pin_dir.to_path_buf(),
+            log,
+            owns_pins: true,
+        };
+        wait_for(Duration::from_secs(30), "agent start", || {
+            if let Some(status) = agent.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("agent exited early ({status}): {}", agent.log_text());
+            }
+            agent
+                .log_text()
+                .contains("reconciled with /proc/locks")
+                .then_some(())
+                .or_else(|| {
+                    agent
+                        .log_text()
+                        .contains("re-adopted lock table")
+                        .then_some(())
+                })
+        });
+        agent
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// SIGKILL: no cleanup at all, pins stay.
+    pub fn kill9(&mut self) {
+        self.owns_pins = false;
+        if let Some(mut c) = self.child.take() {
+            c.kill().unwrap();
+            c.wait().unwrap();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status code.
+    pub fn terminate(&mut self) -> Option<i32> {
+        let mut c = self.child.take()?;
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        c.wait().unwrap().code()
+    }
+
+    /// `ckpt-user locks --json` against this agent.
+    pub fn locks(&self, args: &[&str]) -> Vec<Value> {
+        let (v, _) = ckpt_locks(&self.pin_dir, args);
+        v
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        if self.owns_pins {
+            remove_pins(&self.pin_dir);
+        }
+    }
+}
+
+pub fn remove_pins(pin_dir: &Path) {
+    for sub in ["links", "progs", "maps"] {
+        let d = pin_dir.join(sub);
+        if let Ok(rd) = std::fs::read_dir(&d) {
+            for e in rd.flatten() {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        let _ = std::fs::remove_dir(&d);
+    }
+    let _ = std::fs::remove_dir(pin_dir);
+}
+
+/// Runs `ckpt-user locks --json` and returns (rows, stderr).
+pub fn ckpt_locks(pin_dir: &Path, args: &[&str]) -> (Vec<Value>, String) {
+    let out = Command::new(bin("ckpt-user"))
+        .arg("--pin-dir")
+        .arg(pin_dir)
+        .arg("locks")
+        .arg("--json")
+        .args(args)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(out.status.success(), "ckpt-user locks failed: {stderr}");
+    let v: Value = serde_json::from_slice(&out.stdout).expect("ckpt-user locks --json is JSON");
+    (v.as_array().expect("a JSON array").clone(), stderr)
+}
+
+/// A process that takes locks on command (see src/bin/locker.rs).
+pub struct Locker {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub forks: Vec<i32>,
+}
+
+impl Locker {
+    pub fn spawn() -> Locker {
+        Locker::spawn_with(|_| {})
+    }
+
+    pub fn spawn_with(setup: impl FnOnce(&mut Command)) -> Locker {
+        let mut cmd = Command::new(bin("locker"));
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped());
+        setup(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Locker {
+            child,
+            stdin,
+            stdout,
+            forks: Vec::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a command without waiting for its reply (for blocking requests).
+    pub fn send(&mut self, cmd: &str) {
+        writeln!(self.stdin, "{cmd}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    pub fn reply(&mut self) -> String {
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+
+    /// Sends a command and returns its reply.
+    pub fn try_cmd(&mut self, cmd: &str) -> String {
+        self.send(cmd);
+        self.reply()
+    }
+
+    /// Sends a command that must succeed.
+    pub fn cmd(&mut self, cmd: &str) -> String {
+        let r = self.try_cmd(cmd);
+        assert!(r.starts_with("ok"), "locker `{cmd}` failed: {r}");
+        r
+    }
+
+    pub fn fork(&mut self) -> i32 {
+        let pid: i32 = self.cmd("fork")[3..].parse().unwrap();
+        self.forks.push(pid);
+        pid
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+    }
+
+    pub fn kill(&mut self) {
+        for f in self.forks.drain(..) {
+            unsafe { libc::kill(f, libc::SIGKILL) };
+            unsafe { libc::waitpid(f, std::ptr::null_mut(), 0) };
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Locker {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A held lock reduced to what both ckpt and /proc/locks can tell:
+/// (kind, type, pid or None for OFD, dev, inode, start, end).
+pub type Shape = (String, String, Option<i64>, String, u64, i64, i64);
+
+/// Independent reading of /proc/locks (held locks only, not "->" waiters).
+pub fn proc_shapes() -> Vec<Shape> {
+    let text = std::fs::read_to_string("/proc/locks").unwrap();
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let t: Vec<&str> = line.split_whitespace().collect();
+        if t.len() < 8 || t[1] == "->" {
+            continue;
+        }
+        let kind = match t[1] {
+            "POSIX" => "posix",
+            "OFDLCK" => "ofd",
+            "FLOCK" => "flock",
+            _ => continue,
+        };
+        let ty = match t[3] {
+            "READ" => "read",
+            "WRITE" => "write",
+            _ => continue,
+        };
+        let pid: i64 = t[4].parse().unwrap();
+        let d: Vec<&str> = t[5].split(':').collect();
+        let dev = format!(
+            "{}:{}",
+            u32::from_str_radix(d[0], 16).unwrap(),
+            u32::from_str_radix(d[1], 16).unwrap()
+        );
+        let ino: u64 = d[2].parse().unwrap();
+        let start: i64 = t[6].parse().unwrap();
+        let end: i64 = if t[7] == "EOF" {
+            i64::MAX
+        } else {
+            t[7].parse().unwrap()
+        };
+        out.push((
+            kind.into(),
+            ty.into(),
+            (kind != "ofd").then_some(pid),
+            dev,
+            ino,
+            start,
+            end,
+        ));
+    }
+    out.sort();
+    out
+}
+
+pub fn row_shape(r: &Value) -> Shape {
+    let kind = r["kind"].as_str().unwrap().to_string();
+    (
+        kind.clone(),
+        r["type"].as_str().unwrap().to_string(),
+        if kind == "ofd" {
+            None
+        } else {
+            r["pid"].as_i64()
+        },
+        r["dev"].as_str().unwrap().to_string(),
+        r["inode"].as_u64().unwrap(),
+        r["start"].as_i64().unwrap(),
+        r["end"].as_i64().unwrap(),
+    )
+}
+
+pub fn shapes(rows: &[Value]) -> Vec<Shape> {
+    let mut v: Vec<Shape> = rows.iter().map(row_shape).collect();
+    v.sort();
+    v
+}
+
+/// Locks on the given inodes only.
+pub fn on_inodes(v: Vec<Shape>, inodes: &BTreeSet<u64>) -> Vec<Shape> {
+    v.into_iter().filter(|s| inodes.contains(&s.4)).collect()
+}
+
+/// Asserts that the agent's table and /proc/locks agree lock for lock on `inodes`
+/// (all inodes when None). /proc/locks is read before and after the agent's table
+/// and the check is retried while the kernel's state is moving.
+pub fn assert_agrees(agent: &Agent, inodes: Option<&BTreeSet<u64>>) {
+    assert_agrees_on(agent, |s| inodes.is_none_or(|i| i.contains(&s.4)))
+}
+
+/// Like `assert_agrees`, for the locks `keep` selects.
+pub fn assert_agrees_on(agent: &Agent, keep: impl Fn(&Shape) -> bool) {
+    let pick = |v: Vec<Shape>| v.into_iter().filter(|s| keep(s)).collect::<Vec<_>>();
+    let mut last = None;
+    for _ in 0..20 {
+        let before = pick(proc_shapes());
+        let ours = pick(shapes(&agent.locks(&[])));
+        let after = pick(proc_shapes());
+        if before != after {
+            continue;
+        }
+        if ours == before {
+            return;
+        }
+        last = Some((ours, before));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (ours, kernel) = last.expect("kernel lock state never settled");
+    let missing: Vec<_> = kernel.iter().filter(|s| !ours.contains(s)).collect();
+    let extra: Vec<_> = ours.iter().filter(|s| !kernel.contains(s)).collect();
+    panic!("agent disagrees with /proc/locks\nmissing from agent: {missing:#?}\nonly in agent: {extra:#?}");
+}
