@@ -14,7 +14,7 @@ const BPF_FS_MAGIC: i64 = 0xcafe4a11;
 fn fs_magic(path: &str) -> Option<i64> {
     nix::sys::statfs::statfs(path)
         .ok()
-        .map(|s| s.filesystem_type().0 as i64)
+        .map(|s| s.filesystem_type().0)
 }
 
 /// Mounts `fstype` on `path` unless a filesystem with `magic` is already there.
