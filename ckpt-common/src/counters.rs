@@ -16,16 +16,22 @@ pub enum Counter {
     WaitersFull = 3,
     /// Syscall contexts not recorded because SYSCALL_CTX was full.
     SyscallCtxFull = 4,
+    /// Lease breaks not followed because BREAK_CTX was full.
+    BreakCtxFull = 5,
+    /// Leases beyond MAX_BREAK_LEASES in one break, not followed.
+    BreakLeasesOverflow = 6,
 }
 
 impl Counter {
-    pub const COUNT: u32 = 5;
+    pub const COUNT: u32 = 7;
     pub const ALL: [Counter; Self::COUNT as usize] = [
         Counter::EventsSeen,
         Counter::EventsEmitted,
         Counter::RingBufFull,
         Counter::WaitersFull,
         Counter::SyscallCtxFull,
+        Counter::BreakCtxFull,
+        Counter::BreakLeasesOverflow,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -35,6 +41,8 @@ impl Counter {
             Counter::RingBufFull => "ringbuf_full",
             Counter::WaitersFull => "waiters_full",
             Counter::SyscallCtxFull => "syscall_ctx_full",
+            Counter::BreakCtxFull => "break_ctx_full",
+            Counter::BreakLeasesOverflow => "break_leases_overflow",
         }
     }
 }

@@ -6,14 +6,23 @@
 #![no_std]
 
 pub mod counters;
+pub mod lease;
 pub mod lock;
 pub mod offsets;
+
+/// Every record in the LOCK_EVENTS ring starts with one of these tags (a `u32`).
+pub mod tag {
+    pub const LOCK: u32 = 1;
+    pub const LEASE: u32 = 2;
+}
 
 /// Names of the maps and programs, shared so that the agent pins what the
 /// programs declare and the readers open what the agent pinned.
 pub mod names {
     pub const LOCK_EVENTS: &str = "LOCK_EVENTS";
     pub const LOCKS: &str = "LOCKS";
+    pub const LEASES: &str = "LEASES";
+    pub const BREAK_CTX: &str = "BREAK_CTX";
     pub const WAITERS: &str = "WAITERS";
     pub const SYSCALL_CTX: &str = "SYSCALL_CTX";
     pub const COUNTERS: &str = "COUNTERS";
@@ -24,6 +33,8 @@ pub mod names {
 /// hosts; a full map is counted (see [`counters`]) and reported, never silent.
 pub mod capacity {
     pub const LOCKS: u32 = 131_072;
+    pub const LEASES: u32 = 16_384;
+    pub const BREAK_CTX: u32 = 4_096;
     pub const WAITERS: u32 = 16_384;
     pub const SYSCALL_CTX: u32 = 16_384;
     /// Ring buffer bytes: ~200k events, enough to cover an agent restart on a busy host.

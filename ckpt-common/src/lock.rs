@@ -38,6 +38,9 @@ pub enum EventSource {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LockEvent {
+    /// [`crate::tag::LOCK`].
+    pub tag: u32,
+    pub _pad0: u32,
     /// CLOCK_MONOTONIC ns (bpf_ktime_get_ns).
     pub ts_ns: u64,
     pub ino: u64,
@@ -168,6 +171,13 @@ pub struct Waiter {
 pub struct SyscallCtx {
     pub fd: i32,
     pub cmd: u32,
+    pub arg: u64,
+    /// Lease named by generic_add_lease/generic_delete_lease during this call
+    /// (F_SETLEASE): its inode and owner. `lease_dev == 0` when none.
+    pub lease_ino: u64,
+    pub lease_owner: u64,
+    pub lease_dev: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]

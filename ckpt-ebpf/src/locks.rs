@@ -8,25 +8,23 @@ use ckpt_common::{
     offsets::LockTpOffsets,
 };
 
-use crate::maps::{count, current_ids, layout, LOCK_EVENTS, SYSCALL_CTX, WAITERS};
+use crate::maps::{count, current_ids, layout, ready, LOCK_EVENTS, SYSCALL_CTX, WAITERS};
 
 /// FL_ACCESS requests only test for conflicts; they never change lock state.
 const FL_ACCESS: u32 = 8;
 
 #[tracepoint]
 pub fn posix_lock_inode(ctx: TracePointContext) -> u32 {
-    let l = layout();
-    if l.valid != 0 {
-        let _ = handle(&ctx, &l.posix, EventSource::Posix);
+    if ready() {
+        let _ = handle(&ctx, &layout!(posix), EventSource::Posix);
     }
     0
 }
 
 #[tracepoint]
 pub fn flock_lock_inode(ctx: TracePointContext) -> u32 {
-    let l = layout();
-    if l.valid != 0 {
-        let _ = handle(&ctx, &l.flock, EventSource::Flock);
+    if ready() {
+        let _ = handle(&ctx, &layout!(flock), EventSource::Flock);
     }
     0
 }
@@ -102,6 +100,8 @@ fn handle(ctx: &TracePointContext, off: &LockTpOffsets, source: EventSource) -> 
     match LOCK_EVENTS.reserve::<LockEvent>(0) {
         Some(mut entry) => {
             entry.write(LockEvent {
+                tag: ckpt_common::tag::LOCK,
+                _pad0: 0,
                 ts_ns: now,
                 ino,
                 owner,

@@ -12,6 +12,7 @@
 #![no_std]
 #![no_main]
 
+mod leases;
 mod locks;
 mod maps;
 mod syscalls;

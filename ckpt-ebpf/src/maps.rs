@@ -7,6 +7,7 @@ use aya_ebpf::{
 use ckpt_common::{
     capacity,
     counters::{AgentStat, Counter},
+    lease::{BreakCtx, LeaseKey, LeaseRecord},
     lock::{LockKey, LockRecord, SyscallCtx, Waiter},
     offsets::KernelLayout,
 };
@@ -22,6 +23,13 @@ pub static LOCK_EVENTS: RingBuf = RingBuf::pinned(capacity::LOCK_EVENTS_BYTES, 0
 #[map]
 pub static LOCKS: HashMap<LockKey, LockRecord> = HashMap::pinned(capacity::LOCKS, 0);
 
+/// Written by the agent only.
+#[map]
+pub static LEASES: HashMap<LeaseKey, LeaseRecord> = HashMap::pinned(capacity::LEASES, 0);
+
+#[map]
+pub static BREAK_CTX: HashMap<u32, BreakCtx> = HashMap::pinned(capacity::BREAK_CTX, 0);
+
 #[map]
 pub static WAITERS: HashMap<u32, Waiter> = HashMap::pinned(capacity::WAITERS, 0);
 
@@ -35,11 +43,21 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
 #[map]
 pub static AGENT_STATS: Array<u64> = Array::pinned(AgentStat::COUNT, 0);
 
+/// Reads one part of the layout. Volatile, so that the compiler does not fold in the
+/// zero placeholder that userspace replaces at load time; one part at a time, because
+/// the whole layout would not fit on the 512-byte BPF stack next to an event.
+macro_rules! layout {
+    ($field:ident) => {
+        // SAFETY: a read-only global of plain data.
+        unsafe { core::ptr::read_volatile(&$crate::maps::LAYOUT.$field) }
+    };
+}
+pub(crate) use layout;
+
+/// Whether userspace filled in the layout (the programs do nothing until it has).
 #[inline(always)]
-pub fn layout() -> KernelLayout {
-    // SAFETY: a read-only global; volatile so that the compiler does not fold in the
-    // zero placeholder that userspace replaces at load time.
-    unsafe { core::ptr::read_volatile(&LAYOUT) }
+pub fn ready() -> bool {
+    layout!(valid) != 0
 }
 
 #[inline(always)]
@@ -48,6 +66,18 @@ pub fn count(counter: Counter) {
         // SAFETY: per-CPU slot, no concurrent writer on this CPU.
         unsafe { *slot += 1 };
     }
+}
+
+#[inline(always)]
+pub fn now_ns() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { aya_ebpf::helpers::bpf_ktime_get_ns() }
+}
+
+#[inline(always)]
+pub fn jiffies() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { aya_ebpf::helpers::generated::bpf_jiffies64() }
 }
 
 #[inline(always)]

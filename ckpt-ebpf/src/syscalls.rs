@@ -2,21 +2,35 @@
 //! of a blocked wait (granted, interrupted by a signal, or failed) at syscall exit.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
-use ckpt_common::{counters::Counter, lock::SyscallCtx};
+use ckpt_common::{
+    counters::Counter,
+    lease::{LeaseEvent, LeaseWhat, F_SETLEASE},
+    lock::{fl_type, SyscallCtx},
+    tag,
+};
 
-use crate::maps::{count, current_ids, layout, SYSCALL_CTX, WAITERS};
+use crate::maps::{
+    count, current_ids, jiffies, layout, now_ns, ready, BREAK_CTX, LOCK_EVENTS, SYSCALL_CTX,
+    WAITERS,
+};
 
-fn remember(ctx: &TracePointContext, fd_off: u32, cmd_off: Option<u32>) {
-    let (_, tid) = current_ids();
+fn read_u64(ctx: &TracePointContext, off: u32) -> u64 {
     // SAFETY: offsets come from this kernel's tracefs format file.
-    let fd: u64 = unsafe { ctx.read_at(fd_off as usize) }.unwrap_or(u64::MAX);
-    let cmd: u64 = match cmd_off {
-        Some(off) => unsafe { ctx.read_at(off as usize) }.unwrap_or(0),
-        None => 0,
+    unsafe { ctx.read_at::<u64>(off as usize) }.unwrap_or(0)
+}
+
+fn remember(ctx: &TracePointContext, fd_off: u32, cmd_arg: Option<(u32, u32)>) {
+    let (_, tid) = current_ids();
+    let fd = read_u64(ctx, fd_off);
+    let (cmd, arg) = match cmd_arg {
+        Some((c, a)) => (read_u64(ctx, c), read_u64(ctx, a)),
+        None => (0, 0),
     };
     let entry = SyscallCtx {
         fd: fd as i32,
         cmd: cmd as u32,
+        arg,
+        ..Default::default()
     };
     if SYSCALL_CTX.insert(&tid, &entry, 0).is_err() {
         count(Counter::SyscallCtxFull);
@@ -31,26 +45,69 @@ fn forget() {
 
 #[tracepoint]
 pub fn sys_enter_fcntl(ctx: TracePointContext) -> u32 {
-    let l = layout();
-    if l.valid != 0 {
-        remember(&ctx, l.syscalls.fcntl_fd, Some(l.syscalls.fcntl_cmd));
+    if ready() {
+        let o = layout!(syscalls);
+        remember(&ctx, o.fcntl_fd, Some((o.fcntl_cmd, o.fcntl_arg)));
     }
     0
 }
 
 #[tracepoint]
 pub fn sys_enter_flock(ctx: TracePointContext) -> u32 {
-    let l = layout();
-    if l.valid != 0 {
-        remember(&ctx, l.syscalls.flock_fd, None);
+    if ready() {
+        remember(&ctx, layout!(syscalls).flock_fd, None);
     }
     0
 }
 
+/// A successful F_SETLEASE becomes a lease event: generic_add_lease or
+/// generic_delete_lease named the lease during the call, the return value says
+/// whether the kernel kept the change.
 #[tracepoint]
-pub fn sys_exit_fcntl(_ctx: TracePointContext) -> u32 {
+pub fn sys_exit_fcntl(ctx: TracePointContext) -> u32 {
+    if ready() {
+        let (tgid, tid) = current_ids();
+        if let Some(p) = SYSCALL_CTX.get_ptr(&tid) {
+            // SAFETY: value of our own map, plain data.
+            let sc = unsafe { *p };
+            let ret = read_u64(&ctx, layout!(syscalls).fcntl_ret) as i64;
+            if sc.cmd == F_SETLEASE && ret == 0 && sc.lease_dev != 0 {
+                let what = if sc.arg as u8 == fl_type::F_UNLCK {
+                    LeaseWhat::Released
+                } else {
+                    LeaseWhat::Set
+                };
+                emit_lease(&LeaseEvent {
+                    tag: tag::LEASE,
+                    what: what as u32,
+                    ts_ns: now_ns(),
+                    jiffies: jiffies(),
+                    ino: sc.lease_ino,
+                    owner: sc.lease_owner,
+                    dev: sc.lease_dev,
+                    pid: tgid,
+                    tgid,
+                    tid,
+                    fd: sc.fd,
+                    lease_type: sc.arg as u8,
+                    ..Default::default()
+                });
+            }
+        }
+    }
     forget();
     0
+}
+
+pub fn emit_lease(ev: &LeaseEvent) {
+    match LOCK_EVENTS.reserve::<LeaseEvent>(0) {
+        Some(mut entry) => {
+            entry.write(*ev);
+            entry.submit(0);
+            count(Counter::EventsEmitted);
+        }
+        None => count(Counter::RingBufFull),
+    }
 }
 
 #[tracepoint]
@@ -63,5 +120,7 @@ pub fn sys_exit_flock(_ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     forget();
+    let (_, tid) = current_ids();
+    let _ = BREAK_CTX.remove(&tid);
     0
 }

@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod cli;
+pub mod leases;
 pub mod locks;
 pub mod procinfo;
 pub mod sys;

@@ -44,15 +44,6 @@ impl InstanceLock {
     }
 }
 
-/// Whether an agent holds the instance lock for `pins` (readers use this to decide
-/// between the live maps and the /proc fallback).
-pub fn agent_running(pins: &PinDir) -> bool {
-    let Ok(file) = File::open(pins.agent_lock_file()) else {
-        return false;
-    };
-    !try_flock(&file, libc::LOCK_SH)
-}
-
 fn try_flock(file: &File, op: i32) -> bool {
     // SAFETY: flock on an fd we own.
     unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) == 0 }

@@ -1,27 +1,36 @@
-//! `ckpt-agent`: owns the programs and maps, replays lock events into the lock table,
-//! reconciles with /proc/locks, and keeps running until SIGINT/SIGTERM.
+//! `ckpt-agent`: owns the programs and maps, replays lock and lease events into the
+//! tables readers use, reconciles with /proc/locks, and runs until SIGINT/SIGTERM.
 
 pub mod instance;
+pub mod lease_table;
+pub mod lock_table;
 pub mod reconcile;
-pub mod table;
+pub mod stats;
 
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{Array, Map, MapData, PerCpuArray};
+use aya::maps::{Map, MapData, PerCpuArray};
 use ckpt_common::{
     counters::{AgentStat, Counter},
+    lease::LeaseEvent,
     lock::LockEvent,
-    names,
+    names, tag,
 };
 use tokio::{
     io::unix::AsyncFd,
     signal::unix::{signal, SignalKind},
 };
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::tracer::{loader, pins::PinDir, ring::RingConsumer};
-use table::LockTable;
+use crate::{
+    locks::proc_locks,
+    sys::hz::kernel_hz,
+    tracer::{loader, pins::PinDir, ring::RingConsumer},
+};
+use lease_table::LeaseTable;
+use lock_table::LockTable;
+use stats::Stats;
 
 pub struct Options {
     pub pins: PinDir,
@@ -31,7 +40,7 @@ pub struct Options {
     pub max_locks: Option<u32>,
 }
 
-fn take<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(
     ebpf: &mut aya::Ebpf,
     name: &str,
 ) -> Result<T> {
@@ -54,51 +63,110 @@ pub fn counter_total(counters: &PerCpuArray<MapData, u64>, c: Counter) -> Result
     Ok(counters.get(&(c as u32), 0)?.iter().sum())
 }
 
+/// Everything the agent writes: the two tables and the statistics.
+pub struct State {
+    pub stats: Stats,
+    pub locks: LockTable,
+    pub leases: LeaseTable,
+}
+
+impl State {
+    /// Applies one ring record (in memory; see [`State::flush`]).
+    fn apply(&mut self, bytes: &[u8]) {
+        let tag = bytes
+            .get(..4)
+            .map(|b| u32::from_ne_bytes(b.try_into().unwrap()));
+        // SAFETY (both arms): the programs write whole structs of the tagged type;
+        // read_unaligned copes with the ring's 8-byte alignment.
+        match tag {
+            Some(tag::LOCK) if bytes.len() >= size_of::<LockEvent>() => {
+                let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const LockEvent) };
+                self.locks.apply(&ev);
+            }
+            Some(tag::LEASE) if bytes.len() >= size_of::<LeaseEvent>() => {
+                let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const LeaseEvent) };
+                debug!(?ev, "lease event");
+                self.leases.apply(&ev);
+            }
+            _ => warn!(len = bytes.len(), ?tag, "unknown ring record ignored"),
+        }
+    }
+
+    /// Writes both tables under the seqlock, then the counters.
+    fn flush(&mut self) -> Result<()> {
+        let (locks, leases) = (&mut self.locks, &mut self.leases);
+        let full = self
+            .stats
+            .under_seqlock(|| Ok(locks.write_staged()? + leases.write_staged()?))?;
+        self.stats.add(AgentStat::LocksFull, full)?;
+        let applied = std::mem::take(&mut self.locks.applied);
+        let reconciled = std::mem::take(&mut self.locks.reconciled);
+        self.stats.add(AgentStat::EventsApplied, applied)?;
+        self.stats.add(AgentStat::Reconciled, reconciled)
+    }
+
+    /// Brings the lease table in line with /proc/locks (existence, states).
+    fn reconcile_leases(&mut self) -> Result<()> {
+        self.leases.reconcile(&proc_locks::read()?);
+        Ok(())
+    }
+}
+
 pub async fn run(opts: Options) -> Result<()> {
+    // First, so that SIGINT/SIGTERM during start-up also end in a clean exit.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     let _instance = instance::InstanceLock::acquire(&opts.pins)?;
+    let hz = kernel_hz().context("finding the kernel's HZ")?;
     let loader::Loaded { mut ebpf, adopted } = loader::load_and_attach(&opts.pins, opts.max_locks)?;
     info!(
         pin_dir = %opts.pins.root().display(),
         adopted,
+        hz,
         "programs attached{}",
         if adopted { "; re-adopting pinned maps" } else { "" }
     );
 
     let logger = aya_log::EbpfLogger::init(&mut ebpf).context("initialising aya-log")?;
     let mut logger = readable(logger)?;
-
     let ring = match ebpf.take_map(names::LOCK_EVENTS) {
         Some(Map::RingBuf(data)) => RingConsumer::open(data)?,
         _ => anyhow::bail!("map {} missing or not a ring buffer", names::LOCK_EVENTS),
     };
     let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, names::COUNTERS)?;
-    let stats: Array<MapData, u64> = take(&mut ebpf, names::AGENT_STATS)?;
-    let mut table = LockTable::open(take(&mut ebpf, names::LOCKS)?, stats)?;
+    let mut state = State {
+        stats: Stats::new(take(&mut ebpf, names::AGENT_STATS)?),
+        locks: LockTable::open(take(&mut ebpf, names::LOCKS)?)?,
+        leases: LeaseTable::open(take(&mut ebpf, names::LEASES)?, hz)?,
+    };
 
     if !adopted {
-        let n = reconcile::import_proc_locks(&mut table)?;
-        table.flush()?;
+        let n = reconcile::import_proc_locks(&mut state.locks)?;
         info!(
             imported = n,
             "reconciled with /proc/locks: locks taken before tracing started"
         );
     } else {
-        info!(locks = table.len(), "re-adopted lock table");
+        info!(
+            locks = state.locks.len(),
+            leases = state.leases.len(),
+            "re-adopted lock table"
+        );
     }
-
+    // Events queued while no agent ran are in the ring already: apply them, then
+    // let /proc/locks say which leases still exist.
     let mut ring = readable(ring)?;
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut tick = tokio::time::interval(Duration::from_millis(500));
-    let mut drops_seen = table.stat(AgentStat::RingBufFullSeen)?;
-    // Events queued while no agent ran are in the ring already: drain them first.
-    drain(ring.get_mut(), &mut table)?;
+    drain(ring.get_mut(), &mut state)?;
+    state.reconcile_leases()?;
+    state.flush()?;
 
+    let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut drops_seen = state.stats.get(AgentStat::RingBufFullSeen)?;
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &mut table)?;
+                drain(guard.get_inner_mut(), &mut state)?;
                 guard.clear_ready();
             }
             guard = logger.readable_mut() => {
@@ -107,25 +175,29 @@ pub async fn run(opts: Options) -> Result<()> {
                 guard.clear_ready();
             }
             _ = tick.tick() => {
+                // Safety net for a wakeup lost to a record that was busy when we looked.
+                drain(ring.get_mut(), &mut state)?;
                 let drops = counter_total(&counters, Counter::RingBufFull)?;
                 if drops > drops_seen {
                     warn!(lost = drops - drops_seen, "lock events were lost (ring buffer full): resynchronising from /proc/locks");
-                    drain(ring.get_mut(), &mut table)?;
-                    table.clear();
-                    reconcile::import_proc_locks(&mut table)?;
-                    table.flush()?;
+                    state.locks.clear();
+                    reconcile::import_proc_locks(&mut state.locks)?;
                     drops_seen = drops;
-                    table.set_stat(AgentStat::RingBufFullSeen, drops)?;
+                    state.stats.set(AgentStat::RingBufFullSeen, drops)?;
                 }
-                if table.has_reconciled() {
-                    reconcile::verify(&mut table)?;
-                    table.flush()?;
+                if state.locks.has_reconciled() {
+                    reconcile::verify(&mut state.locks)?;
                 }
-                // Safety net for a wakeup lost to a record that was busy when we looked.
-                drain(ring.get_mut(), &mut table)?;
-                let full = counter_total(&counters, Counter::WaitersFull)?;
-                if full > 0 {
-                    warn!(count = full, "WAITERS map was full: some blocked waiters are missing");
+                // Closing a lease's last fd has no tracepoint: /proc/locks tells.
+                if !state.leases.is_empty() {
+                    state.reconcile_leases()?;
+                }
+                state.flush()?;
+                for c in [Counter::WaitersFull, Counter::BreakCtxFull, Counter::BreakLeasesOverflow] {
+                    let n = counter_total(&counters, c)?;
+                    if n > 0 {
+                        warn!(count = n, counter = c.name(), "tracer map overflow: some state is missing");
+                    }
                 }
             }
             _ = sigint.recv() => { info!("SIGINT: exiting"); break; }
@@ -145,35 +217,16 @@ pub async fn run(opts: Options) -> Result<()> {
 }
 
 /// Applies every queued event. A batch is acknowledged (the ring's consumer position
-/// moves past it) only after the lock table holds its effect: a reader that waits for
-/// the consumer to reach the producer sees every lock change made before it looked, and
-/// an agent killed mid-batch leaves the batch for its successor.
-fn drain(ring: &mut RingConsumer, table: &mut LockTable) -> Result<()> {
+/// moves past it) only after the tables hold its effect: a reader that waits for the
+/// consumer to reach the producer sees every change made before it looked, and an agent
+/// killed mid-batch leaves the batch for its successor.
+fn drain(ring: &mut RingConsumer, state: &mut State) -> Result<()> {
     loop {
-        let t0 = std::time::Instant::now();
-        let mut n = 0u64;
-        let pos = ring.read(|bytes| {
-            n += 1;
-            if bytes.len() < std::mem::size_of::<LockEvent>() {
-                warn!(len = bytes.len(), "short lock event ignored");
-                return;
-            }
-            // SAFETY: the program writes a whole LockEvent; read_unaligned copes with
-            // the ring's 8-byte alignment.
-            let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const LockEvent) };
-            table.apply(&ev);
-        });
+        let pos = ring.read(|bytes| state.apply(bytes));
         if pos == ring.position() {
             return Ok(());
         }
-        let t1 = std::time::Instant::now();
-        table.flush()?;
+        state.flush()?;
         ring.commit(pos);
-        tracing::debug!(
-            events = n,
-            apply_us = (t1 - t0).as_micros() as u64,
-            flush_us = t1.elapsed().as_micros() as u64,
-            "batch"
-        );
     }
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use anyhow::Result;
 use ckpt_common::lock::{LockKind, Origin};
 
-use super::table::{Holders, InodeId, LockTable};
+use super::lock_table::{Holders, InodeId, LockTable};
 use crate::locks::{
     model::HeldLock,
     proc_locks::{self, ProcKind, ProcLock},

@@ -3,6 +3,7 @@
 
 pub mod model;
 pub mod proc_locks;
+pub mod record;
 
 use ckpt_common::lock::{fl_type, LockKind};
 use serde::Serialize;

@@ -1,3 +1,4 @@
 //! Small wrappers over the kernel interfaces the agent needs mounted.
 
+pub mod hz;
 pub mod mounts;

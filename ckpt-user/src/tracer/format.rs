@@ -7,8 +7,12 @@
 use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use ckpt_common::offsets::{KernelLayout, LockTpOffsets, SyscallTpOffsets};
+use ckpt_common::offsets::{
+    AddLeaseTpOffsets, BreakTpOffsets, KernelLayout, LeaseStructOffsets, LeaseTpOffsets,
+    LockTpOffsets, SyscallTpOffsets,
+};
 
+use super::btf::Btf;
 use crate::sys::mounts::event_dir;
 
 /// A field of a tracepoint record.
@@ -103,20 +107,105 @@ pub fn lock_offsets(f: &Format) -> Result<LockTpOffsets> {
     })
 }
 
-/// Reads this kernel's format files and builds the layout the programs need.
+/// Offsets of the filelock_lease event class.
+pub fn lease_offsets(f: &Format) -> Result<LeaseTpOffsets> {
+    Ok(LeaseTpOffsets {
+        fl: f.offset(&["fl"], 8)?,
+        i_ino: f.offset(&["i_ino"], 8)?,
+        s_dev: f.offset(&["s_dev"], 4)?,
+        owner: f.offset(&["owner", "fl_owner"], 8)?,
+        flags: f.offset(&["flags", "fl_flags"], 4)?,
+        lease_type: f.offset(&["type", "fl_type"], 1)?,
+        break_time: f.offset(&["break_time", "fl_break_time"], 8)?,
+        downgrade_time: f.offset(&["downgrade_time", "fl_downgrade_time"], 8)?,
+    })
+}
+
+/// The lease tracepoints that share the filelock_lease class; the programs use one set
+/// of offsets for all of them, so they must agree.
+const LEASE_CLASS: &[&str] = &[
+    "generic_delete_lease",
+    "break_lease_noblock",
+    "break_lease_block",
+    "break_lease_unblock",
+    "time_out_leases",
+];
+
+/// Offsets inside the kernel's lease object, from BTF: `struct file_lease` (6.9+, with
+/// the common part in `c`) or `struct file_lock` (before 6.9).
+pub fn lease_struct_offsets(btf: &Btf) -> Result<LeaseStructOffsets> {
+    let (s, owner, flags, ty, pid) = if btf.has_struct("file_lease") {
+        (
+            "file_lease",
+            "c.flc_owner",
+            "c.flc_flags",
+            "c.flc_type",
+            "c.flc_pid",
+        )
+    } else {
+        ("file_lock", "fl_owner", "fl_flags", "fl_type", "fl_pid")
+    };
+    Ok(LeaseStructOffsets {
+        owner: btf.offset_of(s, owner)?,
+        flags: btf.offset_of(s, flags)?,
+        lease_type: btf.offset_of(s, ty)?,
+        pid: btf.offset_of(s, pid)?,
+        break_time: btf.offset_of(s, "fl_break_time")?,
+        downgrade_time: btf.offset_of(s, "fl_downgrade_time")?,
+    })
+}
+
+/// Reads this kernel's format files and BTF and builds the layout the programs need.
 pub fn resolve_layout() -> Result<KernelLayout> {
     let posix = Format::read("filelock", "posix_lock_inode")?;
     let flock = Format::read("filelock", "flock_lock_inode")?;
     let fcntl = Format::read("syscalls", "sys_enter_fcntl")?;
+    let fcntl_exit = Format::read("syscalls", "sys_exit_fcntl")?;
     let flock_sys = Format::read("syscalls", "sys_enter_flock")?;
+    let mut lease = None;
+    for name in LEASE_CLASS {
+        let o = lease_offsets(&Format::read("filelock", name)?)
+            .with_context(|| format!("filelock:{name}"))?;
+        match lease {
+            None => lease = Some(o),
+            Some(first) if first != o => {
+                bail!("filelock:{name} differs from the other lease tracepoints")
+            }
+            _ => {}
+        }
+    }
+    let add = Format::read("filelock", "generic_add_lease")?;
+    let conflict = Format::read("filelock", "leases_conflict")?;
+    let signal = Format::read("signal", "signal_generate")?;
+    let btf = Btf::from_sys_fs()?;
     Ok(KernelLayout {
         posix: lock_offsets(&posix).context("filelock:posix_lock_inode")?,
         flock: lock_offsets(&flock).context("filelock:flock_lock_inode")?,
         syscalls: SyscallTpOffsets {
             fcntl_fd: fcntl.offset(&["fd"], 8)?,
             fcntl_cmd: fcntl.offset(&["cmd"], 8)?,
+            fcntl_arg: fcntl.offset(&["arg"], 8)?,
             flock_fd: flock_sys.offset(&["fd"], 8)?,
+            fcntl_ret: fcntl_exit.offset(&["ret"], 8)?,
         },
+        lease: lease.expect("LEASE_CLASS is not empty"),
+        add_lease: AddLeaseTpOffsets {
+            i_ino: add.offset(&["i_ino"], 8)?,
+            s_dev: add.offset(&["s_dev"], 4)?,
+            owner: add.offset(&["owner", "fl_owner"], 8)?,
+            flags: add.offset(&["flags", "fl_flags"], 4)?,
+            lease_type: add.offset(&["type", "fl_type"], 1)?,
+        },
+        brk: BreakTpOffsets {
+            conflict_lease: conflict.offset(&["lease"], 8)?,
+            conflict_breaker: conflict.offset(&["breaker"], 8)?,
+            conflict_b_type: conflict.offset(&["b_fl_type"], 1)?,
+            conflict: conflict.offset(&["conflict"], 1)?,
+            signal_sig: signal.offset(&["sig"], 4)?,
+            signal_pid: signal.offset(&["pid"], 4)?,
+            signal_result: signal.offset(&["result"], 4)?,
+        },
+        lease_struct: lease_struct_offsets(&btf).context("lease struct offsets from BTF")?,
         valid: 1,
     })
 }

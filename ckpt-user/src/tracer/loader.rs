@@ -31,6 +31,14 @@ pub const PROGRAMS: &[(&str, &str, &str)] = &[
     ("sys_exit_fcntl", "syscalls", "sys_exit_fcntl"),
     ("sys_exit_flock", "syscalls", "sys_exit_flock"),
     ("sched_process_exit", "sched", "sched_process_exit"),
+    ("generic_add_lease", "filelock", "generic_add_lease"),
+    ("generic_delete_lease", "filelock", "generic_delete_lease"),
+    ("leases_conflict", "filelock", "leases_conflict"),
+    ("signal_generate", "signal", "signal_generate"),
+    ("break_lease_noblock", "filelock", "break_lease_noblock"),
+    ("break_lease_block", "filelock", "break_lease_block"),
+    ("break_lease_unblock", "filelock", "break_lease_unblock"),
+    ("time_out_leases", "filelock", "time_out_leases"),
 ];
 
 pub struct Loaded {

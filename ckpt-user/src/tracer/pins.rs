@@ -52,6 +52,18 @@ impl PinDir {
         PathBuf::from("/run/ckpt").join(format!("agent{tag}.lock"))
     }
 
+    /// Whether an agent holds the instance lock for this pin directory (readers use
+    /// this to choose between the live maps and the /proc fallback).
+    pub fn agent_running(&self) -> bool {
+        use std::os::fd::AsRawFd as _;
+        let Ok(file) = std::fs::File::open(self.agent_lock_file()) else {
+            return false;
+        };
+        // SAFETY: flock on an fd we own; a shared lock succeeds only if no agent
+        // holds the exclusive one.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_SH | libc::LOCK_NB) != 0 }
+    }
+
     /// Whether an agent has ever pinned state here.
     pub fn has_state(&self) -> bool {
         self.map(ckpt_common::names::LOCKS).exists()

@@ -11,21 +11,26 @@ use anyhow::{bail, Context as _, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
 use ckpt_common::{
     counters::{AgentStat, Counter},
+    lease::{LeaseKey, LeaseRecord},
     lock::{LockKey, LockRecord, Waiter},
     names,
 };
 
-use crate::{
-    agent::instance::agent_running,
-    tracer::{pins::PinDir, ring::RingObserver},
-};
+use crate::tracer::{pins::PinDir, ring::RingObserver};
 
 pub struct LiveMaps {
     pub locks: HashMap<MapData, LockKey, LockRecord>,
+    pub leases: HashMap<MapData, LeaseKey, LeaseRecord>,
     pub waiters: HashMap<MapData, u32, Waiter>,
     pub counters: PerCpuArray<MapData, u64>,
     pub stats: Array<MapData, u64>,
     ring: RingObserver,
+}
+
+/// The agent's tables at one instant.
+pub struct Snapshot {
+    pub locks: Vec<(LockKey, LockRecord)>,
+    pub leases: Vec<(LeaseKey, LeaseRecord)>,
 }
 
 /// Why the live maps cannot be used.
@@ -44,7 +49,7 @@ fn open_map(pins: &PinDir, name: &str) -> Result<MapData> {
 
 impl LiveMaps {
     pub fn open(pins: &PinDir) -> std::result::Result<LiveMaps, Unavailable> {
-        if !agent_running(pins) {
+        if !pins.agent_running() {
             return Err(Unavailable::NoAgent(
                 pins.agent_lock_file().display().to_string(),
             ));
@@ -52,6 +57,7 @@ impl LiveMaps {
         let open = || -> Result<LiveMaps> {
             Ok(LiveMaps {
                 locks: HashMap::try_from(Map::HashMap(open_map(pins, names::LOCKS)?))?,
+                leases: HashMap::try_from(Map::HashMap(open_map(pins, names::LEASES)?))?,
                 waiters: HashMap::try_from(Map::HashMap(open_map(pins, names::WAITERS)?))?,
                 counters: PerCpuArray::try_from(Map::PerCpuArray(open_map(
                     pins,
@@ -81,19 +87,22 @@ impl LiveMaps {
         Ok(())
     }
 
-    /// A consistent copy of the lock table: retried while the agent was writing it
-    /// (iterating a BPF hash map that changes underneath can skip or repeat keys).
-    pub fn lock_snapshot(&self) -> Result<Vec<(LockKey, LockRecord)>> {
+    /// A consistent copy of the lock and lease tables: retried while the agent was
+    /// writing them (iterating a BPF hash map that changes underneath can skip or
+    /// repeat keys).
+    pub fn snapshot(&self) -> Result<Snapshot> {
         for _ in 0..1000 {
             let before = self.stat(AgentStat::FlushSeq)?;
             if before & 1 == 1 {
                 std::thread::yield_now();
                 continue;
             }
-            let entries: Vec<(LockKey, LockRecord)> =
-                self.locks.iter().collect::<Result<_, _>>()?;
+            let snap = Snapshot {
+                locks: self.locks.iter().collect::<Result<_, _>>()?,
+                leases: self.leases.iter().collect::<Result<_, _>>()?,
+            };
             if self.stat(AgentStat::FlushSeq)? == before {
-                return Ok(entries);
+                return Ok(snap);
             }
         }
         bail!("the lock table kept changing during 1000 reads; try again")

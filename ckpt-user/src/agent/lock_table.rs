@@ -5,16 +5,14 @@
 use std::collections::HashMap;
 
 use anyhow::Result;
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError};
-use ckpt_common::{
-    counters::AgentStat,
-    lock::{EventSource, LockEvent, LockKey, LockKind, LockRecord, Origin},
-};
+use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
+use ckpt_common::lock::{LockEvent, LockKey, LockKind, LockRecord, Origin};
 use tracing::warn;
 
 use crate::locks::{
     model::{Change, HeldLock, List, OwnerLocks, Request},
-    KernelDev, LockType,
+    record::{held_of, key_of, record_of, request_of},
+    KernelDev,
 };
 
 pub type InodeId = (KernelDev, u64);
@@ -37,7 +35,6 @@ pub type Holders = Vec<(u32, i32)>;
 /// actually changed, not one per event.
 pub struct LockTable {
     map: BpfHashMap<MapData, LockKey, LockRecord>,
-    stats: Array<MapData, u64>,
     owners: HashMap<OwnerKey, OwnerLocks>,
     /// Imported locks whose kernel owner is not known yet, by inode.
     unadopted: HashMap<InodeId, Vec<OwnerKey>>,
@@ -46,85 +43,28 @@ pub struct LockTable {
     next_synthetic_owner: u64,
     /// key -> record to write, or None to delete.
     staged: HashMap<LockKey, Option<LockRecord>>,
-    /// Counters not yet added to AGENT_STATS.
-    applied: u64,
-    reconciled: u64,
+    /// Counters not yet added to AGENT_STATS (see `take_counts`).
+    pub applied: u64,
+    pub reconciled: u64,
 }
 
-pub fn key_of(dev: KernelDev, ino: u64, l: &HeldLock) -> LockKey {
-    LockKey {
-        dev: dev.0,
-        kind: l.kind as u8,
-        _pad: [0; 3],
-        ino,
-        owner: l.owner,
-        start: l.start,
+/// Deletes a key; a key that is not there is fine (added and removed in one batch).
+pub fn remove_quiet<K: aya::Pod, V: aya::Pod>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    k: &K,
+) -> Result<()> {
+    match map.remove(k) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e.into()),
     }
-}
-
-pub fn record_of(l: &HeldLock) -> LockRecord {
-    LockRecord {
-        end: l.end,
-        since_ns: l.since_ns,
-        pid: l.pid,
-        fd: l.fd,
-        lock_type: l.lock_type.to_fl_type(),
-        origin: l.origin as u8,
-        _pad: [0; 6],
-    }
-}
-
-/// Inverse of `key_of`/`record_of`; `None` for entries this version cannot read.
-pub fn held_of(k: &LockKey, r: &LockRecord) -> Option<HeldLock> {
-    Some(HeldLock {
-        kind: LockKind::from_u8(k.kind)?,
-        owner: k.owner,
-        start: k.start,
-        end: r.end,
-        lock_type: LockType::from_fl_type(r.lock_type)?,
-        pid: r.pid,
-        fd: r.fd,
-        since_ns: r.since_ns,
-        origin: if r.origin == Origin::Reconciled as u8 {
-            Origin::Reconciled
-        } else {
-            Origin::Traced
-        },
-    })
-}
-
-/// Turns a raw event into a model request; `None` for events that are not locks.
-pub fn request_of(ev: &LockEvent) -> Option<Request> {
-    let kind = match ev.source {
-        s if s == EventSource::Flock as u8 => LockKind::Flock,
-        s if s == EventSource::Posix as u8 => match LockKind::from_fl_flags(ev.flags)? {
-            LockKind::Flock => return None,
-            k => k,
-        },
-        _ => return None,
-    };
-    Some(Request {
-        kind,
-        owner: ev.owner,
-        start: ev.start,
-        end: ev.end,
-        lock_type: LockType::from_fl_type(ev.lock_type),
-        pid: ev.pid,
-        fd: ev.fd,
-        ts_ns: ev.ts_ns,
-        ret: ev.ret,
-    })
 }
 
 impl LockTable {
     /// Opens the table, loading whatever a previous agent left in the pinned map.
-    pub fn open(
-        map: BpfHashMap<MapData, LockKey, LockRecord>,
-        stats: Array<MapData, u64>,
-    ) -> Result<LockTable> {
+    pub fn open(map: BpfHashMap<MapData, LockKey, LockRecord>) -> Result<LockTable> {
         let mut table = LockTable {
             map,
-            stats,
             owners: HashMap::new(),
             unadopted: HashMap::new(),
             holders: HashMap::new(),
@@ -153,22 +93,6 @@ impl LockTable {
 
     pub fn is_empty(&self) -> bool {
         self.owners.is_empty()
-    }
-
-    pub fn stat(&self, s: AgentStat) -> Result<u64> {
-        Ok(self.stats.get(&(s as u32), 0)?)
-    }
-
-    pub fn set_stat(&mut self, s: AgentStat, v: u64) -> Result<()> {
-        Ok(self.stats.set(s as u32, v, 0)?)
-    }
-
-    fn add_stat(&mut self, s: AgentStat, n: u64) -> Result<()> {
-        if n > 0 {
-            let v = self.stat(s)?;
-            self.set_stat(s, v + n)?;
-        }
-        Ok(())
     }
 
     /// Applies one traced event (in memory; see [`LockTable::flush`]).
@@ -200,36 +124,16 @@ impl LockTable {
         }
     }
 
-    /// Writes staged changes and counters to the pinned maps. Deletions go first so
-    /// that a full map has room for what replaces them.
-    pub fn flush(&mut self) -> Result<()> {
-        if !self.staged.is_empty() {
-            let seq = self.stat(AgentStat::FlushSeq)?;
-            let seq = seq + (seq & 1) + 1; // odd: writing
-            self.set_stat(AgentStat::FlushSeq, seq)?;
-            let written = self.write_staged();
-            self.set_stat(AgentStat::FlushSeq, seq + 1)?;
-            written?;
-        }
-        let applied = std::mem::take(&mut self.applied);
-        let reconciled = std::mem::take(&mut self.reconciled);
-        self.add_stat(AgentStat::EventsApplied, applied)?;
-        self.add_stat(AgentStat::Reconciled, reconciled)
-    }
-
-    fn write_staged(&mut self) -> Result<()> {
+    /// Writes staged changes to LOCKS (call under the flush seqlock). Deletions go
+    /// first so that a full map has room for what replaces them. Returns how many
+    /// inserts failed (map full).
+    pub fn write_staged(&mut self) -> Result<u64> {
         let mut staged: Vec<(LockKey, Option<LockRecord>)> = self.staged.drain().collect();
         staged.sort_by_key(|(_, v)| v.is_some());
         let mut full = 0;
         for (k, v) in staged {
             match v {
-                // A lock added and removed within one batch was never written.
-                None => match self.map.remove(&k) {
-                    Ok(()) | Err(MapError::KeyNotFound) => {}
-                    Err(MapError::SyscallError(e))
-                        if e.io_error.raw_os_error() == Some(libc::ENOENT) => {}
-                    Err(e) => return Err(e.into()),
-                },
+                None => remove_quiet(&mut self.map, &k)?,
                 Some(r) => {
                     if let Err(e) = self.map.insert(k, r, 0) {
                         full += 1;
@@ -238,7 +142,7 @@ impl LockTable {
                 }
             }
         }
-        self.add_stat(AgentStat::LocksFull, full)
+        Ok(full)
     }
 
     /// Locks imported from /proc/locks have no kernel owner. When an event comes from
