@@ -416,3 +416,96 @@ pub fn assert_agrees_on(agent: &Agent, keep: impl Fn(&Shape) -> bool) {
     let extra: Vec<_> = ours.iter().filter(|s| !kernel.contains(s)).collect();
     panic!("agent disagrees with /proc/locks\nmissing from agent: {missing:#?}\nonly in agent: {extra:#?}");
 }
+
+/// Sets /proc/sys/fs/lease-break-time for one test and restores it afterwards. Tests
+/// that change it are serialised through this guard (they share one process).
+pub struct LeaseBreakTime {
+    old: String,
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+static LEASE_SYSCTL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+const LEASE_BREAK_TIME: &str = "/proc/sys/fs/lease-break-time";
+
+impl LeaseBreakTime {
+    pub fn set(secs: u32) -> LeaseBreakTime {
+        let serial = LEASE_SYSCTL.lock().unwrap_or_else(|e| e.into_inner());
+        let old = std::fs::read_to_string(LEASE_BREAK_TIME).unwrap();
+        std::fs::write(LEASE_BREAK_TIME, secs.to_string()).unwrap();
+        LeaseBreakTime {
+            old,
+            _serial: serial,
+        }
+    }
+}
+
+impl Drop for LeaseBreakTime {
+    fn drop(&mut self) {
+        let _ = std::fs::write(LEASE_BREAK_TIME, self.old.trim());
+    }
+}
+
+/// A private tracefs instance with one event enabled: the kernel's own record of what
+/// it did, to compare ckpt's view against.
+pub struct TraceInstance {
+    dir: PathBuf,
+    event: String,
+}
+
+impl TraceInstance {
+    /// `event` like "filelock/time_out_leases".
+    pub fn new(event: &str) -> TraceInstance {
+        let root = Path::new("/sys/kernel/tracing");
+        if !root.join("instances").exists() {
+            let _ = Command::new("mount")
+                .args(["-t", "tracefs", "nodev"])
+                .arg(root)
+                .status();
+        }
+        let dir = root.join("instances").join(unique("ckpt-test"));
+        std::fs::create_dir(&dir).expect("creating a tracefs instance");
+        std::fs::write(dir.join("events").join(event).join("enable"), "1").unwrap();
+        TraceInstance {
+            dir,
+            event: event.to_string(),
+        }
+    }
+
+    /// The trace text so far.
+    pub fn text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("trace")).unwrap()
+    }
+
+    /// Every value of `field=` in lines mentioning `ino=0x<ino>`.
+    pub fn values(&self, ino: u64, field: &str) -> Vec<u64> {
+        let ino_tag = format!("ino=0x{ino:x} ");
+        let key = format!("{field}=");
+        self.text()
+            .lines()
+            .filter(|l| l.contains(&ino_tag))
+            .filter_map(|l| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(&key))
+                    .and_then(|v| v.parse().ok())
+            })
+            .collect()
+    }
+}
+
+impl Drop for TraceInstance {
+    fn drop(&mut self) {
+        let _ = std::fs::write(
+            self.dir.join("events").join(&self.event).join("enable"),
+            "0",
+        );
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// CLOCK_MONOTONIC now (the clock of ckpt's `*_monotonic_ns` fields).
+pub fn mono_ns() -> u64 {
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: plain syscall into a local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}

@@ -197,7 +197,7 @@ impl Btf {
             bits += off;
             t = self.resolve(ty)?;
         }
-        if bits % 8 != 0 {
+        if !bits.is_multiple_of(8) {
             bail!("{strukt}.{path} is a bitfield");
         }
         Ok(bits / 8)

@@ -11,6 +11,17 @@
 //!   close NAME
 //!   fork                       child keeps every fd and sleeps; replies "ok CHILDPID"
 //!   pid                        replies "ok PID"
+//!   openmode NAME PATH r|w [nb] open O_RDONLY/O_WRONLY (O_NONBLOCK); may block on a
+//!                              lease break; replies "ok FD MONO_NS" when it returns
+//!   lease NAME r|w|u           fcntl F_SETLEASE
+//!   getlease NAME              fcntl F_GETLEASE; replies "ok r|w|u"
+//!   pollease NAME r|w|u MS     polls F_GETLEASE until it returns that type; replies
+//!                              "ok MONO_NS" (CLOCK_MONOTONIC when it did)
+//!   pollproc NAME ACTIVE|gone MS  calls F_GETLEASE (which makes the kernel time out
+//!                              leases past their deadline) until /proc/locks shows
+//!                              this file's lease ACTIVE, or no lease; "ok MONO_NS"
+//!   truncate PATH LEN          truncate(2) (breaks leases like an open for writing)
+//!   setsig NAME SIG            fcntl F_SETSIG
 //!   exit
 //! A blocking command replies when it returns. SIGUSR1 interrupts it (no SA_RESTART),
 //! so a test can make a waiter give up.
@@ -21,6 +32,21 @@ use std::{
 };
 
 extern "C" fn on_usr1(_: i32) {}
+
+fn mono_ns() -> u64 {
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    // SAFETY: plain syscall into a local.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+fn lease_letter(t: i32) -> &'static str {
+    match t {
+        libc::F_RDLCK => "r",
+        libc::F_WRLCK => "w",
+        _ => "u",
+    }
+}
 
 fn errno() -> i32 {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
@@ -35,11 +61,14 @@ fn lock_type(s: &str) -> i16 {
 }
 
 fn main() {
-    // SAFETY: installing a no-op handler without SA_RESTART.
+    // SAFETY: installing no-op handlers without SA_RESTART. SIGIO (and SIGUSR2 for
+    // F_SETSIG) is what a lease holder is sent when its lease is broken.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
         sa.sa_sigaction = on_usr1 as extern "C" fn(i32) as usize;
-        libc::sigaction(libc::SIGUSR1, &sa, std::ptr::null_mut());
+        for sig in [libc::SIGUSR1, libc::SIGUSR2, libc::SIGIO] {
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
     }
     let mut fds: HashMap<String, i32> = HashMap::new();
     let stdin = std::io::stdin();
@@ -116,6 +145,105 @@ fn main() {
                 pid => format!("ok {pid}"),
             },
             ["pid"] => format!("ok {}", std::process::id()),
+            ["openmode", name, path, mode, rest @ ..] => {
+                let p = CString::new(*path).unwrap();
+                let mut flags = if *mode == "r" {
+                    libc::O_RDONLY
+                } else {
+                    libc::O_WRONLY
+                };
+                if rest.first() == Some(&"nb") {
+                    flags |= libc::O_NONBLOCK;
+                }
+                let r = unsafe { libc::open(p.as_ptr(), flags) };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    fds.insert(name.to_string(), r);
+                    format!("ok {r} {}", mono_ns())
+                }
+            }
+            ["lease", name, t] => {
+                let r = unsafe { libc::fcntl(fd(name), libc::F_SETLEASE, lock_type(t) as i32) };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    "ok".into()
+                }
+            }
+            ["getlease", name] => {
+                let r = unsafe { libc::fcntl(fd(name), libc::F_GETLEASE) };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    format!("ok {}", lease_letter(r))
+                }
+            }
+            ["pollease", name, t, ms] => {
+                let want = lock_type(t) as i32;
+                let deadline = mono_ns() + ms.parse::<u64>().unwrap() * 1_000_000;
+                loop {
+                    let r = unsafe { libc::fcntl(fd(name), libc::F_GETLEASE) };
+                    let now = mono_ns();
+                    if r == want {
+                        break format!("ok {now}");
+                    }
+                    if r < 0 || now > deadline {
+                        break format!("err timeout {}", lease_letter(r));
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            }
+            ["pollproc", name, want, ms] => {
+                let deadline = mono_ns() + ms.parse::<u64>().unwrap() * 1_000_000;
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                unsafe { libc::fstat(fd(name), &mut st) };
+                let tag = format!(":{} ", st.st_ino);
+                loop {
+                    unsafe { libc::fcntl(fd(name), libc::F_GETLEASE) };
+                    let now = mono_ns();
+                    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+                    let line = locks
+                        .lines()
+                        .find(|l| l.contains("LEASE") && !l.contains("->") && l.contains(&tag));
+                    let done = match (*want, line) {
+                        ("gone", None) => true,
+                        ("gone", Some(_)) => false,
+                        (state, Some(l)) => l.contains(state),
+                        (_, None) => false,
+                    };
+                    if done {
+                        break format!("ok {now}");
+                    }
+                    if now > deadline {
+                        break "err timeout".to_string();
+                    }
+                    std::thread::sleep(std::time::Duration::from_micros(200));
+                }
+            }
+            ["truncate", path, len] => {
+                let p = CString::new(*path).unwrap();
+                let r = unsafe { libc::truncate(p.as_ptr(), len.parse().unwrap()) };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    format!("ok {}", mono_ns())
+                }
+            }
+            ["setsig", name, sig] => {
+                let r = unsafe {
+                    libc::fcntl(
+                        fd(name),
+                        10, /* F_SETSIG */
+                        sig.parse::<i32>().unwrap(),
+                    )
+                };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    "ok".into()
+                }
+            }
             ["exit"] => break,
             _ => "err bad-command".into(),
         };
