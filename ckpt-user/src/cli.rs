@@ -7,7 +7,8 @@ use anyhow::{Context as _, Result};
 use clap::{Parser, Subcommand};
 
 use crate::{
-    cgroup,
+    cgroup, dump,
+    image::{inspect, reader::ImageReader},
     locks::proc_locks,
     tracer::pins::{PinDir, DEFAULT_PIN_DIR},
     view::{
@@ -68,6 +69,60 @@ pub enum UserCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Checkpoint the file state of every process in a cgroup into one image file.
+    Dump {
+        /// The cgroup (v1 or v2): a full path or a path under a cgroup mount.
+        cgroup: String,
+        /// Image file to write (atomically; mode 0600).
+        #[arg(short, long)]
+        output: PathBuf,
+        /// Command run (with sh -c) while the cgroup is frozen, with CKPT_IMAGE_ID and
+        /// CKPT_CGROUP in its environment: e.g. a filesystem snapshot.
+        #[arg(long)]
+        snapshot_cmd: Option<String>,
+        /// Most data (holes excluded) one deleted-but-open file may hold; a larger one
+        /// stops the dump. Suffixes K, M, G.
+        #[arg(long, default_value = "64M", value_parser = parse_size)]
+        ghost_limit: u64,
+        /// Also record a SHA-256 of every open regular file (checked at restore).
+        #[arg(long)]
+        hash: bool,
+        /// How long to wait for the cgroup to freeze, in seconds.
+        #[arg(long, default_value_t = 10)]
+        freeze_timeout: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show an image: a summary, everything as JSON, or a grep-able tree.
+    Inspect {
+        image: PathBuf,
+        #[arg(long, conflicts_with = "tree")]
+        json: bool,
+        #[arg(long)]
+        tree: bool,
+    },
+    /// Internal: thaws a cgroup if the dump that started it dies (see dump/freeze.rs).
+    #[command(name = "__watchdog", hide = true)]
+    Watchdog {
+        file: PathBuf,
+        thaw: String,
+        temp: PathBuf,
+    },
+}
+
+/// "64M", "1G", "4096" -> bytes.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    num.parse::<u64>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("not a size: {s} (use e.g. 4096, 64K, 64M, 1G)"))
 }
 
 fn pid_filter(cgroup_arg: Option<&str>, pid: Option<u32>) -> Result<PidFilter> {
@@ -114,6 +169,62 @@ pub fn run_user(args: UserArgs) -> Result<()> {
                 out.write_all(render_table(&rows).as_bytes())?;
             }
             Ok(())
+        }
+        UserCommand::Dump {
+            cgroup,
+            output,
+            snapshot_cmd,
+            ghost_limit,
+            hash,
+            freeze_timeout,
+            json,
+        } => {
+            let report = dump::run(&dump::Options {
+                cgroup,
+                output,
+                pins,
+                snapshot_cmd,
+                ghost_limit,
+                hash,
+                freeze_timeout: std::time::Duration::from_secs(freeze_timeout),
+            })?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &report)?;
+                writeln!(out)?;
+            } else {
+                writeln!(
+                    out,
+                    "{}: {} processes, {} fds, {} locks, {} leases, {} waiters, {} deleted files; frozen {:.2} ms, total {:.1} ms ({})",
+                    report.image,
+                    report.processes,
+                    report.fds,
+                    report.locks,
+                    report.leases,
+                    report.waiters,
+                    report.ghosts,
+                    report.frozen_ms,
+                    report.total_ms,
+                    report.source
+                )?;
+            }
+            Ok(())
+        }
+        UserCommand::Inspect { image, json, tree } => {
+            let r = ImageReader::open(&image)?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &r.image)?;
+                writeln!(out)?;
+            } else if tree {
+                out.write_all(inspect::tree(&r.image).as_bytes())?;
+            } else {
+                out.write_all(inspect::summary(&r.image).as_bytes())?;
+            }
+            Ok(())
+        }
+        UserCommand::Watchdog { file, thaw, temp } => {
+            dump::freeze::watchdog_main(&file, &thaw, &temp)
         }
     }
 }

@@ -10,6 +10,8 @@
 pub mod agent;
 pub mod cgroup;
 pub mod cli;
+pub mod dump;
+pub mod image;
 pub mod leases;
 pub mod locks;
 pub mod procinfo;

@@ -509,3 +509,81 @@ pub fn mono_ns() -> u64 {
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
+
+/// A cgroup for a test: cgroup2 when available (`v1` picks the v1 freezer hierarchy),
+/// thawed and removed on drop.
+pub struct Cgroup {
+    pub path: PathBuf,
+    pub name: String,
+}
+
+impl Cgroup {
+    pub fn new(v1: bool) -> Cgroup {
+        let roots: &[&str] = if v1 {
+            &["/sys/fs/cgroup/freezer"]
+        } else {
+            &["/sys/fs/cgroup/unified", "/sys/fs/cgroup"]
+        };
+        let root = roots
+            .iter()
+            .find(|r| {
+                Path::new(r).join("cgroup.procs").exists()
+                    && (v1 || !Path::new(r).join("freezer.state").exists())
+            })
+            .expect("no suitable cgroup hierarchy");
+        let name = unique("ckpt-cg");
+        let path = Path::new(root).join(&name);
+        std::fs::create_dir(&path).unwrap();
+        Cgroup { path, name }
+    }
+
+    pub fn add(&self, pid: u32) {
+        std::fs::write(self.path.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+
+    /// Whether the cgroup is frozen right now.
+    pub fn frozen(&self) -> bool {
+        if let Ok(e) = std::fs::read_to_string(self.path.join("cgroup.events")) {
+            return e.lines().any(|l| l.trim() == "frozen 1");
+        }
+        std::fs::read_to_string(self.path.join("freezer.state"))
+            .unwrap_or_default()
+            .trim()
+            != "THAWED"
+    }
+
+    /// Lockers started inside the cgroup.
+    pub fn locker(&self) -> Locker {
+        let l = Locker::spawn();
+        self.add(l.pid());
+        l
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path.join("cgroup.freeze"), "0");
+        let _ = std::fs::write(self.path.join("freezer.state"), "THAWED");
+        if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
+            for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.path).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Runs `ckpt-user ARGS` and returns (exit code, stdout, stderr).
+pub fn ckpt_user(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin("ckpt-user")).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

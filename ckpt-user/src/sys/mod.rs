@@ -2,3 +2,4 @@
 
 pub mod hz;
 pub mod mounts;
+pub mod pidfd;

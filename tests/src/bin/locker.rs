@@ -22,6 +22,9 @@
 //!                              this file's lease ACTIVE, or no lease; "ok MONO_NS"
 //!   truncate PATH LEN          truncate(2) (breaks leases like an open for writing)
 //!   setsig NAME SIG            fcntl F_SETSIG
+//!   pwrite NAME OFF TEXT       pwrite TEXT at OFF
+//!   seek NAME OFF              lseek to OFF
+//!   unlink PATH                unlink
 //!   exit
 //! A blocking command replies when it returns. SIGUSR1 interrupts it (no SA_RESTART),
 //! so a test can make a waiter give up.
@@ -228,6 +231,38 @@ fn main() {
                     format!("err {}", errno())
                 } else {
                     format!("ok {}", mono_ns())
+                }
+            }
+            ["pwrite", name, off, text] => {
+                let r = unsafe {
+                    libc::pwrite(
+                        fd(name),
+                        text.as_ptr().cast(),
+                        text.len(),
+                        off.parse().unwrap(),
+                    )
+                };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    "ok".into()
+                }
+            }
+            ["seek", name, off] => {
+                let r = unsafe { libc::lseek(fd(name), off.parse().unwrap(), libc::SEEK_SET) };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    "ok".into()
+                }
+            }
+            ["unlink", path] => {
+                let p = CString::new(*path).unwrap();
+                let r = unsafe { libc::unlink(p.as_ptr()) };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    "ok".into()
                 }
             }
             ["setsig", name, sig] => {

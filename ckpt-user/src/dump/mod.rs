@@ -1,0 +1,337 @@
+//! `ckpt-user dump <cgroup> -o IMAGE`: freeze, collect, thaw, write.
+//!
+//! Per kernel object, like CRIU: `freeze` (the cgroup), `tasks` (processes), `files`
+//! (fds and open file descriptions), `file_locks` (locks, leases, waiters), `ghost`
+//! (deleted-but-open files). The image is written by `image::writer`.
+
+pub mod file_locks;
+pub mod files;
+pub mod freeze;
+pub mod ghost;
+pub mod tasks;
+
+use std::{
+    collections::{BTreeSet, HashSet},
+    io::IsTerminal as _,
+    path::PathBuf,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use crate::{
+    cgroup,
+    image::{
+        format::{FileKind, Fingerprint, Ghost, Image},
+        writer::ImageWriter,
+    },
+    locks::proc_locks::{self, ProcKind},
+    tracer::pins::PinDir,
+    view::live::LiveMaps,
+};
+use file_locks::AgentView;
+use freeze::{Freezer, Frozen};
+
+pub struct Options {
+    pub cgroup: String,
+    pub output: PathBuf,
+    pub pins: PinDir,
+    /// Run while frozen, with CKPT_IMAGE_ID and CKPT_CGROUP set (e.g. a filesystem
+    /// snapshot).
+    pub snapshot_cmd: Option<String>,
+    /// Largest amount of data (bytes, holes excluded) of one deleted file.
+    pub ghost_limit: u64,
+    /// Record a SHA-256 of every regular file for the restore-time check.
+    pub hash: bool,
+    pub freeze_timeout: Duration,
+}
+
+/// What `dump` reports (stdout, or JSON with --json).
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub image: String,
+    pub id: String,
+    pub source: String,
+    pub frozen_ms: f64,
+    pub total_ms: f64,
+    pub processes: usize,
+    pub fds: usize,
+    pub files: usize,
+    pub locks: usize,
+    pub leases: usize,
+    pub waiters: usize,
+    pub ghosts: usize,
+    pub missing: Vec<String>,
+}
+
+/// What a dump without an agent cannot know.
+const MISSING_WITHOUT_AGENT: &[&str] = &[
+    "lease break deadlines (remaining time)",
+    "lease types before a break",
+    "whether lease holders were signalled, and lease breakers",
+    "when waiters started waiting",
+];
+
+fn image_id() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{:x}-{:x}", t.as_nanos(), std::process::id())
+}
+
+fn sha256_of(pid: u32, fd: i32) -> Result<String> {
+    let link = format!("/proc/{pid}/fd/{fd}");
+    let mut f = std::fs::File::open(&link).with_context(|| format!("hashing through {link}"))?;
+    let mut h = Sha256::new();
+    std::io::copy(&mut f, &mut h)?;
+    Ok(hex::encode(h.finalize()))
+}
+
+pub fn run(opts: &Options) -> Result<Report> {
+    let t0 = Instant::now();
+    let dir = cgroup::resolve(&opts.cgroup)?;
+    if cgroup::pids(&dir)?.is_empty() {
+        bail!("cgroup {} is empty: nothing to dump", dir.display());
+    }
+    let freezer = Freezer::for_cgroup(&dir)?;
+    let live = match LiveMaps::open(&opts.pins) {
+        Ok(l) => Some(l),
+        Err(why) => {
+            eprintln!(
+                "ckpt-user: {why}; dumping from /proc alone: the image will lack {}",
+                MISSING_WITHOUT_AGENT.join(", ")
+            );
+            None
+        }
+    };
+    // Freezing interrupts blocked lock calls (they restart after the thaw): record the
+    // waiters as they are just before.
+    let (pre_waiters, proc_waiters) = match &live {
+        Some(l) => {
+            l.barrier(Duration::from_secs(2))?;
+            (
+                l.waiters
+                    .iter()
+                    .filter_map(|e| e.ok().map(|(_, w)| w))
+                    .collect(),
+                Vec::new(),
+            )
+        }
+        None => (
+            Vec::new(),
+            proc_locks::read()?
+                .into_iter()
+                .filter(|p| p.blocked)
+                .collect(),
+        ),
+    };
+
+    let id = image_id();
+    let mut writer = ImageWriter::create(&opts.output)?;
+    let frozen = Frozen::freeze(freezer, writer.temp(), opts.freeze_timeout)?;
+    let frozen_ns = frozen.monotonic_ns;
+
+    // ---- frozen from here ----
+    let pids: BTreeSet<u32> = cgroup::pids(&dir)?;
+    if pids.is_empty() {
+        bail!(
+            "every process of cgroup {} exited before the dump",
+            dir.display()
+        );
+    }
+    if let Some(cmd) = &opts.snapshot_cmd {
+        let status = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(cmd)
+            .env("CKPT_IMAGE_ID", &id)
+            .env("CKPT_CGROUP", &dir)
+            .status()
+            .context("running --snapshot-cmd")?;
+        if !status.success() {
+            bail!("--snapshot-cmd failed ({status})");
+        }
+    }
+    let agent = match &live {
+        Some(l) => {
+            l.barrier(Duration::from_secs(2))?;
+            Some(AgentView {
+                snapshot: l.snapshot()?,
+                waiters: pre_waiters,
+            })
+        }
+        None => None,
+    };
+    let mut processes = Vec::new();
+    let mut all_fds = Vec::new();
+    for &pid in &pids {
+        processes.push(tasks::read(pid)?);
+        all_fds.extend(files::scan(pid)?);
+        tasks::still_alive(pid)?;
+    }
+    let (desc_of, files) = files::descriptions(&all_fds)?;
+    for (i, f) in all_fds.iter().enumerate() {
+        let p = processes
+            .iter_mut()
+            .find(|p| p.pid == f.pid)
+            .expect("scanned pid");
+        p.fds.push(crate::image::format::Fd {
+            fd: f.fd,
+            file: desc_of[i],
+            cloexec: files::cloexec(f),
+        });
+    }
+    let collected = file_locks::collect(
+        &all_fds,
+        &desc_of,
+        &pids,
+        agent.as_ref(),
+        &proc_waiters,
+        frozen_ns,
+    )?;
+
+    // Deleted files: reflink or copy while frozen.
+    let leased: HashSet<(String, u64)> = all_fds
+        .iter()
+        .filter(|f| f.info.locks.iter().any(|l| l.kind == ProcKind::Lease))
+        .map(|f| (f.dev.to_string(), f.ino))
+        .collect();
+    let mut sources = Vec::new();
+    let mut seen = HashSet::new();
+    for (i, f) in all_fds.iter().enumerate() {
+        if !f.is_ghost() || !seen.insert((f.dev, f.ino)) {
+            continue;
+        }
+        if leased.contains(&(f.dev.to_string(), f.ino)) {
+            bail!(
+                "deleted file {} is leased: reading it would break the lease",
+                f.path
+            );
+        }
+        let file = &files[desc_of[i] as usize];
+        sources.push(ghost::prepare(
+            ghost::Plan {
+                pid: f.pid,
+                fd: f.fd,
+                ghost: Ghost {
+                    dev: file.dev.clone(),
+                    ino: f.ino,
+                    path: f.path.clone(),
+                    size: f.size,
+                    mode: f.mode,
+                    extents: Vec::new(),
+                    data_offset: 0,
+                },
+            },
+            opts.ghost_limit,
+        )?);
+    }
+    let total_ghost: u64 = sources
+        .iter()
+        .flat_map(|s| &s.plan.ghost.extents)
+        .map(|e| e.1)
+        .sum();
+    let progress = (std::io::stdout().is_terminal() && total_ghost > 16 << 20).then(|| {
+        let p = ProgressBar::new(total_ghost);
+        p.set_style(ProgressStyle::with_template("{msg} {bar:40} {bytes}/{total_bytes}").unwrap());
+        p.set_message("deleted files");
+        p
+    });
+    let mut ghosts = Vec::new();
+    for s in sources.iter().filter(|s| !s.cloned) {
+        ghosts.push(ghost::copy(s, &mut writer, progress.as_ref())?);
+    }
+
+    // Fingerprints of regular files.
+    let mut fingerprints = Vec::new();
+    let mut seen = HashSet::new();
+    for f in all_fds
+        .iter()
+        .filter(|f| f.kind() == FileKind::Regular && !f.is_ghost())
+    {
+        if !seen.insert((f.dev, f.ino)) {
+            continue;
+        }
+        let sha256 = if opts.hash {
+            if leased.contains(&(f.dev.to_string(), f.ino)) {
+                bail!(
+                    "cannot hash {}: it is leased, and reading it would break the lease",
+                    f.path
+                );
+            }
+            Some(sha256_of(f.pid, f.fd)?)
+        } else {
+            None
+        };
+        fingerprints.push(Fingerprint {
+            path: f.path.clone(),
+            dev: f.dev.to_string(),
+            ino: f.ino,
+            size: f.size,
+            mtime_ns: f.mtime_ns,
+            ctime_ns: f.ctime_ns,
+            handle: f.handle.clone(),
+            sha256,
+        });
+    }
+    let frozen_for = frozen.thaw()?;
+    // ---- thawed ----
+
+    for s in sources.iter().filter(|s| s.cloned) {
+        ghosts.push(ghost::copy(s, &mut writer, progress.as_ref())?);
+    }
+    if let Some(p) = progress {
+        p.finish_and_clear();
+    }
+    let fds = all_fds.len();
+    let image = Image {
+        id: id.clone(),
+        created_unix_ns: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as u64,
+        hostname: nix::unistd::gethostname()
+            .map(|h| h.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        kernel: nix::sys::utsname::uname()
+            .map(|u| u.release().to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        cgroup: dir.display().to_string(),
+        frozen_monotonic_ns: frozen_ns,
+        frozen_ns: frozen_for.as_nanos() as u64,
+        source: if live.is_some() { "agent" } else { "proc" }.into(),
+        missing: if live.is_some() {
+            Vec::new()
+        } else {
+            MISSING_WITHOUT_AGENT
+                .iter()
+                .map(|s| s.to_string())
+                .collect()
+        },
+        processes,
+        files,
+        locks: collected.locks,
+        waiters: collected.waiters,
+        leases: collected.leases,
+        ghosts,
+        fingerprints,
+    };
+    let path = writer.finish(&image)?;
+    Ok(Report {
+        image: path.display().to_string(),
+        id,
+        source: image.source.clone(),
+        frozen_ms: frozen_for.as_secs_f64() * 1e3,
+        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        processes: image.processes.len(),
+        fds,
+        files: image.files.len(),
+        locks: image.locks.len(),
+        leases: image.leases.len(),
+        waiters: image.waiters.len(),
+        ghosts: image.ghosts.len(),
+        missing: image.missing,
+    })
+}

@@ -1,0 +1,540 @@
+//! `ckpt-user dump` and `inspect` against real frozen processes: the image matches what
+//! the kernel shows, field by field, and every failure leaves the cgroup thawed and no
+//! image (or a complete one) under the final name.
+
+use std::{
+    collections::BTreeSet,
+    os::unix::fs::MetadataExt as _,
+    path::Path,
+    process::{Command, Stdio},
+    time::Duration,
+};
+
+use ckpt_tests::*;
+use serde_json::Value;
+
+fn inspect_json(img: &str) -> Value {
+    let (code, out, err) = ckpt_user(&["inspect", img, "--json"]);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// fdinfo flags of pid's fd, without O_CLOEXEC.
+fn fdinfo_flags(pid: u32, fd: i32) -> u64 {
+    let t = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
+    let v = t
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .unwrap()
+        .trim();
+    u64::from_str_radix(v, 8).unwrap() & !0o2000000
+}
+
+fn fd_of(locker: &mut Locker, cmd: &str) -> i32 {
+    locker
+        .cmd(cmd)
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The file (description) object a process's fd refers to.
+fn file_of(img: &Value, pid: u32, fd: i32) -> &Value {
+    let p = img["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["pid"] == pid)
+        .unwrap();
+    let f = p["fds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["fd"] == fd)
+        .unwrap();
+    &img["files"][f["file"].as_u64().unwrap() as usize]
+}
+
+/// No file but `keep` left in `dir` (no image, no temporary).
+fn only(dir: &Path, keep: &[&str]) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !keep.contains(&n.as_str()))
+        .collect()
+}
+
+#[test]
+fn image_matches_the_kernel_field_by_field() {
+    let _sysctl = LeaseBreakTime::set(30);
+    let agent = Agent::start();
+    let cg = Cgroup::new(false);
+    let dir = Scratch::new();
+    let (f1, f2, f3, leased) = (
+        dir.file("posix"),
+        dir.file("ofd"),
+        dir.file("flock"),
+        dir.file("leased"),
+    );
+    let ghost = dir.0.join("ghost").display().to_string();
+
+    let mut p = cg.locker();
+    let fd_a = fd_of(&mut p, &format!("open a {f1}"));
+    p.cmd("posix a w 0 10");
+    p.cmd("seek a 7");
+    let fd_o = fd_of(&mut p, &format!("open o {f2}"));
+    p.cmd("ofd o r 5 5");
+    let fd_fl = fd_of(&mut p, &format!("open fl {f3}"));
+    p.cmd("flock fl ex");
+    let fd_g = fd_of(&mut p, &format!("open g {ghost}"));
+    p.cmd("pwrite g 0 head");
+    p.cmd("pwrite g 1048576 tail");
+    p.cmd(&format!("unlink {ghost}"));
+    let fd_l = fd_of(&mut p, &format!("openmode l {leased} r"));
+    p.cmd("lease l w");
+    let child = p.fork() as u32; // shares every description, in the same cgroup
+
+    let mut q = cg.locker();
+    q.cmd(&format!("open a {f1}"));
+    q.send("posix a w 0 1 wait");
+    let mut r = cg.locker();
+    r.send(&format!("openmode y {leased} w"));
+    wait_for(Duration::from_secs(5), "waiter and lease break", || {
+        let rows = agent.locks(&[]);
+        let waiting = rows.iter().any(|r| {
+            r["waiters"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| w["pid"] == q.pid())
+        });
+        let breaking = rows
+            .iter()
+            .any(|r| r["kind"] == "lease" && r["state"] == "breaking");
+        (waiting && breaking).then_some(())
+    });
+
+    let img = dir.0.join("img").display().to_string();
+    let (code, out, err) = ckpt_user(&[
+        "--pin-dir",
+        agent.pin_dir.to_str().unwrap(),
+        "dump",
+        cg.path.to_str().unwrap(),
+        "-o",
+        &img,
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert!(!cg.frozen(), "thawed after the dump");
+    eprintln!(
+        "frozen {} ms, total {} ms",
+        report["frozen_ms"], report["total_ms"]
+    );
+    assert_eq!(std::fs::metadata(&img).unwrap().mode() & 0o777, 0o600);
+
+    let image = inspect_json(&img);
+    assert_eq!(image["source"], "agent");
+    assert!(image["missing"].as_array().unwrap().is_empty());
+    let pids: BTreeSet<u64> = image["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pid"].as_u64().unwrap())
+        .collect();
+    assert_eq!(
+        pids,
+        [p.pid(), child, q.pid(), r.pid()]
+            .iter()
+            .map(|&x| x as u64)
+            .collect()
+    );
+    let proc_p = image["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["pid"] == p.pid())
+        .unwrap();
+    assert_eq!(
+        proc_p["cmdline"][0].as_str().unwrap(),
+        bin("locker").to_str().unwrap()
+    );
+
+    // fds: path, position, flags, shared descriptions.
+    let a = file_of(&image, p.pid(), fd_a);
+    assert_eq!(a["path"], f1.as_str());
+    assert_eq!(a["pos"], 7);
+    assert_eq!(a["flags"].as_u64().unwrap(), fdinfo_flags(p.pid(), fd_a));
+    assert_eq!(a["ino"], dev_ino(&f1).1);
+    assert!(a["handle"].is_array(), "file handle recorded");
+    let fl = file_of(&image, p.pid(), fd_fl);
+    assert_eq!(
+        fl,
+        file_of(&image, child, fd_fl),
+        "fork-shared description is one object"
+    );
+    let holders: BTreeSet<(u64, i64)> = fl["holders"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| (h[0].as_u64().unwrap(), h[1].as_i64().unwrap()))
+        .collect();
+    assert!(
+        holders.contains(&(p.pid() as u64, fd_fl as i64))
+            && holders.contains(&(child as u64, fd_fl as i64))
+    );
+    assert_ne!(
+        file_of(&image, q.pid(), 3)["id"],
+        a["id"],
+        "q opened f1 separately"
+    );
+
+    // Locks, each on the right description.
+    let locks = image["locks"].as_array().unwrap();
+    let find = |kind: &str| {
+        locks
+            .iter()
+            .filter(|l| l["kind"] == kind)
+            .collect::<Vec<_>>()
+    };
+    let posix = find("posix");
+    assert_eq!(posix.len(), 1, "{locks:?}");
+    assert_eq!(
+        (
+            posix[0]["type"].as_str(),
+            posix[0]["start"].as_i64(),
+            posix[0]["end"].as_i64()
+        ),
+        (Some("write"), Some(0), Some(9))
+    );
+    assert_eq!(posix[0]["pid"], p.pid());
+    assert_eq!(posix[0]["file"], a["id"]);
+    let ofd = find("ofd");
+    assert_eq!(
+        (ofd.len(), ofd[0]["start"].as_i64(), ofd[0]["end"].as_i64()),
+        (1, Some(5), Some(9))
+    );
+    assert_eq!(ofd[0]["file"], file_of(&image, p.pid(), fd_o)["id"]);
+    let flock = find("flock");
+    assert_eq!(flock.len(), 1, "one flock for the shared description");
+    assert_eq!(flock[0]["file"], fl["id"]);
+
+    // Waiters as they were when frozen.
+    let waiters = image["waiters"].as_array().unwrap();
+    let wq = waiters
+        .iter()
+        .find(|w| w["pid"] == q.pid())
+        .expect("POSIX waiter");
+    assert_eq!(
+        (
+            wq["kind"].as_str(),
+            wq["start"].as_i64(),
+            wq["end"].as_i64()
+        ),
+        (Some("posix"), Some(0), Some(0))
+    );
+    assert!(wq["waited_ns"].as_u64().unwrap() > 0);
+    let wr = waiters
+        .iter()
+        .find(|w| w["pid"] == r.pid())
+        .expect("lease breaker waiting");
+    assert_eq!(wr["kind"], "lease");
+
+    // The lease in break, with its remaining time at the freeze.
+    let lease = &image["leases"][0];
+    assert_eq!(lease["file"], file_of(&image, p.pid(), fd_l)["id"]);
+    assert_eq!(
+        (lease["type"].as_str(), lease["breaking"].as_bool()),
+        (Some("write"), Some(true))
+    );
+    assert!(lease["target_type"].is_null(), "target unlock");
+    let left = lease["remaining_ns"].as_i64().unwrap();
+    assert!(left > 25_000_000_000 && left <= 30_000_000_000, "{left}");
+    assert_eq!(lease["notified"], true);
+    assert_eq!(lease["lease_break_time_s"], 30);
+    assert_eq!(lease["breakers"][0]["pid"], r.pid());
+
+    // The deleted file: holes kept, bytes exact.
+    let g = &image["ghosts"][0];
+    assert_eq!(g["size"], 1048580);
+    assert!(file_of(&image, p.pid(), fd_g)["deleted"].as_bool().unwrap());
+    let extents: Vec<(u64, u64)> = g["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e[0].as_u64().unwrap(), e[1].as_u64().unwrap()))
+        .collect();
+    let stored: u64 = extents.iter().map(|e| e.1).sum();
+    assert!(stored < 1 << 20, "sparse: {extents:?}");
+    let bytes = std::fs::read(&img).unwrap();
+    let base = g["data_offset"].as_u64().unwrap() as usize;
+    assert_eq!(extents[0].0, 0);
+    assert_eq!(&bytes[base..base + 4], b"head");
+    let mut at = base;
+    for (off, len) in &extents {
+        if *off <= 1048576 && 1048576 < off + len {
+            let i = at + (1048576 - off) as usize;
+            assert_eq!(&bytes[i..i + 4], b"tail");
+        }
+        at += *len as usize;
+    }
+
+    // Fingerprints of the regular files.
+    let fp = image["fingerprints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == f1.as_str())
+        .unwrap();
+    let md = std::fs::metadata(&f1).unwrap();
+    assert_eq!(fp["size"], md.size());
+    assert_eq!(
+        fp["mtime_ns"].as_i64().unwrap(),
+        md.mtime() * 1_000_000_000 + md.mtime_nsec()
+    );
+
+    // The tree view names the same things.
+    let (code, tree, _) = ckpt_user(&["inspect", &img, "--tree"]);
+    assert_eq!(code, 0);
+    assert!(
+        tree.contains(&format!("task-{}/fds/{fd_a}/path: {f1}", p.pid())),
+        "{tree}"
+    );
+    assert!(tree.contains(&format!("task-{}/fds/{fd_a}/pos: 7", p.pid())));
+    assert!(tree.contains("leases/0/breaking: true"));
+    p.cmd("lease l u");
+}
+
+#[test]
+fn without_an_agent_the_image_says_what_it_lacks() {
+    let cg = Cgroup::new(false);
+    let dir = Scratch::new();
+    let f = dir.file("x");
+    let mut p = cg.locker();
+    p.cmd(&format!("open a {f}"));
+    p.cmd("posix a r 0 0");
+    let img = dir.0.join("img").display().to_string();
+    let nowhere = format!("/sys/fs/bpf/{}", unique("none"));
+    let (code, _, err) = ckpt_user(&["--pin-dir", &nowhere, "dump", &cg.name, "-o", &img]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("not running") && err.contains("lease break deadlines"),
+        "{err}"
+    );
+    let image = inspect_json(&img);
+    assert_eq!(image["source"], "proc");
+    assert!(!image["missing"].as_array().unwrap().is_empty());
+    assert_eq!(image["locks"].as_array().unwrap().len(), 1);
+    let (_, summary, _) = ckpt_user(&["inspect", &img]);
+    assert!(summary.contains("missing (no agent)"), "{summary}");
+}
+
+#[test]
+fn v1_freezer_cgroups_are_dumped_too() {
+    if !Path::new("/sys/fs/cgroup/freezer/cgroup.procs").exists() {
+        eprintln!("no v1 freezer hierarchy on this host: covered by the v2 tests");
+        return;
+    }
+    let agent = Agent::start();
+    let cg = Cgroup::new(true);
+    let dir = Scratch::new();
+    let f = dir.file("x");
+    let mut p = cg.locker();
+    p.cmd(&format!("open a {f}"));
+    p.cmd("flock a ex");
+    let img = dir.0.join("img").display().to_string();
+    let (code, _, err) = ckpt_user(&[
+        "--pin-dir",
+        agent.pin_dir.to_str().unwrap(),
+        "dump",
+        cg.path.to_str().unwrap(),
+        "-o",
+        &img,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!cg.frozen());
+    assert_eq!(inspect_json(&img)["locks"][0]["kind"], "flock");
+}
+
+fn expect_failure(args: &[&str], want: &str) -> String {
+    let (code, _, err) = ckpt_user(args);
+    assert_ne!(code, 0, "must fail: {args:?}");
+    assert!(err.contains(want), "stderr should mention {want:?}: {err}");
+    let errors = err
+        .lines()
+        .filter(|l| l.starts_with("ckpt-user: error:"))
+        .count();
+    assert_eq!(errors, 1, "one error line: {err}");
+    err
+}
+
+#[test]
+fn refusals_leave_the_cgroup_thawed_and_no_image() {
+    let cg = Cgroup::new(false);
+    let dir = Scratch::new();
+    let img = dir.0.join("img").display().to_string();
+    let nowhere = format!("/sys/fs/bpf/{}", unique("none"));
+    expect_failure(
+        &[
+            "--pin-dir",
+            &nowhere,
+            "dump",
+            "no-such-cgroup-xyz",
+            "-o",
+            &img,
+        ],
+        "no-such-cgroup-xyz",
+    );
+    expect_failure(
+        &["--pin-dir", &nowhere, "dump", &cg.name, "-o", &img],
+        "empty",
+    );
+
+    // A process killed while frozen.
+    let f = dir.file("x");
+    let mut p = cg.locker();
+    p.cmd(&format!("open a {f}"));
+    let victim = cg.locker();
+    let kill = format!("kill -9 {}", victim.pid());
+    let (code, _, err) = ckpt_user(&[
+        "--pin-dir",
+        &nowhere,
+        "dump",
+        &cg.name,
+        "-o",
+        &img,
+        "--snapshot-cmd",
+        &kill,
+    ]);
+    assert_ne!(code, 0);
+    assert!(err.contains("exited during the dump"), "{err}");
+    assert!(!cg.frozen());
+    assert_eq!(only(&dir.0, &["x"]), Vec::<String>::new());
+
+    // A deleted file above --ghost-limit.
+    let ghost = dir.0.join("ghost").display().to_string();
+    p.cmd(&format!("open g {ghost}"));
+    p.cmd("pwrite g 0 0123456789abcdef0123456789abcdef");
+    p.cmd(&format!("unlink {ghost}"));
+    expect_failure(
+        &[
+            "--pin-dir",
+            &nowhere,
+            "dump",
+            &cg.name,
+            "-o",
+            &img,
+            "--ghost-limit",
+            "16",
+        ],
+        "--ghost-limit",
+    );
+    assert!(!cg.frozen());
+    assert_eq!(only(&dir.0, &["x"]), Vec::<String>::new());
+}
+
+#[test]
+fn disk_full_for_the_image_fails_cleanly() {
+    let cg = Cgroup::new(false);
+    let dir = Scratch::new();
+    let small = dir.0.join("small");
+    std::fs::create_dir(&small).unwrap();
+    assert!(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap()
+        .success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _u = Unmount(small.clone());
+    let ghost = dir.0.join("ghost").display().to_string();
+    let mut p = cg.locker();
+    p.cmd(&format!("open g {ghost}"));
+    for i in 0..32 {
+        p.cmd(&format!("pwrite g {} {}", i * 8192, "x".repeat(4000)));
+    }
+    p.cmd(&format!("unlink {ghost}"));
+    let img = small.join("img").display().to_string();
+    let nowhere = format!("/sys/fs/bpf/{}", unique("none"));
+    expect_failure(
+        &["--pin-dir", &nowhere, "dump", &cg.name, "-o", &img],
+        "No space left",
+    );
+    assert!(!cg.frozen());
+    assert_eq!(
+        only(&small, &[]),
+        Vec::<String>::new(),
+        "no image and no temporary file"
+    );
+}
+
+/// ckpt-user killed (SIGKILL, SIGINT) while the cgroup is frozen: the watchdog thaws
+/// it and removes the temporary image.
+#[test]
+fn killing_ckpt_user_mid_dump_thaws_the_cgroup() {
+    for sig in [libc::SIGKILL, libc::SIGINT, libc::SIGTERM] {
+        let cg = Cgroup::new(false);
+        let dir = Scratch::new();
+        let f = dir.file("x");
+        let mut p = cg.locker();
+        p.cmd(&format!("open a {f}"));
+        p.cmd("posix a w 0 0");
+        let img = dir.0.join("img");
+        let nowhere = format!("/sys/fs/bpf/{}", unique("none"));
+        let mut dump = Command::new(bin("ckpt-user"))
+            .args(["--pin-dir", &nowhere, "dump", &cg.name, "-o"])
+            .arg(&img)
+            .args(["--snapshot-cmd", "sleep 30"])
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for(Duration::from_secs(10), "the cgroup to freeze", || {
+            cg.frozen().then_some(())
+        });
+        // SAFETY: our child.
+        unsafe { libc::kill(dump.id() as i32, sig) };
+        let _ = dump.wait();
+        wait_for(Duration::from_secs(5), "the watchdog to thaw", || {
+            (!cg.frozen()).then_some(())
+        });
+        wait_for(Duration::from_secs(5), "the temporary image to go", || {
+            only(&dir.0, &["x"]).is_empty().then_some(())
+        });
+        assert!(!img.exists());
+        assert_eq!(
+            p.cmd("pid"),
+            format!("ok {}", p.pid()),
+            "the workload runs again"
+        );
+    }
+}
+
+#[test]
+fn corrupt_images_are_refused() {
+    let cg = Cgroup::new(false);
+    let dir = Scratch::new();
+    let f = dir.file("x");
+    let mut p = cg.locker();
+    p.cmd(&format!("open a {f}"));
+    let img = dir.0.join("img").display().to_string();
+    let nowhere = format!("/sys/fs/bpf/{}", unique("none"));
+    assert_eq!(
+        ckpt_user(&["--pin-dir", &nowhere, "dump", &cg.name, "-o", &img]).0,
+        0
+    );
+    let mut bytes = std::fs::read(&img).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x40;
+    std::fs::write(&img, &bytes).unwrap();
+    expect_failure(&["inspect", &img], "checksum");
+    std::fs::write(&img, &bytes[..bytes.len() / 3]).unwrap();
+    expect_failure(&["inspect", &img], "image");
+}
