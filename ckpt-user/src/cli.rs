@@ -93,6 +93,9 @@ pub enum UserCommand {
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
+        /// Print how long each phase took (stderr).
+        #[arg(long)]
+        timings: bool,
     },
     /// Show an image: a summary, everything as JSON, or a grep-able tree.
     Inspect {
@@ -178,6 +181,7 @@ pub fn run_user(args: UserArgs) -> Result<()> {
             hash,
             freeze_timeout,
             json,
+            timings,
         } => {
             let report = dump::run(&dump::Options {
                 cgroup,
@@ -187,6 +191,7 @@ pub fn run_user(args: UserArgs) -> Result<()> {
                 ghost_limit,
                 hash,
                 freeze_timeout: std::time::Duration::from_secs(freeze_timeout),
+                timings,
             })?;
             let mut out = std::io::stdout().lock();
             if json {

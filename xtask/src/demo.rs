@@ -1,7 +1,8 @@
 //! `cargo xtask demo`: the main job on real programs. A cgroup runs sqlite3 inside
 //! an open write transaction (POSIX byte-range locks), flock(1) holding a lock and a
-//! second flock(1) blocked behind it. ckpt-agent traces them; `ckpt-user locks --cgroup` shows the live table twice, a
-//! second apart, so the waiter's blocked time visibly counts up.
+//! second flock(1) blocked behind it. ckpt-agent traces them; `ckpt-user locks --cgroup`
+//! shows the live table twice, a second apart, so the waiter's blocked time visibly
+//! counts up; then `ckpt-user dump` checkpoints the cgroup and `inspect` shows the image.
 
 use std::{
     io::Write as _,
@@ -166,14 +167,32 @@ pub fn run() -> Result<()> {
         ]))?;
         std::thread::sleep(Duration::from_secs(1));
     }
-    let out = Command::new(bin("ckpt-user"))
-        .args(["--pin-dir", PIN_DIR, "locks", "--cgroup", CGROUP, "--json"])
-        .output()?;
-    let json = String::from_utf8_lossy(&out.stdout);
+    let image = data.join("ckpt-demo.img");
+    let _ = std::fs::remove_file(&image);
     println!(
-        "\n$ ckpt-user locks --cgroup {CGROUP} --json | ...   # {} bytes of JSON; fields documented in README.md",
-        json.len()
+        "\n$ ckpt-user dump {CGROUP} -o {}    # freeze, checkpoint, thaw",
+        image.display()
     );
-    println!("demo: done; cleaning up");
+    sh(Command::new(bin("ckpt-user"))
+        .args(["--pin-dir", PIN_DIR, "dump", CGROUP, "-o"])
+        .arg(&image))?;
+    println!("\n$ ckpt-user inspect {}", image.display());
+    sh(Command::new(bin("ckpt-user")).arg("inspect").arg(&image))?;
+    println!(
+        "\n$ ckpt-user inspect {} --tree | grep -E '^(locks|waiters)/'",
+        image.display()
+    );
+    let tree = Command::new(bin("ckpt-user"))
+        .arg("inspect")
+        .arg(&image)
+        .arg("--tree")
+        .output()?;
+    for line in String::from_utf8_lossy(&tree.stdout)
+        .lines()
+        .filter(|l| l.starts_with("locks/") || l.starts_with("waiters/"))
+    {
+        println!("{line}");
+    }
+    println!("\ndemo: done; the workload runs on (thawed); cleaning up");
     Ok(())
 }

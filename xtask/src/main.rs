@@ -4,6 +4,7 @@
 //! - `test`: setup, then unit tests and the root-only integration tests.
 //! - `demo`: setup, then the main job on a real workload.
 
+mod bench;
 mod demo;
 mod setup;
 mod test;
@@ -31,6 +32,12 @@ enum Cmd {
     },
     /// Trace a real workload in a cgroup and show its live lock table.
     Demo,
+    /// Measure dump speed (agent vs /proc only) and write BENCHMARKS.md.
+    Bench {
+        /// Runs per figure.
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
 }
 
 fn main() {
@@ -39,6 +46,7 @@ fn main() {
         Cmd::Setup => setup::run(),
         Cmd::Test { unit_only } => setup::run().and_then(|_| test::run(unit_only)),
         Cmd::Demo => setup::run().and_then(|_| demo::run()),
+        Cmd::Bench { runs } => setup::run().and_then(|_| bench::run(runs)),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

@@ -134,6 +134,11 @@ pub fn collect(
         })
         .unwrap_or_default();
     let mut matched = vec![false; agent_locks.len()];
+    // Candidates by inode, so matching is linear in the number of locks.
+    let mut by_inode: HashMap<(KernelDev, u64), Vec<usize>> = HashMap::new();
+    for (j, (d, ino, _)) in agent_locks.iter().enumerate() {
+        by_inode.entry((*d, *ino)).or_default().push(j);
+    }
     // Kernel owner (struct file) of each description, learnt from OFD/flock matches.
     let mut owner_desc: HashMap<u64, u32> = HashMap::new();
 
@@ -152,10 +157,13 @@ pub fn collect(
             line.pid.max(0) as u32
         };
         if agent.is_some() {
-            let hit = agent_locks.iter().enumerate().position(|(j, (d, ino, l))| {
+            let candidates = by_inode
+                .get(&(dev, line.ino))
+                .map(Vec::as_slice)
+                .unwrap_or(&[]);
+            let hit = candidates.iter().copied().find(|&j| {
+                let l = &agent_locks[j].2;
                 !matched[j]
-                    && *d == dev
-                    && *ino == line.ino
                     && l.kind == kind
                     && l.start == line.start
                     && l.end == line.end

@@ -47,6 +47,26 @@ pub struct Options {
     /// Record a SHA-256 of every regular file for the restore-time check.
     pub hash: bool,
     pub freeze_timeout: Duration,
+    /// Print how long each phase took (stderr).
+    pub timings: bool,
+}
+
+/// Phase durations, printed with --timings.
+struct Phases {
+    on: bool,
+    last: Instant,
+}
+
+impl Phases {
+    fn mark(&mut self, what: &str) {
+        if self.on {
+            eprintln!(
+                "ckpt-user: {what}: {:.2} ms",
+                self.last.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        self.last = Instant::now();
+    }
 }
 
 /// What `dump` reports (stdout, or JSON with --json).
@@ -131,8 +151,13 @@ pub fn run(opts: &Options) -> Result<Report> {
 
     let id = image_id();
     let mut writer = ImageWriter::create(&opts.output)?;
+    let mut phase = Phases {
+        on: opts.timings,
+        last: Instant::now(),
+    };
     let frozen = Frozen::freeze(freezer, writer.temp(), opts.freeze_timeout)?;
     let frozen_ns = frozen.monotonic_ns;
+    phase.mark("freeze");
 
     // ---- frozen from here ----
     let pids: BTreeSet<u32> = cgroup::pids(&dir)?;
@@ -164,6 +189,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         }
         None => None,
     };
+    phase.mark("agent snapshot");
     let mut processes = Vec::new();
     let mut all_fds = Vec::new();
     for &pid in &pids {
@@ -171,7 +197,9 @@ pub fn run(opts: &Options) -> Result<Report> {
         all_fds.extend(files::scan(pid)?);
         tasks::still_alive(pid)?;
     }
+    phase.mark("processes and fds");
     let (desc_of, files) = files::descriptions(&all_fds)?;
+    phase.mark("shared descriptions (kcmp)");
     for (i, f) in all_fds.iter().enumerate() {
         let p = processes
             .iter_mut()
@@ -276,6 +304,7 @@ pub fn run(opts: &Options) -> Result<Report> {
             sha256,
         });
     }
+    phase.mark("deleted files and fingerprints");
     let frozen_for = frozen.thaw()?;
     // ---- thawed ----
 

@@ -25,6 +25,8 @@
 //!   pwrite NAME OFF TEXT       pwrite TEXT at OFF
 //!   seek NAME OFF              lseek to OFF
 //!   unlink PATH                unlink
+//!   bulk DIR NFILES NLOCKS     opens NFILES files in DIR and takes NLOCKS separate
+//!                              POSIX write locks spread over them (for benchmarks)
 //!   exit
 //! A blocking command replies when it returns. SIGUSR1 interrupts it (no SA_RESTART),
 //! so a test can make a waiter give up.
@@ -263,6 +265,39 @@ fn main() {
                     format!("err {}", errno())
                 } else {
                     "ok".into()
+                }
+            }
+            ["bulk", dir, nfiles, nlocks] => {
+                let nfiles: usize = nfiles.parse().unwrap();
+                let nlocks: usize = nlocks.parse().unwrap();
+                let mut opened = Vec::new();
+                for i in 0..nfiles {
+                    let p = CString::new(format!("{dir}/f-{}-{i}", std::process::id())).unwrap();
+                    let r = unsafe { libc::open(p.as_ptr(), libc::O_RDWR | libc::O_CREAT, 0o644) };
+                    if r < 0 {
+                        break;
+                    }
+                    opened.push(r);
+                }
+                let mut taken = 0;
+                for i in 0..nlocks {
+                    let Some(&f) = opened.get(i % opened.len().max(1)) else {
+                        break;
+                    };
+                    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+                    fl.l_type = libc::F_WRLCK as i16;
+                    fl.l_whence = libc::SEEK_SET as i16;
+                    // Separate ranges (a gap between them) so that they do not merge.
+                    fl.l_start = (i / opened.len().max(1)) as i64 * 2;
+                    fl.l_len = 1;
+                    if unsafe { libc::fcntl(f, libc::F_SETLK, &fl) } == 0 {
+                        taken += 1;
+                    }
+                }
+                if opened.len() == nfiles && taken == nlocks {
+                    "ok".to_string()
+                } else {
+                    format!("err opened {} locked {taken}", opened.len())
                 }
             }
             ["setsig", name, sig] => {
