@@ -19,7 +19,7 @@ use ckpt_common::{
 
 use crate::{
     maps::{count, current_ids, jiffies, layout, now_ns, ready, BREAK_CTX, SYSCALL_CTX, WAITERS},
-    syscalls::emit_lease,
+    syscalls::{emit_lease, emit_lease_with},
 };
 
 /// A break attempt's context older than this is from an earlier attempt.
@@ -198,10 +198,11 @@ pub fn break_lease_block(ctx: TracePointContext) -> u32 {
 }
 
 /// The break is set up: report every lease this breaker conflicted with, as the kernel
-/// now has it, and record a blocking breaker as a waiter.
+/// now has it, and record a blocking breaker as a waiter. The context is read through
+/// its map pointer and events are written in place: 6.1's verifier refuses this
+/// program if it copies them onto the stack.
 fn on_break(ctx: &TracePointContext, nonblock: bool) -> Result<(), i32> {
     let o = layout!(lease);
-    let s = layout!(lease_struct);
     let dev: u32 = tp(ctx, o.s_dev)?;
     let ino: u64 = tp(ctx, o.i_ino)?;
     let breaker: u64 = tp(ctx, o.fl)?;
@@ -211,48 +212,46 @@ fn on_break(ctx: &TracePointContext, nonblock: bool) -> Result<(), i32> {
     let Some(p) = BREAK_CTX.get_ptr_mut(&tid) else {
         return Ok(());
     };
-    // SAFETY: value of our own map; indexes bounded by MAX_BREAK_LEASES.
-    let bc = unsafe { *p };
-    if bc.breaker != breaker {
+    // SAFETY (whole function): `p` is a value of our own map; indexes are bounded by
+    // MAX_BREAK_LEASES.
+    if unsafe { (*p).breaker } != breaker {
         return Ok(());
     }
+    let n = unsafe { (*p).n } as usize;
+    let breaker_type = unsafe { (*p).breaker_type };
     for i in 0..MAX_BREAK_LEASES {
-        if i >= bc.n as usize {
+        if i >= n {
             break;
         }
-        let lease = bc.leases[i];
-        let ev = LeaseEvent {
-            tag: tag::LEASE,
-            what: LeaseWhat::Breaking as u32,
-            ts_ns: now,
-            jiffies: j,
-            ino,
-            owner: kread(lease, s.owner).unwrap_or(0),
-            break_time: kread(lease, s.break_time).unwrap_or(0),
-            downgrade_time: kread(lease, s.downgrade_time).unwrap_or(0),
-            dev,
-            pid: kread::<i32>(lease, s.pid).unwrap_or(0) as u32,
-            tgid,
-            tid,
-            fd: -1,
-            flags: kread(lease, s.flags).unwrap_or(0),
-            lease_type: kread(lease, s.lease_type).unwrap_or(fl_type::F_UNLCK),
-            breaker_type: bc.breaker_type,
-            nonblock: nonblock as u8,
-            _pad: 0,
-            signal: bc.signals[i],
-            signal_result: bc.signal_results[i],
-            _pad2: 0,
-        };
-        emit_lease(&ev);
+        let lease = unsafe { (*p).leases[i] };
+        let signal = unsafe { (*p).signals[i] };
+        let signal_result = unsafe { (*p).signal_results[i] };
+        emit_lease_with(|ev| {
+            let s = layout!(lease_struct);
+            ev.tag = tag::LEASE;
+            ev.what = LeaseWhat::Breaking as u32;
+            ev.ts_ns = now;
+            ev.jiffies = j;
+            ev.ino = ino;
+            ev.owner = kread(lease, s.owner).unwrap_or(0);
+            ev.break_time = kread(lease, s.break_time).unwrap_or(0);
+            ev.downgrade_time = kread(lease, s.downgrade_time).unwrap_or(0);
+            ev.dev = dev;
+            ev.pid = kread::<i32>(lease, s.pid).unwrap_or(0) as u32;
+            ev.tgid = tgid;
+            ev.tid = tid;
+            ev.fd = -1;
+            ev.flags = kread(lease, s.flags).unwrap_or(0);
+            ev.lease_type = kread(lease, s.lease_type).unwrap_or(fl_type::F_UNLCK);
+            ev.breaker_type = breaker_type;
+            ev.nonblock = nonblock as u8;
+            ev.signal = signal;
+            ev.signal_result = signal_result;
+        });
     }
     // A restart of the wait re-collects the leases still in the way.
-    let since = if bc.block_since_ns != 0 {
-        bc.block_since_ns
-    } else {
-        now
-    };
-    // SAFETY: value of our own map.
+    let first = unsafe { (*p).block_since_ns };
+    let since = if first != 0 { first } else { now };
     unsafe {
         (*p).n = 0;
         if !nonblock {
@@ -272,7 +271,7 @@ fn on_break(ctx: &TracePointContext, nonblock: bool) -> Result<(), i32> {
             tid,
             flags: fl_flags::FL_LEASE,
             fd: -1,
-            lock_type: bc.breaker_type,
+            lock_type: breaker_type,
             _pad: [0; 3],
         };
         if WAITERS.insert(&tid, &w, 0).is_err() {

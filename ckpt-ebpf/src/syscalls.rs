@@ -100,9 +100,21 @@ pub fn sys_exit_fcntl(ctx: TracePointContext) -> u32 {
 }
 
 pub fn emit_lease(ev: &LeaseEvent) {
+    emit_lease_with(|e| *e = *ev);
+}
+
+/// Reserves a zeroed lease event in the ring, lets `fill` write it in place (no copy
+/// on the 512-byte BPF stack, which 6.1's verifier counts strictly), and submits it.
+#[inline(always)]
+pub fn emit_lease_with(fill: impl FnOnce(&mut LeaseEvent)) {
     match LOCK_EVENTS.reserve::<LeaseEvent>(0) {
         Some(mut entry) => {
-            entry.write(*ev);
+            let ev = entry.as_mut_ptr();
+            // SAFETY: `ev` points at a reserved ring record of the right size.
+            unsafe {
+                core::ptr::write_bytes(ev, 0, 1);
+                fill(&mut *ev);
+            }
             entry.submit(0);
             count(Counter::EventsEmitted);
         }

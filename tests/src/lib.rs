@@ -382,16 +382,29 @@ pub fn shapes(rows: &[Value]) -> Vec<Shape> {
     v
 }
 
-/// Locks on the given inodes only.
-pub fn on_inodes(v: Vec<Shape>, inodes: &BTreeSet<u64>) -> Vec<Shape> {
-    v.into_iter().filter(|s| inodes.contains(&s.4)).collect()
+/// Files as (dev "maj:min", inode): inode numbers alone repeat across filesystems.
+pub type FileIds = BTreeSet<(String, u64)>;
+
+/// The (dev, inode) of each path.
+pub fn file_ids(paths: &[&str]) -> FileIds {
+    paths.iter().map(|p| dev_ino(p)).collect()
 }
 
-/// Asserts that the agent's table and /proc/locks agree lock for lock on `inodes`
-/// (all inodes when None). /proc/locks is read before and after the agent's table
+/// Whether a JSON row is about one of `ids`.
+pub fn row_on(r: &Value, ids: &FileIds) -> bool {
+    ids.contains(&(
+        r["dev"].as_str().unwrap_or("").to_string(),
+        r["inode"].as_u64().unwrap_or(0),
+    ))
+}
+
+/// Asserts that the agent's table and /proc/locks agree lock for lock on `files`
+/// (all files when None). /proc/locks is read before and after the agent's table
 /// and the check is retried while the kernel's state is moving.
-pub fn assert_agrees(agent: &Agent, inodes: Option<&BTreeSet<u64>>) {
-    assert_agrees_on(agent, |s| inodes.is_none_or(|i| i.contains(&s.4)))
+pub fn assert_agrees(agent: &Agent, files: Option<&FileIds>) {
+    assert_agrees_on(agent, |s| {
+        files.is_none_or(|f| f.contains(&(s.3.clone(), s.4)))
+    })
 }
 
 /// Like `assert_agrees`, for the locks `keep` selects.

@@ -2,7 +2,6 @@
 //! fallback without an agent, full maps, and agreement with /proc/locks under load.
 
 use std::{
-    collections::BTreeSet,
     os::unix::process::CommandExt as _,
     path::PathBuf,
     process::{Command, Stdio},
@@ -13,11 +12,11 @@ use ckpt_tests::*;
 use serde_json::Value;
 
 fn rows_on(agent: &Agent, path: &str) -> Vec<Value> {
-    let (_, ino) = dev_ino(path);
+    let ids = file_ids(&[path]);
     agent
         .locks(&[])
         .into_iter()
-        .filter(|r| r["inode"] == ino)
+        .filter(|r| row_on(r, &ids))
         .collect()
 }
 
@@ -26,7 +25,7 @@ fn restart_after_kill9_loses_nothing_that_happened_in_between() {
     let pin = PathBuf::from("/sys/fs/bpf").join(unique("ckpt-restart"));
     let dir = Scratch::new();
     let (f1, f2, f3) = (dir.file("1"), dir.file("2"), dir.file("3"));
-    let ino: BTreeSet<u64> = [&f1, &f2, &f3].iter().map(|p| dev_ino(p).1).collect();
+    let ino = file_ids(&[&f1, &f2, &f3]);
 
     let mut first = Agent::start_on(&pin, &[]);
     let mut a = Locker::spawn();
@@ -96,7 +95,7 @@ fn sigterm_keeps_pins_and_unpin_removes_them() {
 fn locks_taken_before_the_agent_started_are_reconciled_then_followed() {
     let dir = Scratch::new();
     let (f1, f2, f3) = (dir.file("1"), dir.file("2"), dir.file("3"));
-    let ino: BTreeSet<u64> = [&f1, &f2, &f3].iter().map(|p| dev_ino(p).1).collect();
+    let ino = file_ids(&[&f1, &f2, &f3]);
     let mut a = Locker::spawn();
     a.cmd(&format!("open x {f1}"));
     a.cmd("posix x w 0 10");

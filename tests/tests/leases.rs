@@ -9,11 +9,11 @@ use ckpt_tests::*;
 use serde_json::Value;
 
 fn lease_row(agent: &Agent, path: &str) -> Option<Value> {
-    let (_, ino) = dev_ino(path);
+    let (dev, ino) = dev_ino(path);
     agent
         .locks(&[])
         .into_iter()
-        .find(|r| r["kind"] == "lease" && r["inode"] == ino)
+        .find(|r| r["kind"] == "lease" && r["inode"] == ino && r["dev"] == dev.as_str())
 }
 
 fn wait_state(agent: &Agent, path: &str, state: &str) -> Value {

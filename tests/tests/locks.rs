@@ -6,13 +6,11 @@ use std::{collections::BTreeSet, time::Duration};
 use ckpt_tests::*;
 use serde_json::Value;
 
-fn inodes(paths: &[&str]) -> BTreeSet<u64> {
-    paths.iter().map(|p| dev_ino(p).1).collect()
-}
-
 fn on(rows: Vec<Value>, path: &str) -> Vec<Value> {
-    let (_, ino) = dev_ino(path);
-    rows.into_iter().filter(|r| r["inode"] == ino).collect()
+    let (dev, ino) = dev_ino(path);
+    rows.into_iter()
+        .filter(|r| r["inode"] == ino && r["dev"] == dev.as_str())
+        .collect()
 }
 
 fn ranges(rows: &[Value]) -> Vec<(String, i64, i64)> {
@@ -39,7 +37,7 @@ fn posix_split_merge_upgrade_downgrade() {
     let agent = Agent::start();
     let dir = Scratch::new();
     let f = dir.file("posix");
-    let ino = inodes(&[&f]);
+    let ino = file_ids(&[&f]);
     let mut p = Locker::spawn();
     p.cmd(&format!("open a {f}"));
 
@@ -95,7 +93,7 @@ fn closing_any_fd_drops_posix_locks_and_exit_drops_everything() {
     let agent = Agent::start();
     let dir = Scratch::new();
     let (f, g) = (dir.file("a"), dir.file("b"));
-    let ino = inodes(&[&f, &g]);
+    let ino = file_ids(&[&f, &g]);
     let mut p = Locker::spawn();
     p.cmd(&format!("open a {f}"));
     p.cmd(&format!("open a2 {f}"));
@@ -111,18 +109,14 @@ fn closing_any_fd_drops_posix_locks_and_exit_drops_everything() {
     p.cmd("ofd b r 0 10");
     p.cmd("flock b ex");
     assert_eq!(
-        agent
-            .locks(&[])
-            .iter()
-            .filter(|r| ino.contains(&r["inode"].as_u64().unwrap()))
-            .count(),
+        agent.locks(&[]).iter().filter(|r| row_on(r, &ino)).count(),
         3
     );
     p.kill();
     let left: Vec<Value> = agent
         .locks(&[])
         .into_iter()
-        .filter(|r| ino.contains(&r["inode"].as_u64().unwrap()))
+        .filter(|r| row_on(r, &ino))
         .collect();
     assert!(left.is_empty(), "locks survived process exit: {left:?}");
     assert_agrees(&agent, Some(&ino));
@@ -133,7 +127,7 @@ fn ofd_locks_belong_to_open_file_descriptions() {
     let agent = Agent::start();
     let dir = Scratch::new();
     let f = dir.file("ofd");
-    let ino = inodes(&[&f]);
+    let ino = file_ids(&[&f]);
     let mut p = Locker::spawn();
     p.cmd(&format!("open a {f}"));
     p.cmd(&format!("open b {f}"));
@@ -170,7 +164,7 @@ fn flock_shared_by_fork_is_one_lock_until_the_last_holder_goes() {
     let agent = Agent::start();
     let dir = Scratch::new();
     let f = dir.file("flock");
-    let ino = inodes(&[&f]);
+    let ino = file_ids(&[&f]);
     let mut p = Locker::spawn();
     p.cmd(&format!("open a {f}"));
     p.cmd("flock a sh");
@@ -204,7 +198,7 @@ fn failed_flock_conversion_drops_the_old_lock_like_the_kernel() {
     let agent = Agent::start();
     let dir = Scratch::new();
     let f = dir.file("conv");
-    let ino = inodes(&[&f]);
+    let ino = file_ids(&[&f]);
     let mut a = Locker::spawn();
     let mut b = Locker::spawn();
     a.cmd(&format!("open x {f}"));
@@ -224,7 +218,7 @@ fn two_processes_on_one_file() {
     let agent = Agent::start();
     let dir = Scratch::new();
     let f = dir.file("shared");
-    let ino = inodes(&[&f]);
+    let ino = file_ids(&[&f]);
     let mut a = Locker::spawn();
     let mut b = Locker::spawn();
     a.cmd(&format!("open x {f}"));
@@ -261,7 +255,7 @@ fn blocked_posix_waiter_is_shown_then_granted() {
     let agent = Agent::start();
     let dir = Scratch::new();
     let f = dir.file("wait");
-    let ino = inodes(&[&f]);
+    let ino = file_ids(&[&f]);
     let mut holder = Locker::spawn();
     let mut waiter = Locker::spawn();
     holder.cmd(&format!("open x {f}"));

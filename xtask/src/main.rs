@@ -1,7 +1,8 @@
 //! `cargo xtask`: everything a fresh machine needs, in one place.
 //!
 //! - `setup`: installs what is missing (apt packages, nightly rust-src, bpf-linker).
-//! - `test`: setup, then unit tests and the root-only integration tests.
+//! - `test`: setup, then unit tests, the root-only integration tests on this kernel,
+//!   and the same tests in VMs on Debian's 6.1 and 6.12 kernels.
 //! - `demo`: setup, then the main job on a real workload.
 
 mod bench;
@@ -9,6 +10,7 @@ mod demo;
 mod setup;
 mod test;
 mod util;
+mod vm;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -29,6 +31,18 @@ enum Cmd {
         /// Only the unit tests (no root needed).
         #[arg(long)]
         unit_only: bool,
+        /// Skip the VM kernel matrix.
+        #[arg(long)]
+        host_only: bool,
+        /// Only this kernel series in the VM matrix (6.1 or 6.12); repeatable.
+        #[arg(long)]
+        kernel: Vec<String>,
+        /// Only integration tests whose names contain this (host and VMs).
+        #[arg(long, default_value = "")]
+        filter: String,
+        /// Minutes before a VM counts as hung.
+        #[arg(long, default_value_t = 30)]
+        vm_timeout: u64,
     },
     /// Trace a real workload in a cgroup and show its live lock table.
     Demo,
@@ -44,7 +58,21 @@ fn main() {
     let cli = Cli::parse();
     let result: Result<()> = match cli.cmd {
         Cmd::Setup => setup::run(),
-        Cmd::Test { unit_only } => setup::run().and_then(|_| test::run(unit_only)),
+        Cmd::Test {
+            unit_only,
+            host_only,
+            kernel,
+            filter,
+            vm_timeout,
+        } => setup::run().and_then(|_| {
+            test::run(&test::Options {
+                unit_only,
+                host_only,
+                kernels: kernel,
+                filter,
+                vm_timeout: std::time::Duration::from_secs(vm_timeout * 60),
+            })
+        }),
         Cmd::Demo => setup::run().and_then(|_| demo::run()),
         Cmd::Bench { runs } => setup::run().and_then(|_| bench::run(runs)),
     };

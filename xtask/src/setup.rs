@@ -8,7 +8,8 @@ use anyhow::{bail, Result};
 use crate::util::{is_root, output, sh};
 
 /// Debian packages: LLVM 22 for building bpf-linker against nightly's LLVM, and the
-/// tools the tests and the demo drive (stress-ng, sqlite3, util-linux's flock).
+/// tools the tests and the demo drive (stress-ng, sqlite3, util-linux's flock), and
+/// what the VM matrix needs (qemu, busybox, cpio).
 const APT_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -17,6 +18,10 @@ const APT_PACKAGES: &[&str] = &[
     "stress-ng",
     "util-linux",
     "sqlite3",
+    // The VM kernel matrix.
+    "qemu-system-x86",
+    "busybox-static",
+    "cpio",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

@@ -7,7 +7,10 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::util::{is_root, sh, workspace};
+use crate::{
+    util::{is_root, sh, workspace},
+    vm,
+};
 
 /// Host packages whose unit tests run without root.
 const UNIT_PACKAGES: &[&str] = &["ckpt-common", "ckpt-user", "xtask"];
@@ -46,7 +49,17 @@ fn cargo_test(args: &[&str], envs: &[(&str, String)], tally: &mut Tally) -> Resu
     Ok(child.wait()?.success())
 }
 
-pub fn run(unit_only: bool) -> Result<()> {
+pub struct Options {
+    pub unit_only: bool,
+    pub host_only: bool,
+    /// Kernel series to run in VMs (all when empty).
+    pub kernels: Vec<String>,
+    pub filter: String,
+    pub vm_timeout: std::time::Duration,
+}
+
+pub fn run(opts: &Options) -> Result<()> {
+    let unit_only = opts.unit_only;
     let mut tally = Tally::default();
     let mut ok = true;
 
@@ -71,11 +84,23 @@ pub fn run(unit_only: bool) -> Result<()> {
             "ckpt-tests",
         ]))?;
         let bins = workspace().join("target/release").display().to_string();
-        ok &= cargo_test(
-            &["--release", "-p", "ckpt-tests"],
-            &[("CKPT_BIN_DIR", bins)],
-            &mut tally,
-        )?;
+        let mut args = vec!["--release", "-p", "ckpt-tests"];
+        if !opts.filter.is_empty() {
+            args.extend(["--", opts.filter.as_str()]);
+        }
+        let host = (tally.passed, tally.failed);
+        ok &= cargo_test(&args, &[("CKPT_BIN_DIR", bins)], &mut tally)?;
+        println!(
+            "kernel {} (host): {} passed, {} failed",
+            crate::util::output(Command::new("uname").arg("-r"))
+                .unwrap_or_default()
+                .trim(),
+            tally.passed - host.0,
+            tally.failed - host.1
+        );
+        if !opts.host_only {
+            ok &= vm_matrix(opts, &mut tally)?;
+        }
     }
 
     println!("{} passed, {} failed", tally.passed, tally.failed);
@@ -83,4 +108,58 @@ pub fn run(unit_only: bool) -> Result<()> {
         bail!("tests failed");
     }
     Ok(())
+}
+
+/// The integration tests in a VM per kernel of the matrix.
+fn vm_matrix(opts: &Options, tally: &mut Tally) -> Result<bool> {
+    let specs: Vec<&vm::KernelSpec> = vm::KERNELS
+        .iter()
+        .filter(|k| opts.kernels.is_empty() || opts.kernels.iter().any(|w| w == k.series))
+        .collect();
+    if specs.is_empty() {
+        bail!(
+            "no kernel of the matrix matches {:?} (known: 6.1, 6.12)",
+            opts.kernels
+        );
+    }
+    let (bins, tests) = vm::build_static()?;
+    let mut ok = true;
+    let mut accel = None;
+    for spec in specs {
+        let kernel = vm::fetch_kernel(spec)?;
+        let initrd = vm::initramfs(&bins, &tests, &kernel)?;
+        let a = match accel {
+            Some(a) => a,
+            None => {
+                let a = vm::pick_accel(&kernel, &initrd)?;
+                accel = Some(a);
+                a
+            }
+        };
+        println!(
+            "== integration tests in a VM: kernel {} ({a})",
+            kernel.release
+        );
+        let started = std::time::Instant::now();
+        let (passed, failed, complete) =
+            vm::run_kernel(&kernel, &initrd, a, &opts.filter, opts.vm_timeout)?;
+        tally.passed += passed;
+        tally.failed += failed;
+        if !complete {
+            // A panic, a hang or a missing end marker is a failure, never a pass.
+            tally.failed += 1;
+            ok = false;
+            println!(
+                "kernel {}: the VM did not finish its run (see the console above)",
+                kernel.release
+            );
+        }
+        ok &= failed == 0;
+        println!(
+            "kernel {}: {passed} passed, {failed} failed ({:.0} s)",
+            kernel.release,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(ok)
 }
