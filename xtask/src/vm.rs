@@ -436,7 +436,7 @@ mod tests {
 
     #[test]
     fn newest_kernel_package_sorts_numerically() {
-        let mut v = vec![
+        let mut v = [
             "linux-image-6.1.0-9-cloud",
             "linux-image-6.1.0-56-cloud",
             "linux-image-6.1.0-47-cloud",
