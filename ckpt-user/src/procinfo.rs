@@ -26,9 +26,12 @@ impl PathResolver {
     }
 }
 
-fn matches(link: &PathBuf, dev: KernelDev, ino: u64) -> bool {
+/// Whether an fd link is the file: same inode, and same device when `exact`. Locks
+/// name the superblock's device, while stat() on btrfs gives the subvolume's, so an
+/// inode-only match among one process's fds is the fallback.
+fn matches(link: &PathBuf, dev: KernelDev, ino: u64, exact: bool) -> bool {
     std::fs::metadata(link)
-        .map(|m| m.ino() == ino && KernelDev::from_st_dev(m.dev()) == dev)
+        .map(|m| m.ino() == ino && (!exact || KernelDev::from_st_dev(m.dev()) == dev))
         .unwrap_or(false)
 }
 
@@ -39,16 +42,17 @@ fn resolve(pid: u32, fd: i32, dev: KernelDev, ino: u64) -> Option<String> {
             .ok()
             .map(|p| p.display().to_string())
     };
-    if fd >= 0 {
-        let link = dir.join(fd.to_string());
-        if matches(&link, dev, ino) {
-            return read(&link);
-        }
-    }
-    for e in std::fs::read_dir(&dir).ok()?.flatten() {
-        let link = e.path();
-        if matches(&link, dev, ino) {
-            return read(&link);
+    let links: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    let first = (fd >= 0).then(|| dir.join(fd.to_string()));
+    for exact in [true, false] {
+        for link in first.iter().chain(links.iter()) {
+            if matches(link, dev, ino, exact) {
+                return read(link);
+            }
         }
     }
     None

@@ -175,6 +175,20 @@ impl Agent {
         c.wait().unwrap().code()
     }
 
+    /// `ckpt-user dump CGROUP -o IMAGE EXTRA...` against this agent: (code, stdout, stderr).
+    pub fn dump(&self, cgroup: &Path, image: &str, extra: &[&str]) -> (i32, String, String) {
+        let mut args = vec![
+            "--pin-dir",
+            self.pin_dir.to_str().unwrap(),
+            "dump",
+            cgroup.to_str().unwrap(),
+            "-o",
+            image,
+        ];
+        args.extend_from_slice(extra);
+        ckpt_user(&args)
+    }
+
     /// `ckpt-user locks --json` against this agent.
     pub fn locks(&self, args: &[&str]) -> Vec<Value> {
         let (v, _) = ckpt_locks(&self.pin_dir, args);
@@ -599,4 +613,73 @@ pub fn ckpt_user(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Scratch filesystems for tests that must hold on every filesystem: ext4, XFS and
+/// btrfs on loop-mounted image files, and a tmpfs. Unmounted and removed on drop.
+pub struct Filesystems {
+    pub mounts: Vec<(&'static str, PathBuf)>,
+    _dir: Scratch,
+}
+
+impl Filesystems {
+    pub fn new() -> Filesystems {
+        let dir = Scratch::new();
+        let mut mounts = Vec::new();
+        for (fs, mkfs) in [
+            ("ext4", &["mkfs.ext4", "-q", "-F"][..]),
+            ("xfs", &["mkfs.xfs", "-q", "-f"][..]),
+            ("btrfs", &["mkfs.btrfs", "-q", "-f"][..]),
+            ("tmpfs", &[][..]),
+        ] {
+            let mnt = dir.0.join(fs);
+            std::fs::create_dir(&mnt).unwrap();
+            let ok = if fs == "tmpfs" {
+                Command::new("mount")
+                    .args(["-t", "tmpfs", "tmpfs"])
+                    .arg(&mnt)
+                    .status()
+                    .unwrap()
+                    .success()
+            } else {
+                let img = dir.0.join(format!("{fs}.img"));
+                // XFS wants at least 300 MiB; the file is sparse.
+                std::fs::File::create(&img)
+                    .unwrap()
+                    .set_len(320 << 20)
+                    .unwrap();
+                let made = Command::new(mkfs[0])
+                    .args(&mkfs[1..])
+                    .arg(&img)
+                    .stdout(Stdio::null())
+                    .status()
+                    .unwrap_or_else(|e| panic!("{}: {e} (cargo xtask setup installs it)", mkfs[0]))
+                    .success();
+                made && Command::new("mount")
+                    .args(["-o", "loop"])
+                    .arg(&img)
+                    .arg(&mnt)
+                    .status()
+                    .unwrap()
+                    .success()
+            };
+            assert!(ok, "cannot make and mount a {fs} filesystem");
+            mounts.push((fs, mnt));
+        }
+        Filesystems { mounts, _dir: dir }
+    }
+}
+
+impl Default for Filesystems {
+    fn default() -> Self {
+        Filesystems::new()
+    }
+}
+
+impl Drop for Filesystems {
+    fn drop(&mut self) {
+        for (_, m) in &self.mounts {
+            let _ = Command::new("umount").arg(m).status();
+        }
+    }
 }

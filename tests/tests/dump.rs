@@ -118,15 +118,7 @@ fn image_matches_the_kernel_field_by_field() {
     });
 
     let img = dir.0.join("img").display().to_string();
-    let (code, out, err) = ckpt_user(&[
-        "--pin-dir",
-        agent.pin_dir.to_str().unwrap(),
-        "dump",
-        cg.path.to_str().unwrap(),
-        "-o",
-        &img,
-        "--json",
-    ]);
+    let (code, out, err) = agent.dump(&cg.path, &img, &["--json"]);
     assert_eq!(code, 0, "{err}");
     let report: Value = serde_json::from_str(&out).unwrap();
     assert!(!cg.frozen(), "thawed after the dump");
@@ -346,14 +338,7 @@ fn v1_freezer_cgroups_are_dumped_too() {
     p.cmd(&format!("open a {f}"));
     p.cmd("flock a ex");
     let img = dir.0.join("img").display().to_string();
-    let (code, _, err) = ckpt_user(&[
-        "--pin-dir",
-        agent.pin_dir.to_str().unwrap(),
-        "dump",
-        cg.path.to_str().unwrap(),
-        "-o",
-        &img,
-    ]);
+    let (code, _, err) = agent.dump(&cg.path, &img, &[]);
     assert_eq!(code, 0, "{err}");
     assert!(!cg.frozen());
     assert_eq!(inspect_json(&img)["locks"][0]["kind"], "flock");

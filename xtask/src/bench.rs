@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use crate::util::{is_root, output, sh, workspace};
+use crate::util::{build_release, is_root, output, workspace};
 
 const PIN_DIR: &str = "/sys/fs/bpf/ckpt-bench";
 
@@ -115,15 +115,7 @@ pub fn run(runs: usize) -> Result<()> {
         bail!("the benchmark loads eBPF programs and creates cgroups: run it as root");
     }
     raise_fd_limit();
-    sh(Command::new("cargo").current_dir(workspace()).args([
-        "build",
-        "--release",
-        "-p",
-        "ckpt-user",
-        "-p",
-        "ckpt-tests",
-    ]))?;
-    let bins = workspace().join("target/release");
+    let bins = build_release()?;
     let user = bins.join("ckpt-user");
 
     let _ = std::fs::remove_dir_all(PIN_DIR);

@@ -18,10 +18,15 @@ const APT_PACKAGES: &[&str] = &[
     "stress-ng",
     "util-linux",
     "sqlite3",
+    // Filesystems the tests run on.
+    "e2fsprogs",
+    "xfsprogs",
+    "btrfs-progs",
     // The VM kernel matrix.
     "qemu-system-x86",
     "busybox-static",
     "cpio",
+    "xz-utils",
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

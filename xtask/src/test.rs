@@ -8,7 +8,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use crate::{
-    util::{is_root, sh, workspace},
+    util::{build_release, is_root, workspace},
     vm,
 };
 
@@ -75,15 +75,7 @@ pub fn run(opts: &Options) -> Result<()> {
             bail!("integration tests load eBPF programs and need root");
         }
         println!("== integration tests (host kernel)");
-        sh(Command::new("cargo").current_dir(workspace()).args([
-            "build",
-            "--release",
-            "-p",
-            "ckpt-user",
-            "-p",
-            "ckpt-tests",
-        ]))?;
-        let bins = workspace().join("target/release").display().to_string();
+        let bins = build_release()?.display().to_string();
         let mut args = vec!["--release", "-p", "ckpt-tests"];
         if !opts.filter.is_empty() {
             args.extend(["--", opts.filter.as_str()]);

@@ -34,3 +34,16 @@ pub fn output(cmd: &mut Command) -> Option<String> {
 pub fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
 }
+
+/// Builds ckpt-agent, ckpt-user and the test helpers (release); returns their directory.
+pub fn build_release() -> Result<PathBuf> {
+    sh(Command::new("cargo").current_dir(workspace()).args([
+        "build",
+        "--release",
+        "-p",
+        "ckpt-user",
+        "-p",
+        "ckpt-tests",
+    ]))?;
+    Ok(workspace().join("target/release"))
+}

@@ -179,6 +179,103 @@ fn copy_into(root: &Path, src: &Path, dst_rel: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Kernel modules the tests need that the cloud kernels build as modules.
+const MODULES: &[&str] = &["loop", "xfs", "btrfs"];
+
+/// A module file's bytes, decompressed (busybox insmod reads plain .ko only).
+fn module_bytes(path: &Path) -> Result<Vec<u8>> {
+    if path.extension().is_some_and(|e| e == "xz") {
+        let out = Command::new("xz")
+            .arg("-dc")
+            .arg(path)
+            .output()
+            .context("running xz")?;
+        if !out.status.success() {
+            bail!("xz -dc {} failed", path.display());
+        }
+        Ok(out.stdout)
+    } else {
+        Ok(std::fs::read(path)?)
+    }
+}
+
+/// The `depends=` entry of a module's .modinfo.
+fn module_depends(ko: &[u8]) -> Vec<String> {
+    let key = b"depends=";
+    let Some(i) = ko.windows(key.len()).position(|w| w == key) else {
+        return Vec::new();
+    };
+    let rest = &ko[i + key.len()..];
+    let end = rest.iter().position(|&b| b == 0).unwrap_or(0);
+    String::from_utf8_lossy(&rest[..end])
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
+/// Every module file of a kernel, by name ("-" and "_" are the same in module names).
+fn module_index(root: &Path) -> std::collections::HashMap<String, PathBuf> {
+    let mut index = std::collections::HashMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Some(name) = p.file_name().and_then(|n| n.to_str()) {
+                if let Some(stem) = name
+                    .strip_suffix(".ko")
+                    .or_else(|| name.strip_suffix(".ko.xz"))
+                {
+                    index.insert(stem.replace('-', "_"), p);
+                }
+            }
+        }
+    }
+    index
+}
+
+/// `wanted` and their dependencies, dependencies first, decompressed.
+fn modules_in_order(kernel: &Kernel, wanted: &[&str]) -> Result<Vec<(String, Vec<u8>)>> {
+    let root = kernel
+        .vmlinuz
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("lib/modules")
+        .join(&kernel.release);
+    let index = module_index(&root);
+    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+    fn visit(
+        name: &str,
+        index: &std::collections::HashMap<String, PathBuf>,
+        out: &mut Vec<(String, Vec<u8>)>,
+        seen: &mut BTreeSet<String>,
+    ) -> Result<()> {
+        let name = name.replace('-', "_");
+        if !seen.insert(name.clone()) {
+            return Ok(());
+        }
+        // Not a module file: built into this kernel.
+        let Some(path) = index.get(&name) else {
+            return Ok(());
+        };
+        let bytes = module_bytes(path)?;
+        for dep in module_depends(&bytes) {
+            visit(&dep, index, out, seen)?;
+        }
+        out.push((name, bytes));
+        Ok(())
+    }
+    let mut seen = BTreeSet::new();
+    for w in wanted {
+        visit(w, &index, &mut out, &mut seen)?;
+    }
+    Ok(out)
+}
+
 const INIT: &str = r#"#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -190,7 +287,8 @@ mount -t bpf bpf /sys/fs/bpf
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 echo CKPT-VM-BOOTED "$(uname -r)"
 if [ "$CKPT_PROBE" = 1 ]; then poweroff -f; fi
-export PATH=/bin:/usr/bin:/ckpt/bin CKPT_BIN_DIR=/ckpt/bin HOME=/tmp
+for m in /lib/ckpt-modules/*.ko; do [ -e "$m" ] && insmod "$m"; done
+export PATH=/bin:/usr/bin:/usr/sbin:/sbin:/ckpt/bin CKPT_BIN_DIR=/ckpt/bin HOME=/tmp
 cd /tmp
 for t in /ckpt/tests/*; do
   echo "=== running $(basename $t)"
@@ -243,11 +341,33 @@ pub fn initramfs(bins: &Path, tests: &[PathBuf], kernel: &Kernel) -> Result<Path
             copy_into(&root, t, &Path::new("ckpt/tests").join(name))?;
         }
     }
-    // stress-ng is dynamically linked: bring its libraries.
-    let stress = PathBuf::from("/usr/bin/stress-ng");
-    copy_into(&root, &stress, Path::new("usr/bin/stress-ng"))?;
-    for lib in libraries(&stress)? {
-        copy_into(&root, &lib, lib.strip_prefix("/").unwrap())?;
+    // Dynamically linked tools the tests run, with their libraries.
+    for tool in [
+        "/usr/bin/stress-ng",
+        "/usr/sbin/mkfs.ext4",
+        "/usr/sbin/mkfs.xfs",
+        "/usr/sbin/mkfs.btrfs",
+    ] {
+        let tool = PathBuf::from(tool);
+        copy_into(&root, &tool, tool.strip_prefix("/").unwrap())?;
+        for lib in libraries(&tool)? {
+            copy_into(&root, &lib, lib.strip_prefix("/").unwrap())?;
+        }
+    }
+    // mkfs.ext4 reads its defaults from here.
+    if Path::new("/etc/mke2fs.conf").exists() {
+        copy_into(
+            &root,
+            Path::new("/etc/mke2fs.conf"),
+            Path::new("etc/mke2fs.conf"),
+        )?;
+    }
+    std::fs::create_dir_all(root.join("lib/ckpt-modules"))?;
+    for (i, (name, bytes)) in modules_in_order(kernel, MODULES)?.into_iter().enumerate() {
+        std::fs::write(
+            root.join(format!("lib/ckpt-modules/{i:02}-{name}.ko")),
+            bytes,
+        )?;
     }
     copy_into(
         &root,
@@ -432,6 +552,14 @@ mod tests {
     fn tally_sums_cargo_test_lines() {
         let c = "running 3 tests\ntest result: ok. 3 passed; 0 failed; 0 ignored\n\r\ntest result: FAILED. 2 passed; 1 failed; 0 ignored\n";
         assert_eq!(tally(c), (5, 1));
+    }
+
+    #[test]
+    fn module_dependencies_come_from_modinfo() {
+        let ko = b"\x7fELF....license=GPL\0depends=libcrc32c,xor,raid6_pq\0intree=Y\0";
+        assert_eq!(module_depends(ko), vec!["libcrc32c", "xor", "raid6_pq"]);
+        assert!(module_depends(b"depends=\0").is_empty());
+        assert!(module_depends(b"nothing here").is_empty());
     }
 
     #[test]

@@ -116,7 +116,16 @@ pub fn collect(
             }
         }
     }
-    let inodes: HashSet<(KernelDev, u64)> = fds.iter().map(|f| (f.dev, f.ino)).collect();
+    // stat() gives btrfs files their subvolume's device, locks the superblock's: know
+    // each file by both (fdinfo lock lines carry the latter).
+    let inodes: HashSet<(KernelDev, u64)> = fds
+        .iter()
+        .map(|f| (f.dev, f.ino))
+        .chain(
+            fds.iter()
+                .flat_map(|f| f.info.locks.iter().map(|l| (l.dev, l.ino))),
+        )
+        .collect();
 
     let mut out = Collected {
         locks: Vec::new(),
