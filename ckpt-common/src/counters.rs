@@ -24,15 +24,6 @@ pub enum Counter {
 
 impl Counter {
     pub const COUNT: u32 = 7;
-    pub const ALL: [Counter; Self::COUNT as usize] = [
-        Counter::EventsSeen,
-        Counter::EventsEmitted,
-        Counter::RingBufFull,
-        Counter::WaitersFull,
-        Counter::SyscallCtxFull,
-        Counter::BreakCtxFull,
-        Counter::BreakLeasesOverflow,
-    ];
 
     pub const fn name(self) -> &'static str {
         match self {

@@ -18,10 +18,7 @@ use ckpt_common::{
     lock::{fl_flags, fl_type, Origin},
 };
 
-use crate::locks::{
-    proc_locks::{ProcKind, ProcLock},
-    KernelDev,
-};
+use crate::locks::proc_locks::{ProcKind, ProcLock};
 
 /// `lease_type` of a lease imported while breaking: /proc/locks does not show the type
 /// it had before the break.
@@ -266,10 +263,6 @@ impl LeaseSet {
             changed.push(k);
         }
         changed
-    }
-
-    pub fn dev_of(k: &LeaseKey) -> KernelDev {
-        KernelDev(k.dev)
     }
 }
 
