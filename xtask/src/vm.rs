@@ -51,8 +51,16 @@ pub struct Kernel {
 /// Downloads (once) and unpacks the newest package of a series.
 pub fn fetch_kernel(spec: &KernelSpec) -> Result<Kernel> {
     std::fs::create_dir_all(CACHE)?;
-    let list = output(Command::new("apt-cache").args(["search", "--names-only", spec.pattern]))
-        .unwrap_or_default();
+    let search = || {
+        output(Command::new("apt-cache").args(["search", "--names-only", spec.pattern]))
+            .unwrap_or_default()
+    };
+    let mut list = search();
+    if list.trim().is_empty() {
+        // Package lists may never have been fetched on a fresh machine.
+        sh(Command::new("apt-get").args(["update", "-qq"]))?;
+        list = search();
+    }
     let mut names: Vec<&str> = list
         .lines()
         .filter_map(|l| l.split_whitespace().next())
