@@ -43,6 +43,8 @@ pub struct LockTable {
     next_synthetic_owner: u64,
     /// key -> record to write, or None to delete.
     staged: HashMap<LockKey, Option<LockRecord>>,
+    /// OFD and flock owners (open file descriptions) used by several tasks.
+    shared: SharedOwners,
     /// Counters not yet added to AGENT_STATS (see `take_counts`).
     pub applied: u64,
     pub reconciled: u64,
@@ -70,6 +72,7 @@ impl LockTable {
             holders: HashMap::new(),
             next_synthetic_owner: 1,
             staged: HashMap::new(),
+            shared: SharedOwners::default(),
             applied: 0,
             reconciled: 0,
         };
@@ -95,8 +98,9 @@ impl LockTable {
         self.owners.is_empty()
     }
 
-    /// Applies one traced event (in memory; see [`LockTable::flush`]).
-    pub fn apply(&mut self, ev: &LockEvent) {
+    /// Applies one traced event found at ring position `pos` (in memory; see
+    /// [`LockTable::write_staged`]).
+    pub fn apply(&mut self, ev: &LockEvent, pos: u64) {
         self.applied += 1;
         let Some(req) = request_of(ev) else {
             return;
@@ -106,6 +110,11 @@ impl LockTable {
             self.adopt_reconciled(id, &req, ev.tgid);
         }
         let key = (id, List::of(req.kind), req.owner);
+        // Skip an event already reflected in a state read back from the kernel.
+        let tracked = req.kind != LockKind::Posix || self.shared.contains(&key);
+        if tracked && !self.shared.observe(key, ev.tgid, ev.fd, pos) {
+            return;
+        }
         let owner = self.owners.entry(key).or_default();
         let change = owner.apply(&req);
         if owner.is_empty() {
@@ -143,6 +152,63 @@ impl LockTable {
             }
         }
         Ok(full)
+    }
+
+    /// Reads back the true lock set of every shared description that had events since
+    /// the last call, from /proc/TGID/fdinfo/FD of a task holding it. `producer` is the
+    /// ring's producer position read *before*: every event before it is reflected in
+    /// what fdinfo shows, so the owner's events still queued before it are skipped.
+    /// Returns whether anything was staged.
+    pub fn resync_shared(&mut self, producer: u64) -> bool {
+        let mut changed = false;
+        for (key, (tgid, fd)) in self.shared.take_dirty(producer) {
+            let Some(kernel) = read_description_locks(tgid, fd, key) else {
+                continue;
+            };
+            let ((dev, ino), _, owner) = key;
+            let before: Vec<HeldLock> = self
+                .owners
+                .get(&key)
+                .map(|o| o.iter().copied().collect())
+                .unwrap_or_default();
+            let mut after = OwnerLocks::default();
+            for mut l in kernel {
+                l.owner = owner;
+                // Keep what the model knew about an unchanged range (its age).
+                if let Some(b) = before
+                    .iter()
+                    .find(|b| b.start == l.start && b.end == l.end && b.lock_type == l.lock_type)
+                {
+                    l = *b;
+                }
+                after.insert(l);
+            }
+            let after_v: Vec<HeldLock> = after.iter().copied().collect();
+            if before != after_v {
+                changed = true;
+                self.stage(
+                    (dev, ino),
+                    &Change {
+                        removed: before
+                            .iter()
+                            .filter(|b| !after_v.contains(b))
+                            .copied()
+                            .collect(),
+                        added: after_v
+                            .iter()
+                            .filter(|a| !before.contains(a))
+                            .copied()
+                            .collect(),
+                    },
+                );
+            }
+            if after.is_empty() {
+                self.owners.remove(&key);
+            } else {
+                self.owners.insert(key, after);
+            }
+        }
+        changed
     }
 
     /// Locks imported from /proc/locks have no kernel owner. When an event comes from
@@ -263,4 +329,115 @@ impl LockTable {
             self.remove(id, &l);
         }
     }
+}
+
+/// Open file descriptions (OFD and flock owners) that several tasks lock through.
+///
+/// The filelock tracepoints fire after the kernel released the inode's lock list, so
+/// when two tasks change one description's locks at the same moment their events can
+/// reach the ring in the opposite order to the kernel's (stress-ng's flock stressor
+/// shares one description among four processes). Such owners are read back from
+/// fdinfo after every batch that touched them ([`LockTable::resync_shared`]); once the
+/// tasks stop, the table is exact again.
+#[derive(Default)]
+pub struct SharedOwners {
+    meta: HashMap<OwnerKey, OwnerMeta>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct OwnerMeta {
+    last_tgid: u32,
+    /// A (tgid, fd) known to hold the description.
+    holder: Option<(u32, i32)>,
+    shared: bool,
+    dirty: bool,
+    /// Events before this ring position are reflected in the last read-back.
+    skip_until: u64,
+}
+
+/// Entries kept before forgetting owners (descriptions come and go without events).
+const MAX_OWNER_META: usize = 65_536;
+
+impl SharedOwners {
+    fn contains(&self, key: &OwnerKey) -> bool {
+        self.meta.get(key).is_some_and(|m| m.shared)
+    }
+
+    /// Notes an event; returns false if it must be skipped.
+    fn observe(&mut self, key: OwnerKey, tgid: u32, fd: i32, pos: u64) -> bool {
+        if self.meta.len() >= MAX_OWNER_META && !self.meta.contains_key(&key) {
+            self.meta.retain(|_, m| m.shared);
+        }
+        let m = self.meta.entry(key).or_default();
+        if pos < m.skip_until {
+            return false;
+        }
+        if m.last_tgid != 0 && m.last_tgid != tgid {
+            m.shared = true;
+        }
+        m.last_tgid = tgid;
+        if fd >= 0 {
+            m.holder = Some((tgid, fd));
+        }
+        m.dirty |= m.shared;
+        true
+    }
+
+    /// Shared owners touched since the last call, with a holder to read them through.
+    fn take_dirty(&mut self, producer: u64) -> Vec<(OwnerKey, (u32, i32))> {
+        let mut out = Vec::new();
+        for (k, m) in self.meta.iter_mut().filter(|(_, m)| m.dirty) {
+            m.dirty = false;
+            if let Some(h) = m.holder {
+                m.skip_until = producer;
+                out.push((*k, h));
+            }
+        }
+        out
+    }
+}
+
+/// The locks of one description as the kernel has them: the OFD or flock `lock:`
+/// lines of /proc/TGID/fdinfo/FD on the owner's inode. None if the fd is gone or now
+/// names another file.
+fn read_description_locks(tgid: u32, fd: i32, key: OwnerKey) -> Option<Vec<HeldLock>> {
+    let ((dev, ino), list, _) = key;
+    let text = std::fs::read_to_string(format!("/proc/{tgid}/fdinfo/{fd}")).ok()?;
+    let fd_ino: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("ino:"))
+        .and_then(|v| v.trim().parse().ok())?;
+    if fd_ino != ino {
+        return None;
+    }
+    let lines: String = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("lock:"))
+        .map(|l| format!("{}\n", l.trim()))
+        .collect();
+    let want = match list {
+        List::Flock => LockKind::Flock,
+        List::Posix => LockKind::Ofd,
+    };
+    let procs = crate::locks::proc_locks::parse(&lines).ok()?;
+    Some(
+        procs
+            .into_iter()
+            .filter(|p| !p.blocked && p.dev == dev && p.ino == ino)
+            .filter(|p| p.kind == crate::locks::proc_locks::ProcKind::Lock(want))
+            .filter_map(|p| {
+                Some(HeldLock {
+                    kind: want,
+                    owner: 0,
+                    start: p.start,
+                    end: p.end,
+                    lock_type: p.lock_type?,
+                    pid: if p.pid > 0 { p.pid as u32 } else { tgid },
+                    fd,
+                    since_ns: crate::view::live::monotonic_ns(),
+                    origin: Origin::Traced,
+                })
+            })
+            .collect(),
+    )
 }

@@ -71,8 +71,8 @@ pub struct State {
 }
 
 impl State {
-    /// Applies one ring record (in memory; see [`State::flush`]).
-    fn apply(&mut self, bytes: &[u8]) {
+    /// Applies one ring record at ring position `pos` (in memory; see [`State::flush`]).
+    fn apply(&mut self, bytes: &[u8], pos: u64) {
         let tag = bytes
             .get(..4)
             .map(|b| u32::from_ne_bytes(b.try_into().unwrap()));
@@ -81,7 +81,7 @@ impl State {
         match tag {
             Some(tag::LOCK) if bytes.len() >= size_of::<LockEvent>() => {
                 let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const LockEvent) };
-                self.locks.apply(&ev);
+                self.locks.apply(&ev, pos);
             }
             Some(tag::LEASE) if bytes.len() >= size_of::<LeaseEvent>() => {
                 let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const LeaseEvent) };
@@ -222,11 +222,16 @@ pub async fn run(opts: Options) -> Result<()> {
 /// killed mid-batch leaves the batch for its successor.
 fn drain(ring: &mut RingConsumer, state: &mut State) -> Result<()> {
     loop {
-        let pos = ring.read(|bytes| state.apply(bytes));
+        let pos = ring.read(|bytes, at| state.apply(bytes, at));
         if pos == ring.position() {
             return Ok(());
         }
         state.flush()?;
         ring.commit(pos);
+        // Descriptions used by several tasks at once: their events may be out of
+        // order (see lock_table::SharedOwners); read their true state back.
+        if state.locks.resync_shared(ring.producer()) {
+            state.flush()?;
+        }
     }
 }

@@ -126,10 +126,16 @@ impl RingConsumer {
         self.consumer.word().load(Ordering::Acquire)
     }
 
-    /// Calls `f` for each committed record after the consumer position, without
-    /// advancing it. Returns the position after the last record read; stops early at a
-    /// record still being written.
-    pub fn read(&self, mut f: impl FnMut(&[u8])) -> u64 {
+    /// Bytes reserved by the programs so far (records before it were produced
+    /// before this call).
+    pub fn producer(&self) -> u64 {
+        self.producer.word().load(Ordering::Acquire)
+    }
+
+    /// Calls `f(record, position)` for each committed record after the consumer
+    /// position, without advancing it. Returns the position after the last record
+    /// read; stops early at a record still being written.
+    pub fn read(&self, mut f: impl FnMut(&[u8], u64)) -> u64 {
         let mut pos = self.position();
         let producer = self.producer.word().load(Ordering::Acquire);
         while pos < producer {
@@ -147,7 +153,7 @@ impl RingConsumer {
                 let data = unsafe {
                     std::slice::from_raw_parts(self.producer.ptr.add(off + HDR_SZ as usize), len)
                 };
-                f(data);
+                f(data, pos);
             }
             pos += (len as u64 + HDR_SZ).next_multiple_of(8);
         }
