@@ -61,8 +61,15 @@ pub struct LockEvent {
     /// An [`EventSource`] value.
     pub source: u8,
     pub lock_type: u8,
-    pub _pad: [u8; 6],
+    /// flock only: the type of the lock this description holds *after* the request,
+    /// read from the inode's flock list at the tracepoint (F_UNLCK: none), or
+    /// [`NOT_OBSERVED`].
+    pub observed: u8,
+    pub _pad: [u8; 5],
 }
+
+/// `LockEvent::observed` when the list could not be read.
+pub const NOT_OBSERVED: u8 = 0xff;
 
 /// What kind of lock a record is. Values are stable: they are stored in pinned maps.
 #[repr(u8)]

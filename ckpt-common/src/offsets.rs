@@ -8,6 +8,8 @@
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LockTpOffsets {
+    /// The request (struct file_lock *).
+    pub fl: u32,
     pub i_ino: u32,
     pub s_dev: u32,
     pub blocker: u32,
@@ -85,6 +87,21 @@ pub struct LeaseStructOffsets {
     pub downgrade_time: u32,
 }
 
+/// Offsets for reading an inode's flock list from a lock request (BTF): request ->
+/// file -> inode -> lock context -> flc_flock list of locks.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FlockListOffsets {
+    pub req_file: u32,
+    pub file_inode: u32,
+    pub inode_flctx: u32,
+    pub ctx_flock: u32,
+    /// The list node inside a lock, and the lock's file and type.
+    pub lock_list: u32,
+    pub lock_file: u32,
+    pub lock_type: u32,
+}
+
 /// Everything the programs need to know about this kernel, in one global so that a
 /// single `override_global` call configures them. `valid` is 1 once userspace filled it:
 /// the programs do nothing while it is 0, so a mis-loaded object cannot record garbage.
@@ -98,6 +115,7 @@ pub struct KernelLayout {
     pub add_lease: AddLeaseTpOffsets,
     pub brk: BreakTpOffsets,
     pub lease_struct: LeaseStructOffsets,
+    pub flock_list: FlockListOffsets,
     pub valid: u32,
 }
 
@@ -146,12 +164,22 @@ impl KernelLayout {
             break_time: 0,
             downgrade_time: 0,
         },
+        flock_list: FlockListOffsets {
+            req_file: 0,
+            file_inode: 0,
+            inode_flctx: 0,
+            ctx_flock: 0,
+            lock_list: 0,
+            lock_file: 0,
+            lock_type: 0,
+        },
         valid: 0,
     };
 }
 
 impl LockTpOffsets {
     pub const ZERO: LockTpOffsets = LockTpOffsets {
+        fl: 0,
         i_ino: 0,
         s_dev: 0,
         blocker: 0,

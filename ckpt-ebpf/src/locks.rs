@@ -4,7 +4,7 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePoi
 use aya_log_ebpf::warn;
 use ckpt_common::{
     counters::Counter,
-    lock::{fl_flags, EventSource, LockEvent, Waiter, FILE_LOCK_DEFERRED},
+    lock::{fl_flags, fl_type, EventSource, LockEvent, Waiter, FILE_LOCK_DEFERRED, NOT_OBSERVED},
     offsets::LockTpOffsets,
 };
 
@@ -115,7 +115,12 @@ fn handle(ctx: &TracePointContext, off: &LockTpOffsets, source: EventSource) -> 
                 ret,
                 source: source as u8,
                 lock_type,
-                _pad: [0; 6],
+                observed: if source == EventSource::Flock {
+                    observe_flock(ctx, off, owner)
+                } else {
+                    NOT_OBSERVED
+                },
+                _pad: [0; 5],
             });
             entry.submit(0);
             count(Counter::EventsEmitted);
@@ -126,4 +131,57 @@ fn handle(ctx: &TracePointContext, off: &LockTpOffsets, source: EventSource) -> 
         }
     }
     Ok(())
+}
+
+/// Locks looked at in one inode's flock list before giving up.
+const FLOCK_LIST_MAX: usize = 32;
+
+#[inline(always)]
+fn kread<T>(addr: u64) -> Option<T> {
+    // SAFETY: reading kernel memory through the probe-read helper (faults are caught).
+    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(addr as *const T) }.ok()
+}
+
+/// The type of the flock lock that description `owner` holds now, from the inode's
+/// flock list (read after the kernel released it: a later change may show, never an
+/// earlier state). Events of tasks sharing one description can reach the ring out of
+/// order; an observation taken after each event's own change makes the last one right.
+fn observe_flock(ctx: &TracePointContext, off: &LockTpOffsets, owner: u64) -> u8 {
+    let o = layout!(flock_list);
+    if o.lock_file == 0 {
+        return NOT_OBSERVED;
+    }
+    let Ok(req) = read::<u64>(ctx, off.fl) else {
+        return NOT_OBSERVED;
+    };
+    let Some(file) = kread::<u64>(req + o.req_file as u64) else {
+        return NOT_OBSERVED;
+    };
+    let Some(inode) = kread::<u64>(file + o.file_inode as u64) else {
+        return NOT_OBSERVED;
+    };
+    let Some(flctx) = kread::<u64>(inode + o.inode_flctx as u64) else {
+        return NOT_OBSERVED;
+    };
+    if flctx == 0 {
+        return fl_type::F_UNLCK;
+    }
+    let head = flctx + o.ctx_flock as u64;
+    let Some(mut node) = kread::<u64>(head) else {
+        return NOT_OBSERVED;
+    };
+    for _ in 0..FLOCK_LIST_MAX {
+        if node == head || node == 0 {
+            return fl_type::F_UNLCK;
+        }
+        let lock = node - o.lock_list as u64;
+        if kread::<u64>(lock + o.lock_file as u64) == Some(owner) {
+            return kread::<u8>(lock + o.lock_type as u64).unwrap_or(NOT_OBSERVED);
+        }
+        match kread::<u64>(node) {
+            Some(next) => node = next,
+            None => return NOT_OBSERVED,
+        }
+    }
+    NOT_OBSERVED
 }

@@ -111,7 +111,9 @@ impl LockTable {
         }
         let key = (id, List::of(req.kind), req.owner);
         // Skip an event already reflected in a state read back from the kernel.
-        let tracked = req.kind != LockKind::Posix || self.shared.contains(&key);
+        // flock events carry the kernel's state (see locks::model); OFD ones do not.
+        let tracked = req.kind == LockKind::Ofd
+            || (req.kind == LockKind::Posix && self.shared.contains(&key));
         if tracked && !self.shared.observe(key, ev.tgid, ev.fd, pos) {
             return;
         }

@@ -49,6 +49,9 @@ pub struct Request {
     pub ts_ns: u64,
     /// The kernel's return value: 0 granted, <0 refused, 1 deferred (caller sleeps).
     pub ret: i32,
+    /// flock only: the description's lock as read from the inode's list right after
+    /// this request (None: not read; Some(None): no lock).
+    pub observed: Option<Option<LockType>>,
 }
 
 /// Which of the inode's lock lists a lock lives on. POSIX and OFD locks share one
@@ -185,6 +188,11 @@ impl OwnerLocks {
 
     fn apply_flock(&mut self, req: &Request) -> Change {
         let held = self.ranges.values().next().copied();
+        // What the kernel's list showed after this request is the truth, whatever the
+        // order in which concurrent requests on one description reached us.
+        if let Some(observed) = req.observed {
+            return self.set_flock(held, observed, req);
+        }
         if let (Some(held), Some(wanted)) = (held, req.lock_type) {
             if held.lock_type == wanted {
                 return Change::default();
@@ -194,6 +202,38 @@ impl OwnerLocks {
         let removed: Vec<HeldLock> = std::mem::take(&mut self.ranges).into_values().collect();
         let mut added = Vec::new();
         if let (Some(lock_type), 0) = (req.lock_type, req.ret) {
+            let l = HeldLock {
+                kind: LockKind::Flock,
+                owner: req.owner,
+                start: 0,
+                end: OFFSET_MAX,
+                lock_type,
+                pid: req.pid,
+                fd: req.fd,
+                since_ns: req.ts_ns,
+                origin: Origin::Traced,
+            };
+            self.ranges.insert(0, l);
+            added.push(l);
+        }
+        Change { removed, added }
+    }
+}
+
+impl OwnerLocks {
+    /// Makes the flock lock of this description `observed` (keeping an unchanged one).
+    fn set_flock(
+        &mut self,
+        held: Option<HeldLock>,
+        observed: Option<LockType>,
+        req: &Request,
+    ) -> Change {
+        if held.map(|h| h.lock_type) == observed {
+            return Change::default();
+        }
+        let removed: Vec<HeldLock> = std::mem::take(&mut self.ranges).into_values().collect();
+        let mut added = Vec::new();
+        if let Some(lock_type) = observed {
             let l = HeldLock {
                 kind: LockKind::Flock,
                 owner: req.owner,
@@ -287,6 +327,7 @@ mod tests {
             fd: 3,
             ts_ns: 1,
             ret: 0,
+            observed: None,
         }
     }
 
@@ -408,6 +449,30 @@ mod tests {
             s.apply(&req(LockKind::Posix, A, i * 10 + 5, i * 10 + 9, Some(W)));
         }
         assert_eq!(ranges(&s, A), vec![(0, 19999, W)]);
+    }
+
+    #[test]
+    fn flock_observations_win_over_out_of_order_requests() {
+        let mut s = InodeLocks::default();
+        // The kernel did: unlock, then lock (two tasks sharing the description), but
+        // the events arrived lock first. Each carries what the list showed after it.
+        let lock = Request {
+            observed: Some(Some(W)),
+            ..req(LockKind::Flock, A, 0, OFFSET_MAX, Some(W))
+        };
+        let unlock = Request {
+            observed: Some(Some(W)),
+            ..req(LockKind::Flock, A, 0, OFFSET_MAX, None)
+        };
+        s.apply(&lock);
+        s.apply(&unlock);
+        assert_eq!(ranges(&s, A), vec![(0, OFFSET_MAX, W)]);
+        let gone = Request {
+            observed: Some(None),
+            ..req(LockKind::Flock, A, 0, OFFSET_MAX, Some(W))
+        };
+        s.apply(&gone);
+        assert!(s.is_empty());
     }
 
     #[test]

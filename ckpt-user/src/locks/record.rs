@@ -1,6 +1,8 @@
 //! Conversions between the model's types and the pinned map's records.
 
-use ckpt_common::lock::{EventSource, LockEvent, LockKey, LockKind, LockRecord, Origin};
+use ckpt_common::lock::{
+    EventSource, LockEvent, LockKey, LockKind, LockRecord, Origin, NOT_OBSERVED,
+};
 
 use super::{
     model::{HeldLock, Request},
@@ -69,5 +71,7 @@ pub fn request_of(ev: &LockEvent) -> Option<Request> {
         fd: ev.fd,
         ts_ns: ev.ts_ns,
         ret: ev.ret,
+        observed: (kind == LockKind::Flock && ev.observed != NOT_OBSERVED)
+            .then(|| LockType::from_fl_type(ev.observed)),
     })
 }

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use ckpt_common::offsets::{
-    AddLeaseTpOffsets, BreakTpOffsets, KernelLayout, LeaseStructOffsets, LeaseTpOffsets,
-    LockTpOffsets, SyscallTpOffsets,
+    AddLeaseTpOffsets, BreakTpOffsets, FlockListOffsets, KernelLayout, LeaseStructOffsets,
+    LeaseTpOffsets, LockTpOffsets, SyscallTpOffsets,
 };
 
 use super::btf::Btf;
@@ -94,6 +94,7 @@ impl Format {
 /// Offsets of the filelock_lock event class (posix_lock_inode, flock_lock_inode).
 pub fn lock_offsets(f: &Format) -> Result<LockTpOffsets> {
     Ok(LockTpOffsets {
+        fl: f.offset(&["fl"], 8)?,
         i_ino: f.offset(&["i_ino"], 8)?,
         s_dev: f.offset(&["s_dev"], 4)?,
         blocker: f.offset(&["blocker", "fl_blocker"], 8)?,
@@ -155,6 +156,25 @@ pub fn lease_struct_offsets(btf: &Btf) -> Result<LeaseStructOffsets> {
     })
 }
 
+/// Offsets for walking an inode's flock list from a request, from BTF: 6.9+ keeps
+/// the common lock fields in `c` (struct file_lock_core), 6.1 in struct file_lock.
+pub fn flock_list_offsets(btf: &Btf) -> Result<FlockListOffsets> {
+    let (list, file, ty) = if btf.has_struct("file_lock_core") {
+        ("c.flc_list", "c.flc_file", "c.flc_type")
+    } else {
+        ("fl_list", "fl_file", "fl_type")
+    };
+    Ok(FlockListOffsets {
+        req_file: btf.offset_of("file_lock", file)?,
+        file_inode: btf.offset_of("file", "f_inode")?,
+        inode_flctx: btf.offset_of("inode", "i_flctx")?,
+        ctx_flock: btf.offset_of("file_lock_context", "flc_flock")?,
+        lock_list: btf.offset_of("file_lock", list)?,
+        lock_file: btf.offset_of("file_lock", file)?,
+        lock_type: btf.offset_of("file_lock", ty)?,
+    })
+}
+
 /// Reads this kernel's format files and BTF and builds the layout the programs need.
 pub fn resolve_layout() -> Result<KernelLayout> {
     let posix = Format::read("filelock", "posix_lock_inode")?;
@@ -206,6 +226,7 @@ pub fn resolve_layout() -> Result<KernelLayout> {
             signal_result: signal.offset(&["result"], 4)?,
         },
         lease_struct: lease_struct_offsets(&btf).context("lease struct offsets from BTF")?,
+        flock_list: flock_list_offsets(&btf).context("flock list offsets from BTF")?,
         valid: 1,
     })
 }
