@@ -199,24 +199,8 @@ impl OwnerLocks {
             }
         }
         // The old lock goes first, whether or not the new one is granted.
-        let removed: Vec<HeldLock> = std::mem::take(&mut self.ranges).into_values().collect();
-        let mut added = Vec::new();
-        if let (Some(lock_type), 0) = (req.lock_type, req.ret) {
-            let l = HeldLock {
-                kind: LockKind::Flock,
-                owner: req.owner,
-                start: 0,
-                end: OFFSET_MAX,
-                lock_type,
-                pid: req.pid,
-                fd: req.fd,
-                since_ns: req.ts_ns,
-                origin: Origin::Traced,
-            };
-            self.ranges.insert(0, l);
-            added.push(l);
-        }
-        Change { removed, added }
+        let target = req.lock_type.filter(|_| req.ret == 0);
+        self.set_flock(held, target, req)
     }
 }
 
