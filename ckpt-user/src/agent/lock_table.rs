@@ -404,24 +404,17 @@ impl SharedOwners {
 /// names another file.
 fn read_description_locks(tgid: u32, fd: i32, key: OwnerKey) -> Option<Vec<HeldLock>> {
     let ((dev, ino), list, _) = key;
-    let text = std::fs::read_to_string(format!("/proc/{tgid}/fdinfo/{fd}")).ok()?;
-    let fd_ino: u64 = text
-        .lines()
-        .find_map(|l| l.strip_prefix("ino:"))
-        .and_then(|v| v.trim().parse().ok())?;
-    if fd_ino != ino {
+    let info = crate::procinfo::parse_fdinfo(
+        &std::fs::read_to_string(format!("/proc/{tgid}/fdinfo/{fd}")).ok()?,
+    );
+    if info.ino != ino {
         return None;
     }
-    let lines: String = text
-        .lines()
-        .filter_map(|l| l.strip_prefix("lock:"))
-        .map(|l| format!("{}\n", l.trim()))
-        .collect();
     let want = match list {
         List::Flock => LockKind::Flock,
         List::Posix => LockKind::Ofd,
     };
-    let procs = crate::locks::proc_locks::parse(&lines).ok()?;
+    let procs = info.locks;
     Some(
         procs
             .into_iter()

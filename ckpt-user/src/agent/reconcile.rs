@@ -147,13 +147,8 @@ fn find_holders(wanted: &[(Shape, ProcLock)]) -> HashMap<(LockKind, KernelDev, u
 
 /// Kinds of the `lock:` lines in a /proc/PID/fdinfo/FD text.
 pub fn fdinfo_lock_kinds(fdinfo: &str) -> Vec<LockKind> {
-    let text: String = fdinfo
-        .lines()
-        .filter_map(|l| l.strip_prefix("lock:"))
-        .map(|l| format!("{}\n", l.trim()))
-        .collect();
-    proc_locks::parse(&text)
-        .unwrap_or_default()
+    crate::procinfo::parse_fdinfo(fdinfo)
+        .locks
         .into_iter()
         .filter_map(|p| match p.kind {
             ProcKind::Lock(k) => Some(k),

@@ -11,47 +11,12 @@ use anyhow::{Context as _, Result};
 
 use crate::{
     image::format::{FileKind, OpenFile},
-    locks::{
-        proc_locks::{self, ProcLock},
-        KernelDev,
-    },
+    locks::KernelDev,
+    procinfo::{parse_fdinfo, FdInfo},
     sys::pidfd,
 };
 
-const O_CLOEXEC: u32 = 0o2000000;
-
-/// What /proc/PID/fdinfo/N says.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FdInfo {
-    pub pos: u64,
-    /// Octal in the file; O_CLOEXEC set when the fd is close-on-exec.
-    pub flags: u32,
-    pub mnt_id: u32,
-    /// `lock:` lines: the locks and leases of this fd's description (and, for POSIX,
-    /// of this process through this description).
-    pub locks: Vec<ProcLock>,
-}
-
-pub fn parse_fdinfo(text: &str) -> FdInfo {
-    let mut info = FdInfo::default();
-    let mut lock_lines = String::new();
-    for line in text.lines() {
-        let (k, v) = line.split_once(':').unwrap_or((line, ""));
-        let v = v.trim();
-        match k {
-            "pos" => info.pos = v.parse().unwrap_or(0),
-            "flags" => info.flags = u32::from_str_radix(v, 8).unwrap_or(0),
-            "mnt_id" => info.mnt_id = v.parse().unwrap_or(0),
-            "lock" => {
-                lock_lines.push_str(v);
-                lock_lines.push('\n');
-            }
-            _ => {}
-        }
-    }
-    info.locks = proc_locks::parse(&lock_lines).unwrap_or_default();
-    info
-}
+pub const O_CLOEXEC: u32 = 0o2000000;
 
 /// One fd of one process, as found.
 #[derive(Clone, Debug)]
@@ -202,21 +167,4 @@ pub fn descriptions(fds: &[FoundFd]) -> Result<(Vec<u32>, Vec<OpenFile>)> {
 
 pub fn cloexec(f: &FoundFd) -> bool {
     f.info.flags & O_CLOEXEC != 0
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fdinfo_fields_and_lock_lines() {
-        let text = "pos:\t4096\nflags:\t02100002\nmnt_id:\t31\nino:\t77\n\
-lock:\t1: POSIX  ADVISORY  WRITE 10 08:01:77 0 99\nlock:\t2: LEASE  BREAKING  UNLCK 10 08:01:77 0 EOF\n";
-        let i = parse_fdinfo(text);
-        assert_eq!((i.pos, i.mnt_id), (4096, 31));
-        assert_eq!(i.flags, 0o2100002);
-        assert_eq!(i.flags & O_CLOEXEC, O_CLOEXEC);
-        assert_eq!(i.locks.len(), 2);
-        assert_eq!(i.locks[0].end, 99);
-    }
 }

@@ -200,11 +200,14 @@ pub fn run(opts: &Options) -> Result<Report> {
     phase.mark("processes and fds");
     let (desc_of, files) = files::descriptions(&all_fds)?;
     phase.mark("shared descriptions (kcmp)");
+    // Index, not a search per fd: this runs while the cgroup is frozen.
+    let index: std::collections::HashMap<u32, usize> = processes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.pid, i))
+        .collect();
     for (i, f) in all_fds.iter().enumerate() {
-        let p = processes
-            .iter_mut()
-            .find(|p| p.pid == f.pid)
-            .expect("scanned pid");
+        let p = &mut processes[index[&f.pid]];
         p.fds.push(crate::image::format::Fd {
             fd: f.fd,
             file: desc_of[i],
