@@ -102,6 +102,106 @@ pub struct FlockListOffsets {
     pub lock_type: u32,
 }
 
+/// Offsets for the task_file iterator (BTF): what /proc/PID/fd, fdinfo and fstat tell
+/// about an fd, read from the kernel's structs in one pass.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileIterOffsets {
+    pub task_tgid: u32,
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_close_on_exec: u32,
+    pub file_pos: u32,
+    pub file_flags: u32,
+    pub file_mode: u32,
+    pub file_inode: u32,
+    pub file_path: u32,
+    /// `f_path.mnt` inside struct file.
+    pub file_mnt: u32,
+    pub file_owner: u32,
+    /// 1 when `file.f_owner` is a pointer (6.12+), 0 when it is embedded.
+    pub owner_is_ptr: u32,
+    pub fown_pid: u32,
+    pub fown_pid_type: u32,
+    pub fown_signum: u32,
+    /// `numbers[0].nr` inside struct pid.
+    pub pid_nr: u32,
+    /// `mnt_id` of struct mount, relative to its embedded struct vfsmount.
+    pub vfsmount_mnt_id: i32,
+    pub inode_ino: u32,
+    pub inode_sb: u32,
+    pub inode_mode: u32,
+    pub inode_nlink: u32,
+    pub inode_size: u32,
+    pub inode_blocks: u32,
+    pub inode_generation: u32,
+    pub inode_mtime_sec: u32,
+    pub inode_mtime_nsec: u32,
+    pub inode_ctime_sec: u32,
+    pub inode_ctime_nsec: u32,
+    pub sb_dev: u32,
+    /// The inode's lock lists (struct file_lock_context) and the fields of a lock
+    /// (the common part, at the start of both file_lock and file_lease on 6.9+).
+    pub inode_flctx: u32,
+    pub ctx_posix: u32,
+    pub ctx_flock: u32,
+    pub ctx_lease: u32,
+    pub lock_list: u32,
+    pub lock_file: u32,
+    pub lock_owner: u32,
+    pub lock_flags: u32,
+    pub lock_type: u32,
+    pub lock_pid: u32,
+    pub lock_start: u32,
+    pub lock_end: u32,
+}
+
+impl FileIterOffsets {
+    pub const ZERO: FileIterOffsets = FileIterOffsets {
+        task_tgid: 0,
+        task_files: 0,
+        files_fdt: 0,
+        fdt_close_on_exec: 0,
+        file_pos: 0,
+        file_flags: 0,
+        file_mode: 0,
+        file_inode: 0,
+        file_path: 0,
+        file_mnt: 0,
+        file_owner: 0,
+        owner_is_ptr: 0,
+        fown_pid: 0,
+        fown_pid_type: 0,
+        fown_signum: 0,
+        pid_nr: 0,
+        vfsmount_mnt_id: 0,
+        inode_ino: 0,
+        inode_sb: 0,
+        inode_mode: 0,
+        inode_nlink: 0,
+        inode_size: 0,
+        inode_blocks: 0,
+        inode_generation: 0,
+        inode_mtime_sec: 0,
+        inode_mtime_nsec: 0,
+        inode_ctime_sec: 0,
+        inode_ctime_nsec: 0,
+        sb_dev: 0,
+        inode_flctx: 0,
+        ctx_posix: 0,
+        ctx_flock: 0,
+        ctx_lease: 0,
+        lock_list: 0,
+        lock_file: 0,
+        lock_owner: 0,
+        lock_flags: 0,
+        lock_type: 0,
+        lock_pid: 0,
+        lock_start: 0,
+        lock_end: 0,
+    };
+}
+
 /// Everything the programs need to know about this kernel, in one global so that a
 /// single `override_global` call configures them. `valid` is 1 once userspace filled it:
 /// the programs do nothing while it is 0, so a mis-loaded object cannot record garbage.
@@ -116,6 +216,7 @@ pub struct KernelLayout {
     pub brk: BreakTpOffsets,
     pub lease_struct: LeaseStructOffsets,
     pub flock_list: FlockListOffsets,
+    pub files: FileIterOffsets,
     pub valid: u32,
 }
 
@@ -173,6 +274,7 @@ impl KernelLayout {
             lock_file: 0,
             lock_type: 0,
         },
+        files: FileIterOffsets::ZERO,
         valid: 0,
     };
 }

@@ -200,7 +200,7 @@ pub fn run_user(args: UserArgs) -> Result<()> {
             } else {
                 writeln!(
                     out,
-                    "{}: {} processes, {} fds, {} locks, {} leases, {} waiters, {} deleted files; frozen {:.2} ms, total {:.1} ms ({})",
+                    "{}: {} processes, {} fds, {} locks, {} leases, {} waiters, {} deleted files; frozen {:.2} ms, total {:.1} ms (locks from {}, fd tables from {})",
                     report.image,
                     report.processes,
                     report.fds,
@@ -210,7 +210,8 @@ pub fn run_user(args: UserArgs) -> Result<()> {
                     report.ghosts,
                     report.frozen_ms,
                     report.total_ms,
-                    report.source
+                    report.source,
+                    report.fd_tables
                 )?;
             }
             Ok(())

@@ -81,6 +81,9 @@ struct Found<'a> {
     desc: u32,
 }
 
+/// Puts every lock, lease and waiter on its description, cross-checking the agent's
+/// tables against the `lock:` lines. `owners` maps kernel owners (struct file) to
+/// descriptions when the iterator told them (empty otherwise: learnt from matches).
 pub fn collect(
     fds: &[FoundFd],
     desc_of: &[u32],
@@ -88,6 +91,7 @@ pub fn collect(
     agent: Option<&AgentView>,
     proc_waiters: &[ProcLock],
     frozen_ns: u64,
+    owners: HashMap<u64, u32>,
 ) -> Result<Collected> {
     // 1. Every lock and lease line, once per (kind, owner, range).
     let mut seen = HashSet::new();
@@ -123,6 +127,10 @@ pub fn collect(
         .map(|f| (f.dev, f.ino))
         .chain(
             fds.iter()
+                .filter_map(|f| f.kernel.map(|k| (k.s_dev, f.ino))),
+        )
+        .chain(
+            fds.iter()
                 .flat_map(|f| f.info.locks.iter().map(|l| (l.dev, l.ino))),
         )
         .collect();
@@ -149,7 +157,7 @@ pub fn collect(
         by_inode.entry((*d, *ino)).or_default().push(j);
     }
     // Kernel owner (struct file) of each description, learnt from OFD/flock matches.
-    let mut owner_desc: HashMap<u64, u32> = HashMap::new();
+    let mut owner_desc = owners;
 
     for fl in found.iter() {
         let line = fl.line;

@@ -5,13 +5,27 @@
 //! Nothing here opens a file: fds are inspected through /proc and pidfd_getfd, so no
 //! lease is broken and no file offset moves.
 
-use std::{collections::HashMap, os::unix::fs::MetadataExt as _};
+use std::{
+    collections::{BTreeSet, HashMap},
+    os::{
+        fd::{AsRawFd as _, OwnedFd},
+        unix::fs::MetadataExt as _,
+    },
+};
 
 use anyhow::{Context as _, Result};
+use ckpt_common::{
+    files::{list, FdRecord, LockLine},
+    lock::LockKind as KLockKind,
+};
 
+use super::fd_table::{self, FdTable, IterFd};
 use crate::{
     image::format::{FileKind, OpenFile},
-    locks::KernelDev,
+    locks::{
+        proc_locks::{ProcKind, ProcLock},
+        KernelDev, LockType,
+    },
     procinfo::{parse_fdinfo, FdInfo},
     sys::pidfd,
 };
@@ -37,6 +51,16 @@ pub struct FoundFd {
     pub owner: Option<(i32, i32)>,
     pub sig: i32,
     pub handle: Option<(i32, Vec<u8>)>,
+    /// From the iterator: the kernel's open file description and fd table, and the
+    /// superblock's device (which locks carry; stat() differs on btrfs).
+    pub kernel: Option<KernelIds>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct KernelIds {
+    pub file: u64,
+    pub files: u64,
+    pub s_dev: KernelDev,
 }
 
 impl FoundFd {
@@ -104,10 +128,334 @@ pub fn scan(pid: u32) -> Result<Vec<FoundFd>> {
             owner: pidfd::owner(&dup),
             sig: pidfd::signal(&dup),
             handle: pidfd::file_handle(&dup),
+            kernel: None,
         });
     }
     out.sort_by_key(|f| (f.pid, f.fd));
     Ok(out)
+}
+
+/// What the iterator cannot tell about an inode: stat()'s device (a btrfs subvolume's
+/// differs from the superblock's) and a file handle. Neither changes while the inode
+/// lives, so they are read before freezing, keyed by an identity that cannot be
+/// reused: superblock device, inode number and generation.
+#[derive(Clone, Debug)]
+pub struct InodeFacts {
+    pub st_dev: u64,
+    pub handle: Option<(i32, Vec<u8>)>,
+}
+
+pub type InodeKey = (u32, u64, u32);
+
+fn key_of(r: &FdRecord) -> InodeKey {
+    (r.s_dev, r.ino, r.generation)
+}
+
+/// How many fds of other processes are held at once while learning their inodes.
+const PRESCAN_BATCH: usize = 2048;
+
+/// Before the freeze: stat() device and file handle of every inode the processes have
+/// open. Each fd is borrowed with pidfd_getfd (which opens nothing: no lease breaks)
+/// and the iterator, run on our own fd table, names its inode. Best effort: an fd
+/// closed meanwhile is simply missed, and looked at inside the frozen window instead.
+pub fn prescan(pids: &BTreeSet<u32>, table: &mut FdTable) -> Result<Prescan> {
+    let me = std::process::id();
+    table.watch([me], fd_table::NO_PATH)?;
+    let mut facts = HashMap::new();
+    let mut batch: Vec<OwnedFd> = Vec::new();
+    let flush =
+        |batch: &mut Vec<OwnedFd>, facts: &mut HashMap<InodeKey, InodeFacts>| -> Result<()> {
+            if batch.is_empty() {
+                return Ok(());
+            }
+            let by_fd: HashMap<i32, &OwnedFd> = batch.iter().map(|d| (d.as_raw_fd(), d)).collect();
+            for e in table.read()?.iter().filter(|e| e.rec.tgid == me) {
+                let Some(dup) = by_fd.get(&(e.rec.fd as i32)) else {
+                    continue;
+                };
+                if let std::collections::hash_map::Entry::Vacant(v) = facts.entry(key_of(&e.rec)) {
+                    let Ok(md) = nix::sys::stat::fstat(dup.as_raw_fd()) else {
+                        continue;
+                    };
+                    v.insert(InodeFacts {
+                        st_dev: md.st_dev,
+                        handle: pidfd::file_handle(dup),
+                    });
+                }
+            }
+            batch.clear();
+            Ok(())
+        };
+    for &pid in pids {
+        let Ok(pidfd) = pidfd::pidfd_open(pid) else {
+            continue;
+        };
+        let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
+        {
+            if let Ok(dup) = pidfd::pidfd_getfd(&pidfd, fd) {
+                batch.push(dup);
+            }
+            if batch.len() >= PRESCAN_BATCH {
+                flush(&mut batch, &mut facts)?;
+            }
+        }
+    }
+    flush(&mut batch, &mut facts)?;
+    // Paths now (d_path is the iterator's costliest part); inside the window the
+    // iterator skips it and a path is reused when the same description is still open
+    // on the same inode. A rename in these few milliseconds is like one just after the
+    // thaw: restore checks identity (dev, inode, handle), never the name alone.
+    table.watch(pids.iter().copied(), fd_table::FULL)?;
+    let mut paths = HashMap::new();
+    for e in table
+        .read()?
+        .into_iter()
+        .filter(|e| pids.contains(&e.rec.tgid))
+    {
+        if let Some(p) = e.path {
+            paths.insert(e.rec.file, (key_of(&e.rec), p));
+        }
+    }
+    table.watch(pids.iter().copied(), fd_table::NO_PATH)?;
+    Ok(Prescan { facts, paths })
+}
+
+/// What is learnt before freezing.
+#[derive(Default)]
+pub struct Prescan {
+    pub facts: HashMap<InodeKey, InodeFacts>,
+    /// struct file -> (its inode, its path).
+    pub paths: HashMap<u64, (InodeKey, String)>,
+}
+
+/// fdinfo `lock:` line equivalent of a lock the iterator found on an fd.
+fn proc_lock_of(r: &FdRecord, l: &LockLine) -> ProcLock {
+    use ckpt_common::lock::{fl_flags::*, fl_type};
+    const FL_DELEG: u32 = 4;
+    let ty = |t: u8| match t {
+        fl_type::F_RDLCK => Some(LockType::Read),
+        fl_type::F_WRLCK => Some(LockType::Write),
+        _ => None,
+    };
+    let (kind, state, lock_type, pid) = match l.list {
+        list::POSIX if l.flags & FL_OFDLCK != 0 => (
+            ProcKind::Lock(KLockKind::Ofd),
+            "ADVISORY",
+            ty(l.lock_type as u8),
+            -1,
+        ),
+        list::POSIX => (
+            ProcKind::Lock(KLockKind::Posix),
+            "ADVISORY",
+            ty(l.lock_type as u8),
+            l.pid as i64,
+        ),
+        list::FLOCK => (
+            ProcKind::Lock(KLockKind::Flock),
+            "ADVISORY",
+            ty(l.lock_type as u8),
+            l.pid as i64,
+        ),
+        _ => {
+            // As the kernel's lock_get_status prints leases: a breaking lease shows
+            // its target type.
+            let breaking = l.flags & (FL_UNLOCK_PENDING | FL_DOWNGRADE_PENDING) != 0;
+            let target = if l.flags & FL_UNLOCK_PENDING != 0 {
+                None
+            } else if l.flags & FL_DOWNGRADE_PENDING != 0 {
+                Some(LockType::Read)
+            } else {
+                ty(l.lock_type as u8)
+            };
+            let kind = if l.flags & FL_DELEG != 0 {
+                ProcKind::Other
+            } else {
+                ProcKind::Lease
+            };
+            (
+                kind,
+                if breaking { "BREAKING" } else { "ACTIVE" },
+                target,
+                l.pid as i64,
+            )
+        }
+    };
+    ProcLock {
+        id: 0,
+        blocked: false,
+        kind,
+        state: state.to_string(),
+        lock_type,
+        pid,
+        dev: KernelDev(r.s_dev),
+        ino: r.ino,
+        start: l.start,
+        end: l.end,
+    }
+}
+
+/// What the frozen window must still read for the iterator's fds: facts of inodes
+/// opened since the prescan, their paths, and fdinfo where lock lists were too long
+/// to walk in the kernel. Everything else is assembled after the thaw.
+#[derive(Default)]
+pub struct LateReads {
+    facts: HashMap<InodeKey, InodeFacts>,
+    /// (pid, fd) -> readlink of /proc/PID/fd/FD.
+    paths: HashMap<(u32, u32), String>,
+    /// (pid, fd) -> fdinfo `lock:` lines.
+    locks: HashMap<(u32, u32), Vec<ProcLock>>,
+}
+
+/// Inside the frozen window: the kernel reads the iterator's records still need.
+pub fn late_reads(records: &[IterFd], pids: &BTreeSet<u32>, pre: &Prescan) -> Result<LateReads> {
+    let mut pidfds: HashMap<u32, OwnedFd> = HashMap::new();
+    let mut late = LateReads::default();
+    for e in records.iter().filter(|e| pids.contains(&e.rec.tgid)) {
+        let r = &e.rec;
+        let pid = r.tgid;
+        let key = key_of(r);
+        let gone = || format!("process {pid} exited during the dump");
+        if !pre.facts.contains_key(&key) && !late.facts.contains_key(&key) {
+            let pidfd = match pidfds.entry(pid) {
+                std::collections::hash_map::Entry::Occupied(o) => o.into_mut(),
+                std::collections::hash_map::Entry::Vacant(v) => {
+                    v.insert(pidfd::pidfd_open(pid).with_context(gone)?)
+                }
+            };
+            let dup = pidfd::pidfd_getfd(pidfd, r.fd as i32).with_context(gone)?;
+            let md = nix::sys::stat::fstat(dup.as_raw_fd()).with_context(gone)?;
+            late.facts.insert(
+                key,
+                InodeFacts {
+                    st_dev: md.st_dev,
+                    handle: pidfd::file_handle(&dup),
+                },
+            );
+        }
+        let known_path =
+            e.path.is_some() || matches!(pre.paths.get(&r.file), Some((k, _)) if *k == key);
+        if !known_path {
+            // Opened since the prescan.
+            let link = std::fs::read_link(format!("/proc/{pid}/fd/{}", r.fd)).with_context(gone)?;
+            late.paths.insert((pid, r.fd), link.display().to_string());
+        }
+        if e.locks_truncated {
+            // Too many locks on the inode to walk in the kernel: ask fdinfo.
+            let text = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{}", r.fd))
+                .with_context(gone)?;
+            late.locks.insert((pid, r.fd), parse_fdinfo(&text).locks);
+        }
+    }
+    Ok(late)
+}
+
+/// Builds the fds of `pids` from the iterator's records (no kernel reads).
+pub fn assemble<'a>(
+    records: impl IntoIterator<Item = &'a IterFd>,
+    pids: &BTreeSet<u32>,
+    pre: &Prescan,
+    late: &LateReads,
+) -> Vec<FoundFd> {
+    let mut out = Vec::new();
+    for e in records.into_iter().filter(|e| pids.contains(&e.rec.tgid)) {
+        let r = &e.rec;
+        let pid = r.tgid;
+        let key = key_of(r);
+        let Some(known) = pre.facts.get(&key).or_else(|| late.facts.get(&key)) else {
+            continue;
+        };
+        let link = e
+            .path
+            .as_deref()
+            .or_else(|| late.paths.get(&(pid, r.fd)).map(String::as_str))
+            .or_else(|| pre.paths.get(&r.file).map(|(_, p)| p.as_str()))
+            .unwrap_or_default();
+        let locks = match late.locks.get(&(pid, r.fd)) {
+            Some(l) => l.clone(),
+            None => e.locks.iter().map(|l| proc_lock_of(r, l)).collect(),
+        };
+        let (path, unlinked) = match link.strip_suffix(" (deleted)") {
+            Some(p) => (p.to_string(), true),
+            None => (link.to_string(), false),
+        };
+        out.push(FoundFd {
+            pid,
+            fd: r.fd as i32,
+            path,
+            unlinked,
+            info: FdInfo {
+                pos: r.pos as u64,
+                flags: r.flags,
+                mnt_id: r.mnt_id as u32,
+                ino: r.ino,
+                locks,
+            },
+            dev: KernelDev::from_st_dev(known.st_dev),
+            ino: r.ino,
+            mode: r.i_mode,
+            nlink: r.nlink as u64,
+            size: r.size as u64,
+            mtime_ns: r.mtime_sec * 1_000_000_000 + r.mtime_nsec as i64,
+            ctime_ns: r.ctime_sec * 1_000_000_000 + r.ctime_nsec as i64,
+            owner: (r.owner_pid != 0).then_some((r.owner_type as i32, r.owner_pid)),
+            sig: r.signum as i32,
+            handle: known.handle.clone(),
+            kernel: Some(KernelIds {
+                file: r.file,
+                files: r.files,
+                s_dev: KernelDev(r.s_dev),
+            }),
+        });
+    }
+    out.sort_by_key(|f| (f.pid, f.fd));
+    out
+}
+
+/// A regular file with no name left (its contents go into the image).
+pub fn is_ghost_record(e: &IterFd) -> bool {
+    e.rec.nlink == 0 && e.rec.i_mode & libc::S_IFMT == libc::S_IFREG
+}
+
+fn open_file(id: u32, f: &FoundFd) -> OpenFile {
+    OpenFile {
+        id,
+        path: f.path.clone(),
+        kind: f.kind(),
+        flags: f.info.flags & !O_CLOEXEC,
+        pos: f.info.pos,
+        mnt_id: f.info.mnt_id,
+        mode: f.mode,
+        dev: f.dev.to_string(),
+        ino: f.ino,
+        owner: f.owner,
+        sig: f.sig,
+        deleted: f.is_ghost(),
+        handle: f.handle.clone(),
+        holders: Vec::new(),
+    }
+}
+
+/// Groups fds into open file descriptions by the kernel's own identity (fds from the
+/// iterator): no kcmp needed.
+pub fn descriptions_by_file(fds: &[FoundFd]) -> (Vec<u32>, Vec<OpenFile>) {
+    let mut ids: HashMap<u64, u32> = HashMap::new();
+    let mut desc_of = Vec::with_capacity(fds.len());
+    let mut files: Vec<OpenFile> = Vec::new();
+    for f in fds {
+        let file = f.kernel.map(|k| k.file).unwrap_or(0);
+        let id = *ids.entry(file).or_insert_with(|| {
+            files.push(open_file(files.len() as u32, f));
+            files.len() as u32 - 1
+        });
+        desc_of.push(id);
+        files[id as usize].holders.push((f.pid, f.fd));
+    }
+    (desc_of, files)
 }
 
 /// Groups fds into open file descriptions: returns, for each fd, the index of its
@@ -139,22 +487,7 @@ pub fn descriptions(fds: &[FoundFd]) -> Result<(Vec<u32>, Vec<OpenFile>)> {
                 None => {
                     let id = files.len() as u32;
                     reps.push(i);
-                    files.push(OpenFile {
-                        id,
-                        path: f.path.clone(),
-                        kind: f.kind(),
-                        flags: f.info.flags & !O_CLOEXEC,
-                        pos: f.info.pos,
-                        mnt_id: f.info.mnt_id,
-                        mode: f.mode,
-                        dev: f.dev.to_string(),
-                        ino: f.ino,
-                        owner: f.owner,
-                        sig: f.sig,
-                        deleted: f.is_ghost(),
-                        handle: f.handle.clone(),
-                        holders: Vec::new(),
-                    });
+                    files.push(open_file(id, f));
                     id
                 }
             };

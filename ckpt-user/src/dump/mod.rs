@@ -4,6 +4,7 @@
 //! (fds and open file descriptions), `file_locks` (locks, leases, waiters), `ghost`
 //! (deleted-but-open files). The image is written by `image::writer`.
 
+pub mod fd_table;
 pub mod file_locks;
 pub mod files;
 pub mod freeze;
@@ -11,7 +12,7 @@ pub mod ghost;
 pub mod tasks;
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeSet, HashMap, HashSet},
     io::IsTerminal as _,
     path::PathBuf,
     time::{Duration, Instant},
@@ -28,11 +29,16 @@ use crate::{
         format::{FileKind, Fingerprint, Ghost, Image},
         writer::ImageWriter,
     },
-    locks::proc_locks::{self, ProcKind},
+    locks::{
+        proc_locks::{self, ProcKind},
+        KernelDev,
+    },
     tracer::pins::PinDir,
     view::live::LiveMaps,
 };
+use fd_table::FdTable;
 use file_locks::AgentView;
+use files::FoundFd;
 use freeze::{Freezer, Frozen};
 
 pub struct Options {
@@ -69,12 +75,30 @@ impl Phases {
     }
 }
 
+/// The fd tables as read inside the frozen window.
+enum FdsRead {
+    /// From the agent's iterator: records, plus the few reads they still needed.
+    Iter {
+        records: Vec<fd_table::IterFd>,
+        late: files::LateReads,
+    },
+    /// From /proc, one fd at a time, grouped into descriptions with kcmp.
+    Proc {
+        fds: Vec<files::FoundFd>,
+        desc_of: Vec<u32>,
+        files: Vec<crate::image::format::OpenFile>,
+    },
+}
+
 /// What `dump` reports (stdout, or JSON with --json).
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub image: String,
     pub id: String,
     pub source: String,
+    /// Where the fd tables came from: "iterator" (the agent's task_file iterator) or
+    /// "proc" (/proc/PID/fd and fdinfo, one fd at a time).
+    pub fd_tables: String,
     pub frozen_ms: f64,
     pub total_ms: f64,
     pub processes: usize,
@@ -149,6 +173,24 @@ pub fn run(opts: &Options) -> Result<Report> {
         ),
     };
 
+    // With an agent, the fd tables come from its task_file iterator: learn what it
+    // cannot tell (stat device, file handles) now, before freezing.
+    let mut table = match &live {
+        Some(_) => match FdTable::open(&opts.pins) {
+            Ok(t) => Some(t),
+            Err(why) => {
+                eprintln!("ckpt-user: {why:#}; reading fd tables from /proc");
+                None
+            }
+        },
+        None => None,
+    };
+    let before: BTreeSet<u32> = cgroup::pids(&dir)?;
+    let pre = match &mut table {
+        Some(t) => files::prescan(&before, t)?,
+        None => Default::default(),
+    };
+
     let id = image_id();
     let mut writer = ImageWriter::create(&opts.output)?;
     let mut phase = Phases {
@@ -159,7 +201,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     let frozen_ns = frozen.monotonic_ns;
     phase.mark("freeze");
 
-    // ---- frozen from here ----
+    // ---- frozen from here: kernel reads only; assembly waits for the thaw ----
     let pids: BTreeSet<u32> = cgroup::pids(&dir)?;
     if pids.is_empty() {
         bail!(
@@ -191,63 +233,75 @@ pub fn run(opts: &Options) -> Result<Report> {
     };
     phase.mark("agent snapshot");
     let mut processes = Vec::new();
-    let mut all_fds = Vec::new();
-    for &pid in &pids {
-        processes.push(tasks::read(pid)?);
-        all_fds.extend(files::scan(pid)?);
-        tasks::still_alive(pid)?;
-    }
-    phase.mark("processes and fds");
-    let (desc_of, files) = files::descriptions(&all_fds)?;
-    phase.mark("shared descriptions (kcmp)");
-    // Index, not a search per fd: this runs while the cgroup is frozen.
-    let index: std::collections::HashMap<u32, usize> = processes
-        .iter()
-        .enumerate()
-        .map(|(i, p)| (p.pid, i))
-        .collect();
-    for (i, f) in all_fds.iter().enumerate() {
-        let p = &mut processes[index[&f.pid]];
-        p.fds.push(crate::image::format::Fd {
-            fd: f.fd,
-            file: desc_of[i],
-            cloexec: files::cloexec(f),
-        });
-    }
-    let collected = file_locks::collect(
-        &all_fds,
-        &desc_of,
-        &pids,
-        agent.as_ref(),
-        &proc_waiters,
-        frozen_ns,
-    )?;
+    let read = match &mut table {
+        Some(t) => {
+            t.watch(pids.difference(&before).copied(), fd_table::FULL)?;
+            let records = t.read()?;
+            let late = files::late_reads(&records, &pids, &pre)?;
+            phase.mark("fd tables (iterator)");
+            for &pid in &pids {
+                // After the iterator: a process killed meanwhile is caught here.
+                processes.push(tasks::read(pid)?);
+            }
+            FdsRead::Iter { records, late }
+        }
+        None => {
+            let mut fds = Vec::new();
+            for &pid in &pids {
+                processes.push(tasks::read(pid)?);
+                fds.extend(files::scan(pid)?);
+                tasks::still_alive(pid)?;
+            }
+            phase.mark("fd tables (/proc)");
+            let (desc_of, files) = files::descriptions(&fds)?;
+            FdsRead::Proc {
+                fds,
+                desc_of,
+                files,
+            }
+        }
+    };
+    phase.mark("processes and descriptions");
 
-    // Deleted files: reflink or copy while frozen.
-    let leased: HashSet<(String, u64)> = all_fds
+    // Contents must be read while frozen: deleted files, and hashes with --hash.
+    let needed_now;
+    let content_fds: &[FoundFd] = match &read {
+        FdsRead::Proc { fds, .. } => fds,
+        FdsRead::Iter { records, late } => {
+            needed_now = files::assemble(
+                records
+                    .iter()
+                    .filter(|e| opts.hash || files::is_ghost_record(e)),
+                &pids,
+                &pre,
+                late,
+            );
+            &needed_now
+        }
+    };
+    let leased: HashSet<(KernelDev, u64)> = content_fds
         .iter()
         .filter(|f| f.info.locks.iter().any(|l| l.kind == ProcKind::Lease))
-        .map(|f| (f.dev.to_string(), f.ino))
+        .map(|f| (f.dev, f.ino))
         .collect();
     let mut sources = Vec::new();
     let mut seen = HashSet::new();
-    for (i, f) in all_fds.iter().enumerate() {
+    for f in content_fds {
         if !f.is_ghost() || !seen.insert((f.dev, f.ino)) {
             continue;
         }
-        if leased.contains(&(f.dev.to_string(), f.ino)) {
+        if leased.contains(&(f.dev, f.ino)) {
             bail!(
                 "deleted file {} is leased: reading it would break the lease",
                 f.path
             );
         }
-        let file = &files[desc_of[i] as usize];
         sources.push(ghost::prepare(
             ghost::Plan {
                 pid: f.pid,
                 fd: f.fd,
                 ghost: Ghost {
-                    dev: file.dev.clone(),
+                    dev: f.dev.to_string(),
                     ino: f.ino,
                     path: f.path.clone(),
                     size: f.size,
@@ -274,8 +328,76 @@ pub fn run(opts: &Options) -> Result<Report> {
     for s in sources.iter().filter(|s| !s.cloned) {
         ghosts.push(ghost::copy(s, &mut writer, progress.as_ref())?);
     }
+    let mut hashes: HashMap<(KernelDev, u64), String> = HashMap::new();
+    if opts.hash {
+        for f in content_fds
+            .iter()
+            .filter(|f| f.kind() == FileKind::Regular && !f.is_ghost())
+        {
+            if hashes.contains_key(&(f.dev, f.ino)) {
+                continue;
+            }
+            if leased.contains(&(f.dev, f.ino)) {
+                bail!(
+                    "cannot hash {}: it is leased, and reading it would break the lease",
+                    f.path
+                );
+            }
+            hashes.insert((f.dev, f.ino), sha256_of(f.pid, f.fd)?);
+        }
+    }
+    phase.mark("deleted files and hashes");
+    let frozen_for = frozen.thaw()?;
+    // ---- thawed ----
 
-    // Fingerprints of regular files.
+    for s in sources.iter().filter(|s| s.cloned) {
+        ghosts.push(ghost::copy(s, &mut writer, progress.as_ref())?);
+    }
+    if let Some(p) = progress {
+        p.finish_and_clear();
+    }
+    let (all_fds, desc_of, files, owners) = match read {
+        FdsRead::Proc {
+            fds,
+            desc_of,
+            files,
+        } => (fds, desc_of, files, HashMap::new()),
+        FdsRead::Iter { records, late } => {
+            let fds = files::assemble(&records, &pids, &pre, &late);
+            let (desc_of, files) = files::descriptions_by_file(&fds);
+            let owners = fds
+                .iter()
+                .zip(&desc_of)
+                .filter_map(|(f, d)| f.kernel.map(|k| (k.file, *d)))
+                .collect();
+            (fds, desc_of, files, owners)
+        }
+    };
+    // Index, not a search per fd.
+    let index: HashMap<u32, usize> = processes
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.pid, i))
+        .collect();
+    for (i, f) in all_fds.iter().enumerate() {
+        let p = &mut processes[index[&f.pid]];
+        p.fds.push(crate::image::format::Fd {
+            fd: f.fd,
+            file: desc_of[i],
+            cloexec: files::cloexec(f),
+        });
+    }
+    let collected = file_locks::collect(
+        &all_fds,
+        &desc_of,
+        &pids,
+        agent.as_ref(),
+        &proc_waiters,
+        frozen_ns,
+        owners,
+    )?;
+
+    // Fingerprints of regular files, as they were at the freeze.
     let mut fingerprints = Vec::new();
     let mut seen = HashSet::new();
     for f in all_fds
@@ -285,17 +407,6 @@ pub fn run(opts: &Options) -> Result<Report> {
         if !seen.insert((f.dev, f.ino)) {
             continue;
         }
-        let sha256 = if opts.hash {
-            if leased.contains(&(f.dev.to_string(), f.ino)) {
-                bail!(
-                    "cannot hash {}: it is leased, and reading it would break the lease",
-                    f.path
-                );
-            }
-            Some(sha256_of(f.pid, f.fd)?)
-        } else {
-            None
-        };
         fingerprints.push(Fingerprint {
             path: f.path.clone(),
             dev: f.dev.to_string(),
@@ -304,18 +415,8 @@ pub fn run(opts: &Options) -> Result<Report> {
             mtime_ns: f.mtime_ns,
             ctime_ns: f.ctime_ns,
             handle: f.handle.clone(),
-            sha256,
+            sha256: hashes.get(&(f.dev, f.ino)).cloned(),
         });
-    }
-    phase.mark("deleted files and fingerprints");
-    let frozen_for = frozen.thaw()?;
-    // ---- thawed ----
-
-    for s in sources.iter().filter(|s| s.cloned) {
-        ghosts.push(ghost::copy(s, &mut writer, progress.as_ref())?);
-    }
-    if let Some(p) = progress {
-        p.finish_and_clear();
     }
     let fds = all_fds.len();
     let image = Image {
@@ -355,6 +456,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         image: path.display().to_string(),
         id,
         source: image.source.clone(),
+        fd_tables: if table.is_some() { "iterator" } else { "proc" }.into(),
         frozen_ms: frozen_for.as_secs_f64() * 1e3,
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
         processes: image.processes.len(),

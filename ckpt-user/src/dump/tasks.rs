@@ -21,6 +21,11 @@ fn ids(status: &str, key: &str) -> Vec<u32> {
 pub fn still_alive(pid: u32) -> Result<()> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("process {pid} exited during the dump"))?;
+    alive_in(pid, &status)
+}
+
+/// The same check on a `status` text already read.
+fn alive_in(pid: u32, status: &str) -> Result<()> {
     let state = status
         .lines()
         .find_map(|l| l.strip_prefix("State:"))
@@ -38,7 +43,7 @@ pub fn read(pid: u32) -> Result<Process> {
     let status = std::fs::read_to_string(format!("{dir}/status"))
         .with_context(|| format!("process {pid} exited during the dump"))?;
     // A zombie (killed while frozen) still has /proc entries, but no files.
-    still_alive(pid)?;
+    alive_in(pid, &status)?;
     let uid = ids(&status, "Uid:");
     let gid = ids(&status, "Gid:");
     let cmdline = std::fs::read(format!("{dir}/cmdline")).unwrap_or_default();

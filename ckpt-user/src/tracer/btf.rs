@@ -14,6 +14,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 const MAGIC: u16 = 0xeb9f;
 
 const KIND_INT: u32 = 1;
+const KIND_PTR: u32 = 2;
 const KIND_ARRAY: u32 = 3;
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
@@ -182,8 +183,28 @@ impl Btf {
         None
     }
 
+    /// Whether member `path` of struct `strukt` is a pointer (struct members that
+    /// became pointers between kernels, e.g. `file.f_owner` in 6.12).
+    pub fn is_pointer(&self, strukt: &str, path: &str) -> Result<bool> {
+        Ok(self.walk(strukt, path)?.1.kind == KIND_PTR)
+    }
+
+    /// Whether struct `strukt` has a member `path`.
+    pub fn has_member(&self, strukt: &str, path: &str) -> bool {
+        self.walk(strukt, path).is_ok()
+    }
+
     /// Byte offset of `path` ("c.flc_flags") inside struct `strukt`.
     pub fn offset_of(&self, strukt: &str, path: &str) -> Result<u32> {
+        let (bits, _) = self.walk(strukt, path)?;
+        if !bits.is_multiple_of(8) {
+            bail!("{strukt}.{path} is a bitfield");
+        }
+        Ok(bits / 8)
+    }
+
+    /// Follows `path` from struct `strukt`: (bit offset, the member's type).
+    fn walk(&self, strukt: &str, path: &str) -> Result<(u32, &Type)> {
         let id = *self
             .structs
             .get(strukt)
@@ -197,10 +218,7 @@ impl Btf {
             bits += off;
             t = self.resolve(ty)?;
         }
-        if !bits.is_multiple_of(8) {
-            bail!("{strukt}.{path} is a bitfield");
-        }
-        Ok(bits / 8)
+        Ok((bits, t))
     }
 }
 

@@ -8,8 +8,8 @@ use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use ckpt_common::offsets::{
-    AddLeaseTpOffsets, BreakTpOffsets, FlockListOffsets, KernelLayout, LeaseStructOffsets,
-    LeaseTpOffsets, LockTpOffsets, SyscallTpOffsets,
+    AddLeaseTpOffsets, BreakTpOffsets, FileIterOffsets, FlockListOffsets, KernelLayout,
+    LeaseStructOffsets, LeaseTpOffsets, LockTpOffsets, SyscallTpOffsets,
 };
 
 use super::btf::Btf;
@@ -175,6 +175,83 @@ pub fn flock_list_offsets(btf: &Btf) -> Result<FlockListOffsets> {
     })
 }
 
+/// Offsets for the task_file iterator, from BTF. Inode timestamps moved twice: a
+/// `struct timespec64 i_mtime` (6.1), `__i_mtime`/`__i_ctime` (6.6-6.10), then
+/// separate `i_mtime_sec`/`i_mtime_nsec` fields (6.11+).
+pub fn file_iter_offsets(btf: &Btf) -> Result<FileIterOffsets> {
+    let first = |s: &str, names: &[&str]| -> Result<u32> {
+        names
+            .iter()
+            .find_map(|n| btf.offset_of(s, n).ok())
+            .ok_or_else(|| anyhow!("struct {s} has none of the members {names:?}"))
+    };
+    let (mtime_sec, mtime_nsec, ctime_sec, ctime_nsec) = if btf.has_member("inode", "i_mtime_sec") {
+        (
+            btf.offset_of("inode", "i_mtime_sec")?,
+            btf.offset_of("inode", "i_mtime_nsec")?,
+            btf.offset_of("inode", "i_ctime_sec")?,
+            btf.offset_of("inode", "i_ctime_nsec")?,
+        )
+    } else {
+        let m = first("inode", &["i_mtime", "__i_mtime"])?;
+        let c = first("inode", &["i_ctime", "__i_ctime"])?;
+        let nsec = btf.offset_of("timespec64", "tv_nsec")?;
+        (m, m + nsec, c, c + nsec)
+    };
+    let common = |name: &str| -> Result<u32> {
+        if btf.has_struct("file_lock_core") {
+            btf.offset_of("file_lock", &format!("c.flc_{name}"))
+        } else {
+            btf.offset_of("file_lock", &format!("fl_{name}"))
+        }
+    };
+    let mount_mnt = btf.offset_of("mount", "mnt")?;
+    let mount_id = btf.offset_of("mount", "mnt_id")?;
+    Ok(FileIterOffsets {
+        task_tgid: btf.offset_of("task_struct", "tgid")?,
+        task_files: btf.offset_of("task_struct", "files")?,
+        files_fdt: btf.offset_of("files_struct", "fdt")?,
+        fdt_close_on_exec: btf.offset_of("fdtable", "close_on_exec")?,
+        file_pos: btf.offset_of("file", "f_pos")?,
+        file_flags: btf.offset_of("file", "f_flags")?,
+        file_mode: btf.offset_of("file", "f_mode")?,
+        file_inode: btf.offset_of("file", "f_inode")?,
+        file_path: btf.offset_of("file", "f_path")?,
+        file_mnt: btf.offset_of("file", "f_path.mnt")?,
+        file_owner: btf.offset_of("file", "f_owner")?,
+        owner_is_ptr: btf.is_pointer("file", "f_owner")? as u32,
+        fown_pid: btf.offset_of("fown_struct", "pid")?,
+        fown_pid_type: btf.offset_of("fown_struct", "pid_type")?,
+        fown_signum: btf.offset_of("fown_struct", "signum")?,
+        pid_nr: btf.offset_of("pid", "numbers")? + btf.offset_of("upid", "nr")?,
+        vfsmount_mnt_id: mount_id as i32 - mount_mnt as i32,
+        inode_ino: btf.offset_of("inode", "i_ino")?,
+        inode_sb: btf.offset_of("inode", "i_sb")?,
+        inode_mode: btf.offset_of("inode", "i_mode")?,
+        inode_nlink: btf.offset_of("inode", "i_nlink")?,
+        inode_size: btf.offset_of("inode", "i_size")?,
+        inode_blocks: btf.offset_of("inode", "i_blocks")?,
+        inode_generation: btf.offset_of("inode", "i_generation")?,
+        inode_mtime_sec: mtime_sec,
+        inode_mtime_nsec: mtime_nsec,
+        inode_ctime_sec: ctime_sec,
+        inode_ctime_nsec: ctime_nsec,
+        sb_dev: btf.offset_of("super_block", "s_dev")?,
+        inode_flctx: btf.offset_of("inode", "i_flctx")?,
+        ctx_posix: btf.offset_of("file_lock_context", "flc_posix")?,
+        ctx_flock: btf.offset_of("file_lock_context", "flc_flock")?,
+        ctx_lease: btf.offset_of("file_lock_context", "flc_lease")?,
+        lock_list: common("list")?,
+        lock_file: common("file")?,
+        lock_owner: common("owner")?,
+        lock_flags: common("flags")?,
+        lock_type: common("type")?,
+        lock_pid: common("pid")?,
+        lock_start: btf.offset_of("file_lock", "fl_start")?,
+        lock_end: btf.offset_of("file_lock", "fl_end")?,
+    })
+}
+
 /// Reads this kernel's format files and BTF and builds the layout the programs need.
 pub fn resolve_layout() -> Result<KernelLayout> {
     let posix = Format::read("filelock", "posix_lock_inode")?;
@@ -227,6 +304,7 @@ pub fn resolve_layout() -> Result<KernelLayout> {
         },
         lease_struct: lease_struct_offsets(&btf).context("lease struct offsets from BTF")?,
         flock_list: flock_list_offsets(&btf).context("flock list offsets from BTF")?,
+        files: file_iter_offsets(&btf).context("file offsets from BTF")?,
         valid: 1,
     })
 }

@@ -11,7 +11,7 @@ use std::fs;
 
 use anyhow::{Context as _, Result};
 use aya::{
-    programs::{links::FdLink, TracePoint},
+    programs::{links::FdLink, Iter, TracePoint},
     Ebpf, EbpfLoader,
 };
 use tracing::{debug, info};
@@ -83,19 +83,41 @@ pub fn load_and_attach(pins: &PinDir, max_locks: Option<u32>) -> Result<Loaded> 
             .attach(category, tp)
             .with_context(|| format!("attaching {prog_name} to {category}:{tp}"))?;
         let link: FdLink = prog.take_link(link_id)?.try_into()?;
-
-        // Replace the previous agent's pins only now that the new program is attached.
-        let link_pin = pins.links_dir().join(prog_name);
-        let prog_pin = pins.progs_dir().join(prog_name);
-        for old in [&link_pin, &prog_pin] {
-            if old.exists() {
-                fs::remove_file(old).with_context(|| format!("removing old pin {old:?}"))?;
-            }
-        }
-        link.pin(&link_pin)
-            .with_context(|| format!("pinning link {link_pin:?}"))?;
-        prog.pin(&prog_pin)
-            .with_context(|| format!("pinning program {prog_pin:?}"))?;
+        replace_pins(pins, prog_name, link, |p| prog.pin(p))?;
     }
+
+    // The fd-table iterator: reading its pinned link runs it (`dump::fd_iter`).
+    let name = ckpt_common::names::TASK_FILES;
+    let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+    let prog: &mut Iter = ebpf
+        .program_mut(name)
+        .with_context(|| format!("program {name} missing from object"))?
+        .try_into()?;
+    prog.load("task_file", &btf)
+        .with_context(|| format!("loading the {name} iterator"))?;
+    let link_id = prog.attach().context("attaching the task_file iterator")?;
+    let link: FdLink = prog.take_link(link_id)?.try_into()?;
+    replace_pins(pins, name, link, |p| prog.pin(p))?;
     Ok(Loaded { ebpf, adopted })
+}
+
+/// Pins a freshly attached program and its link under `name`, replacing the previous
+/// agent's pins only now that the new program is attached.
+fn replace_pins(
+    pins: &PinDir,
+    name: &str,
+    link: FdLink,
+    pin_prog: impl FnOnce(&std::path::Path) -> Result<(), aya::pin::PinError>,
+) -> Result<()> {
+    let link_pin = pins.links_dir().join(name);
+    let prog_pin = pins.progs_dir().join(name);
+    for old in [&link_pin, &prog_pin] {
+        if old.exists() {
+            fs::remove_file(old).with_context(|| format!("removing old pin {old:?}"))?;
+        }
+    }
+    link.pin(&link_pin)
+        .with_context(|| format!("pinning link {link_pin:?}"))?;
+    pin_prog(&prog_pin).with_context(|| format!("pinning program {prog_pin:?}"))?;
+    Ok(())
 }

@@ -5,7 +5,10 @@
 //! reaches the producer position observed at the call, so a reader sees every lock
 //! change the kernel made before it looked.
 
-use std::time::{Duration, Instant};
+use std::{
+    os::fd::{AsFd as _, OwnedFd},
+    time::{Duration, Instant},
+};
 
 use anyhow::{bail, Context as _, Result};
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray};
@@ -16,7 +19,10 @@ use ckpt_common::{
     names,
 };
 
-use crate::tracer::{pins::PinDir, ring::RingObserver};
+use crate::{
+    sys::map_batch,
+    tracer::{pins::PinDir, ring::RingObserver},
+};
 
 pub struct LiveMaps {
     pub locks: HashMap<MapData, LockKey, LockRecord>,
@@ -25,6 +31,9 @@ pub struct LiveMaps {
     pub counters: PerCpuArray<MapData, u64>,
     pub stats: Array<MapData, u64>,
     ring: RingObserver,
+    /// The same maps again, for batched reads (aya keeps its fds private).
+    locks_fd: OwnedFd,
+    leases_fd: OwnedFd,
 }
 
 /// The agent's tables at one instant.
@@ -65,6 +74,14 @@ impl LiveMaps {
                 )?))?,
                 stats: Array::try_from(Map::Array(open_map(pins, names::AGENT_STATS)?))?,
                 ring: RingObserver::open(open_map(pins, names::LOCK_EVENTS)?)?,
+                locks_fd: open_map(pins, names::LOCKS)?
+                    .fd()
+                    .as_fd()
+                    .try_clone_to_owned()?,
+                leases_fd: open_map(pins, names::LEASES)?
+                    .fd()
+                    .as_fd()
+                    .try_clone_to_owned()?,
             })
         };
         open().map_err(|e| Unavailable::Maps(pins.root().display().to_string(), format!("{e:#}")))
@@ -98,8 +115,8 @@ impl LiveMaps {
                 continue;
             }
             let snap = Snapshot {
-                locks: self.locks.iter().collect::<Result<_, _>>()?,
-                leases: self.leases.iter().collect::<Result<_, _>>()?,
+                locks: map_batch::dump(self.locks_fd.as_fd())?,
+                leases: map_batch::dump(self.leases_fd.as_fd())?,
             };
             if self.stat(AgentStat::FlushSeq)? == before {
                 return Ok(snap);

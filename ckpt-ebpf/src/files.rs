@@ -1,0 +1,246 @@
+//! The task_file iterator: one record per fd of every process named in `FD_FILTER`,
+//! with what /proc/PID/fd (path), fdinfo (pos, flags, mnt_id) and fstat (inode
+//! facts) would tell, plus the kernel identities /proc hides: the open file
+//! description and the fd table, which are the owners of OFD/flock and POSIX locks.
+//!
+//! `ckpt-user dump` reads the pinned iterator once while the cgroup is frozen, instead
+//! of four /proc reads and a pidfd_getfd per fd. BPF iterators are tracing programs
+//! that, unlike fentry, load on our hosts (see TOOLCHAIN.md).
+
+use core::{ffi::c_void, ptr::read_volatile};
+
+use aya_ebpf::{
+    helpers::{
+        bpf_probe_read_kernel,
+        generated::{bpf_d_path, bpf_seq_write},
+    },
+    macros::map,
+    maps::{LruHashMap, PerCpuArray},
+};
+use ckpt_common::{
+    capacity,
+    files::{
+        filter, list, tag, FdScratch, FD_RECORD_SIZE, LOCK_LINE_SIZE, LOCK_LIST_MAX, PATH_MAX,
+    },
+};
+
+use crate::maps::{ready, LAYOUT};
+
+const O_CLOEXEC: u32 = 0o2000000;
+
+/// tgid -> `files::filter` mode. Written by `ckpt-user dump`.
+#[map]
+pub static FD_FILTER: LruHashMap<u32, u32> = LruHashMap::pinned(capacity::FD_FILTER, 0);
+
+/// Room for one record and its path (too big for the 512-byte stack). Iterators run
+/// with migration disabled, so a per-CPU slot is ours for the whole call.
+#[map]
+static FD_SCRATCH: PerCpuArray<FdScratch> = PerCpuArray::with_max_entries(1, 0);
+
+/// `struct bpf_iter_meta`.
+#[repr(C)]
+pub struct IterMeta {
+    seq: *mut c_void,
+}
+
+/// `struct bpf_iter__task_file`: every argument takes an 8-byte slot.
+#[repr(C)]
+pub struct TaskFileCtx {
+    meta: *const IterMeta,
+    task: u64,
+    fd: u32,
+    _pad: u32,
+    file: *const u8,
+}
+
+#[inline(always)]
+fn kread<T>(addr: u64) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an error.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }
+}
+
+/// Reads a layout field directly, so that the verifier sees a constant (the layout is
+/// a frozen read-only map): `bpf_d_path` needs `&file->f_path` at a known offset.
+macro_rules! offset {
+    ($field:ident) => {
+        // SAFETY: a read-only global of plain data.
+        unsafe { read_volatile(&LAYOUT.files.$field) }
+    };
+}
+
+#[unsafe(link_section = "iter/task_file")]
+#[unsafe(no_mangle)]
+pub extern "C" fn task_files(ctx: *const TaskFileCtx) -> i32 {
+    if ready() {
+        let _ = emit(ctx);
+    }
+    0
+}
+
+#[inline(always)]
+fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
+    // SAFETY: the kernel passes a valid context; fields are read one at a time with
+    // their own sizes, as the verifier requires.
+    let (file, task, fd) = unsafe {
+        (
+            read_volatile(&(*ctx).file),
+            read_volatile(&(*ctx).task),
+            read_volatile(&(*ctx).fd),
+        )
+    };
+    // The last call of a session has no task and no file.
+    if file.is_null() || task == 0 {
+        return Ok(());
+    }
+    let tgid: u32 = kread(task + offset!(task_tgid) as u64)?;
+    // SAFETY: value of our own map, plain data.
+    let Some(mode) = (unsafe { FD_FILTER.get(&tgid) }).copied() else {
+        return Ok(());
+    };
+    let scratch = FD_SCRATCH.get_ptr_mut(0).ok_or(-1i32)?;
+    // SAFETY: per-CPU slot, exclusively ours for this call.
+    let r = unsafe { &mut (*scratch).record };
+    let f = file as u64;
+    r.tag = tag::FD;
+    r.tgid = tgid;
+    r.fd = fd;
+    r.file = f;
+
+    let files: u64 = kread(task + offset!(task_files) as u64)?;
+    r.files = files;
+    let fdt: u64 = kread(files + offset!(files_fdt) as u64)?;
+    let cloexec: u64 = kread(fdt + offset!(fdt_close_on_exec) as u64)?;
+    let word: u64 = kread(cloexec + (fd as u64 / 64) * 8)?;
+    let flags: u32 = kread(f + offset!(file_flags) as u64)?;
+    r.flags = if (word >> (fd % 64)) & 1 != 0 {
+        flags | O_CLOEXEC
+    } else {
+        flags
+    };
+    r.pos = kread(f + offset!(file_pos) as u64)?;
+    r.f_mode = kread(f + offset!(file_mode) as u64)?;
+
+    let mnt: u64 = kread(f + offset!(file_mnt) as u64)?;
+    r.mnt_id = kread((mnt as i64 + offset!(vfsmount_mnt_id) as i64) as u64)?;
+
+    // F_GETOWN_EX / F_GETSIG: embedded before 6.12, allocated on first use since.
+    let fown = if offset!(owner_is_ptr) != 0 {
+        kread::<u64>(f + offset!(file_owner) as u64)?
+    } else {
+        f + offset!(file_owner) as u64
+    };
+    r.owner_pid = 0;
+    r.owner_type = 0;
+    r.signum = 0;
+    if fown != 0 {
+        let pid: u64 = kread(fown + offset!(fown_pid) as u64)?;
+        if pid != 0 {
+            r.owner_pid = kread(pid + offset!(pid_nr) as u64)?;
+            r.owner_type = kread(fown + offset!(fown_pid_type) as u64)?;
+        }
+        r.signum = kread(fown + offset!(fown_signum) as u64)?;
+    }
+
+    let inode: u64 = kread(f + offset!(file_inode) as u64)?;
+    r.ino = kread(inode + offset!(inode_ino) as u64)?;
+    r.i_mode = kread::<u16>(inode + offset!(inode_mode) as u64)? as u32;
+    r.nlink = kread(inode + offset!(inode_nlink) as u64)?;
+    r.size = kread(inode + offset!(inode_size) as u64)?;
+    r.blocks = kread(inode + offset!(inode_blocks) as u64)?;
+    r.generation = kread(inode + offset!(inode_generation) as u64)?;
+    r.mtime_sec = kread(inode + offset!(inode_mtime_sec) as u64)?;
+    r.ctime_sec = kread(inode + offset!(inode_ctime_sec) as u64)?;
+    // The top bits of the nanoseconds may carry flags (multigrain ctime, 6.13+).
+    r.mtime_nsec = kread::<u32>(inode + offset!(inode_mtime_nsec) as u64)? & 0x3fff_ffff;
+    r.ctime_nsec = kread::<u32>(inode + offset!(inode_ctime_nsec) as u64)? & 0x3fff_ffff;
+    let sb: u64 = kread(inode + offset!(inode_sb) as u64)?;
+    r.s_dev = kread(sb + offset!(sb_dev) as u64)?;
+
+    r.path_len = 0;
+    if mode == filter::FULL {
+        let at = offset!(file_path) as usize;
+        // SAFETY: `&file->f_path` of a trusted file pointer; the buffer is our scratch.
+        let n = unsafe {
+            bpf_d_path(
+                file.add(at) as *mut _,
+                (*scratch).path.as_mut_ptr() as *mut _,
+                PATH_MAX as u32,
+            )
+        };
+        if n > 0 && (n as usize) < PATH_MAX {
+            r.path_len = n as u32;
+        }
+    }
+    let len = FD_RECORD_SIZE as u32 + (r.path_len & (PATH_MAX as u32 - 1));
+    // SAFETY: meta and seq are the kernel's for this session; the scratch holds `len`.
+    let seq = unsafe {
+        let meta = read_volatile(&(*ctx).meta);
+        read_volatile(&(*meta).seq)
+    };
+    // SAFETY: the scratch holds `len` bytes.
+    unsafe { bpf_seq_write(seq as *mut _, scratch as *const c_void, len) };
+
+    // The fd's lock lines, from the inode's lists (what fdinfo prints). Frozen holders
+    // cannot change them; the walk is bounded, and cut short it says so.
+    let flctx: u64 = kread(inode + offset!(inode_flctx) as u64)?;
+    if flctx == 0 {
+        return Ok(());
+    }
+    // SAFETY: per-CPU slot, exclusively ours for this call.
+    let line = unsafe { &mut (*scratch).line };
+    line.tag = tag::LOCK;
+    for (which, head_off) in [
+        (list::POSIX, offset!(ctx_posix)),
+        (list::FLOCK, offset!(ctx_flock)),
+        (list::LEASE, offset!(ctx_lease)),
+    ] {
+        let head = flctx + head_off as u64;
+        let mut node: u64 = kread(head)?;
+        let mut ended = false;
+        for _ in 0..LOCK_LIST_MAX {
+            if node == head || node == 0 {
+                ended = true;
+                break;
+            }
+            let lock = node - offset!(lock_list) as u64;
+            let lfile: u64 = kread(lock + offset!(lock_file) as u64)?;
+            let owner: u64 = kread(lock + offset!(lock_owner) as u64)?;
+            if lfile == f && (owner == files || owner == f) {
+                line.list = which;
+                line.owner = owner;
+                line.flags = kread(lock + offset!(lock_flags) as u64)?;
+                line.lock_type = kread::<u8>(lock + offset!(lock_type) as u64)? as u32;
+                line.pid = kread(lock + offset!(lock_pid) as u64)?;
+                if which == list::LEASE {
+                    line.start = 0;
+                    line.end = i64::MAX;
+                } else {
+                    line.start = kread(lock + offset!(lock_start) as u64)?;
+                    line.end = kread(lock + offset!(lock_end) as u64)?;
+                }
+                // SAFETY: the line is LOCK_LINE_SIZE bytes of our scratch.
+                unsafe {
+                    bpf_seq_write(
+                        seq as *mut _,
+                        line as *const _ as *const c_void,
+                        LOCK_LINE_SIZE as u32,
+                    )
+                };
+            }
+            node = kread(node)?;
+        }
+        if !ended {
+            line.list = list::TRUNCATED;
+            // SAFETY: as above.
+            unsafe {
+                bpf_seq_write(
+                    seq as *mut _,
+                    line as *const _ as *const c_void,
+                    LOCK_LINE_SIZE as u32,
+                )
+            };
+            return Ok(());
+        }
+    }
+    Ok(())
+}
