@@ -6,7 +6,7 @@
 //! change the kernel made before it looked.
 
 use std::{
-    os::fd::{AsFd as _, OwnedFd},
+    os::fd::AsFd as _,
     time::{Duration, Instant},
 };
 
@@ -25,15 +25,13 @@ use crate::{
 };
 
 pub struct LiveMaps {
-    pub locks: HashMap<MapData, LockKey, LockRecord>,
-    pub leases: HashMap<MapData, LeaseKey, LeaseRecord>,
+    /// LOCKS and LEASES are read whole, in batches (`sys::map_batch`).
+    locks: MapData,
+    leases: MapData,
     pub waiters: HashMap<MapData, u32, Waiter>,
     pub counters: PerCpuArray<MapData, u64>,
     pub stats: Array<MapData, u64>,
     ring: RingObserver,
-    /// The same maps again, for batched reads (aya keeps its fds private).
-    locks_fd: OwnedFd,
-    leases_fd: OwnedFd,
 }
 
 /// The agent's tables at one instant.
@@ -65,8 +63,8 @@ impl LiveMaps {
         }
         let open = || -> Result<LiveMaps> {
             Ok(LiveMaps {
-                locks: HashMap::try_from(Map::HashMap(open_map(pins, names::LOCKS)?))?,
-                leases: HashMap::try_from(Map::HashMap(open_map(pins, names::LEASES)?))?,
+                locks: open_map(pins, names::LOCKS)?,
+                leases: open_map(pins, names::LEASES)?,
                 waiters: HashMap::try_from(Map::HashMap(open_map(pins, names::WAITERS)?))?,
                 counters: PerCpuArray::try_from(Map::PerCpuArray(open_map(
                     pins,
@@ -74,14 +72,6 @@ impl LiveMaps {
                 )?))?,
                 stats: Array::try_from(Map::Array(open_map(pins, names::AGENT_STATS)?))?,
                 ring: RingObserver::open(open_map(pins, names::LOCK_EVENTS)?)?,
-                locks_fd: open_map(pins, names::LOCKS)?
-                    .fd()
-                    .as_fd()
-                    .try_clone_to_owned()?,
-                leases_fd: open_map(pins, names::LEASES)?
-                    .fd()
-                    .as_fd()
-                    .try_clone_to_owned()?,
             })
         };
         open().map_err(|e| Unavailable::Maps(pins.root().display().to_string(), format!("{e:#}")))
@@ -115,8 +105,8 @@ impl LiveMaps {
                 continue;
             }
             let snap = Snapshot {
-                locks: map_batch::dump(self.locks_fd.as_fd())?,
-                leases: map_batch::dump(self.leases_fd.as_fd())?,
+                locks: map_batch::dump(self.locks.fd().as_fd())?,
+                leases: map_batch::dump(self.leases.fd().as_fd())?,
             };
             if self.stat(AgentStat::FlushSeq)? == before {
                 return Ok(snap);
