@@ -67,6 +67,12 @@ impl FdTable {
         Ok(())
     }
 
+    /// Stops asking for `pid`'s fds.
+    pub fn unwatch(&mut self, pid: u32) {
+        let _ = self.filter.remove(&pid);
+        self.added.retain(|p| *p != pid);
+    }
+
     /// Runs the iterator once: every fd of every watched process (of any dump).
     pub fn read(&self) -> Result<Vec<IterFd>> {
         let mut f = std::fs::File::open(&self.link)

@@ -154,73 +154,71 @@ fn key_of(r: &FdRecord) -> InodeKey {
 /// How many fds of other processes are held at once while learning their inodes.
 const PRESCAN_BATCH: usize = 2048;
 
-/// Before the freeze: stat() device and file handle of every inode the processes have
-/// open. Each fd is borrowed with pidfd_getfd (which opens nothing: no lease breaks)
-/// and the iterator, run on our own fd table, names its inode. Best effort: an fd
-/// closed meanwhile is simply missed, and looked at inside the frozen window instead.
+/// Before the freeze, from one iterator read with paths: every fd's path, and per
+/// inode what the iterator cannot tell (stat() device, file handle). For those, one
+/// fd per inode is borrowed with pidfd_getfd (which opens nothing: no lease breaks)
+/// and the iterator, run on our own fd table, confirms which inode it is. Best effort:
+/// an fd closed meanwhile is looked at inside the frozen window instead.
+///
+/// Paths are taken here because d_path is the iterator's costliest part; inside the
+/// window a path is reused when the same description is still open on the same inode.
+/// A rename in these few milliseconds is like one just after the thaw: restore checks
+/// identity (dev, inode, handle), never the name alone.
 pub fn prescan(pids: &BTreeSet<u32>, table: &mut FdTable) -> Result<Prescan> {
-    let me = std::process::id();
-    table.watch([me], fd_table::NO_PATH)?;
-    let mut facts = HashMap::new();
-    let mut batch: Vec<OwnedFd> = Vec::new();
-    let flush =
-        |batch: &mut Vec<OwnedFd>, facts: &mut HashMap<InodeKey, InodeFacts>| -> Result<()> {
-            if batch.is_empty() {
-                return Ok(());
-            }
-            let by_fd: HashMap<i32, &OwnedFd> = batch.iter().map(|d| (d.as_raw_fd(), d)).collect();
-            for e in table.read()?.iter().filter(|e| e.rec.tgid == me) {
-                let Some(dup) = by_fd.get(&(e.rec.fd as i32)) else {
-                    continue;
-                };
-                if let std::collections::hash_map::Entry::Vacant(v) = facts.entry(key_of(&e.rec)) {
-                    let Ok(md) = nix::sys::stat::fstat(dup.as_raw_fd()) else {
-                        continue;
-                    };
-                    v.insert(InodeFacts {
-                        st_dev: md.st_dev,
-                        handle: pidfd::file_handle(dup),
-                    });
-                }
-            }
-            batch.clear();
-            Ok(())
-        };
-    for &pid in pids {
-        let Ok(pidfd) = pidfd::pidfd_open(pid) else {
-            continue;
-        };
-        let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-            continue;
-        };
-        for fd in entries
-            .flatten()
-            .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()))
-        {
-            if let Ok(dup) = pidfd::pidfd_getfd(&pidfd, fd) {
-                batch.push(dup);
-            }
-            if batch.len() >= PRESCAN_BATCH {
-                flush(&mut batch, &mut facts)?;
-            }
-        }
-    }
-    flush(&mut batch, &mut facts)?;
-    // Paths now (d_path is the iterator's costliest part); inside the window the
-    // iterator skips it and a path is reused when the same description is still open
-    // on the same inode. A rename in these few milliseconds is like one just after the
-    // thaw: restore checks identity (dev, inode, handle), never the name alone.
     table.watch(pids.iter().copied(), fd_table::FULL)?;
     let mut paths = HashMap::new();
+    let mut one_fd_per_inode: HashMap<InodeKey, (u32, u32)> = HashMap::new();
     for e in table
         .read()?
         .into_iter()
         .filter(|e| pids.contains(&e.rec.tgid))
     {
+        one_fd_per_inode
+            .entry(key_of(&e.rec))
+            .or_insert((e.rec.tgid, e.rec.fd));
         if let Some(p) = e.path {
             paths.insert(e.rec.file, (key_of(&e.rec), p));
         }
     }
+    // Our own fd table only, while borrowing: each read walks whatever is watched.
+    for &pid in pids {
+        table.unwatch(pid);
+    }
+    let me = std::process::id();
+    table.watch([me], fd_table::NO_PATH)?;
+    let mut facts = HashMap::new();
+    let mut pidfds: HashMap<u32, Option<OwnedFd>> = HashMap::new();
+    let mut wanted: Vec<(u32, u32)> = one_fd_per_inode.into_values().collect();
+    wanted.sort_unstable();
+    for chunk in wanted.chunks(PRESCAN_BATCH) {
+        let mut borrowed: HashMap<i32, OwnedFd> = HashMap::new();
+        for &(pid, fd) in chunk {
+            let pidfd = pidfds
+                .entry(pid)
+                .or_insert_with(|| pidfd::pidfd_open(pid).ok());
+            if let Some(dup) = pidfd
+                .as_ref()
+                .and_then(|p| pidfd::pidfd_getfd(p, fd as i32).ok())
+            {
+                borrowed.insert(dup.as_raw_fd(), dup);
+            }
+        }
+        for e in table.read()?.iter().filter(|e| e.rec.tgid == me) {
+            let Some(dup) = borrowed.get(&(e.rec.fd as i32)) else {
+                continue;
+            };
+            if let Ok(md) = nix::sys::stat::fstat(dup.as_raw_fd()) {
+                facts.insert(
+                    key_of(&e.rec),
+                    InodeFacts {
+                        st_dev: md.st_dev,
+                        handle: pidfd::file_handle(dup),
+                    },
+                );
+            }
+        }
+    }
+    table.unwatch(me);
     table.watch(pids.iter().copied(), fd_table::NO_PATH)?;
     Ok(Prescan { facts, paths })
 }
