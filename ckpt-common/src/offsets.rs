@@ -75,31 +75,52 @@ pub struct BreakTpOffsets {
 
 /// Offsets inside the kernel's lease object (struct file_lease on 6.9+, struct
 /// file_lock before), resolved from BTF. Read at break time, under flc_lock, to learn
-/// the exact break deadline the kernel set.
+/// the exact break deadline the kernel set. Its owner, flags, type and pid are where
+/// any lock has them ([`LockListOffsets`]).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LeaseStructOffsets {
-    pub owner: u32,
-    pub flags: u32,
-    pub lease_type: u32,
-    pub pid: u32,
     pub break_time: u32,
     pub downgrade_time: u32,
 }
 
-/// Offsets for reading an inode's flock list from a lock request (BTF): request ->
-/// file -> inode -> lock context -> flc_flock list of locks.
+/// An inode's lock lists (struct file_lock_context) and the fields every lock in
+/// them has: the common part, which starts both struct file_lock and struct
+/// file_lease on 6.9+ (`c`), and the fields of struct file_lock before. From BTF.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct FlockListOffsets {
-    pub req_file: u32,
-    pub file_inode: u32,
+pub struct LockListOffsets {
     pub inode_flctx: u32,
+    pub ctx_posix: u32,
     pub ctx_flock: u32,
-    /// The list node inside a lock, and the lock's file and type.
-    pub lock_list: u32,
-    pub lock_file: u32,
+    pub ctx_lease: u32,
+    /// The list node inside a lock.
+    pub list: u32,
+    pub file: u32,
+    pub owner: u32,
+    pub flags: u32,
     pub lock_type: u32,
+    pub pid: u32,
+    /// Byte range (struct file_lock only).
+    pub start: u32,
+    pub end: u32,
+}
+
+impl LockListOffsets {
+    pub const ZERO: LockListOffsets = LockListOffsets {
+        inode_flctx: 0,
+        ctx_posix: 0,
+        ctx_flock: 0,
+        ctx_lease: 0,
+        list: 0,
+        file: 0,
+        owner: 0,
+        flags: 0,
+        lock_type: 0,
+        pid: 0,
+        start: 0,
+        end: 0,
+    };
 }
 
 /// Offsets for the task_file iterator (BTF): what /proc/PID/fd, fdinfo and fstat tell
@@ -140,20 +161,6 @@ pub struct FileIterOffsets {
     pub inode_ctime_sec: u32,
     pub inode_ctime_nsec: u32,
     pub sb_dev: u32,
-    /// The inode's lock lists (struct file_lock_context) and the fields of a lock
-    /// (the common part, at the start of both file_lock and file_lease on 6.9+).
-    pub inode_flctx: u32,
-    pub ctx_posix: u32,
-    pub ctx_flock: u32,
-    pub ctx_lease: u32,
-    pub lock_list: u32,
-    pub lock_file: u32,
-    pub lock_owner: u32,
-    pub lock_flags: u32,
-    pub lock_type: u32,
-    pub lock_pid: u32,
-    pub lock_start: u32,
-    pub lock_end: u32,
 }
 
 impl FileIterOffsets {
@@ -187,18 +194,6 @@ impl FileIterOffsets {
         inode_ctime_sec: 0,
         inode_ctime_nsec: 0,
         sb_dev: 0,
-        inode_flctx: 0,
-        ctx_posix: 0,
-        ctx_flock: 0,
-        ctx_lease: 0,
-        lock_list: 0,
-        lock_file: 0,
-        lock_owner: 0,
-        lock_flags: 0,
-        lock_type: 0,
-        lock_pid: 0,
-        lock_start: 0,
-        lock_end: 0,
     };
 }
 
@@ -215,7 +210,7 @@ pub struct KernelLayout {
     pub add_lease: AddLeaseTpOffsets,
     pub brk: BreakTpOffsets,
     pub lease_struct: LeaseStructOffsets,
-    pub flock_list: FlockListOffsets,
+    pub lock_lists: LockListOffsets,
     pub files: FileIterOffsets,
     pub valid: u32,
 }
@@ -258,22 +253,10 @@ impl KernelLayout {
             signal_result: 0,
         },
         lease_struct: LeaseStructOffsets {
-            owner: 0,
-            flags: 0,
-            lease_type: 0,
-            pid: 0,
             break_time: 0,
             downgrade_time: 0,
         },
-        flock_list: FlockListOffsets {
-            req_file: 0,
-            file_inode: 0,
-            inode_flctx: 0,
-            ctx_flock: 0,
-            lock_list: 0,
-            lock_file: 0,
-            lock_type: 0,
-        },
+        lock_lists: LockListOffsets::ZERO,
         files: FileIterOffsets::ZERO,
         valid: 0,
     };

@@ -10,10 +10,7 @@
 use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
-    helpers::{
-        bpf_probe_read_kernel,
-        generated::{bpf_d_path, bpf_seq_write},
-    },
+    helpers::generated::{bpf_d_path, bpf_seq_write},
     macros::map,
     maps::{LruHashMap, PerCpuArray},
 };
@@ -24,7 +21,7 @@ use ckpt_common::{
     },
 };
 
-use crate::maps::{ready, LAYOUT};
+use crate::maps::{kread, layout, ready};
 
 const O_CLOEXEC: u32 = 0o2000000;
 
@@ -53,21 +50,6 @@ pub struct TaskFileCtx {
     file: *const u8,
 }
 
-#[inline(always)]
-fn kread<T>(addr: u64) -> Result<T, i32> {
-    // SAFETY: bpf_probe_read_kernel checks the address; a bad one is an error.
-    unsafe { bpf_probe_read_kernel(addr as *const T) }
-}
-
-/// Reads a layout field directly, so that the verifier sees a constant (the layout is
-/// a frozen read-only map): `bpf_d_path` needs `&file->f_path` at a known offset.
-macro_rules! offset {
-    ($field:ident) => {
-        // SAFETY: a read-only global of plain data.
-        unsafe { read_volatile(&LAYOUT.files.$field) }
-    };
-}
-
 #[unsafe(link_section = "iter/task_file")]
 #[unsafe(no_mangle)]
 pub extern "C" fn task_files(ctx: *const TaskFileCtx) -> i32 {
@@ -92,7 +74,7 @@ fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
     if file.is_null() || task == 0 {
         return Ok(());
     }
-    let tgid: u32 = kread(task + offset!(task_tgid) as u64)?;
+    let tgid: u32 = kread(task, layout!(files.task_tgid))?;
     // SAFETY: value of our own map, plain data.
     let Some(mode) = (unsafe { FD_FILTER.get(&tgid) }).copied() else {
         return Ok(());
@@ -106,59 +88,62 @@ fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
     r.fd = fd;
     r.file = f;
 
-    let files: u64 = kread(task + offset!(task_files) as u64)?;
+    let files: u64 = kread(task, layout!(files.task_files))?;
     r.files = files;
-    let fdt: u64 = kread(files + offset!(files_fdt) as u64)?;
-    let cloexec: u64 = kread(fdt + offset!(fdt_close_on_exec) as u64)?;
-    let word: u64 = kread(cloexec + (fd as u64 / 64) * 8)?;
-    let flags: u32 = kread(f + offset!(file_flags) as u64)?;
+    let fdt: u64 = kread(files, layout!(files.files_fdt))?;
+    let cloexec: u64 = kread(fdt, layout!(files.fdt_close_on_exec))?;
+    let word: u64 = kread(cloexec, (fd / 64) * 8)?;
+    let flags: u32 = kread(f, layout!(files.file_flags))?;
     r.flags = if (word >> (fd % 64)) & 1 != 0 {
         flags | O_CLOEXEC
     } else {
         flags
     };
-    r.pos = kread(f + offset!(file_pos) as u64)?;
-    r.f_mode = kread(f + offset!(file_mode) as u64)?;
+    r.pos = kread(f, layout!(files.file_pos))?;
+    r.f_mode = kread(f, layout!(files.file_mode))?;
 
-    let mnt: u64 = kread(f + offset!(file_mnt) as u64)?;
-    r.mnt_id = kread((mnt as i64 + offset!(vfsmount_mnt_id) as i64) as u64)?;
+    let mnt: u64 = kread(f, layout!(files.file_mnt))?;
+    r.mnt_id = kread(
+        (mnt as i64 + layout!(files.vfsmount_mnt_id) as i64) as u64,
+        0,
+    )?;
 
     // F_GETOWN_EX / F_GETSIG: embedded before 6.12, allocated on first use since.
-    let fown = if offset!(owner_is_ptr) != 0 {
-        kread::<u64>(f + offset!(file_owner) as u64)?
+    let fown = if layout!(files.owner_is_ptr) != 0 {
+        kread::<u64>(f, layout!(files.file_owner))?
     } else {
-        f + offset!(file_owner) as u64
+        f + layout!(files.file_owner) as u64
     };
     r.owner_pid = 0;
     r.owner_type = 0;
     r.signum = 0;
     if fown != 0 {
-        let pid: u64 = kread(fown + offset!(fown_pid) as u64)?;
+        let pid: u64 = kread(fown, layout!(files.fown_pid))?;
         if pid != 0 {
-            r.owner_pid = kread(pid + offset!(pid_nr) as u64)?;
-            r.owner_type = kread(fown + offset!(fown_pid_type) as u64)?;
+            r.owner_pid = kread(pid, layout!(files.pid_nr))?;
+            r.owner_type = kread(fown, layout!(files.fown_pid_type))?;
         }
-        r.signum = kread(fown + offset!(fown_signum) as u64)?;
+        r.signum = kread(fown, layout!(files.fown_signum))?;
     }
 
-    let inode: u64 = kread(f + offset!(file_inode) as u64)?;
-    r.ino = kread(inode + offset!(inode_ino) as u64)?;
-    r.i_mode = kread::<u16>(inode + offset!(inode_mode) as u64)? as u32;
-    r.nlink = kread(inode + offset!(inode_nlink) as u64)?;
-    r.size = kread(inode + offset!(inode_size) as u64)?;
-    r.blocks = kread(inode + offset!(inode_blocks) as u64)?;
-    r.generation = kread(inode + offset!(inode_generation) as u64)?;
-    r.mtime_sec = kread(inode + offset!(inode_mtime_sec) as u64)?;
-    r.ctime_sec = kread(inode + offset!(inode_ctime_sec) as u64)?;
+    let inode: u64 = kread(f, layout!(files.file_inode))?;
+    r.ino = kread(inode, layout!(files.inode_ino))?;
+    r.i_mode = kread::<u16>(inode, layout!(files.inode_mode))? as u32;
+    r.nlink = kread(inode, layout!(files.inode_nlink))?;
+    r.size = kread(inode, layout!(files.inode_size))?;
+    r.blocks = kread(inode, layout!(files.inode_blocks))?;
+    r.generation = kread(inode, layout!(files.inode_generation))?;
+    r.mtime_sec = kread(inode, layout!(files.inode_mtime_sec))?;
+    r.ctime_sec = kread(inode, layout!(files.inode_ctime_sec))?;
     // The top bits of the nanoseconds may carry flags (multigrain ctime, 6.13+).
-    r.mtime_nsec = kread::<u32>(inode + offset!(inode_mtime_nsec) as u64)? & 0x3fff_ffff;
-    r.ctime_nsec = kread::<u32>(inode + offset!(inode_ctime_nsec) as u64)? & 0x3fff_ffff;
-    let sb: u64 = kread(inode + offset!(inode_sb) as u64)?;
-    r.s_dev = kread(sb + offset!(sb_dev) as u64)?;
+    r.mtime_nsec = kread::<u32>(inode, layout!(files.inode_mtime_nsec))? & 0x3fff_ffff;
+    r.ctime_nsec = kread::<u32>(inode, layout!(files.inode_ctime_nsec))? & 0x3fff_ffff;
+    let sb: u64 = kread(inode, layout!(files.inode_sb))?;
+    r.s_dev = kread(sb, layout!(files.sb_dev))?;
 
     r.path_len = 0;
     if mode == filter::FULL {
-        let at = offset!(file_path) as usize;
+        let at = layout!(files.file_path) as usize;
         // SAFETY: `&file->f_path` of a trusted file pointer; the buffer is our scratch.
         let n = unsafe {
             bpf_d_path(
@@ -182,7 +167,7 @@ fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
 
     // The fd's lock lines, from the inode's lists (what fdinfo prints). Frozen holders
     // cannot change them; the walk is bounded, and cut short it says so.
-    let flctx: u64 = kread(inode + offset!(inode_flctx) as u64)?;
+    let flctx: u64 = kread(inode, layout!(lock_lists.inode_flctx))?;
     if flctx == 0 {
         return Ok(());
     }
@@ -190,33 +175,33 @@ fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
     let line = unsafe { &mut (*scratch).line };
     line.tag = tag::LOCK;
     for (which, head_off) in [
-        (list::POSIX, offset!(ctx_posix)),
-        (list::FLOCK, offset!(ctx_flock)),
-        (list::LEASE, offset!(ctx_lease)),
+        (list::POSIX, layout!(lock_lists.ctx_posix)),
+        (list::FLOCK, layout!(lock_lists.ctx_flock)),
+        (list::LEASE, layout!(lock_lists.ctx_lease)),
     ] {
         let head = flctx + head_off as u64;
-        let mut node: u64 = kread(head)?;
+        let mut node: u64 = kread(head, 0)?;
         let mut ended = false;
         for _ in 0..LOCK_LIST_MAX {
             if node == head || node == 0 {
                 ended = true;
                 break;
             }
-            let lock = node - offset!(lock_list) as u64;
-            let lfile: u64 = kread(lock + offset!(lock_file) as u64)?;
-            let owner: u64 = kread(lock + offset!(lock_owner) as u64)?;
+            let lock = node - layout!(lock_lists.list) as u64;
+            let lfile: u64 = kread(lock, layout!(lock_lists.file))?;
+            let owner: u64 = kread(lock, layout!(lock_lists.owner))?;
             if lfile == f && (owner == files || owner == f) {
                 line.list = which;
                 line.owner = owner;
-                line.flags = kread(lock + offset!(lock_flags) as u64)?;
-                line.lock_type = kread::<u8>(lock + offset!(lock_type) as u64)? as u32;
-                line.pid = kread(lock + offset!(lock_pid) as u64)?;
+                line.flags = kread(lock, layout!(lock_lists.flags))?;
+                line.lock_type = kread::<u8>(lock, layout!(lock_lists.lock_type))? as u32;
+                line.pid = kread(lock, layout!(lock_lists.pid))?;
                 if which == list::LEASE {
                     line.start = 0;
                     line.end = i64::MAX;
                 } else {
-                    line.start = kread(lock + offset!(lock_start) as u64)?;
-                    line.end = kread(lock + offset!(lock_end) as u64)?;
+                    line.start = kread(lock, layout!(lock_lists.start))?;
+                    line.end = kread(lock, layout!(lock_lists.end))?;
                 }
                 // SAFETY: the line is LOCK_LINE_SIZE bytes of our scratch.
                 unsafe {
@@ -227,7 +212,7 @@ fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
                     )
                 };
             }
-            node = kread(node)?;
+            node = kread(node, 0)?;
         }
         if !ended {
             line.list = list::TRUNCATED;

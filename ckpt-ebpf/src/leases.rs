@@ -9,7 +9,7 @@
 //! point each lease recorded in BREAK_CTX is read directly (offsets from BTF), so the
 //! deadline reported is the kernel's own value, to the jiffy.
 
-use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use ckpt_common::{
     counters::Counter,
     lease::{BreakCtx, LeaseEvent, LeaseWhat, MAX_BREAK_LEASES},
@@ -18,7 +18,9 @@ use ckpt_common::{
 };
 
 use crate::{
-    maps::{count, current_ids, jiffies, layout, now_ns, ready, BREAK_CTX, SYSCALL_CTX, WAITERS},
+    maps::{
+        count, current_ids, jiffies, kread, layout, now_ns, ready, BREAK_CTX, SYSCALL_CTX, WAITERS,
+    },
     syscalls::{emit_lease, emit_lease_with},
 };
 
@@ -29,12 +31,6 @@ const BREAK_CTX_TTL_NS: u64 = 50_000_000;
 fn tp<T>(ctx: &TracePointContext, off: u32) -> Result<T, i32> {
     // SAFETY: offsets come from this kernel's tracefs format file.
     unsafe { ctx.read_at::<T>(off as usize) }
-}
-
-#[inline(always)]
-fn kread<T>(base: u64, off: u32) -> Result<T, i32> {
-    // SAFETY: reading a kernel object through the probe-read helper.
-    unsafe { bpf_probe_read_kernel((base + off as u64) as *const T) }
 }
 
 /// Remembers the lease named during an F_SETLEASE call, for sys_exit_fcntl.
@@ -233,16 +229,16 @@ fn on_break(ctx: &TracePointContext, nonblock: bool) -> Result<(), i32> {
             ev.ts_ns = now;
             ev.jiffies = j;
             ev.ino = ino;
-            ev.owner = kread(lease, s.owner).unwrap_or(0);
+            ev.owner = kread(lease, layout!(lock_lists.owner)).unwrap_or(0);
             ev.break_time = kread(lease, s.break_time).unwrap_or(0);
             ev.downgrade_time = kread(lease, s.downgrade_time).unwrap_or(0);
             ev.dev = dev;
-            ev.pid = kread::<i32>(lease, s.pid).unwrap_or(0) as u32;
+            ev.pid = kread::<i32>(lease, layout!(lock_lists.pid)).unwrap_or(0) as u32;
             ev.tgid = tgid;
             ev.tid = tid;
             ev.fd = -1;
-            ev.flags = kread(lease, s.flags).unwrap_or(0);
-            ev.lease_type = kread(lease, s.lease_type).unwrap_or(fl_type::F_UNLCK);
+            ev.flags = kread(lease, layout!(lock_lists.flags)).unwrap_or(0);
+            ev.lease_type = kread(lease, layout!(lock_lists.lock_type)).unwrap_or(fl_type::F_UNLCK);
             ev.breaker_type = breaker_type;
             ev.nonblock = nonblock as u8;
             ev.signal = signal;

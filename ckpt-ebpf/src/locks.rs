@@ -8,7 +8,7 @@ use ckpt_common::{
     offsets::LockTpOffsets,
 };
 
-use crate::maps::{count, current_ids, layout, ready, LOCK_EVENTS, SYSCALL_CTX, WAITERS};
+use crate::maps::{count, current_ids, kread, layout, ready, LOCK_EVENTS, SYSCALL_CTX, WAITERS};
 
 /// FL_ACCESS requests only test for conflicts; they never change lock state.
 const FL_ACCESS: u32 = 8;
@@ -136,51 +136,45 @@ fn handle(ctx: &TracePointContext, off: &LockTpOffsets, source: EventSource) -> 
 /// Locks looked at in one inode's flock list before giving up.
 const FLOCK_LIST_MAX: usize = 32;
 
-#[inline(always)]
-fn kread<T>(addr: u64) -> Option<T> {
-    // SAFETY: reading kernel memory through the probe-read helper (faults are caught).
-    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel(addr as *const T) }.ok()
-}
-
 /// The type of the flock lock that description `owner` holds now, from the inode's
 /// flock list (read after the kernel released it: a later change may show, never an
 /// earlier state). Events of tasks sharing one description can reach the ring out of
 /// order; an observation taken after each event's own change makes the last one right.
 fn observe_flock(ctx: &TracePointContext, off: &LockTpOffsets, owner: u64) -> u8 {
-    let o = layout!(flock_list);
-    if o.lock_file == 0 {
+    let lock_file = layout!(lock_lists.file);
+    if lock_file == 0 {
         return NOT_OBSERVED;
     }
     let Ok(req) = read::<u64>(ctx, off.fl) else {
         return NOT_OBSERVED;
     };
-    let Some(file) = kread::<u64>(req + o.req_file as u64) else {
+    let Ok(file) = kread::<u64>(req, lock_file) else {
         return NOT_OBSERVED;
     };
-    let Some(inode) = kread::<u64>(file + o.file_inode as u64) else {
+    let Ok(inode) = kread::<u64>(file, layout!(files.file_inode)) else {
         return NOT_OBSERVED;
     };
-    let Some(flctx) = kread::<u64>(inode + o.inode_flctx as u64) else {
+    let Ok(flctx) = kread::<u64>(inode, layout!(lock_lists.inode_flctx)) else {
         return NOT_OBSERVED;
     };
     if flctx == 0 {
         return fl_type::F_UNLCK;
     }
-    let head = flctx + o.ctx_flock as u64;
-    let Some(mut node) = kread::<u64>(head) else {
+    let head = flctx + layout!(lock_lists.ctx_flock) as u64;
+    let Ok(mut node) = kread::<u64>(head, 0) else {
         return NOT_OBSERVED;
     };
     for _ in 0..FLOCK_LIST_MAX {
         if node == head || node == 0 {
             return fl_type::F_UNLCK;
         }
-        let lock = node - o.lock_list as u64;
-        if kread::<u64>(lock + o.lock_file as u64) == Some(owner) {
-            return kread::<u8>(lock + o.lock_type as u64).unwrap_or(NOT_OBSERVED);
+        let lock = node - layout!(lock_lists.list) as u64;
+        if kread::<u64>(lock, lock_file) == Ok(owner) {
+            return kread::<u8>(lock, layout!(lock_lists.lock_type)).unwrap_or(NOT_OBSERVED);
         }
-        match kread::<u64>(node) {
-            Some(next) => node = next,
-            None => return NOT_OBSERVED,
+        match kread::<u64>(node, 0) {
+            Ok(next) => node = next,
+            Err(_) => return NOT_OBSERVED,
         }
     }
     NOT_OBSERVED

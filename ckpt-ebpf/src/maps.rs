@@ -43,13 +43,16 @@ pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(Counter::COUNT, 0);
 #[map]
 pub static AGENT_STATS: Array<u64> = Array::pinned(AgentStat::COUNT, 0);
 
-/// Reads one part of the layout. Volatile, so that the compiler does not fold in the
-/// zero placeholder that userspace replaces at load time; one part at a time, because
-/// the whole layout would not fit on the 512-byte BPF stack next to an event.
+/// Reads one part of the layout (`layout!(posix)`) or one field (`layout!(files.file_path)`).
+/// Volatile, so that the compiler does not fold in the zero placeholder that userspace
+/// replaces at load time; one part at a time, because the whole layout would not fit
+/// on the 512-byte BPF stack next to an event. A single field read this way is a
+/// constant to the verifier (the layout is a frozen read-only map), which `bpf_d_path`
+/// needs.
 macro_rules! layout {
-    ($field:ident) => {
+    ($($field:ident).+) => {
         // SAFETY: a read-only global of plain data.
-        unsafe { core::ptr::read_volatile(&$crate::maps::LAYOUT.$field) }
+        unsafe { core::ptr::read_volatile(&$crate::maps::LAYOUT.$($field).+) }
     };
 }
 pub(crate) use layout;
@@ -84,4 +87,11 @@ pub fn jiffies() -> u64 {
 pub fn current_ids() -> (u32, u32) {
     let id = aya_ebpf::helpers::bpf_get_current_pid_tgid();
     ((id >> 32) as u32, id as u32)
+}
+
+/// Reads a `T` at `base + off` of a kernel object (faults are caught by the helper).
+#[inline(always)]
+pub fn kread<T>(base: u64, off: u32) -> Result<T, i32> {
+    // SAFETY: the probe-read helper checks the address.
+    unsafe { aya_ebpf::helpers::bpf_probe_read_kernel((base + off as u64) as *const T) }
 }

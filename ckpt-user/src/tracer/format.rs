@@ -8,8 +8,8 @@ use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use ckpt_common::offsets::{
-    AddLeaseTpOffsets, BreakTpOffsets, FileIterOffsets, FlockListOffsets, KernelLayout,
-    LeaseStructOffsets, LeaseTpOffsets, LockTpOffsets, SyscallTpOffsets,
+    AddLeaseTpOffsets, BreakTpOffsets, FileIterOffsets, KernelLayout, LeaseStructOffsets,
+    LeaseTpOffsets, LockListOffsets, LockTpOffsets, SyscallTpOffsets,
 };
 
 use super::btf::Btf;
@@ -132,46 +132,48 @@ const LEASE_CLASS: &[&str] = &[
     "time_out_leases",
 ];
 
-/// Offsets inside the kernel's lease object, from BTF: `struct file_lease` (6.9+, with
-/// the common part in `c`) or `struct file_lock` (before 6.9).
+/// Offsets inside the kernel's lease object, from BTF: `struct file_lease` (6.9+) or
+/// `struct file_lock` (before 6.9).
 pub fn lease_struct_offsets(btf: &Btf) -> Result<LeaseStructOffsets> {
-    let (s, owner, flags, ty, pid) = if btf.has_struct("file_lease") {
-        (
-            "file_lease",
-            "c.flc_owner",
-            "c.flc_flags",
-            "c.flc_type",
-            "c.flc_pid",
-        )
+    let s = if btf.has_struct("file_lease") {
+        // Its common part must sit where a file_lock's does: lock_list_offsets
+        // serves both.
+        if btf.offset_of("file_lease", "c")? != btf.offset_of("file_lock", "c")? {
+            bail!("struct file_lease and struct file_lock start differently");
+        }
+        "file_lease"
     } else {
-        ("file_lock", "fl_owner", "fl_flags", "fl_type", "fl_pid")
+        "file_lock"
     };
     Ok(LeaseStructOffsets {
-        owner: btf.offset_of(s, owner)?,
-        flags: btf.offset_of(s, flags)?,
-        lease_type: btf.offset_of(s, ty)?,
-        pid: btf.offset_of(s, pid)?,
         break_time: btf.offset_of(s, "fl_break_time")?,
         downgrade_time: btf.offset_of(s, "fl_downgrade_time")?,
     })
 }
 
-/// Offsets for walking an inode's flock list from a request, from BTF: 6.9+ keeps
-/// the common lock fields in `c` (struct file_lock_core), 6.1 in struct file_lock.
-pub fn flock_list_offsets(btf: &Btf) -> Result<FlockListOffsets> {
-    let (list, file, ty) = if btf.has_struct("file_lock_core") {
-        ("c.flc_list", "c.flc_file", "c.flc_type")
-    } else {
-        ("fl_list", "fl_file", "fl_type")
+/// Offsets of an inode's lock lists and of the fields every lock has, from BTF: 6.9+
+/// keeps them in `c` (struct file_lock_core), 6.1 in struct file_lock as `fl_*`.
+pub fn lock_list_offsets(btf: &Btf) -> Result<LockListOffsets> {
+    let common = |name: &str| -> Result<u32> {
+        if btf.has_struct("file_lock_core") {
+            btf.offset_of("file_lock", &format!("c.flc_{name}"))
+        } else {
+            btf.offset_of("file_lock", &format!("fl_{name}"))
+        }
     };
-    Ok(FlockListOffsets {
-        req_file: btf.offset_of("file_lock", file)?,
-        file_inode: btf.offset_of("file", "f_inode")?,
+    Ok(LockListOffsets {
         inode_flctx: btf.offset_of("inode", "i_flctx")?,
+        ctx_posix: btf.offset_of("file_lock_context", "flc_posix")?,
         ctx_flock: btf.offset_of("file_lock_context", "flc_flock")?,
-        lock_list: btf.offset_of("file_lock", list)?,
-        lock_file: btf.offset_of("file_lock", file)?,
-        lock_type: btf.offset_of("file_lock", ty)?,
+        ctx_lease: btf.offset_of("file_lock_context", "flc_lease")?,
+        list: common("list")?,
+        file: common("file")?,
+        owner: common("owner")?,
+        flags: common("flags")?,
+        lock_type: common("type")?,
+        pid: common("pid")?,
+        start: btf.offset_of("file_lock", "fl_start")?,
+        end: btf.offset_of("file_lock", "fl_end")?,
     })
 }
 
@@ -197,13 +199,6 @@ pub fn file_iter_offsets(btf: &Btf) -> Result<FileIterOffsets> {
         let c = first("inode", &["i_ctime", "__i_ctime"])?;
         let nsec = btf.offset_of("timespec64", "tv_nsec")?;
         (m, m + nsec, c, c + nsec)
-    };
-    let common = |name: &str| -> Result<u32> {
-        if btf.has_struct("file_lock_core") {
-            btf.offset_of("file_lock", &format!("c.flc_{name}"))
-        } else {
-            btf.offset_of("file_lock", &format!("fl_{name}"))
-        }
     };
     let mount_mnt = btf.offset_of("mount", "mnt")?;
     let mount_id = btf.offset_of("mount", "mnt_id")?;
@@ -237,18 +232,6 @@ pub fn file_iter_offsets(btf: &Btf) -> Result<FileIterOffsets> {
         inode_ctime_sec: ctime_sec,
         inode_ctime_nsec: ctime_nsec,
         sb_dev: btf.offset_of("super_block", "s_dev")?,
-        inode_flctx: btf.offset_of("inode", "i_flctx")?,
-        ctx_posix: btf.offset_of("file_lock_context", "flc_posix")?,
-        ctx_flock: btf.offset_of("file_lock_context", "flc_flock")?,
-        ctx_lease: btf.offset_of("file_lock_context", "flc_lease")?,
-        lock_list: common("list")?,
-        lock_file: common("file")?,
-        lock_owner: common("owner")?,
-        lock_flags: common("flags")?,
-        lock_type: common("type")?,
-        lock_pid: common("pid")?,
-        lock_start: btf.offset_of("file_lock", "fl_start")?,
-        lock_end: btf.offset_of("file_lock", "fl_end")?,
     })
 }
 
@@ -303,7 +286,7 @@ pub fn resolve_layout() -> Result<KernelLayout> {
             signal_result: signal.offset(&["result"], 4)?,
         },
         lease_struct: lease_struct_offsets(&btf).context("lease struct offsets from BTF")?,
-        flock_list: flock_list_offsets(&btf).context("flock list offsets from BTF")?,
+        lock_lists: lock_list_offsets(&btf).context("lock list offsets from BTF")?,
         files: file_iter_offsets(&btf).context("file offsets from BTF")?,
         valid: 1,
     })
