@@ -5,6 +5,7 @@
 pub mod fl_flags {
     pub const FL_POSIX: u32 = 1;
     pub const FL_FLOCK: u32 = 2;
+    pub const FL_DELEG: u32 = 4;
     pub const FL_LEASE: u32 = 32;
     pub const FL_CLOSE: u32 = 64;
     pub const FL_SLEEP: u32 = 128;

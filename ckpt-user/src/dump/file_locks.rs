@@ -57,11 +57,7 @@ fn ty(t: KLockType) -> LockType {
 }
 
 fn fl_ty(t: u8) -> Option<LockType> {
-    match t {
-        fl_type::F_RDLCK => Some(LockType::Read),
-        fl_type::F_WRLCK => Some(LockType::Write),
-        _ => None,
-    }
+    KLockType::from_fl_type(t).map(ty)
 }
 
 fn describe(p: &ProcLock) -> String {

@@ -63,6 +63,14 @@ pub struct KernelIds {
     pub s_dev: KernelDev,
 }
 
+/// A path as /proc/PID/fd and d_path show it: " (deleted)" ends an unlinked one.
+fn split_deleted(link: &str) -> (String, bool) {
+    match link.strip_suffix(" (deleted)") {
+        Some(p) => (p.to_string(), true),
+        None => (link.to_string(), false),
+    }
+}
+
 impl FoundFd {
     pub fn kind(&self) -> FileKind {
         match self.mode & libc::S_IFMT {
@@ -103,10 +111,7 @@ pub fn scan(pid: u32) -> Result<Vec<FoundFd>> {
             .with_context(gone)?
             .display()
             .to_string();
-        let (path, unlinked) = match link.strip_suffix(" (deleted)") {
-            Some(p) => (p.to_string(), true),
-            None => (link, false),
-        };
+        let (path, unlinked) = split_deleted(&link);
         let md = std::fs::metadata(entry.path()).with_context(gone)?;
         let info = parse_fdinfo(
             &std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).with_context(gone)?,
@@ -233,13 +238,8 @@ pub struct Prescan {
 
 /// fdinfo `lock:` line equivalent of a lock the iterator found on an fd.
 fn proc_lock_of(r: &FdRecord, l: &LockLine) -> ProcLock {
-    use ckpt_common::lock::{fl_flags::*, fl_type};
-    const FL_DELEG: u32 = 4;
-    let ty = |t: u8| match t {
-        fl_type::F_RDLCK => Some(LockType::Read),
-        fl_type::F_WRLCK => Some(LockType::Write),
-        _ => None,
-    };
+    use ckpt_common::lock::fl_flags::*;
+    let ty = LockType::from_fl_type;
     let (kind, state, lock_type, pid) = match l.list {
         list::POSIX if l.flags & FL_OFDLCK != 0 => (
             ProcKind::Lock(KLockKind::Ofd),
@@ -377,10 +377,7 @@ pub fn assemble<'a>(
             Some(l) => l.clone(),
             None => e.locks.iter().map(|l| proc_lock_of(r, l)).collect(),
         };
-        let (path, unlinked) = match link.strip_suffix(" (deleted)") {
-            Some(p) => (p.to_string(), true),
-            None => (link.to_string(), false),
-        };
+        let (path, unlinked) = split_deleted(link);
         out.push(FoundFd {
             pid,
             fd: r.fd as i32,
