@@ -151,8 +151,26 @@ pub fn run(opts: &Options) -> Result<Report> {
             None
         }
     };
+    // With an agent, the fd tables come from its task_file iterator: learn what it
+    // cannot tell (stat device, file handles) now, before freezing.
+    let mut table = match &live {
+        Some(_) => match FdTable::open(&opts.pins) {
+            Ok(t) => Some(t),
+            Err(why) => {
+                eprintln!("ckpt-user: {why:#}; reading fd tables from /proc");
+                None
+            }
+        },
+        None => None,
+    };
+    let before: BTreeSet<u32> = cgroup::pids(&dir)?;
+    let pre = match &mut table {
+        Some(t) => files::prescan(&before, t)?,
+        None => Default::default(),
+    };
+
     // Freezing interrupts blocked lock calls (they restart after the thaw): record the
-    // waiters as they are just before.
+    // waiters as they are just before (after the prescan, which takes a while).
     let (pre_waiters, proc_waiters) = match &live {
         Some(l) => {
             l.barrier(Duration::from_secs(2))?;
@@ -171,24 +189,6 @@ pub fn run(opts: &Options) -> Result<Report> {
                 .filter(|p| p.blocked)
                 .collect(),
         ),
-    };
-
-    // With an agent, the fd tables come from its task_file iterator: learn what it
-    // cannot tell (stat device, file handles) now, before freezing.
-    let mut table = match &live {
-        Some(_) => match FdTable::open(&opts.pins) {
-            Ok(t) => Some(t),
-            Err(why) => {
-                eprintln!("ckpt-user: {why:#}; reading fd tables from /proc");
-                None
-            }
-        },
-        None => None,
-    };
-    let before: BTreeSet<u32> = cgroup::pids(&dir)?;
-    let pre = match &mut table {
-        Some(t) => files::prescan(&before, t)?,
-        None => Default::default(),
     };
 
     let id = image_id();
