@@ -684,14 +684,23 @@ impl Drop for Filesystems {
     }
 }
 
+/// The (offset, length) data extents of a deleted file's `ghosts[i]` JSON entry.
+pub fn ghost_extents(ghost: &Value) -> Vec<(u64, u64)> {
+    ghost["extents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e[0].as_u64().unwrap(), e[1].as_u64().unwrap()))
+        .collect()
+}
+
 /// `len` bytes at offset `at` of a deleted file stored in image file `img`, from its
 /// `ghosts[i]` JSON entry (extents are stored back to back from `data_offset`). None if
 /// no stored extent covers them (a hole).
 pub fn ghost_bytes(img: &str, ghost: &Value, at: u64, len: usize) -> Option<Vec<u8>> {
     let bytes = std::fs::read(img).unwrap();
     let mut stored = ghost["data_offset"].as_u64().unwrap() as usize;
-    for e in ghost["extents"].as_array().unwrap() {
-        let (off, elen) = (e[0].as_u64().unwrap(), e[1].as_u64().unwrap());
+    for (off, elen) in ghost_extents(ghost) {
         if off <= at && at + len as u64 <= off + elen {
             let i = stored + (at - off) as usize;
             return Some(bytes[i..i + len].to_vec());

@@ -253,12 +253,7 @@ fn image_matches_the_kernel_field_by_field() {
     let g = &image["ghosts"][0];
     assert_eq!(g["size"], 1048580);
     assert!(file_of(&image, p.pid(), fd_g)["deleted"].as_bool().unwrap());
-    let extents: Vec<(u64, u64)> = g["extents"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| (e[0].as_u64().unwrap(), e[1].as_u64().unwrap()))
-        .collect();
+    let extents = ghost_extents(g);
     let stored: u64 = extents.iter().map(|e| e.1).sum();
     assert!(stored < 1 << 20, "sparse: {extents:?}");
     assert_eq!(extents[0].0, 0);

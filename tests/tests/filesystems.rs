@@ -46,12 +46,7 @@ fn locks_and_deleted_files_on_every_filesystem() {
         );
         let g = &image["ghosts"][0];
         assert_eq!(g["size"], 4194308, "{fs}");
-        let extents: Vec<(u64, u64)> = g["extents"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|e| (e[0].as_u64().unwrap(), e[1].as_u64().unwrap()))
-            .collect();
+        let extents = ghost_extents(g);
         let stored: u64 = extents.iter().map(|e| e.1).sum();
         assert!(stored < 1 << 20, "{fs}: holes kept: {extents:?}");
         let head = ghost_bytes(&img, g, 0, 4);
