@@ -76,7 +76,8 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         println!("== integration tests (host kernel)");
         let bins = build_release()?.display().to_string();
-        let mut args = vec!["--release", "-p", "ckpt-tests"];
+        // Every test binary runs even after a failure: the per-kernel line counts all.
+        let mut args = vec!["--release", "-p", "ckpt-tests", "--no-fail-fast"];
         if !opts.filter.is_empty() {
             args.extend(["--", opts.filter.as_str()]);
         }
