@@ -59,6 +59,17 @@ pub extern "C" fn task_files(ctx: *const TaskFileCtx) -> i32 {
     0
 }
 
+/// Reads the field at `off` of a kernel struct reached from the iterator's arguments.
+/// The verifier checks such a load against BTF (the offset is a constant of the frozen
+/// layout) and turns it into a plain load that cannot fault: several times cheaper
+/// than a probe-read helper call, which matters at 25 fields per fd. A NULL pointer
+/// reads as 0.
+#[inline(always)]
+fn field<T: Copy>(base: u64, off: u32) -> T {
+    // SAFETY: see above; the kernel catches a bad address and yields 0.
+    unsafe { read_volatile((base + off as u64) as *const T) }
+}
+
 #[inline(always)]
 fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
     // SAFETY: the kernel passes a valid context; fields are read one at a time with
@@ -74,7 +85,7 @@ fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
     if file.is_null() || task == 0 {
         return Ok(());
     }
-    let tgid: u32 = kread(task, layout!(files.task_tgid))?;
+    let tgid: u32 = field(task, layout!(files.task_tgid));
     // SAFETY: value of our own map, plain data.
     let Some(mode) = (unsafe { FD_FILTER.get(&tgid) }).copied() else {
         return Ok(());
@@ -88,21 +99,23 @@ fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
     r.fd = fd;
     r.file = f;
 
-    let files: u64 = kread(task, layout!(files.task_files))?;
+    let files: u64 = field(task, layout!(files.task_files));
     r.files = files;
-    let fdt: u64 = kread(files, layout!(files.files_fdt))?;
-    let cloexec: u64 = kread(fdt, layout!(files.fdt_close_on_exec))?;
+    let fdt: u64 = field(files, layout!(files.files_fdt));
+    let cloexec: u64 = field(fdt, layout!(files.fdt_close_on_exec));
+    // A variable index: not a verifier-checked field load.
     let word: u64 = kread(cloexec, (fd / 64) * 8)?;
-    let flags: u32 = kread(f, layout!(files.file_flags))?;
+    let flags: u32 = field(f, layout!(files.file_flags));
     r.flags = if (word >> (fd % 64)) & 1 != 0 {
         flags | O_CLOEXEC
     } else {
         flags
     };
-    r.pos = kread(f, layout!(files.file_pos))?;
-    r.f_mode = kread(f, layout!(files.file_mode))?;
+    r.pos = field(f, layout!(files.file_pos));
+    r.f_mode = field(f, layout!(files.file_mode));
 
-    let mnt: u64 = kread(f, layout!(files.file_mnt))?;
+    let mnt: u64 = field(f, layout!(files.file_mnt));
+    // struct mount lies before its vfsmount: a negative offset, probe-read.
     r.mnt_id = kread(
         (mnt as i64 + layout!(files.vfsmount_mnt_id) as i64) as u64,
         0,
@@ -110,7 +123,7 @@ fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
 
     // F_GETOWN_EX / F_GETSIG: embedded before 6.12, allocated on first use since.
     let fown = if layout!(files.owner_is_ptr) != 0 {
-        kread::<u64>(f, layout!(files.file_owner))?
+        field::<u64>(f, layout!(files.file_owner))
     } else {
         f + layout!(files.file_owner) as u64
     };
@@ -118,28 +131,29 @@ fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
     r.owner_type = 0;
     r.signum = 0;
     if fown != 0 {
-        let pid: u64 = kread(fown, layout!(files.fown_pid))?;
+        let pid: u64 = field(fown, layout!(files.fown_pid));
         if pid != 0 {
+            // `numbers[0]` of a flexible array: probe-read.
             r.owner_pid = kread(pid, layout!(files.pid_nr))?;
-            r.owner_type = kread(fown, layout!(files.fown_pid_type))?;
+            r.owner_type = field(fown, layout!(files.fown_pid_type));
         }
-        r.signum = kread(fown, layout!(files.fown_signum))?;
+        r.signum = field(fown, layout!(files.fown_signum));
     }
 
-    let inode: u64 = kread(f, layout!(files.file_inode))?;
-    r.ino = kread(inode, layout!(files.inode_ino))?;
-    r.i_mode = kread::<u16>(inode, layout!(files.inode_mode))? as u32;
-    r.nlink = kread(inode, layout!(files.inode_nlink))?;
-    r.size = kread(inode, layout!(files.inode_size))?;
-    r.blocks = kread(inode, layout!(files.inode_blocks))?;
-    r.generation = kread(inode, layout!(files.inode_generation))?;
-    r.mtime_sec = kread(inode, layout!(files.inode_mtime_sec))?;
-    r.ctime_sec = kread(inode, layout!(files.inode_ctime_sec))?;
+    let inode: u64 = field(f, layout!(files.file_inode));
+    r.ino = field(inode, layout!(files.inode_ino));
+    r.i_mode = field::<u16>(inode, layout!(files.inode_mode)) as u32;
+    r.nlink = field(inode, layout!(files.inode_nlink));
+    r.size = field(inode, layout!(files.inode_size));
+    r.blocks = field(inode, layout!(files.inode_blocks));
+    r.generation = field(inode, layout!(files.inode_generation));
+    r.mtime_sec = field(inode, layout!(files.inode_mtime_sec));
+    r.ctime_sec = field(inode, layout!(files.inode_ctime_sec));
     // The top bits of the nanoseconds may carry flags (multigrain ctime, 6.13+).
-    r.mtime_nsec = kread::<u32>(inode, layout!(files.inode_mtime_nsec))? & 0x3fff_ffff;
-    r.ctime_nsec = kread::<u32>(inode, layout!(files.inode_ctime_nsec))? & 0x3fff_ffff;
-    let sb: u64 = kread(inode, layout!(files.inode_sb))?;
-    r.s_dev = kread(sb, layout!(files.sb_dev))?;
+    r.mtime_nsec = field::<u32>(inode, layout!(files.inode_mtime_nsec)) & 0x3fff_ffff;
+    r.ctime_nsec = field::<u32>(inode, layout!(files.inode_ctime_nsec)) & 0x3fff_ffff;
+    let sb: u64 = field(inode, layout!(files.inode_sb));
+    r.s_dev = field(sb, layout!(files.sb_dev));
 
     r.path_len = 0;
     if mode == filter::FULL {
@@ -167,7 +181,7 @@ fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
 
     // The fd's lock lines, from the inode's lists (what fdinfo prints). Frozen holders
     // cannot change them; the walk is bounded, and cut short it says so.
-    let flctx: u64 = kread(inode, layout!(lock_lists.inode_flctx))?;
+    let flctx: u64 = field(inode, layout!(lock_lists.inode_flctx));
     if flctx == 0 {
         return Ok(());
     }

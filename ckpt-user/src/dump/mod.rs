@@ -237,8 +237,9 @@ pub fn run(opts: &Options) -> Result<Report> {
         Some(t) => {
             t.watch(pids.difference(&before).copied(), fd_table::FULL)?;
             let records = t.read()?;
+            phase.mark("fd tables (iterator read)");
             let late = files::late_reads(&records, &pids, &pre)?;
-            phase.mark("fd tables (iterator)");
+            phase.mark("fd tables (late reads)");
             for &pid in &pids {
                 // After the iterator: a process killed meanwhile is caught here.
                 processes.push(tasks::read(pid)?);
