@@ -135,6 +135,10 @@ impl LockTable {
         }
     }
 
+    pub fn has_staged(&self) -> bool {
+        !self.staged.is_empty()
+    }
+
     /// Writes staged changes to LOCKS (call under the flush seqlock). Deletions go
     /// first so that a full map has room for what replaces them. Returns how many
     /// inserts failed (map full).

@@ -92,12 +92,16 @@ impl State {
         }
     }
 
-    /// Writes both tables under the seqlock, then the counters.
+    /// Writes both tables under the seqlock, then the counters. Without changes the
+    /// sequence number stays: a reader's earlier copy is then known to be exact.
     fn flush(&mut self) -> Result<()> {
         let (locks, leases) = (&mut self.locks, &mut self.leases);
-        let full = self
-            .stats
-            .under_seqlock(|| Ok(locks.write_staged()? + leases.write_staged()?))?;
+        let full = if locks.has_staged() || leases.has_staged() {
+            self.stats
+                .under_seqlock(|| Ok(locks.write_staged()? + leases.write_staged()?))?
+        } else {
+            0
+        };
         self.stats.add(AgentStat::LocksFull, full)?;
         let applied = std::mem::take(&mut self.locks.applied);
         let reconciled = std::mem::take(&mut self.locks.reconciled);

@@ -38,6 +38,8 @@ pub struct LiveMaps {
 pub struct Snapshot {
     pub locks: Vec<(LockKey, LockRecord)>,
     pub leases: Vec<(LeaseKey, LeaseRecord)>,
+    /// The agent's write sequence number the copy was taken at.
+    seq: u64,
 }
 
 /// Why the live maps cannot be used.
@@ -107,12 +109,20 @@ impl LiveMaps {
             let snap = Snapshot {
                 locks: map_batch::dump(self.locks.fd().as_fd())?,
                 leases: map_batch::dump(self.leases.fd().as_fd())?,
+                seq: before,
             };
             if self.stat(AgentStat::FlushSeq)? == before {
                 return Ok(snap);
             }
         }
         bail!("the lock table kept changing during 1000 reads; try again")
+    }
+
+    /// Whether the agent wrote nothing to its tables since `snap` was taken, so that
+    /// it is still exact (the agent bumps its sequence number only on real changes).
+    /// Call after `barrier`, which makes the agent apply every event made before.
+    pub fn still_current(&self, snap: &Snapshot) -> Result<bool> {
+        Ok(self.stat(AgentStat::FlushSeq)? == snap.seq)
     }
 
     pub fn counter(&self, c: Counter) -> Result<u64> {
