@@ -1,23 +1,45 @@
-//! Records of the task_file iterator: one per fd of every process named in the
-//! `FD_FILTER` map, read by `ckpt-user dump` in one pass instead of four /proc reads
-//! per fd.
-
-/// `FD_FILTER` values: what to emit for a process's fds.
-pub mod filter {
-    /// Every field, and the path (`d_path`).
-    pub const FULL: u32 = 1;
-    /// Every field but the path: cheaper, for identifying files already known.
-    pub const NO_PATH: u32 = 2;
-}
+//! Records of the task_file iterator: one per fd of the process a link is aimed at
+//! (and one for the process itself), read by `ckpt-user dump` in one pass instead of
+//! four /proc reads per fd.
 
 /// Longest path the iterator emits (the kernel's PATH_MAX); longer ones come out empty.
 pub const PATH_MAX: usize = 4096;
 
-/// Record tags: an `FdRecord` is followed by the `LockLine`s of its fd.
+/// Record tags: an `FdRecord` is followed by the `LockLine`s of its fd; a session's
+/// first fd is preceded by the process's `TaskRecord`.
 pub mod tag {
     pub const FD: u32 = 1;
     pub const LOCK: u32 = 2;
+    pub const TASK: u32 = 3;
 }
+
+/// `task_struct.flags` bit of a process that is exiting.
+pub const PF_EXITING: u32 = 0x4;
+
+/// The process whose fds follow: what /proc/PID/status and comm show, and the
+/// identities that change with exec (`exec_id`), with new credentials (`cred`, which
+/// covers the supplementary groups) and with chdir (`pwd_*`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskRecord {
+    pub tag: u32,
+    pub tgid: u32,
+    pub ppid: u32,
+    pub uid: u32,
+    pub euid: u32,
+    pub gid: u32,
+    pub egid: u32,
+    pub flags: u32,
+    pub exit_state: u32,
+    pub _pad: u32,
+    pub exec_id: u64,
+    pub cred: u64,
+    pub pwd_mnt: u64,
+    pub pwd_dentry: u64,
+    pub comm: [u8; 16],
+}
+
+pub const TASK_RECORD_SIZE: usize = core::mem::size_of::<TaskRecord>();
 
 /// Which of the inode's lock lists a `LockLine` came from.
 pub mod list {
@@ -32,6 +54,11 @@ pub mod list {
 /// Most entries of one lock list walked per fd; past it a `list::TRUNCATED` line
 /// follows and userspace reads that fd's fdinfo instead.
 pub const LOCK_LIST_MAX: usize = 48;
+
+/// Bytes of a lock (from its start) and of a lock context read at once by the
+/// iterator's lock walk: every field it needs lies in them (checked at load time).
+pub const LOCK_SPAN: usize = 192;
+pub const LOCK_CTX_SPAN: usize = 64;
 
 /// One fd, as the kernel's structs show it while the iterator holds the fd table.
 /// `path_len` bytes of path (NUL included; 0 when none) follow each record.
@@ -98,4 +125,8 @@ pub struct FdScratch {
     pub record: FdRecord,
     pub path: [u8; PATH_MAX],
     pub line: LockLine,
+    pub task: TaskRecord,
+    /// One lock, then the lock context, as read (u64s: aligned like the kernel's).
+    pub lock: [u64; LOCK_SPAN / 8],
+    pub ctx: [u64; LOCK_CTX_SPAN / 8],
 }

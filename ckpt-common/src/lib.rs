@@ -28,9 +28,10 @@ pub mod names {
     pub const SYSCALL_CTX: &str = "SYSCALL_CTX";
     pub const COUNTERS: &str = "COUNTERS";
     pub const AGENT_STATS: &str = "AGENT_STATS";
-    pub const FD_FILTER: &str = "FD_FILTER";
-    /// The pinned task_file iterator link (reading it runs the iterator).
+    /// The pinned task_file iterator programs, without and with paths. `ckpt-user
+    /// dump` aims one link at each process it reads (Linux 6.1+ iterator parameters).
     pub const TASK_FILES: &str = "task_files";
+    pub const TASK_FILES_PATHS: &str = "task_files_paths";
 }
 
 /// Capacities of the maps. The lock table and the waiter table are sized for large
@@ -41,9 +42,6 @@ pub mod capacity {
     pub const BREAK_CTX: u32 = 4_096;
     pub const WAITERS: u32 = 16_384;
     pub const SYSCALL_CTX: u32 = 16_384;
-    /// Processes a dump asks the iterator about at once (LRU: a killed dump's leftovers
-    /// age out).
-    pub const FD_FILTER: u32 = 65_536;
     /// Ring buffer bytes: ~200k events, enough to cover an agent restart on a busy host.
     pub const LOCK_EVENTS_BYTES: u32 = 16 * 1024 * 1024;
 }

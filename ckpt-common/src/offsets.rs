@@ -197,6 +197,46 @@ impl FileIterOffsets {
     };
 }
 
+/// Offsets for the per-process record of the task_file iterator (BTF): what
+/// /proc/PID/status, comm and cwd would tell, plus the identities that show whether a
+/// process changed since a read before freezing (exec, credentials, cwd).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskIterOffsets {
+    pub real_parent: u32,
+    pub real_cred: u32,
+    pub self_exec_id: u32,
+    pub comm: u32,
+    pub exit_state: u32,
+    pub flags: u32,
+    pub fs: u32,
+    /// `pwd.mnt` and `pwd.dentry` inside struct fs_struct.
+    pub fs_pwd_mnt: u32,
+    pub fs_pwd_dentry: u32,
+    pub cred_uid: u32,
+    pub cred_euid: u32,
+    pub cred_gid: u32,
+    pub cred_egid: u32,
+}
+
+impl TaskIterOffsets {
+    pub const ZERO: TaskIterOffsets = TaskIterOffsets {
+        real_parent: 0,
+        real_cred: 0,
+        self_exec_id: 0,
+        comm: 0,
+        exit_state: 0,
+        flags: 0,
+        fs: 0,
+        fs_pwd_mnt: 0,
+        fs_pwd_dentry: 0,
+        cred_uid: 0,
+        cred_euid: 0,
+        cred_gid: 0,
+        cred_egid: 0,
+    };
+}
+
 /// Everything the programs need to know about this kernel, in one global so that a
 /// single `override_global` call configures them. `valid` is 1 once userspace filled it:
 /// the programs do nothing while it is 0, so a mis-loaded object cannot record garbage.
@@ -212,6 +252,7 @@ pub struct KernelLayout {
     pub lease_struct: LeaseStructOffsets,
     pub lock_lists: LockListOffsets,
     pub files: FileIterOffsets,
+    pub tasks: TaskIterOffsets,
     pub valid: u32,
 }
 
@@ -258,6 +299,7 @@ impl KernelLayout {
         },
         lock_lists: LockListOffsets::ZERO,
         files: FileIterOffsets::ZERO,
+        tasks: TaskIterOffsets::ZERO,
         valid: 0,
     };
 }

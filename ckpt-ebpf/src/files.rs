@@ -1,33 +1,31 @@
-//! The task_file iterator: one record per fd of every process named in `FD_FILTER`,
-//! with what /proc/PID/fd (path), fdinfo (pos, flags, mnt_id) and fstat (inode
-//! facts) would tell, plus the kernel identities /proc hides: the open file
-//! description and the fd table, which are the owners of OFD/flock and POSIX locks.
+//! The task_file iterator: one record per fd of the process a link is aimed at, with
+//! what /proc/PID/fd (path), fdinfo (pos, flags, mnt_id) and fstat (inode facts)
+//! would tell, plus the kernel identities /proc hides: the open file description and
+//! the fd table, which are the owners of OFD/flock and POSIX locks. The session's
+//! first fd is preceded by a record of the process itself (status, comm, cwd
+//! identity).
 //!
-//! `ckpt-user dump` reads the pinned iterator once while the cgroup is frozen, instead
-//! of four /proc reads and a pidfd_getfd per fd. BPF iterators are tracing programs
-//! that, unlike fentry, load on our hosts (see TOOLCHAIN.md).
+//! The agent only loads and pins the two programs (with and without `d_path`, the
+//! costly part); `ckpt-user dump` creates one link per process (Linux 6.1+ iterator
+//! parameters) and reads them in parallel while the cgroup is frozen, instead of four
+//! /proc reads and a pidfd_getfd per fd. BPF iterators are tracing programs that,
+//! unlike fentry, load on our hosts (see TOOLCHAIN.md).
 
 use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
     helpers::generated::{bpf_d_path, bpf_seq_write},
     macros::map,
-    maps::{LruHashMap, PerCpuArray},
+    maps::PerCpuArray,
 };
-use ckpt_common::{
-    capacity,
-    files::{
-        filter, list, tag, FdScratch, FD_RECORD_SIZE, LOCK_LINE_SIZE, LOCK_LIST_MAX, PATH_MAX,
-    },
+use ckpt_common::files::{
+    list, tag, FdScratch, FD_RECORD_SIZE, LOCK_CTX_SPAN, LOCK_LINE_SIZE, LOCK_LIST_MAX, LOCK_SPAN,
+    PATH_MAX, TASK_RECORD_SIZE,
 };
 
 use crate::maps::{kread, layout, ready};
 
 const O_CLOEXEC: u32 = 0o2000000;
-
-/// tgid -> `files::filter` mode. Written by `ckpt-user dump`.
-#[map]
-pub static FD_FILTER: LruHashMap<u32, u32> = LruHashMap::pinned(capacity::FD_FILTER, 0);
 
 /// Room for one record and its path (too big for the 512-byte stack). Iterators run
 /// with migration disabled, so a per-CPU slot is ours for the whole call.
@@ -38,6 +36,9 @@ static FD_SCRATCH: PerCpuArray<FdScratch> = PerCpuArray::with_max_entries(1, 0);
 #[repr(C)]
 pub struct IterMeta {
     seq: *mut c_void,
+    _session_id: u64,
+    /// Objects shown so far in this session: 0 for the first fd.
+    seq_num: u64,
 }
 
 /// `struct bpf_iter__task_file`: every argument takes an 8-byte slot.
@@ -50,13 +51,87 @@ pub struct TaskFileCtx {
     file: *const u8,
 }
 
+/// Every field but the path: for files whose path is already known.
 #[unsafe(link_section = "iter/task_file")]
 #[unsafe(no_mangle)]
 pub extern "C" fn task_files(ctx: *const TaskFileCtx) -> i32 {
     if ready() {
-        let _ = emit(ctx);
+        let _ = emit(ctx, false);
     }
     0
+}
+
+/// Every field and the path (`d_path`).
+#[unsafe(link_section = "iter/task_file")]
+#[unsafe(no_mangle)]
+pub extern "C" fn task_files_paths(ctx: *const TaskFileCtx) -> i32 {
+    if ready() {
+        let _ = emit(ctx, true);
+    }
+    0
+}
+
+/// Writes `len` bytes at `data` to the session's output.
+#[inline(always)]
+fn write(seq: *mut c_void, data: *const c_void, len: u32) {
+    // SAFETY: `seq` is the session's; callers pass `len` bytes of their scratch.
+    unsafe { bpf_seq_write(seq as *mut _, data, len) };
+}
+
+/// The process's own record, read with probe reads: once per process, not per fd.
+#[inline(always)]
+fn emit_task(seq: *mut c_void, scratch: *mut FdScratch, task: u64, tgid: u32) -> Result<(), i32> {
+    // SAFETY: per-CPU slot, exclusively ours for this call.
+    let t = unsafe { &mut (*scratch).task };
+    t.tag = tag::TASK;
+    t.tgid = tgid;
+    let parent: u64 = kread(task, layout!(tasks.real_parent))?;
+    t.ppid = kread(parent, layout!(files.task_tgid))?;
+    let cred: u64 = kread(task, layout!(tasks.real_cred))?;
+    t.cred = cred;
+    t.uid = kread(cred, layout!(tasks.cred_uid))?;
+    t.euid = kread(cred, layout!(tasks.cred_euid))?;
+    t.gid = kread(cred, layout!(tasks.cred_gid))?;
+    t.egid = kread(cred, layout!(tasks.cred_egid))?;
+    t.flags = kread(task, layout!(tasks.flags))?;
+    t.exit_state = kread(task, layout!(tasks.exit_state))?;
+    t.exec_id = kread(task, layout!(tasks.self_exec_id))?;
+    t.comm = kread(task, layout!(tasks.comm))?;
+    let fs: u64 = kread(task, layout!(tasks.fs))?;
+    t.pwd_mnt = 0;
+    t.pwd_dentry = 0;
+    if fs != 0 {
+        t.pwd_mnt = kread(fs, layout!(tasks.fs_pwd_mnt))?;
+        t.pwd_dentry = kread(fs, layout!(tasks.fs_pwd_dentry))?;
+    }
+    write(seq, t as *const _ as *const c_void, TASK_RECORD_SIZE as u32);
+    Ok(())
+}
+
+/// Copies `len` bytes of a kernel object at `src` into our scratch at `dst`.
+#[inline(always)]
+fn copy(src: u64, dst: *mut u8, len: usize) -> Result<(), i32> {
+    // SAFETY: `dst` is `len` bytes of our per-CPU scratch; the helper checks `src`.
+    let r = unsafe {
+        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
+            dst as *mut c_void,
+            len as u32,
+            src as *const c_void,
+        )
+    };
+    if r < 0 {
+        Err(r as i32)
+    } else {
+        Ok(())
+    }
+}
+
+/// The `T` at `off` of a copy made by `copy` (the kernel's natural alignment holds:
+/// the copy is 8-byte aligned). The verifier checks `off` against the copy's size.
+#[inline(always)]
+fn at<T: Copy>(buf: *const u8, off: u32) -> T {
+    // SAFETY: see above.
+    unsafe { read_volatile(buf.add(off as usize) as *const T) }
 }
 
 /// Reads the field at `off` of a kernel struct reached from the iterator's arguments.
@@ -71,7 +146,7 @@ fn field<T: Copy>(base: u64, off: u32) -> T {
 }
 
 #[inline(always)]
-fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
+fn emit(ctx: *const TaskFileCtx, with_path: bool) -> Result<(), i32> {
     // SAFETY: the kernel passes a valid context; fields are read one at a time with
     // their own sizes, as the verifier requires.
     let (file, task, fd) = unsafe {
@@ -86,11 +161,18 @@ fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
         return Ok(());
     }
     let tgid: u32 = field(task, layout!(files.task_tgid));
-    // SAFETY: value of our own map, plain data.
-    let Some(mode) = (unsafe { FD_FILTER.get(&tgid) }).copied() else {
-        return Ok(());
-    };
     let scratch = FD_SCRATCH.get_ptr_mut(0).ok_or(-1i32)?;
+    // SAFETY: meta and seq are the kernel's for this session.
+    let (seq, first) = unsafe {
+        let meta = read_volatile(&(*ctx).meta);
+        (
+            read_volatile(&(*meta).seq),
+            read_volatile(&(*meta).seq_num) == 0,
+        )
+    };
+    if first {
+        emit_task(seq, scratch, task, tgid)?;
+    }
     // SAFETY: per-CPU slot, exclusively ours for this call.
     let r = unsafe { &mut (*scratch).record };
     let f = file as u64;
@@ -156,7 +238,7 @@ fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
     r.s_dev = field(sb, layout!(files.sb_dev));
 
     r.path_len = 0;
-    if mode == filter::FULL {
+    if with_path {
         let at = layout!(files.file_path) as usize;
         // SAFETY: `&file->f_path` of a trusted file pointer; the buffer is our scratch.
         let n = unsafe {
@@ -171,13 +253,7 @@ fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
         }
     }
     let len = FD_RECORD_SIZE as u32 + (r.path_len & (PATH_MAX as u32 - 1));
-    // SAFETY: meta and seq are the kernel's for this session; the scratch holds `len`.
-    let seq = unsafe {
-        let meta = read_volatile(&(*ctx).meta);
-        read_volatile(&(*meta).seq)
-    };
-    // SAFETY: the scratch holds `len` bytes.
-    unsafe { bpf_seq_write(seq as *mut _, scratch as *const c_void, len) };
+    write(seq, scratch as *const c_void, len);
 
     // The fd's lock lines, from the inode's lists (what fdinfo prints). Frozen holders
     // cannot change them; the walk is bounded, and cut short it says so.
@@ -185,8 +261,17 @@ fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
     if flctx == 0 {
         return Ok(());
     }
+    // One probe read per struct, fields taken from the copy: a lock's fields are
+    // spread over ~150 bytes, and a helper call per field cost ~30 ns each.
     // SAFETY: per-CPU slot, exclusively ours for this call.
-    let line = unsafe { &mut (*scratch).line };
+    let (line, lock, lctx) = unsafe {
+        (
+            &mut (*scratch).line,
+            (*scratch).lock.as_mut_ptr() as *mut u8,
+            (*scratch).ctx.as_mut_ptr() as *mut u8,
+        )
+    };
+    copy(flctx, lctx, LOCK_CTX_SPAN)?;
     line.tag = tag::LOCK;
     for (which, head_off) in [
         (list::POSIX, layout!(lock_lists.ctx_posix)),
@@ -194,50 +279,44 @@ fn emit(ctx: *const TaskFileCtx) -> Result<(), i32> {
         (list::LEASE, layout!(lock_lists.ctx_lease)),
     ] {
         let head = flctx + head_off as u64;
-        let mut node: u64 = kread(head, 0)?;
+        let mut node: u64 = at(lctx, head_off);
         let mut ended = false;
         for _ in 0..LOCK_LIST_MAX {
             if node == head || node == 0 {
                 ended = true;
                 break;
             }
-            let lock = node - layout!(lock_lists.list) as u64;
-            let lfile: u64 = kread(lock, layout!(lock_lists.file))?;
-            let owner: u64 = kread(lock, layout!(lock_lists.owner))?;
+            copy(node - layout!(lock_lists.list) as u64, lock, LOCK_SPAN)?;
+            let lfile: u64 = at(lock, layout!(lock_lists.file));
+            let owner: u64 = at(lock, layout!(lock_lists.owner));
             if lfile == f && (owner == files || owner == f) {
                 line.list = which;
                 line.owner = owner;
-                line.flags = kread(lock, layout!(lock_lists.flags))?;
-                line.lock_type = kread::<u8>(lock, layout!(lock_lists.lock_type))? as u32;
-                line.pid = kread(lock, layout!(lock_lists.pid))?;
+                line.flags = at(lock, layout!(lock_lists.flags));
+                line.lock_type = at::<u8>(lock, layout!(lock_lists.lock_type)) as u32;
+                line.pid = at(lock, layout!(lock_lists.pid));
                 if which == list::LEASE {
                     line.start = 0;
                     line.end = i64::MAX;
                 } else {
-                    line.start = kread(lock, layout!(lock_lists.start))?;
-                    line.end = kread(lock, layout!(lock_lists.end))?;
+                    line.start = at(lock, layout!(lock_lists.start));
+                    line.end = at(lock, layout!(lock_lists.end));
                 }
-                // SAFETY: the line is LOCK_LINE_SIZE bytes of our scratch.
-                unsafe {
-                    bpf_seq_write(
-                        seq as *mut _,
-                        line as *const _ as *const c_void,
-                        LOCK_LINE_SIZE as u32,
-                    )
-                };
+                write(
+                    seq,
+                    line as *const _ as *const c_void,
+                    LOCK_LINE_SIZE as u32,
+                );
             }
-            node = kread(node, 0)?;
+            node = at(lock, layout!(lock_lists.list));
         }
         if !ended {
             line.list = list::TRUNCATED;
-            // SAFETY: as above.
-            unsafe {
-                bpf_seq_write(
-                    seq as *mut _,
-                    line as *const _ as *const c_void,
-                    LOCK_LINE_SIZE as u32,
-                )
-            };
+            write(
+                seq,
+                line as *const _ as *const c_void,
+                LOCK_LINE_SIZE as u32,
+            );
             return Ok(());
         }
     }

@@ -15,13 +15,16 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use ckpt_common::{
-    files::{list, FdRecord, LockLine},
+    files::{list, FdRecord, LockLine, TaskRecord},
     lock::LockKind as KLockKind,
 };
 
-use super::fd_table::{self, FdTable, IterFd};
+use super::{
+    fd_table::{FdTable, IterFd},
+    tasks,
+};
 use crate::{
-    image::format::{FileKind, OpenFile},
+    image::format::{FileKind, OpenFile, Process},
     locks::{
         proc_locks::{ProcKind, ProcLock},
         KernelDev, LockType,
@@ -170,27 +173,29 @@ const PRESCAN_BATCH: usize = 2048;
 /// A rename in these few milliseconds is like one just after the thaw: restore checks
 /// identity (dev, inode, handle), never the name alone.
 pub fn prescan(pids: &BTreeSet<u32>, table: &mut FdTable) -> Result<Prescan> {
-    table.watch(pids.iter().copied(), fd_table::FULL)?;
+    table.prepare(pids.iter().copied(), true)?;
+    let first = table.read(&pids.iter().map(|&p| (p, true)).collect::<Vec<_>>())?;
     let mut paths = HashMap::new();
     let mut one_fd_per_inode: HashMap<InodeKey, (u32, u32)> = HashMap::new();
-    for e in table
-        .read()?
-        .into_iter()
-        .filter(|e| pids.contains(&e.rec.tgid))
-    {
-        one_fd_per_inode
-            .entry(key_of(&e.rec))
-            .or_insert((e.rec.tgid, e.rec.fd));
-        if let Some(p) = e.path {
-            paths.insert(e.rec.file, (key_of(&e.rec), p));
+    let mut processes = HashMap::new();
+    for part in first.processes {
+        // Per process, /proc now; inside the window the iterator's process record
+        // says whether it still holds (`tasks::from_record`).
+        if let Some(record) = part.task {
+            if let Ok(p) = tasks::read(part.pid) {
+                processes.insert(part.pid, (record, p));
+            }
+        }
+        for e in part.fds {
+            one_fd_per_inode
+                .entry(key_of(&e.rec))
+                .or_insert((e.rec.tgid, e.rec.fd));
+            if let Some(p) = e.path {
+                paths.insert(e.rec.file, (key_of(&e.rec), p));
+            }
         }
     }
-    // Our own fd table only, while borrowing: each read walks whatever is watched.
-    for &pid in pids {
-        table.unwatch(pid);
-    }
     let me = std::process::id();
-    table.watch([me], fd_table::NO_PATH)?;
     let mut facts = HashMap::new();
     let mut pidfds: HashMap<u32, Option<OwnedFd>> = HashMap::new();
     let mut wanted: Vec<(u32, u32)> = one_fd_per_inode.into_values().collect();
@@ -208,7 +213,7 @@ pub fn prescan(pids: &BTreeSet<u32>, table: &mut FdTable) -> Result<Prescan> {
                 borrowed.insert(dup.as_raw_fd(), dup);
             }
         }
-        for e in table.read()?.iter().filter(|e| e.rec.tgid == me) {
+        for e in table.read(&[(me, false)])?.fds() {
             let Some(dup) = borrowed.get(&(e.rec.fd as i32)) else {
                 continue;
             };
@@ -223,9 +228,19 @@ pub fn prescan(pids: &BTreeSet<u32>, table: &mut FdTable) -> Result<Prescan> {
             }
         }
     }
-    table.unwatch(me);
-    table.watch(pids.iter().copied(), fd_table::NO_PATH)?;
-    Ok(Prescan { facts, paths })
+    // The window's links, made now.
+    table.prepare(pids.iter().copied(), false)?;
+    let known = paths
+        .iter()
+        .filter(|(_, (key, _))| facts.contains_key(key))
+        .map(|(file, (key, _))| (*file, *key))
+        .collect();
+    Ok(Prescan {
+        facts,
+        paths,
+        known,
+        processes,
+    })
 }
 
 /// What is learnt before freezing.
@@ -234,6 +249,11 @@ pub struct Prescan {
     pub facts: HashMap<InodeKey, InodeFacts>,
     /// struct file -> (its inode, its path).
     pub paths: HashMap<u64, (InodeKey, String)>,
+    /// (struct file, inode) whose path and inode facts are both known: one cheap
+    /// lookup per fd inside the window.
+    pub known: foldhash::HashSet<(u64, InodeKey)>,
+    /// Processes as the iterator and /proc showed them.
+    pub processes: HashMap<u32, (TaskRecord, Process)>,
 }
 
 /// fdinfo `lock:` line equivalent of a lock the iterator found on an fd.
@@ -310,13 +330,20 @@ pub struct LateReads {
 }
 
 /// Inside the frozen window: the kernel reads the iterator's records still need.
-pub fn late_reads(records: &[IterFd], pids: &BTreeSet<u32>, pre: &Prescan) -> Result<LateReads> {
+pub fn late_reads<'a>(
+    records: impl IntoIterator<Item = &'a IterFd>,
+    pids: &BTreeSet<u32>,
+    pre: &Prescan,
+) -> Result<LateReads> {
     let mut pidfds: HashMap<u32, OwnedFd> = HashMap::new();
     let mut late = LateReads::default();
-    for e in records.iter().filter(|e| pids.contains(&e.rec.tgid)) {
+    for e in records.into_iter().filter(|e| pids.contains(&e.rec.tgid)) {
         let r = &e.rec;
         let pid = r.tgid;
         let key = key_of(r);
+        if !e.locks_truncated && pre.known.contains(&(r.file, key)) {
+            continue;
+        }
         let gone = || format!("process {pid} exited during the dump");
         if !pre.facts.contains_key(&key) && !late.facts.contains_key(&key) {
             let pidfd = match pidfds.entry(pid) {

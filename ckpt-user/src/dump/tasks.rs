@@ -2,6 +2,8 @@
 
 use anyhow::{bail, Context as _, Result};
 
+use ckpt_common::files::{TaskRecord, PF_EXITING};
+
 use crate::image::format::Process;
 
 /// `Uid:`/`Gid:` lines: real, effective, saved, filesystem.
@@ -71,9 +73,99 @@ pub fn read(pid: u32) -> Result<Process> {
     })
 }
 
+/// The process as the iterator saw it inside the frozen window (`now`), completed by
+/// a /proc read made before freezing (`before`) when nothing it covers changed since:
+/// not exec'd (cmdline), same credentials object (groups) and same working directory.
+/// Otherwise, or without a record (a process without fds), /proc is read now.
+pub fn from_record(
+    pid: u32,
+    now: Option<&TaskRecord>,
+    before: Option<&(TaskRecord, Process)>,
+) -> Result<Process> {
+    let Some(now) = now else {
+        return read(pid);
+    };
+    if now.flags & PF_EXITING != 0 || now.exit_state != 0 {
+        bail!("process {pid} exited during the dump");
+    }
+    match before {
+        Some((then, p)) if unchanged(then, now) => Ok(Process {
+            ppid: now.ppid,
+            uid: now.uid,
+            euid: now.euid,
+            gid: now.gid,
+            egid: now.egid,
+            ..p.clone()
+        }),
+        _ => read(pid),
+    }
+}
+
+/// Whether what a /proc read of `then` covers still holds at `now`.
+fn unchanged(then: &TaskRecord, now: &TaskRecord) -> bool {
+    then.tgid == now.tgid
+        && then.exec_id == now.exec_id
+        && then.cred == now.cred
+        && then.pwd_mnt == now.pwd_mnt
+        && then.pwd_dentry == now.pwd_dentry
+        && then.comm == now.comm
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(pid: u32) -> TaskRecord {
+        TaskRecord {
+            tgid: pid,
+            ppid: 1,
+            uid: 5,
+            exec_id: 3,
+            cred: 0xffff_8000_0000_1000,
+            pwd_mnt: 0xffff_8000_0000_2000,
+            pwd_dentry: 0xffff_8000_0000_3000,
+            comm: *b"worker\0\0\0\0\0\0\0\0\0\0",
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_process_read_before_freezing_is_reused_only_if_unchanged() {
+        // Our own process: the fallback reads /proc/self-equivalent facts.
+        let me = std::process::id();
+        let then = record(me);
+        let before = Process {
+            pid: me,
+            ppid: 1,
+            cmdline: vec!["before".into()],
+            uid: 5,
+            ..Default::default()
+        };
+        let mut now = then;
+        now.ppid = 77;
+        let p = from_record(me, Some(&now), Some(&(then, before.clone()))).unwrap();
+        assert_eq!(
+            (p.ppid, p.cmdline.clone()),
+            (77, vec!["before".to_string()])
+        );
+        for change in [
+            |r: &mut TaskRecord| r.exec_id += 1,
+            |r: &mut TaskRecord| r.cred += 64,
+            |r: &mut TaskRecord| r.pwd_dentry += 64,
+            |r: &mut TaskRecord| r.comm[0] = b'x',
+        ] {
+            let mut now = then;
+            change(&mut now);
+            let p = from_record(me, Some(&now), Some(&(then, before.clone()))).unwrap();
+            assert_ne!(
+                p.cmdline, before.cmdline,
+                "a changed process must be read again"
+            );
+        }
+        let mut dying = then;
+        dying.flags |= PF_EXITING;
+        assert!(from_record(me, Some(&dying), Some(&(then, before))).is_err());
+    }
 
     #[test]
     fn status_ids() {

@@ -7,9 +7,10 @@
 use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Context as _, Result};
+use ckpt_common::files::{LOCK_CTX_SPAN, LOCK_SPAN};
 use ckpt_common::offsets::{
     AddLeaseTpOffsets, BreakTpOffsets, FileIterOffsets, KernelLayout, LeaseStructOffsets,
-    LeaseTpOffsets, LockListOffsets, LockTpOffsets, SyscallTpOffsets,
+    LeaseTpOffsets, LockListOffsets, LockTpOffsets, SyscallTpOffsets, TaskIterOffsets,
 };
 
 use super::btf::Btf;
@@ -161,7 +162,7 @@ pub fn lock_list_offsets(btf: &Btf) -> Result<LockListOffsets> {
             btf.offset_of("file_lock", &format!("fl_{name}"))
         }
     };
-    Ok(LockListOffsets {
+    let o = LockListOffsets {
         inode_flctx: btf.offset_of("inode", "i_flctx")?,
         ctx_posix: btf.offset_of("file_lock_context", "flc_posix")?,
         ctx_flock: btf.offset_of("file_lock_context", "flc_flock")?,
@@ -174,7 +175,41 @@ pub fn lock_list_offsets(btf: &Btf) -> Result<LockListOffsets> {
         pid: common("pid")?,
         start: btf.offset_of("file_lock", "fl_start")?,
         end: btf.offset_of("file_lock", "fl_end")?,
-    })
+    };
+    check_spans(&o)?;
+    Ok(o)
+}
+
+/// The iterator reads a lock's first `LOCK_SPAN` bytes and a context's first
+/// `LOCK_CTX_SPAN` at once, and takes the fields from that copy.
+fn check_spans(o: &LockListOffsets) -> Result<()> {
+    let lock_end = [
+        (o.list, 8),
+        (o.file, 8),
+        (o.owner, 8),
+        (o.flags, 4),
+        (o.lock_type, 1),
+        (o.pid, 4),
+        (o.start, 8),
+        (o.end, 8),
+    ]
+    .iter()
+    .map(|(off, size)| off + size)
+    .max()
+    .unwrap_or(0);
+    let ctx_end = [o.ctx_posix, o.ctx_flock, o.ctx_lease]
+        .iter()
+        .map(|off| off + 8)
+        .max()
+        .unwrap_or(0);
+    if lock_end as usize > LOCK_SPAN || ctx_end as usize > LOCK_CTX_SPAN {
+        bail!(
+            "struct file_lock fields end at byte {lock_end} (> {LOCK_SPAN}) or \
+             file_lock_context lists at {ctx_end} (> {LOCK_CTX_SPAN}): raise the spans in \
+             ckpt-common/src/files.rs"
+        );
+    }
+    Ok(())
 }
 
 /// Offsets for the task_file iterator, from BTF. Inode timestamps moved twice: a
@@ -235,6 +270,25 @@ pub fn file_iter_offsets(btf: &Btf) -> Result<FileIterOffsets> {
     })
 }
 
+pub fn task_iter_offsets(btf: &Btf) -> Result<TaskIterOffsets> {
+    let pwd = btf.offset_of("fs_struct", "pwd")?;
+    Ok(TaskIterOffsets {
+        real_parent: btf.offset_of("task_struct", "real_parent")?,
+        real_cred: btf.offset_of("task_struct", "real_cred")?,
+        self_exec_id: btf.offset_of("task_struct", "self_exec_id")?,
+        comm: btf.offset_of("task_struct", "comm")?,
+        exit_state: btf.offset_of("task_struct", "exit_state")?,
+        flags: btf.offset_of("task_struct", "flags")?,
+        fs: btf.offset_of("task_struct", "fs")?,
+        fs_pwd_mnt: pwd + btf.offset_of("path", "mnt")?,
+        fs_pwd_dentry: pwd + btf.offset_of("path", "dentry")?,
+        cred_uid: btf.offset_of("cred", "uid")?,
+        cred_euid: btf.offset_of("cred", "euid")?,
+        cred_gid: btf.offset_of("cred", "gid")?,
+        cred_egid: btf.offset_of("cred", "egid")?,
+    })
+}
+
 /// Reads this kernel's format files and BTF and builds the layout the programs need.
 pub fn resolve_layout() -> Result<KernelLayout> {
     let posix = Format::read("filelock", "posix_lock_inode")?;
@@ -288,6 +342,7 @@ pub fn resolve_layout() -> Result<KernelLayout> {
         lease_struct: lease_struct_offsets(&btf).context("lease struct offsets from BTF")?,
         lock_lists: lock_list_offsets(&btf).context("lock list offsets from BTF")?,
         files: file_iter_offsets(&btf).context("file offsets from BTF")?,
+        tasks: task_iter_offsets(&btf).context("task offsets from BTF")?,
         valid: 1,
     })
 }

@@ -16,6 +16,8 @@ use aya::{
 };
 use tracing::{debug, info};
 
+use ckpt_common::names;
+
 use super::{format::resolve_layout, pins::PinDir};
 use crate::sys::mounts;
 
@@ -68,7 +70,7 @@ pub fn load_and_attach(pins: &PinDir, max_locks: Option<u32>) -> Result<Loaded> 
         .default_map_pin_directory(pins.maps_dir())
         .override_global("LAYOUT", &layout, true);
     if let Some(n) = max_locks {
-        loader.map_max_entries(ckpt_common::names::LOCKS, n);
+        loader.map_max_entries(names::LOCKS, n);
     }
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
 
@@ -86,18 +88,32 @@ pub fn load_and_attach(pins: &PinDir, max_locks: Option<u32>) -> Result<Loaded> 
         replace_pins(pins, prog_name, link, |p| prog.pin(p))?;
     }
 
-    // The fd-table iterator: reading its pinned link runs it (`dump::fd_iter`).
-    let name = ckpt_common::names::TASK_FILES;
+    // The fd-table iterators are only loaded and pinned: `ckpt-user dump` aims a link
+    // at each process it reads (`dump::fd_table`).
     let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
-    let prog: &mut Iter = ebpf
-        .program_mut(name)
-        .with_context(|| format!("program {name} missing from object"))?
-        .try_into()?;
-    prog.load("task_file", &btf)
-        .with_context(|| format!("loading the {name} iterator"))?;
-    let link_id = prog.attach().context("attaching the task_file iterator")?;
-    let link: FdLink = prog.take_link(link_id)?.try_into()?;
-    replace_pins(pins, name, link, |p| prog.pin(p))?;
+    for name in [names::TASK_FILES, names::TASK_FILES_PATHS] {
+        let prog: &mut Iter = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from object"))?
+            .try_into()?;
+        prog.load("task_file", &btf)
+            .with_context(|| format!("loading the {name} iterator"))?;
+        let pin = pins.progs_dir().join(name);
+        if pin.exists() {
+            fs::remove_file(&pin).with_context(|| format!("removing old pin {pin:?}"))?;
+        }
+        prog.pin(&pin)
+            .with_context(|| format!("pinning program {pin:?}"))?;
+    }
+    // An older agent's one-for-all iterator link and its process filter.
+    for stale in [
+        pins.links_dir().join(names::TASK_FILES),
+        pins.maps_dir().join("FD_FILTER"),
+    ] {
+        if stale.exists() {
+            fs::remove_file(&stale).with_context(|| format!("removing stale pin {stale:?}"))?;
+        }
+    }
     Ok(Loaded { ebpf, adopted })
 }
 
