@@ -115,6 +115,16 @@ impl FdTable {
     /// `prepare`, spread over one thread per CPU. A process that is gone reads as no
     /// fds and no record.
     pub fn read(&self, wanted: &[(u32, bool)]) -> Result<TableRead> {
+        Ok(self.read_then(wanted, |_| Ok(()))?.0)
+    }
+
+    /// `read`, and `then` run on each process by the thread that read it, while its
+    /// records are fresh in that CPU's cache; its results come back in pid order.
+    pub fn read_then<R: Send>(
+        &self,
+        wanted: &[(u32, bool)],
+        then: impl Fn(&ProcessFds) -> Result<R> + Sync,
+    ) -> Result<(TableRead, Vec<R>)> {
         if let Some((pid, _)) = wanted.iter().find(|k| !self.links.contains_key(k)) {
             bail!("no fd-table iterator link was prepared for process {pid}");
         }
@@ -123,14 +133,16 @@ impl FdTable {
             .clamp(1, MAX_READERS)
             .min(wanted.len().max(1));
         let links = &self.links;
-        let read_some = |mine: Vec<(u32, bool)>| -> Result<Vec<ProcessFds>> {
+        let read_some = |mine: Vec<(u32, bool)>| -> Result<Vec<(ProcessFds, R)>> {
             let mut buf = Vec::with_capacity(1 << 16);
             let mut out = Vec::with_capacity(mine.len());
             for key in mine {
                 buf.clear();
                 bpf_iter::read_into(links[&key].as_fd(), &mut buf)
                     .with_context(|| format!("reading the fd table of {}", key.0))?;
-                out.push(parse(&buf, key.0)?);
+                let p = parse(&buf, key.0)?;
+                let r = then(&p)?;
+                out.push((p, r));
             }
             Ok(out)
         };
@@ -138,7 +150,7 @@ impl FdTable {
         let shares: Vec<Vec<(u32, bool)>> = (0..readers)
             .map(|i| wanted.iter().skip(i).step_by(readers).copied().collect())
             .collect();
-        let mut processes: Vec<ProcessFds> = if readers == 1 {
+        let mut processes: Vec<(ProcessFds, R)> = if readers == 1 {
             read_some(wanted.to_vec())?
         } else {
             std::thread::scope(|s| {
@@ -153,8 +165,9 @@ impl FdTable {
                 Ok::<_, anyhow::Error>(all)
             })?
         };
-        processes.sort_unstable_by_key(|p| p.pid);
-        Ok(TableRead { processes })
+        processes.sort_unstable_by_key(|(p, _)| p.pid);
+        let (processes, results) = processes.into_iter().unzip();
+        Ok((TableRead { processes }, results))
     }
 }
 

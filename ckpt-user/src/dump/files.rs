@@ -329,6 +329,14 @@ pub struct LateReads {
     locks: HashMap<(u32, u32), Vec<ProcLock>>,
 }
 
+impl LateReads {
+    pub fn merge(&mut self, other: LateReads) {
+        self.facts.extend(other.facts);
+        self.paths.extend(other.paths);
+        self.locks.extend(other.locks);
+    }
+}
+
 /// Inside the frozen window: the kernel reads the iterator's records still need.
 pub fn late_reads<'a>(
     records: impl IntoIterator<Item = &'a IterFd>,
