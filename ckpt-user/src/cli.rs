@@ -200,7 +200,7 @@ pub fn run_user(args: UserArgs) -> Result<()> {
             } else {
                 writeln!(
                     out,
-                    "{}: {} processes, {} fds, {} locks, {} leases, {} waiters, {} deleted files; frozen {:.2} ms, total {:.1} ms (locks from {}, fd tables from {})",
+                    "{}: {} processes, {} fds, {} locks, {} leases, {} waiters, {} deleted files; frozen {:.2} ms (after {:.2} ms freezing), total {:.1} ms (locks from {}, fd tables from {})",
                     report.image,
                     report.processes,
                     report.fds,
@@ -209,6 +209,7 @@ pub fn run_user(args: UserArgs) -> Result<()> {
                     report.waiters,
                     report.ghosts,
                     report.frozen_ms,
+                    report.freezing_ms,
                     report.total_ms,
                     report.source,
                     report.fd_tables

@@ -86,6 +86,9 @@ pub struct Frozen {
     pub since: Instant,
     /// CLOCK_MONOTONIC when the cgroup was frozen.
     pub monotonic_ns: u64,
+    /// From the freeze request until every task was frozen (the first tasks stop
+    /// this much before the window starts).
+    pub freezing: Duration,
 }
 
 impl Frozen {
@@ -108,6 +111,7 @@ impl Frozen {
             watchdog: Some(watchdog),
             since: Instant::now(),
             monotonic_ns: 0,
+            freezing: Duration::ZERO,
         };
         std::fs::write(&file, freeze).with_context(|| format!("freezing ({})", file.display()))?;
         let start = Instant::now();
@@ -118,6 +122,7 @@ impl Frozen {
             std::thread::sleep(Duration::from_micros(100));
         }
         frozen.since = Instant::now();
+        frozen.freezing = start.elapsed();
         frozen.monotonic_ns = crate::view::live::monotonic_ns();
         Ok(frozen)
     }

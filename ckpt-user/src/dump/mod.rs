@@ -106,7 +106,10 @@ pub struct Report {
     /// Where the fd tables came from: "iterator" (the agent's task_file iterator) or
     /// "proc" (/proc/PID/fd and fdinfo, one fd at a time).
     pub fd_tables: String,
+    /// From every task frozen until the thaw.
     pub frozen_ms: f64,
+    /// From the freeze request until every task was frozen.
+    pub freezing_ms: f64,
     pub total_ms: f64,
     pub processes: usize,
     pub fds: usize,
@@ -210,6 +213,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     };
     let frozen = Frozen::freeze(freezer, writer.temp(), opts.freeze_timeout)?;
     let frozen_ns = frozen.monotonic_ns;
+    let freezing = frozen.freezing;
     phase.mark("freeze");
 
     // ---- frozen from here: kernel reads only; assembly waits for the thaw ----
@@ -242,7 +246,9 @@ pub fn run(opts: &Options) -> Result<Report> {
         let reader = table.as_ref().map(|t| {
             s.spawn(|| {
                 let t0 = Instant::now();
-                t.read(&wanted).map(|r| (r, t0.elapsed()))
+                // Each reader also does its processes' late reads.
+                t.read_then(&wanted, |p| files::late_reads(&p.fds, &pids, &pre))
+                    .map(|r| (r, t0.elapsed()))
             })
         });
         let t0 = Instant::now();
@@ -269,7 +275,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         let read = match reader {
             Some(h) => {
                 let (read, took) = h.join().expect("fd-table reader panicked")?;
-                phase.note("fd tables (iterator read)", took);
+                phase.note("fd tables (iterator read and late reads)", took);
                 Some(read)
             }
             None => None,
@@ -279,9 +285,11 @@ pub fn run(opts: &Options) -> Result<Report> {
     phase.mark("agent and fd tables, side by side");
     let mut processes = Vec::new();
     let read = match table_read {
-        Some(read) => {
-            let late = files::late_reads(read.fds(), &pids, &pre)?;
-            phase.mark("fd tables (late reads)");
+        Some((read, lates)) => {
+            let mut late = files::LateReads::default();
+            for l in lates {
+                late.merge(l);
+            }
             for &pid in &pids {
                 // From the window's process record; a process killed meanwhile (no
                 // record) is read from /proc, which catches it.
@@ -506,6 +514,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         source: image.source.clone(),
         fd_tables: if table.is_some() { "iterator" } else { "proc" }.into(),
         frozen_ms: frozen_for.as_secs_f64() * 1e3,
+        freezing_ms: freezing.as_secs_f64() * 1e3,
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
         processes: image.processes.len(),
         fds,
