@@ -104,27 +104,37 @@ impl FdTable {
         for pid in pids {
             if !self.links.contains_key(&(pid, paths)) {
                 let link = bpf_iter::link_for_process(self.progs[paths as usize].as_fd(), pid)
-                    .with_context(|| format!("creating an fd-table iterator link for {pid}"))?;
+                    .with_context(|| {
+                        format!("creating an fd-table iterator link for process {pid} (one fd per process: is the open-file limit too low?)")
+                    })?;
                 self.links.insert((pid, paths), link);
             }
         }
         Ok(())
     }
 
+    /// Closes the links that read paths (after the prescan: inside the window only
+    /// processes that joined since need them).
+    pub fn forget_path_links(&mut self) {
+        self.links.retain(|(_, paths), _| !paths);
+    }
+
     /// Reads the fd tables of `wanted` (pid, with paths), through links made by
     /// `prepare`, spread over one thread per CPU. A process that is gone reads as no
     /// fds and no record.
     pub fn read(&self, wanted: &[(u32, bool)]) -> Result<TableRead> {
-        Ok(self.read_then(wanted, |_| Ok(()))?.0)
+        Ok(self.read_then(wanted, |_| Ok(()), || ())?.0)
     }
 
-    /// `read`, and `then` run on each process by the thread that read it, while its
-    /// records are fresh in that CPU's cache; its results come back in pid order.
-    pub fn read_then<R: Send>(
+    /// `read`, with `then` run on each process by the thread that read it, while its
+    /// records are fresh in that CPU's cache (results in pid order), and `alongside`
+    /// run on the calling thread meanwhile (its result returned as is).
+    pub fn read_then<R: Send, A>(
         &self,
         wanted: &[(u32, bool)],
         then: impl Fn(&ProcessFds) -> Result<R> + Sync,
-    ) -> Result<(TableRead, Vec<R>)> {
+        alongside: impl FnOnce() -> A,
+    ) -> Result<(TableRead, Vec<R>, A)> {
         if let Some((pid, _)) = wanted.iter().find(|k| !self.links.contains_key(k)) {
             bail!("no fd-table iterator link was prepared for process {pid}");
         }
@@ -150,24 +160,21 @@ impl FdTable {
         let shares: Vec<Vec<(u32, bool)>> = (0..readers)
             .map(|i| wanted.iter().skip(i).step_by(readers).copied().collect())
             .collect();
-        let mut processes: Vec<(ProcessFds, R)> = if readers == 1 {
-            read_some(wanted.to_vec())?
-        } else {
-            std::thread::scope(|s| {
-                let handles: Vec<_> = shares
-                    .into_iter()
-                    .map(|share| s.spawn(|| read_some(share)))
-                    .collect();
-                let mut all = Vec::new();
-                for h in handles {
-                    all.extend(h.join().expect("fd-table reader panicked")?);
-                }
-                Ok::<_, anyhow::Error>(all)
-            })?
-        };
+        let (mut processes, beside) = std::thread::scope(|s| {
+            let handles: Vec<_> = shares
+                .into_iter()
+                .map(|share| s.spawn(|| read_some(share)))
+                .collect();
+            let beside = alongside();
+            let mut all = Vec::new();
+            for h in handles {
+                all.extend(h.join().expect("fd-table reader panicked")?);
+            }
+            Ok::<_, anyhow::Error>((all, beside))
+        })?;
         processes.sort_unstable_by_key(|(p, _)| p.pid);
         let (processes, results) = processes.into_iter().unzip();
-        Ok((TableRead { processes }, results))
+        Ok((TableRead { processes }, results, beside))
     }
 }
 

@@ -229,6 +229,7 @@ pub fn prescan(pids: &BTreeSet<u32>, table: &mut FdTable) -> Result<Prescan> {
         }
     }
     // The window's links, made now.
+    table.forget_path_links();
     table.prepare(pids.iter().copied(), false)?;
     let known = paths
         .iter()

@@ -146,6 +146,7 @@ fn sha256_of(pid: u32, fd: i32) -> Result<String> {
 
 pub fn run(opts: &Options) -> Result<Report> {
     let t0 = Instant::now();
+    crate::sys::raise_open_file_limit();
     let dir = cgroup::resolve(&opts.cgroup)?;
     if cgroup::pids(&dir)?.is_empty() {
         bail!("cgroup {} is empty: nothing to dump", dir.display());
@@ -241,47 +242,40 @@ pub fn run(opts: &Options) -> Result<Report> {
     if let Some(t) = &mut table {
         t.prepare(pids.difference(&before).copied(), true)?;
     }
-    // The agent's tables and the fd tables side by side: both are kernel work.
-    let (agent, table_read) = std::thread::scope(|s| -> Result<_> {
-        let reader = table.as_ref().map(|t| {
-            s.spawn(|| {
-                let t0 = Instant::now();
-                // Each reader also does its processes' late reads.
-                t.read_then(&wanted, |p| files::late_reads(&p.fds, &pids, &pre))
-                    .map(|r| (r, t0.elapsed()))
-            })
-        });
+    // The agent's tables (on this thread) and the fd tables (one reader per CPU, each
+    // also doing its processes' late reads) side by side: both are kernel work.
+    let agent_part = || -> Result<Option<AgentView>> {
+        let (Some(l), Some(early)) = (&live, early) else {
+            return Ok(None);
+        };
         let t0 = Instant::now();
-        let agent = match (&live, early) {
-            (Some(l), Some(early)) => {
-                l.barrier(Duration::from_secs(2))?;
-                let reused = l.still_current(&early)?;
-                let snapshot = if reused { early } else { l.snapshot()? };
-                phase.note(
-                    if reused {
-                        "agent tables (unchanged since read before freezing)"
-                    } else {
-                        "agent tables"
-                    },
-                    t0.elapsed(),
-                );
-                Some(AgentView {
-                    snapshot,
-                    waiters: pre_waiters,
-                })
-            }
-            _ => None,
-        };
-        let read = match reader {
-            Some(h) => {
-                let (read, took) = h.join().expect("fd-table reader panicked")?;
-                phase.note("fd tables (iterator read and late reads)", took);
-                Some(read)
-            }
-            None => None,
-        };
-        Ok((agent, read))
-    })?;
+        l.barrier(Duration::from_secs(2))?;
+        let reused = l.still_current(&early)?;
+        let snapshot = if reused { early } else { l.snapshot()? };
+        phase.note(
+            if reused {
+                "agent tables (unchanged since read before freezing)"
+            } else {
+                "agent tables"
+            },
+            t0.elapsed(),
+        );
+        Ok(Some(AgentView {
+            snapshot,
+            waiters: pre_waiters,
+        }))
+    };
+    let (agent, table_read) = match &table {
+        Some(t) => {
+            let (read, lates, agent) = t.read_then(
+                &wanted,
+                |p| files::late_reads(&p.fds, &pids, &pre),
+                agent_part,
+            )?;
+            (agent?, Some((read, lates)))
+        }
+        None => (agent_part()?, None),
+    };
     phase.mark("agent and fd tables, side by side");
     let mut processes = Vec::new();
     let read = match table_read {
