@@ -416,6 +416,61 @@ fn without_an_agent_the_image_says_what_it_lacks() {
     assert!(summary.contains("missing (no agent)"), "{summary}");
 }
 
+/// Another process keeps the agent busy (a lock every millisecond), so the tables it
+/// read before freezing are stale and are read again inside the window, while it is
+/// still writing: the dumped processes' own locks must come out exact, every time.
+#[test]
+fn lock_traffic_elsewhere_does_not_disturb_the_dump() {
+    let agent = Agent::start();
+    let cg = Cgroup::new(false);
+    let dir = Scratch::new();
+    let mut outside = Locker::spawn();
+    outside.cmd(&format!("churn {} 1", dir.file("busy")));
+    let mut p = cg.locker();
+    for (i, kind) in ["posix", "ofd"].iter().enumerate() {
+        p.cmd(&format!("open f{i} {}", dir.file(&format!("f{i}"))));
+        p.cmd(&format!("{kind} f{i} w 0 10"));
+        p.cmd(&format!("{kind} f{i} r 20 10"));
+    }
+    p.cmd(&format!("open g {}", dir.file("g")));
+    p.cmd("flock g sh");
+    let mut reread = 0;
+    for run in 0..3 {
+        let img = dir.0.join(format!("img{run}")).display().to_string();
+        let (code, _, err) = agent.dump(&cg.path, &img, &["--timings"]);
+        assert_eq!(code, 0, "{err}");
+        assert!(!cg.frozen());
+        if err.contains("agent tables:") {
+            reread += 1;
+        }
+        let image = inspect_json(&img);
+        let mut got: Vec<(String, String, i64)> = image["locks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                (
+                    l["kind"].as_str().unwrap().to_string(),
+                    l["type"].as_str().unwrap_or("").to_string(),
+                    l["start"].as_i64().unwrap_or(0),
+                )
+            })
+            .collect();
+        got.sort();
+        assert_eq!(got.len(), 5, "{image}");
+        assert!(
+            got.iter().filter(|l| l.0 == "posix").count() == 2
+                && got.iter().filter(|l| l.0 == "ofd").count() == 2
+                && got.iter().filter(|l| l.0 == "flock").count() == 1,
+            "{got:?}"
+        );
+    }
+    assert!(
+        reread > 0,
+        "with a lock taken every millisecond elsewhere, the agent's tables must have changed since the early read"
+    );
+}
+
 #[test]
 fn v1_freezer_cgroups_are_dumped_too() {
     if !Path::new("/sys/fs/cgroup/freezer/cgroup.procs").exists() {

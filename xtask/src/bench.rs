@@ -20,6 +20,10 @@ struct Scenario {
     processes: usize,
     files_per: usize,
     locks_per: usize,
+    /// A process outside the cgroup takes and releases a lock every millisecond, so
+    /// that the agent's tables change between the dump's early read and the freeze
+    /// and are read again inside the window (a busy host's case).
+    churn: bool,
 }
 
 /// A workload process (the tests' `locker`) inside the benchmark cgroup.
@@ -148,16 +152,25 @@ pub fn run(runs: usize) -> Result<()> {
             processes: 1,
             files_per: 10,
             locks_per: 10,
+            churn: false,
         },
         Scenario {
             processes: 100,
             files_per: 100,
             locks_per: 50,
+            churn: false,
+        },
+        Scenario {
+            processes: 100,
+            files_per: 100,
+            locks_per: 50,
+            churn: true,
         },
         Scenario {
             processes: 1000,
             files_per: 10,
             locks_per: 10,
+            churn: false,
         },
     ];
     let mut table = String::new();
@@ -172,6 +185,22 @@ pub fn run(runs: usize) -> Result<()> {
             std::fs::create_dir_all(&data)?;
             let mut workers = Vec::new();
             let setup = (|| -> Result<()> {
+                if s.churn {
+                    let mut child = Command::new(bins.join("locker"))
+                        .stdin(Stdio::piped())
+                        .stdout(Stdio::piped())
+                        .spawn()
+                        .context("starting the lock-traffic process")?;
+                    let stdin = child.stdin.take().unwrap();
+                    let stdout = BufReader::new(child.stdout.take().unwrap());
+                    let mut w = Worker {
+                        child,
+                        stdin,
+                        stdout,
+                    };
+                    w.cmd(&format!("churn {}/churn 1", data.display()))?;
+                    workers.push(w);
+                }
                 for _ in 0..s.processes {
                     let mut child = Command::new(bins.join("locker"))
                         .stdin(Stdio::piped())
@@ -217,8 +246,13 @@ pub fn run(runs: usize) -> Result<()> {
             let _ = std::fs::remove_dir_all(&data);
             let (fa, fp, sa, ta, tp) = measured?;
             let row = format!(
-                "| {} | {} | {} | {} | {} | {:.1}x | {} | {} | {} |",
+                "| {}{} | {} | {} | {} | {} | {:.1}x | {} | {} | {} |",
                 s.processes,
+                if s.churn {
+                    " (+ lock traffic outside)"
+                } else {
+                    ""
+                },
                 s.processes * s.files_per,
                 s.processes * s.locks_per,
                 fmt(&fa),
@@ -243,7 +277,7 @@ pub fn run(runs: usize) -> Result<()> {
     let date = output(Command::new("date").args(["-u", "+%Y-%m-%d"])).unwrap_or_default();
     let cpus = output(&mut Command::new("nproc")).unwrap_or_default();
     let doc = format!(
-        "# ckpt benchmarks\n\nMachine: {} CPUs, Linux {}, {}. Each figure: median (min-max) of {runs} interleaved runs, in ms.\n\n## Dump: frozen window and total time\n\nEach process holds its fds open with separate POSIX write locks spread over them. \"agent\": ckpt-agent running (fd tables from its task_file iterator, locks and leases from its maps, cross-checked with the lock lines the iterator walks); \"/proc only\": no agent (/proc/PID/fd, fdinfo, pidfd_getfd and kcmp per fd).\n\n{table}\n\"frozen\" is the window from every task frozen to the thaw, as `ckpt-user dump` reports it; \"freeze request to thaw\" adds the time the kernel takes to freeze every task (about 1 ms for 100 processes), which the first task to stop also spends stopped.\n\nWhere the frozen time goes with the agent (`ckpt-user dump --timings`, 100 processes / 10,000 fds): the fd tables, read through one iterator link per process on one thread per CPU, about 0.45 us of program time per fd (field loads checked by the verifier, one copy per lock) plus the kernel's own walk; fds whose file the prescan already knows need no other read. Processes come from the iterator's per-process record, checked against /proc reads made before freezing (exec, credentials, cwd). The agent's tables, read before freezing, are read again inside the window only if the agent changed them since (about 2 ms per 5,000 locks when it must). Paths, stat devices, file handles and /proc process facts are read before freezing; descriptions, lock cross-checks and fingerprints are assembled after the thaw, so the total time is longer than the /proc-only path's.\n",
+        "# ckpt benchmarks\n\nMachine: {} CPUs, Linux {}, {}. Each figure: median (min-max) of {runs} interleaved runs, in ms.\n\n## Dump: frozen window and total time\n\nEach process holds its fds open with separate POSIX write locks spread over them. \"agent\": ckpt-agent running (fd tables from its task_file iterator, locks and leases from its maps, cross-checked with the lock lines the iterator walks); \"/proc only\": no agent (/proc/PID/fd, fdinfo, pidfd_getfd and kcmp per fd).\n\n{table}\n\"frozen\" is the window from every task frozen to the thaw, as `ckpt-user dump` reports it; \"freeze request to thaw\" adds the time the kernel takes to freeze every task, which the first task to stop also spends stopped. \"+ lock traffic outside\": another process takes and releases a lock every millisecond, so the agent's tables have changed since the dump read them before freezing and are read again inside the window.\n\nWhere the frozen time goes with the agent (`ckpt-user dump --timings`, 100 processes / 10,000 fds): the fd tables, read through one iterator link per process on one thread per CPU, about 0.45 us of program time per fd (field loads checked by the verifier, one copy per lock) plus the kernel's own walk; fds whose file the prescan already knows need no other read. Processes come from the iterator's per-process record, checked against /proc reads made before freezing (exec, credentials, cwd). The agent's tables, read before freezing, are read again inside the window only if the agent changed them since (about 2 ms per 5,000 locks when it must). Paths, stat devices, file handles and /proc process facts are read before freezing; descriptions, lock cross-checks and fingerprints are assembled after the thaw, so the total time is longer than the /proc-only path's.\n",
         cpus.trim(),
         kernel.trim(),
         date.trim()

@@ -193,7 +193,7 @@ pub fn run(opts: &Options) -> Result<Report> {
                     .filter_map(|e| e.ok().map(|(_, w)| w))
                     .collect(),
                 Vec::new(),
-                Some(l.snapshot()?),
+                Some(l.snapshot_once()?),
             )
         }
         None => (
@@ -251,7 +251,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         let t0 = Instant::now();
         l.barrier(Duration::from_secs(2))?;
         let reused = l.still_current(&early)?;
-        let snapshot = if reused { early } else { l.snapshot()? };
+        let snapshot = if reused { early } else { l.snapshot_once()? };
         phase.note(
             if reused {
                 "agent tables (unchanged since read before freezing)"

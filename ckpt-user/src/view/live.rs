@@ -38,8 +38,8 @@ pub struct LiveMaps {
 pub struct Snapshot {
     pub locks: Vec<(LockKey, LockRecord)>,
     pub leases: Vec<(LeaseKey, LeaseRecord)>,
-    /// The agent's write sequence number the copy was taken at.
-    seq: u64,
+    /// The agent's write sequence number, when nothing was written during the copy.
+    seq: Option<u64>,
 }
 
 /// Why the live maps cannot be used.
@@ -106,23 +106,38 @@ impl LiveMaps {
                 std::thread::yield_now();
                 continue;
             }
-            let snap = Snapshot {
-                locks: map_batch::dump(self.locks.fd().as_fd())?,
-                leases: map_batch::dump(self.leases.fd().as_fd())?,
-                seq: before,
-            };
-            if self.stat(AgentStat::FlushSeq)? == before {
+            let snap = self.snapshot_once()?;
+            if snap.seq.is_some() {
                 return Ok(snap);
             }
         }
         bail!("the lock table kept changing during 1000 reads; try again")
     }
 
-    /// Whether the agent wrote nothing to its tables since `snap` was taken, so that
-    /// it is still exact (the agent bumps its sequence number only on real changes).
-    /// Call after `barrier`, which makes the agent apply every event made before.
+    /// One pass over both tables, without waiting for a quiet moment. Exact for every
+    /// entry the agent did not change meanwhile: a batch read takes each hash bucket
+    /// whole, so an unchanged entry is seen exactly once however others change. That
+    /// is what a dump needs: its processes are frozen, so their entries hold still,
+    /// while other processes may keep the agent busy (retrying for a quiet moment
+    /// took up to 250 ms with a lock taken every millisecond elsewhere).
+    pub fn snapshot_once(&self) -> Result<Snapshot> {
+        let before = self.stat(AgentStat::FlushSeq)?;
+        let locks = map_batch::dump(self.locks.fd().as_fd())?;
+        let leases = map_batch::dump(self.leases.fd().as_fd())?;
+        let quiet = before & 1 == 0 && self.stat(AgentStat::FlushSeq)? == before;
+        Ok(Snapshot {
+            locks,
+            leases,
+            seq: quiet.then_some(before),
+        })
+    }
+
+    /// Whether `snap` was taken while the agent wrote nothing and the agent wrote
+    /// nothing since, so that it is still exact for every entry (the agent bumps its
+    /// sequence number only on real changes). Call after `barrier`, which makes the
+    /// agent apply every event made before.
     pub fn still_current(&self, snap: &Snapshot) -> Result<bool> {
-        Ok(self.stat(AgentStat::FlushSeq)? == snap.seq)
+        Ok(snap.seq == Some(self.stat(AgentStat::FlushSeq)?))
     }
 
     pub fn counter(&self, c: Counter) -> Result<u64> {

@@ -27,6 +27,8 @@
 //!   unlink PATH                unlink
 //!   bulk DIR NFILES NLOCKS     opens NFILES files in DIR and takes NLOCKS separate
 //!                              POSIX write locks spread over them (for benchmarks)
+//!   churn PATH MS              from now on, a thread takes and releases a POSIX lock
+//!                              on PATH every MS ms (lock traffic for benchmarks)
 //!   exit
 //! A blocking command replies when it returns. SIGUSR1 interrupts it (no SA_RESTART),
 //! so a test can make a waiter give up.
@@ -298,6 +300,26 @@ fn main() {
                     "ok".to_string()
                 } else {
                     format!("err opened {} locked {taken}", opened.len())
+                }
+            }
+            ["churn", path, ms] => {
+                let ms: u64 = ms.parse().unwrap();
+                let p = CString::new(*path).unwrap();
+                let f = unsafe { libc::open(p.as_ptr(), libc::O_RDWR | libc::O_CREAT, 0o644) };
+                if f < 0 {
+                    format!("err {}", errno())
+                } else {
+                    std::thread::spawn(move || loop {
+                        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+                        fl.l_whence = libc::SEEK_SET as i16;
+                        fl.l_len = 1;
+                        for t in [libc::F_WRLCK, libc::F_UNLCK] {
+                            fl.l_type = t as i16;
+                            unsafe { libc::fcntl(f, libc::F_SETLK, &fl) };
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(ms));
+                    });
+                    "ok".into()
                 }
             }
             ["setsig", name, sig] => {
