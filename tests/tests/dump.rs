@@ -471,6 +471,76 @@ fn lock_traffic_elsewhere_does_not_disturb_the_dump() {
     );
 }
 
+/// More locks on one inode than the iterator walks in the kernel: that fd's lock lines
+/// come from fdinfo instead, and every lock is in the image.
+#[test]
+fn long_lock_lists_are_read_from_fdinfo() {
+    let agent = Agent::start();
+    let cg = Cgroup::new(false);
+    let dir = Scratch::new();
+    let mut p = cg.locker();
+    // 60 separate POSIX locks on one file (the iterator walks 48 per list).
+    p.cmd(&format!("bulk {} 1 60", dir.0.display()));
+    let img = dir.0.join("img").display().to_string();
+    let (code, out, err) = agent.dump(&cg.path, &img, &["--timings", "--json"]);
+    assert_eq!(code, 0, "{err}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["fd_tables"], "iterator", "{out}");
+    assert!(
+        err.contains("1 with lock lists too long to walk"),
+        "the fdinfo fallback was not taken: {err}"
+    );
+    let image = inspect_json(&img);
+    let locks = image["locks"].as_array().unwrap();
+    assert_eq!(locks.len(), 60, "{image}");
+    let starts: BTreeSet<i64> = locks.iter().map(|l| l["start"].as_i64().unwrap()).collect();
+    assert_eq!(starts, (0..60).map(|i| i * 2).collect());
+}
+
+/// Files opened between the prescan and the freeze are looked at inside the window:
+/// each dumped fd still names the file the process has open at that number.
+#[test]
+fn fds_opened_while_the_dump_prepares_are_read_inside_the_window() {
+    let agent = Agent::start();
+    let cg = Cgroup::new(false);
+    let dir = Scratch::new();
+    let mut p = cg.locker();
+    let pid = p.pid();
+    p.cmd(&format!("openloop {} 1", dir.0.display()));
+    let mut late = 0;
+    for run in 0..5 {
+        let img = dir.0.join(format!("img{run}")).display().to_string();
+        let (code, _, err) = agent.dump(&cg.path, &img, &["--timings"]);
+        assert_eq!(code, 0, "{err}");
+        let opened: usize = err
+            .lines()
+            .find_map(|l| l.split("late reads: ").nth(1))
+            .and_then(|t| t.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no late-read count: {err}"));
+        late += opened;
+        let image = inspect_json(&img);
+        let proc_ = image["processes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["pid"] == pid)
+            .unwrap();
+        for fd in proc_["fds"].as_array().unwrap() {
+            let n = fd["fd"].as_i64().unwrap();
+            let file = file_of(&image, pid, n as i32);
+            let link = std::fs::read_link(format!("/proc/{pid}/fd/{n}")).unwrap();
+            assert_eq!(file["path"], link.display().to_string(), "fd {n}");
+            let md = std::fs::metadata(format!("/proc/{pid}/fd/{n}")).unwrap();
+            assert_eq!(file["ino"], md.ino(), "fd {n}");
+        }
+    }
+    assert!(
+        late > 0,
+        "no fd was opened between a prescan and its freeze"
+    );
+}
+
 #[test]
 fn v1_freezer_cgroups_are_dumped_too() {
     if !Path::new("/sys/fs/cgroup/freezer/cgroup.procs").exists() {

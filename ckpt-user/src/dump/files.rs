@@ -331,6 +331,11 @@ pub struct LateReads {
 }
 
 impl LateReads {
+    /// (fds opened since the prescan, fds whose lock lists were too long to walk).
+    pub fn counts(&self) -> (usize, usize) {
+        (self.paths.len(), self.locks.len())
+    }
+
     pub fn merge(&mut self, other: LateReads) {
         self.facts.extend(other.facts);
         self.paths.extend(other.paths);

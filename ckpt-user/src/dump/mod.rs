@@ -64,6 +64,12 @@ struct Phases {
 }
 
 impl Phases {
+    fn say(&self, what: &str) {
+        if self.on {
+            eprintln!("ckpt-user:   {what}");
+        }
+    }
+
     /// Reports a part that ran alongside others (not a phase of its own).
     fn note(&self, what: &str, took: Duration) {
         if self.on {
@@ -284,6 +290,10 @@ pub fn run(opts: &Options) -> Result<Report> {
             for l in lates {
                 late.merge(l);
             }
+            let (opened, long) = late.counts();
+            phase.say(&format!(
+                "late reads: {opened} fds opened since the prescan, {long} with lock lists too long to walk"
+            ));
             for &pid in &pids {
                 // From the window's process record; a process killed meanwhile (no
                 // record) is read from /proc, which catches it.

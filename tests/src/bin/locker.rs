@@ -27,6 +27,8 @@
 //!   unlink PATH                unlink
 //!   bulk DIR NFILES NLOCKS     opens NFILES files in DIR and takes NLOCKS separate
 //!                              POSIX write locks spread over them (for benchmarks)
+//!   openloop DIR MS            from now on, a thread opens (and keeps open) a new
+//!                              file in DIR every MS ms
 //!   churn PATH MS              from now on, a thread takes and releases a POSIX lock
 //!                              on PATH every MS ms (lock traffic for benchmarks)
 //!   exit
@@ -301,6 +303,18 @@ fn main() {
                 } else {
                     format!("err opened {} locked {taken}", opened.len())
                 }
+            }
+            ["openloop", dir, ms] => {
+                let ms: u64 = ms.parse().unwrap();
+                let dir = dir.to_string();
+                std::thread::spawn(move || {
+                    for i in 0.. {
+                        let p = CString::new(format!("{dir}/o-{i}")).unwrap();
+                        unsafe { libc::open(p.as_ptr(), libc::O_RDWR | libc::O_CREAT, 0o644) };
+                        std::thread::sleep(std::time::Duration::from_millis(ms));
+                    }
+                });
+                "ok".into()
             }
             ["churn", path, ms] => {
                 let ms: u64 = ms.parse().unwrap();
