@@ -44,12 +44,12 @@ impl LeaseTable {
         self.staged.extend(self.set.reconcile(procs));
     }
 
-    /// Writes staged changes to LEASES (call under the flush seqlock). Returns how
-    /// many inserts failed (map full).
     pub fn has_staged(&self) -> bool {
         !self.staged.is_empty()
     }
 
+    /// Writes staged changes to LEASES (call under the flush seqlock). Returns how
+    /// many inserts failed (map full).
     pub fn write_staged(&mut self) -> Result<u64> {
         let mut full = 0;
         for k in std::mem::take(&mut self.staged) {

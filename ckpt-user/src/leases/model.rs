@@ -35,6 +35,10 @@ pub struct LeaseSet {
     pub leases: HashMap<LeaseKey, LeaseRecord>,
     hz: u32,
     next_synthetic: u64,
+    /// Traced leases /proc/locks showed breaking at the last reconcile while no break
+    /// event had come: the kernel marks a lease breaking just before the break
+    /// tracepoint fires, so one sighting is not enough to override the events.
+    seen_breaking: std::collections::HashSet<LeaseKey>,
 }
 
 fn key(dev: u32, ino: u64, owner: u64) -> LeaseKey {
@@ -58,6 +62,7 @@ impl LeaseSet {
             leases,
             hz,
             next_synthetic,
+            seen_breaking: Default::default(),
         }
     }
 
@@ -210,6 +215,7 @@ impl LeaseSet {
             .collect();
         let mut unmatched: Vec<LeaseKey> = self.leases.keys().copied().collect();
         unmatched.sort();
+        let seen_before = std::mem::take(&mut self.seen_breaking);
         for p in kernel {
             let pid = p.pid.max(0) as u32;
             let dev = p.dev.0;
@@ -230,9 +236,14 @@ impl LeaseSet {
                         settle(r, target);
                         changed.push(k);
                     } else if breaking && !ours_breaking {
-                        r.state = LeaseState::Breaking as u8;
-                        r.target_type = target;
-                        changed.push(k);
+                        if r.origin == Origin::Reconciled as u8 || seen_before.contains(&k) {
+                            r.state = LeaseState::Breaking as u8;
+                            r.target_type = target;
+                            changed.push(k);
+                        } else {
+                            // Its break event may be on its way: look again next time.
+                            self.seen_breaking.insert(k);
+                        }
                     }
                 }
                 None => {
@@ -448,6 +459,28 @@ mod tests {
         // The kernel no longer lists the other one (its fd was closed).
         s.reconcile(&[]);
         assert!(s.leases.is_empty());
+    }
+
+    /// The kernel marks a lease breaking just before the break tracepoint fires: a
+    /// reconcile in between must not turn a traced lease into a break without its
+    /// deadline; only a second sighting without any event does.
+    #[test]
+    fn reconcile_waits_for_the_break_event_of_a_traced_lease() {
+        let mut s = LeaseSet::new(HZ, HashMap::new());
+        s.apply(&set(fl_type::F_WRLCK));
+        let procs = proc_locks::parse("1: LEASE  BREAKING  UNLCK 100 08:01:42 0 EOF\n").unwrap();
+        s.reconcile(&procs);
+        assert_eq!(only(&s).state, LeaseState::Active as u8);
+        s.apply(&brk(fl_flags::FL_UNLOCK_PENDING, 6_000, 200, 29));
+        let r = only(&s);
+        assert_eq!(r.state, LeaseState::Breaking as u8);
+        assert!(r.break_started_ns > 0, "the event's break, with its times");
+        // Without any event, a second sighting settles it.
+        let mut s = LeaseSet::new(HZ, HashMap::new());
+        s.apply(&set(fl_type::F_WRLCK));
+        s.reconcile(&procs);
+        s.reconcile(&procs);
+        assert_eq!(only(&s).state, LeaseState::Breaking as u8);
     }
 
     #[test]
