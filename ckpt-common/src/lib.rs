@@ -6,6 +6,7 @@
 #![no_std]
 
 pub mod counters;
+pub mod deleted;
 pub mod files;
 pub mod lease;
 pub mod lock;
@@ -32,6 +33,15 @@ pub mod names {
     /// dump` aims one link at each process it reads (Linux 6.1+ iterator parameters).
     pub const TASK_FILES: &str = "task_files";
     pub const TASK_FILES_PATHS: &str = "task_files_paths";
+    pub const FILE_TRIGGERS: &str = "FILE_TRIGGERS";
+    pub const PENDING: &str = "PENDING";
+    pub const HOLDERS: &str = "HOLDERS";
+    pub const DELETED: &str = "DELETED";
+    /// The trigger generation the `DELETED` table reflects (written by the agent).
+    pub const DELETED_SCAN: &str = "DELETED_SCAN";
+    /// The scan iterators (pinned links; reading one runs it over every process).
+    pub const DELETED_FDS: &str = "deleted_fds";
+    pub const DELETED_MAPS: &str = "deleted_maps";
 }
 
 /// Capacities of the maps. The lock table and the waiter table are sized for large
@@ -42,6 +52,13 @@ pub mod capacity {
     pub const BREAK_CTX: u32 = 4_096;
     pub const WAITERS: u32 = 16_384;
     pub const SYSCALL_CTX: u32 = 16_384;
+    /// Holders (process, fd or mapping) of deleted files, host-wide.
+    pub const DELETED: u32 = 65_536;
+    /// Processes holding a deleted file (their fork/exec/exit/munmap trigger a scan).
+    pub const HOLDERS: u32 = 16_384;
+    /// Threads inside a syscall that may change the deleted set (close of a deleted
+    /// file, O_TMPFILE open ...), until its exit.
+    pub const PENDING: u32 = 16_384;
     /// Ring buffer bytes: ~200k events, enough to cover an agent restart on a busy host.
     pub const LOCK_EVENTS_BYTES: u32 = 16 * 1024 * 1024;
 }

@@ -34,6 +34,25 @@ pub struct SyscallTpOffsets {
     pub fcntl_ret: u32,
 }
 
+/// Offsets for the deleted-file triggers: syscall tracepoint fields (tracefs) and the
+/// fd table's array (BTF), to tell whether the fd being closed is a deleted file.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeletedTpOffsets {
+    pub close_fd: u32,
+    pub openat_flags: u32,
+    pub open_flags: u32,
+    /// `how` of sys_enter_openat2 (a user pointer to struct open_how, flags first).
+    pub openat2_how: u32,
+    /// `ret` of the sys_exit_* events (one layout for all; checked at load time).
+    pub exit_ret: u32,
+    pub fdt_fd: u32,
+    pub fdt_max_fds: u32,
+    pub vma_start: u32,
+    pub vma_end: u32,
+    pub vma_file: u32,
+}
+
 /// Offsets of the `filelock:filelock_lease` event class (generic_delete_lease,
 /// break_lease_noblock/block/unblock, time_out_leases).
 #[repr(C)]
@@ -253,6 +272,7 @@ pub struct KernelLayout {
     pub lock_lists: LockListOffsets,
     pub files: FileIterOffsets,
     pub tasks: TaskIterOffsets,
+    pub deleted: DeletedTpOffsets,
     pub valid: u32,
 }
 
@@ -300,6 +320,18 @@ impl KernelLayout {
         lock_lists: LockListOffsets::ZERO,
         files: FileIterOffsets::ZERO,
         tasks: TaskIterOffsets::ZERO,
+        deleted: DeletedTpOffsets {
+            close_fd: 0,
+            openat_flags: 0,
+            open_flags: 0,
+            openat2_how: 0,
+            exit_ret: 0,
+            fdt_fd: 0,
+            fdt_max_fds: 0,
+            vma_start: 0,
+            vma_end: 0,
+            vma_file: 0,
+        },
         valid: 0,
     };
 }

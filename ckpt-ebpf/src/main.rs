@@ -12,6 +12,7 @@
 #![no_std]
 #![no_main]
 
+mod deleted;
 mod files;
 mod leases;
 mod locks;

@@ -132,6 +132,9 @@ pub fn sys_exit_flock(_ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     forget();
+    if ready() {
+        crate::deleted::on_exit();
+    }
     let (_, tid) = current_ids();
     let _ = BREAK_CTX.remove(&tid);
     0

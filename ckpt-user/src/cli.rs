@@ -12,6 +12,7 @@ use crate::{
     locks::proc_locks,
     tracer::pins::{PinDir, DEFAULT_PIN_DIR},
     view::{
+        deleted::{self, DeletedMaps},
         live::{LiveMaps, Unavailable},
         locks::{filter, from_agent, from_proc, render_table, PidFilter},
     },
@@ -66,6 +67,20 @@ pub enum UserCommand {
         #[arg(long)]
         pid: Option<u32>,
         /// One JSON array on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deleted-but-open files: who holds them and what they pin (like `lsof +L1`, plus
+    /// mmap-only holders), from the agent's live table.
+    Deleted {
+        /// Only holders in this cgroup (v1 or v2).
+        #[arg(long)]
+        cgroup: Option<String>,
+        /// Only holders that are this process.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// One JSON array on stdout: dev, inode, path, size, blocks, bytes, nlink,
+        /// unlinked_at, holders (each {pid, fd} or {pid, mapping}).
         #[arg(long)]
         json: bool,
     },
@@ -145,6 +160,23 @@ fn pid_filter(cgroup_arg: Option<&str>, pid: Option<u32>) -> Result<PidFilter> {
 pub fn run_user(args: UserArgs) -> Result<()> {
     let pins = PinDir::new(args.pin_dir);
     match args.command {
+        UserCommand::Deleted { cgroup, pid, json } => {
+            let pids = pid_filter(cgroup.as_deref(), pid)?;
+            let mut maps = DeletedMaps::open(&pins)?;
+            maps.barrier(std::time::Duration::from_secs(2))?;
+            let mut files = deleted::group(&maps.read()?, |p| {
+                pids.as_ref().is_none_or(|set| set.contains(&p))
+            });
+            deleted::refresh_sizes(&mut files);
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &files)?;
+                writeln!(out)?;
+            } else {
+                out.write_all(deleted::render(&files).as_bytes())?;
+            }
+            Ok(())
+        }
         UserCommand::Locks { cgroup, pid, json } => {
             let pids = pid_filter(cgroup.as_deref(), pid)?;
             let rows = match LiveMaps::open(&pins) {

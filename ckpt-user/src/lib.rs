@@ -10,6 +10,7 @@
 pub mod agent;
 pub mod cgroup;
 pub mod cli;
+pub mod deleted;
 pub mod dump;
 pub mod image;
 pub mod leases;

@@ -1,6 +1,7 @@
 //! `ckpt-agent`: owns the programs and maps, replays lock and lease events into the
 //! tables readers use, reconciles with /proc/locks, and runs until SIGINT/SIGTERM.
 
+pub mod deleted_table;
 pub mod instance;
 pub mod lease_table;
 pub mod lock_table;
@@ -28,6 +29,7 @@ use crate::{
     sys::hz::kernel_hz,
     tracer::{loader, pins::PinDir, ring::RingConsumer},
 };
+use deleted_table::DeletedTable;
 use lease_table::LeaseTable;
 use lock_table::LockTable;
 use stats::Stats;
@@ -164,6 +166,22 @@ pub async fn run(opts: Options) -> Result<()> {
     state.reconcile_leases()?;
     state.flush()?;
 
+    let mut deleted = DeletedTable::open(
+        take(&mut ebpf, names::FILE_TRIGGERS)?,
+        take(&mut ebpf, names::DELETED)?,
+        take(&mut ebpf, names::HOLDERS)?,
+        take(&mut ebpf, names::DELETED_SCAN)?,
+        (
+            opts.pins.links_dir().join(names::DELETED_FDS),
+            opts.pins.links_dir().join(names::DELETED_MAPS),
+        ),
+    )?;
+    deleted.refresh()?;
+    info!(holders = deleted.len(), "deleted-but-open files scanned");
+    // Looks for triggers this often (rescans are rate-limited in DeletedTable).
+    let mut deleted_tick = tokio::time::interval(Duration::from_millis(5));
+    deleted_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut drops_seen = state.stats.get(AgentStat::RingBufFullSeen)?;
     loop {
@@ -203,6 +221,9 @@ pub async fn run(opts: Options) -> Result<()> {
                         warn!(count = n, counter = c.name(), "tracer map overflow: some state is missing");
                     }
                 }
+            }
+            _ = deleted_tick.tick() => {
+                deleted.refresh()?;
             }
             _ = sigint.recv() => { info!("SIGINT: exiting"); break; }
             _ = sigterm.recv() => { info!("SIGTERM: exiting"); break; }

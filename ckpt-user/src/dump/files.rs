@@ -67,7 +67,7 @@ pub struct KernelIds {
 }
 
 /// A path as /proc/PID/fd and d_path show it: " (deleted)" ends an unlinked one.
-fn split_deleted(link: &str) -> (String, bool) {
+pub fn split_deleted(link: &str) -> (String, bool) {
     match link.strip_suffix(" (deleted)") {
         Some(p) => (p.to_string(), true),
         None => (link.to_string(), false),

@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use anyhow::{anyhow, bail, Context as _, Result};
 use ckpt_common::files::{LOCK_CTX_SPAN, LOCK_SPAN};
 use ckpt_common::offsets::{
-    AddLeaseTpOffsets, BreakTpOffsets, FileIterOffsets, KernelLayout, LeaseStructOffsets,
-    LeaseTpOffsets, LockListOffsets, LockTpOffsets, SyscallTpOffsets, TaskIterOffsets,
+    AddLeaseTpOffsets, BreakTpOffsets, DeletedTpOffsets, FileIterOffsets, KernelLayout,
+    LeaseStructOffsets, LeaseTpOffsets, LockListOffsets, LockTpOffsets, SyscallTpOffsets,
+    TaskIterOffsets,
 };
 
 use super::btf::Btf;
@@ -289,6 +290,67 @@ pub fn task_iter_offsets(btf: &Btf) -> Result<TaskIterOffsets> {
     })
 }
 
+/// The syscall exits the deleted-file triggers watch (`tracer::loader` attaches those
+/// this kernel has).
+pub const DELETED_EXITS: &[&str] = &[
+    "sys_exit_unlink",
+    "sys_exit_unlinkat",
+    "sys_exit_rename",
+    "sys_exit_renameat",
+    "sys_exit_renameat2",
+    "sys_exit_link",
+    "sys_exit_linkat",
+    "sys_exit_openat",
+    "sys_exit_open",
+    "sys_exit_openat2",
+    "sys_exit_close",
+    "sys_exit_dup2",
+    "sys_exit_dup3",
+    "sys_exit_close_range",
+    "sys_exit_munmap",
+];
+
+/// Offsets for the deleted-file triggers and scans. Optional syscalls (no `open` on
+/// some architectures) read as 0: their programs are not attached.
+pub fn deleted_offsets(btf: &Btf) -> Result<DeletedTpOffsets> {
+    let optional = |event: &str, field: &str| -> Result<u32> {
+        match Format::read("syscalls", event) {
+            Ok(f) => f
+                .offset(&[field], 8)
+                .with_context(|| format!("syscalls:{event}")),
+            Err(_) => Ok(0),
+        }
+    };
+    let mut exit_ret = None;
+    for event in DELETED_EXITS {
+        let Ok(f) = Format::read("syscalls", event) else {
+            continue;
+        };
+        let off = f
+            .offset(&["ret"], 8)
+            .with_context(|| format!("syscalls:{event}"))?;
+        match exit_ret {
+            None => exit_ret = Some(off),
+            Some(o) if o != off => {
+                bail!("syscalls:{event}: ret at {off}, not {o} as in the others")
+            }
+            _ => {}
+        }
+    }
+    Ok(DeletedTpOffsets {
+        close_fd: Format::read("syscalls", "sys_enter_close")?.offset(&["fd"], 8)?,
+        openat_flags: Format::read("syscalls", "sys_enter_openat")?.offset(&["flags"], 8)?,
+        open_flags: optional("sys_enter_open", "flags")?,
+        openat2_how: optional("sys_enter_openat2", "how")?,
+        exit_ret: exit_ret.ok_or_else(|| anyhow!("no syscall exit tracepoint found"))?,
+        fdt_fd: btf.offset_of("fdtable", "fd")?,
+        fdt_max_fds: btf.offset_of("fdtable", "max_fds")?,
+        vma_start: btf.offset_of("vm_area_struct", "vm_start")?,
+        vma_end: btf.offset_of("vm_area_struct", "vm_end")?,
+        vma_file: btf.offset_of("vm_area_struct", "vm_file")?,
+    })
+}
+
 /// Reads this kernel's format files and BTF and builds the layout the programs need.
 pub fn resolve_layout() -> Result<KernelLayout> {
     let posix = Format::read("filelock", "posix_lock_inode")?;
@@ -343,6 +405,7 @@ pub fn resolve_layout() -> Result<KernelLayout> {
         lock_lists: lock_list_offsets(&btf).context("lock list offsets from BTF")?,
         files: file_iter_offsets(&btf).context("file offsets from BTF")?,
         tasks: task_iter_offsets(&btf).context("task offsets from BTF")?,
+        deleted: deleted_offsets(&btf).context("deleted-file trigger offsets")?,
         valid: 1,
     })
 }

@@ -41,6 +41,22 @@ pub const PROGRAMS: &[(&str, &str, &str)] = &[
     ("break_lease_block", "filelock", "break_lease_block"),
     ("break_lease_unblock", "filelock", "break_lease_unblock"),
     ("time_out_leases", "filelock", "time_out_leases"),
+    // Deleted-file triggers (ckpt-ebpf/src/deleted.rs).
+    ("sys_enter_openat", "syscalls", "sys_enter_openat"),
+    ("sys_enter_close", "syscalls", "sys_enter_close"),
+    ("sched_process_fork", "sched", "sched_process_fork"),
+    ("sched_process_exec", "sched", "sched_process_exec"),
+];
+
+/// Triggers for syscalls some architectures lack (x86-64 has them all): attached when
+/// the tracepoint exists. With the exits in `format::DELETED_EXITS`.
+pub const OPTIONAL_PROGRAMS: &[(&str, &str, &str)] = &[
+    ("sys_enter_open", "syscalls", "sys_enter_open"),
+    ("sys_enter_openat2", "syscalls", "sys_enter_openat2"),
+    ("sys_enter_dup2", "syscalls", "sys_enter_dup2"),
+    ("sys_enter_dup3", "syscalls", "sys_enter_dup3"),
+    ("sys_enter_close_range", "syscalls", "sys_enter_close_range"),
+    ("sys_enter_munmap", "syscalls", "sys_enter_munmap"),
 ];
 
 pub struct Loaded {
@@ -74,7 +90,17 @@ pub fn load_and_attach(pins: &PinDir, max_locks: Option<u32>) -> Result<Loaded> 
     }
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
 
-    for (prog_name, category, tp) in PROGRAMS {
+    let exits: Vec<(&str, &str, &str)> = super::format::DELETED_EXITS
+        .iter()
+        .map(|e| (*e, "syscalls", *e))
+        .collect();
+    let optional: Vec<(&str, &str, &str)> = OPTIONAL_PROGRAMS
+        .iter()
+        .copied()
+        .chain(exits)
+        .filter(|(_, category, tp)| mounts::event_dir(category, tp).exists())
+        .collect();
+    for (prog_name, category, tp) in PROGRAMS.iter().chain(optional.iter()) {
         let prog: &mut TracePoint = ebpf
             .program_mut(prog_name)
             .with_context(|| format!("program {prog_name} missing from object"))?
@@ -104,6 +130,21 @@ pub fn load_and_attach(pins: &PinDir, max_locks: Option<u32>) -> Result<Loaded> 
         }
         prog.pin(&pin)
             .with_context(|| format!("pinning program {pin:?}"))?;
+    }
+    // The deleted-file scans run over every process: plain links, pinned.
+    for (name, target) in [
+        (names::DELETED_FDS, "task_file"),
+        (names::DELETED_MAPS, "task_vma"),
+    ] {
+        let prog: &mut Iter = ebpf
+            .program_mut(name)
+            .with_context(|| format!("program {name} missing from object"))?
+            .try_into()?;
+        prog.load(target, &btf)
+            .with_context(|| format!("loading the {name} iterator"))?;
+        let link_id = prog.attach().with_context(|| format!("attaching {name}"))?;
+        let link: FdLink = prog.take_link(link_id)?.try_into()?;
+        replace_pins(pins, name, link, |p| prog.pin(p))?;
     }
     // An older agent's one-for-all iterator link and its process filter.
     for stale in [

@@ -27,6 +27,14 @@
 //!   unlink PATH                unlink
 //!   bulk DIR NFILES NLOCKS     opens NFILES files in DIR and takes NLOCKS separate
 //!                              POSIX write locks spread over them (for benchmarks)
+//!   mmap NAME                  maps the whole file (shared, read-only) and keeps the
+//!                              mapping; replies "ok START_HEX"
+//!   link OLD NEW / rename OLD NEW   link(2) / rename(2)
+//!   tmpfile NAME DIR           open(DIR, O_TMPFILE | O_RDWR)
+//!   sparse NAME PATH SIZE      creates PATH of SIZE bytes with 4 KiB of data at each
+//!                              end and a hole between
+//!   delchurn DIR N             N rounds of: create, write, unlink; some kept open,
+//!                              some mapped, some closed (a deleted-files workload)
 //!   openloop DIR MS            from now on, a thread opens (and keeps open) a new
 //!                              file in DIR every MS ms
 //!   churn PATH MS              from now on, a thread takes and releases a POSIX lock
@@ -261,6 +269,100 @@ fn main() {
                 } else {
                     "ok".into()
                 }
+            }
+            ["mmap", name] => {
+                let f = fd(name);
+                let mut st: libc::stat = unsafe { std::mem::zeroed() };
+                unsafe { libc::fstat(f, &mut st) };
+                let len = (st.st_size as usize).max(4096);
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        len,
+                        libc::PROT_READ,
+                        libc::MAP_SHARED,
+                        f,
+                        0,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    format!("err {}", errno())
+                } else {
+                    format!("ok {:x}", p as usize)
+                }
+            }
+            [op @ ("link" | "rename"), old, new] => {
+                let (a, b) = (CString::new(*old).unwrap(), CString::new(*new).unwrap());
+                let r = unsafe {
+                    if *op == "link" {
+                        libc::link(a.as_ptr(), b.as_ptr())
+                    } else {
+                        libc::rename(a.as_ptr(), b.as_ptr())
+                    }
+                };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    "ok".into()
+                }
+            }
+            ["tmpfile", name, dir] => {
+                let p = CString::new(*dir).unwrap();
+                let r = unsafe { libc::open(p.as_ptr(), libc::O_TMPFILE | libc::O_RDWR, 0o600) };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    fds.insert(name.to_string(), r);
+                    format!("ok {r}")
+                }
+            }
+            ["sparse", name, path, size] => {
+                let size: i64 = size.parse().unwrap();
+                let p = CString::new(*path).unwrap();
+                let r = unsafe { libc::open(p.as_ptr(), libc::O_RDWR | libc::O_CREAT, 0o644) };
+                let data = [0x5au8; 4096];
+                if r < 0
+                    || unsafe { libc::pwrite(r, data.as_ptr().cast(), 4096, 0) } != 4096
+                    || unsafe { libc::pwrite(r, data.as_ptr().cast(), 4096, size - 4096) } != 4096
+                {
+                    format!("err {}", errno())
+                } else {
+                    fds.insert(name.to_string(), r);
+                    format!("ok {r}")
+                }
+            }
+            ["delchurn", dir, n] => {
+                let n: usize = n.parse().unwrap();
+                for i in 0..n {
+                    let path = format!("{dir}/churn-{}-{i}", std::process::id());
+                    let p = CString::new(path).unwrap();
+                    let f = unsafe { libc::open(p.as_ptr(), libc::O_RDWR | libc::O_CREAT, 0o644) };
+                    if f < 0 {
+                        continue;
+                    }
+                    let data = [1u8; 4096];
+                    unsafe { libc::pwrite(f, data.as_ptr().cast(), 4096, 0) };
+                    if i % 7 == 3 {
+                        // Mapped, then the fd closed: a mapping-only holder.
+                        unsafe {
+                            libc::mmap(
+                                std::ptr::null_mut(),
+                                4096,
+                                libc::PROT_READ,
+                                libc::MAP_SHARED,
+                                f,
+                                0,
+                            )
+                        };
+                    }
+                    if i % 2 == 0 {
+                        unsafe { libc::unlink(p.as_ptr()) };
+                    }
+                    if i % 3 != 0 {
+                        unsafe { libc::close(f) };
+                    }
+                }
+                "ok".into()
             }
             ["unlink", path] => {
                 let p = CString::new(*path).unwrap();

@@ -1,0 +1,153 @@
+//! The agent's table of deleted-but-open files (`DELETED`): rescanned with the
+//! deleted_fds / deleted_maps iterators whenever the programs' trigger generation
+//! moved (see ckpt-ebpf/src/deleted.rs), and written back as a diff. `HOLDERS` (the
+//! processes in it) lets the programs notice their fork, exec, exit and munmap.
+
+use std::{
+    collections::{HashMap, HashSet},
+    io::Read as _,
+    path::PathBuf,
+};
+
+use anyhow::{Context as _, Result};
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use ckpt_common::deleted::{scan, trigger, DeletedKey, DeletedValue};
+use tracing::{debug, warn};
+
+use super::lock_table::remove_quiet;
+use crate::{
+    deleted::{build, parse, ScanClock},
+    view::live::monotonic_ns,
+};
+
+pub struct DeletedTable {
+    triggers: PerCpuArray<MapData, u64>,
+    map: BpfHashMap<MapData, DeletedKey, DeletedValue>,
+    holders: BpfHashMap<MapData, u32, u32>,
+    scanned: Array<MapData, u64>,
+    fds_link: PathBuf,
+    maps_link: PathBuf,
+    current: HashMap<DeletedKey, DeletedValue>,
+    /// The trigger generation of the last scan (None: none yet).
+    last_gen: Option<u64>,
+    last_scan: std::time::Instant,
+}
+
+/// Background rescans at most this often; a waiting reader gets one at once.
+const MIN_SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Sum of the per-CPU generations, latest per-CPU unlink time.
+pub fn generation(triggers: &PerCpuArray<MapData, u64>) -> Result<(u64, u64)> {
+    let gen = triggers.get(&trigger::GEN, 0)?.iter().sum();
+    let unlink = triggers
+        .get(&trigger::UNLINK_NS, 0)?
+        .iter()
+        .copied()
+        .max()
+        .unwrap_or(0);
+    Ok((gen, unlink))
+}
+
+fn run_iterator(link: &PathBuf) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    std::fs::File::open(link)
+        .and_then(|mut f| f.read_to_end(&mut buf))
+        .with_context(|| format!("reading {}", link.display()))?;
+    Ok(buf)
+}
+
+/// The file a mapping shows, from /proc's map_files (" (deleted)" removed).
+fn map_path(pid: u32, start: u64, end: u64) -> Option<String> {
+    let link = std::fs::read_link(format!("/proc/{pid}/map_files/{start:x}-{end:x}")).ok()?;
+    Some(crate::dump::files::split_deleted(&link.display().to_string()).0)
+}
+
+impl DeletedTable {
+    pub fn open(
+        triggers: PerCpuArray<MapData, u64>,
+        mut map: BpfHashMap<MapData, DeletedKey, DeletedValue>,
+        holders: BpfHashMap<MapData, u32, u32>,
+        scanned: Array<MapData, u64>,
+        links: (PathBuf, PathBuf),
+    ) -> Result<DeletedTable> {
+        // A previous agent's table: start from what is true now instead.
+        let old: Vec<DeletedKey> = map.keys().filter_map(|k| k.ok()).collect();
+        for k in &old {
+            remove_quiet(&mut map, k)?;
+        }
+        Ok(DeletedTable {
+            triggers,
+            map,
+            holders,
+            scanned,
+            fds_link: links.0,
+            maps_link: links.1,
+            current: HashMap::new(),
+            last_gen: None,
+            last_scan: std::time::Instant::now(),
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.current.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.current.is_empty()
+    }
+
+    /// Rescans if anything may have changed since the last scan, and either a reader
+    /// waits or the last scan is MIN_SCAN_INTERVAL old; returns whether it did.
+    pub fn refresh(&mut self) -> Result<bool> {
+        let (gen, unlink_ns) = generation(&self.triggers)?;
+        if self.last_gen == Some(gen) {
+            return Ok(false);
+        }
+        let wanted = self.scanned.get(&scan::WANTED, 0)?;
+        let waited_for = self.last_gen.is_none_or(|g| wanted > g);
+        if !waited_for && self.last_scan.elapsed() < MIN_SCAN_INTERVAL {
+            return Ok(false);
+        }
+        self.last_scan = std::time::Instant::now();
+        let first = self.last_gen.is_none();
+        let mut seen = parse(&run_iterator(&self.fds_link)?)?;
+        seen.extend(parse(&run_iterator(&self.maps_link)?)?);
+        let clock = ScanClock {
+            unlink_ns: if first { 0 } else { unlink_ns },
+            now_ns: monotonic_ns(),
+        };
+        let next = build(&seen, &self.current, &clock, map_path);
+        self.write(&next)?;
+        self.current = next;
+        self.last_gen = Some(gen);
+        // Readers wait for this before trusting the table (`ckpt-user deleted`).
+        self.scanned.set(scan::DONE, gen, 0)?;
+        debug!(holders = self.current.len(), gen, "deleted files rescanned");
+        Ok(true)
+    }
+
+    /// Writes the difference between the table and `next`, then the holder set.
+    fn write(&mut self, next: &HashMap<DeletedKey, DeletedValue>) -> Result<()> {
+        for k in self.current.keys().filter(|k| !next.contains_key(k)) {
+            remove_quiet(&mut self.map, k)?;
+        }
+        for (k, v) in next {
+            if self.current.get(k) != Some(v) {
+                if let Err(e) = self.map.insert(k, v, 0) {
+                    warn!(error = %e, ino = k.ino, "DELETED map insert failed (map full?)");
+                }
+            }
+        }
+        let before: HashSet<u32> = self.current.keys().map(|k| k.pid).collect();
+        let after: HashSet<u32> = next.keys().map(|k| k.pid).collect();
+        for pid in before.difference(&after) {
+            remove_quiet(&mut self.holders, pid)?;
+        }
+        for pid in after.difference(&before) {
+            if let Err(e) = self.holders.insert(pid, 1, 0) {
+                warn!(error = %e, pid, "HOLDERS map insert failed (map full?)");
+            }
+        }
+        Ok(())
+    }
+}
