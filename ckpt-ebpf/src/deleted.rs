@@ -6,6 +6,9 @@
 //! agent). The agent then rescans with the two iterators below, which emit only
 //! deleted regular files, and publishes the result in `DELETED`.
 //!
+//! New holders made in ways not watched here (SCM_RIGHTS, pidfd_getfd, reopening
+//! /proc/PID/fd/N, open_by_handle_at) are found by the agent's periodic full rescan.
+//!
 //! Calls are triggered at their exit (the thread is noted in `PENDING` at entry), so
 //! that a scan never runs before the change it was triggered by is done. Every hook is
 //! a syscall or sched tracepoint: they work the same on any filesystem.
@@ -165,6 +168,7 @@ settle_at_exit!(sys_exit_openat);
 settle_at_exit!(sys_exit_open);
 settle_at_exit!(sys_exit_openat2);
 settle_at_exit!(sys_exit_close);
+settle_at_exit!(sys_exit_dup);
 settle_at_exit!(sys_exit_dup2);
 settle_at_exit!(sys_exit_dup3);
 settle_at_exit!(sys_exit_close_range);
@@ -207,7 +211,8 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// dup2/dup3 over an fd, close_range and munmap: only for known holders (checking the
+/// dup (a new holder fd), dup2/dup3 over an fd, close_range and munmap: only for
+/// known holders (checking the
 /// fds or mappings involved would cost every caller).
 macro_rules! holder_call {
     ($name:ident) => {
@@ -221,6 +226,7 @@ macro_rules! holder_call {
     };
 }
 
+holder_call!(sys_enter_dup);
 holder_call!(sys_enter_dup2);
 holder_call!(sys_enter_dup3);
 holder_call!(sys_enter_close_range);
@@ -242,6 +248,13 @@ macro_rules! holder_event {
 
 holder_event!(sched_process_fork);
 holder_event!(sched_process_exec);
+
+/// A holder made a new fd some other way (fcntl F_DUPFD).
+pub fn holder_changed() {
+    if is_holder() {
+        fire(false);
+    }
+}
 
 /// From `sched_process_exit`: PF_EXITING is set by then, and the scans skip such
 /// tasks, so a scan this triggers no longer counts the exiting process.

@@ -14,6 +14,9 @@ use crate::maps::{
     WAITERS,
 };
 
+const F_DUPFD: u32 = 0;
+const F_DUPFD_CLOEXEC: u32 = 1030;
+
 fn read_u64(ctx: &TracePointContext, off: u32) -> u64 {
     // SAFETY: offsets come from this kernel's tracefs format file.
     unsafe { ctx.read_at::<u64>(off as usize) }.unwrap_or(0)
@@ -71,6 +74,9 @@ pub fn sys_exit_fcntl(ctx: TracePointContext) -> u32 {
             // SAFETY: value of our own map, plain data.
             let sc = unsafe { *p };
             let ret = read_u64(&ctx, layout!(syscalls).fcntl_ret) as i64;
+            if (sc.cmd == F_DUPFD || sc.cmd == F_DUPFD_CLOEXEC) && ret >= 0 {
+                crate::deleted::holder_changed();
+            }
             if sc.cmd == F_SETLEASE && ret == 0 && sc.lease_dev != 0 {
                 let what = if sc.arg as u8 == fl_type::F_UNLCK {
                     LeaseWhat::Released

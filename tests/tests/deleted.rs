@@ -43,7 +43,8 @@ fn holders_by_inode(rows: &[Value]) -> BTreeMap<u64, BTreeSet<String>> {
 }
 
 /// inode -> holders, from /proc: fds of deleted regular files, and mappings of
-/// processes that hold the inode through no fd.
+/// processes that hold the inode through no fd. (Keyed by inode number alone, like
+/// `holders_by_inode`: the same number on two filesystems merges on both sides.)
 fn proc_scan(pids: &[u32]) -> BTreeMap<u64, BTreeSet<String>> {
     let mut out: BTreeMap<u64, BTreeSet<String>> = BTreeMap::new();
     for &pid in pids {
@@ -55,7 +56,7 @@ fn proc_scan(pids: &[u32]) -> BTreeMap<u64, BTreeSet<String>> {
                 };
                 if md.is_file() && md.nlink() == 0 {
                     let fd: u32 = e.file_name().to_string_lossy().parse().unwrap();
-                    with_fd.insert(md.ino());
+                    with_fd.insert((md.dev(), md.ino()));
                     out.entry(md.ino())
                         .or_default()
                         .insert(json!({"pid": pid, "fd": fd}).to_string());
@@ -67,7 +68,7 @@ fn proc_scan(pids: &[u32]) -> BTreeMap<u64, BTreeSet<String>> {
                 let Ok(md) = std::fs::metadata(e.path()) else {
                     continue;
                 };
-                if md.is_file() && md.nlink() == 0 && !with_fd.contains(&md.ino()) {
+                if md.is_file() && md.nlink() == 0 && !with_fd.contains(&(md.dev(), md.ino())) {
                     let range = e.file_name().to_string_lossy().into_owned();
                     out.entry(md.ino())
                         .or_default()
@@ -251,14 +252,44 @@ fn deleted_files_on_every_filesystem() {
     }
 }
 
+/// A holder made in a way no trigger watches (pidfd_getfd here; SCM_RIGHTS and
+/// reopening /proc/PID/fd/N are alike) is found by the agent's periodic rescan.
+#[test]
+fn unwatched_new_holders_are_found_by_the_periodic_rescan() {
+    let agent = Agent::start();
+    let dir = Scratch::new();
+    let mut a = Locker::spawn();
+    let fd = a.cmd(&format!("open x {}", dir.file("x")));
+    let fd = fd.split_whitespace().nth(1).unwrap().to_string();
+    a.cmd(&format!("unlink {}", dir.file("x")));
+    let mut b = Locker::spawn();
+    b.cmd(&format!("borrow y {} {fd}", a.pid()));
+    let ino = ino_of(a.pid(), &fd);
+    wait_for(
+        std::time::Duration::from_secs(5),
+        "the borrower listed",
+        || {
+            let rows = table(&agent, &[b.pid()]);
+            row(&rows, ino).map(|_| ())
+        },
+    );
+}
+
 /// A workload creates, writes, maps and unlinks thousands of files; after each round
-/// the table agrees with a /proc scan, holder for holder.
+/// the table agrees with a /proc scan, holder for holder, while another process keeps
+/// unlinking files.
 #[test]
 fn the_table_agrees_with_a_proc_scan_under_a_workload() {
     let agent = Agent::start();
     let fss = Filesystems::new();
     let mut workers: Vec<Locker> = (0..3).map(|_| Locker::spawn()).collect();
     let pids: Vec<u32> = workers.iter().map(|w| w.pid()).collect();
+    // Another process keeps creating and unlinking files all along: the agent keeps
+    // rescanning while the compared processes are quiet.
+    let mut noise = Locker::spawn();
+    let noise_dir = fss.mounts[0].1.join("noise");
+    std::fs::create_dir_all(&noise_dir).unwrap();
+    noise.cmd(&format!("delnoise {}", noise_dir.display()));
     for round in 0..3 {
         for (i, w) in workers.iter_mut().enumerate() {
             let (_, mnt) = &fss.mounts[(round + i) % fss.mounts.len()];

@@ -304,6 +304,7 @@ pub const DELETED_EXITS: &[&str] = &[
     "sys_exit_open",
     "sys_exit_openat2",
     "sys_exit_close",
+    "sys_exit_dup",
     "sys_exit_dup2",
     "sys_exit_dup3",
     "sys_exit_close_range",

@@ -53,6 +53,7 @@ pub const PROGRAMS: &[(&str, &str, &str)] = &[
 pub const OPTIONAL_PROGRAMS: &[(&str, &str, &str)] = &[
     ("sys_enter_open", "syscalls", "sys_enter_open"),
     ("sys_enter_openat2", "syscalls", "sys_enter_openat2"),
+    ("sys_enter_dup", "syscalls", "sys_enter_dup"),
     ("sys_enter_dup2", "syscalls", "sys_enter_dup2"),
     ("sys_enter_dup3", "syscalls", "sys_enter_dup3"),
     ("sys_enter_close_range", "syscalls", "sys_enter_close_range"),

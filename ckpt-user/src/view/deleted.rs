@@ -5,7 +5,6 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet},
-    os::fd::AsRawFd as _,
     os::unix::fs::MetadataExt as _,
     time::{Duration, Instant},
 };
@@ -19,12 +18,8 @@ use ckpt_common::{
 use serde::Serialize;
 
 use crate::{
-    agent::deleted_table::generation,
-    deleted::path_of,
-    locks::KernelDev,
-    sys::{map_batch, pidfd},
-    tracer::pins::PinDir,
-    view::live::monotonic_ns,
+    agent::deleted_table::generation, deleted::path_of, locks::KernelDev, sys::map_batch,
+    tracer::pins::PinDir, view::live::monotonic_ns,
 };
 
 #[derive(Debug, Serialize, PartialEq, Eq, PartialOrd, Ord, Clone)]
@@ -189,26 +184,22 @@ pub fn group(
     out
 }
 
-/// Size and blocks now, from one holder (writes do not trigger a rescan). Opens
-/// nothing: an fd is borrowed with pidfd_getfd, a mapping is stat'ed in map_files.
+/// Size and blocks now, from one holder (writes do not trigger a rescan), with
+/// stat() through /proc's fd and map_files links: nothing is opened, so nothing new
+/// holds the file (borrowing an fd and closing it would itself trigger a rescan).
 pub fn refresh_sizes(files: &mut [DeletedFile]) {
     for f in files {
-        let md = f.holders.iter().find_map(|h| match h {
-            Holder::Fd { pid, fd } => {
-                let p = pidfd::pidfd_open(*pid).ok()?;
-                let dup = pidfd::pidfd_getfd(&p, *fd as i32).ok()?;
-                let st = nix::sys::stat::fstat(dup.as_raw_fd()).ok()?;
-                Some((st.st_ino, st.st_size, st.st_blocks))
-            }
-            Holder::Mapping { pid, mapping } => {
-                let md = std::fs::metadata(format!("/proc/{pid}/map_files/{mapping}")).ok()?;
-                Some((md.ino(), md.size() as i64, md.blocks() as i64))
-            }
+        let md = f.holders.iter().find_map(|h| {
+            let link = match h {
+                Holder::Fd { pid, fd } => format!("/proc/{pid}/fd/{fd}"),
+                Holder::Mapping { pid, mapping } => format!("/proc/{pid}/map_files/{mapping}"),
+            };
+            std::fs::metadata(link).ok()
         });
-        if let Some((ino, size, blocks)) = md {
-            if ino == f.inode {
-                f.size = size;
-                f.blocks = blocks as u64;
+        if let Some(md) = md {
+            if md.ino() == f.inode {
+                f.size = md.size() as i64;
+                f.blocks = md.blocks();
                 f.bytes = f.blocks * 512;
             }
         }

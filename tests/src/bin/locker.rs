@@ -35,6 +35,9 @@
 //!                              end and a hole between
 //!   delchurn DIR N             N rounds of: create, write, unlink; some kept open,
 //!                              some mapped, some closed (a deleted-files workload)
+//!   borrow NAME PID FD         pidfd_getfd: takes a copy of another process's fd
+//!   delnoise DIR               from now on, a thread keeps creating, unlinking and
+//!                              closing files in DIR (background churn)
 //!   openloop DIR MS            from now on, a thread opens (and keeps open) a new
 //!                              file in DIR every MS ms
 //!   churn PATH MS              from now on, a thread takes and releases a POSIX lock
@@ -405,6 +408,40 @@ fn main() {
                 } else {
                     format!("err opened {} locked {taken}", opened.len())
                 }
+            }
+            ["borrow", name, pid, fd] => {
+                let pidfd =
+                    unsafe { libc::syscall(libc::SYS_pidfd_open, pid.parse::<i32>().unwrap(), 0) };
+                let r = if pidfd < 0 {
+                    -1
+                } else {
+                    unsafe {
+                        libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd.parse::<i32>().unwrap(), 0)
+                    }
+                };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    unsafe { libc::close(pidfd as i32) };
+                    fds.insert(name.to_string(), r as i32);
+                    format!("ok {r}")
+                }
+            }
+            ["delnoise", dir] => {
+                let dir = dir.to_string();
+                std::thread::spawn(move || {
+                    for i in 0u64.. {
+                        let p = CString::new(format!("{dir}/noise-{}", i % 64)).unwrap();
+                        let f =
+                            unsafe { libc::open(p.as_ptr(), libc::O_RDWR | libc::O_CREAT, 0o644) };
+                        unsafe { libc::unlink(p.as_ptr()) };
+                        if f >= 0 {
+                            std::thread::sleep(std::time::Duration::from_micros(200));
+                            unsafe { libc::close(f) };
+                        }
+                    }
+                });
+                "ok".into()
             }
             ["openloop", dir, ms] => {
                 let ms: u64 = ms.parse().unwrap();
