@@ -121,8 +121,14 @@ impl DeletedTable {
         self.last_scan = std::time::Instant::now();
         let t0 = self.last_scan;
         let first = self.last_gen.is_none();
-        let mut seen = parse(&run_iterator(&self.fds_link)?)?;
-        seen.extend(parse(&run_iterator(&self.maps_link)?)?);
+        // The two walks are independent kernel work: side by side.
+        let (fds, maps) = std::thread::scope(|s| {
+            let maps = s.spawn(|| run_iterator(&self.maps_link));
+            let fds = run_iterator(&self.fds_link);
+            (fds, maps.join().expect("scan thread panicked"))
+        });
+        let mut seen = parse(&fds?)?;
+        seen.extend(parse(&maps?)?);
         let clock = ScanClock {
             unlink_ns: if first { 0 } else { unlink_ns },
             now_ns: monotonic_ns(),
