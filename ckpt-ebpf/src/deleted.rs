@@ -16,10 +16,7 @@
 use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_task, bpf_probe_read_user,
-        generated::{bpf_d_path, bpf_seq_write},
-    },
+    helpers::{bpf_get_current_task, bpf_probe_read_user, generated::bpf_seq_write},
     macros::{map, tracepoint},
     maps::{Array, HashMap, PerCpuArray},
     programs::TracePointContext,
@@ -30,7 +27,7 @@ use ckpt_common::{
     files::{PATH_MAX, PF_EXITING},
 };
 
-use crate::maps::{current_ids, kread, layout, now_ns, ready};
+use crate::maps::{current_ids, file_path, kread, layout, now_ns, ready};
 
 /// `trigger::*` slots, per CPU (the BPF target has no atomic add to share one):
 /// readers sum the generations and take the latest unlink time.
@@ -351,18 +348,8 @@ pub extern "C" fn deleted_fds(ctx: *const ScanCtx) -> i32 {
     let r = unsafe { &mut (*scratch).record };
     r.tag = tag::FD;
     r.fd = fd;
-    let at = layout!(files.file_path) as usize;
-    // SAFETY: `&file->f_path` of the iterator's trusted file; the buffer is ours.
-    let n = unsafe {
-        bpf_d_path(
-            file.add(at) as *mut _,
-            (*scratch).path.as_mut_ptr() as *mut _,
-            PATH_MAX as u32,
-        )
-    };
-    if n > 0 && (n as usize) < PATH_MAX {
-        r.path_len = n as u32;
-    }
+    // SAFETY: the scratch's path buffer, PATH_MAX bytes.
+    r.path_len = file_path(file, unsafe { (*scratch).path.as_mut_ptr() });
     let len = DELETED_RECORD_SIZE as u32 + (r.path_len & (PATH_MAX as u32 - 1));
     // SAFETY: the scratch holds `len` bytes.
     unsafe { bpf_seq_write(seq_of(ctx) as *mut _, scratch as *const c_void, len) };

@@ -13,17 +13,13 @@
 
 use core::{ffi::c_void, ptr::read_volatile};
 
-use aya_ebpf::{
-    helpers::generated::{bpf_d_path, bpf_seq_write},
-    macros::map,
-    maps::PerCpuArray,
-};
+use aya_ebpf::{helpers::generated::bpf_seq_write, macros::map, maps::PerCpuArray};
 use ckpt_common::files::{
     list, tag, FdScratch, FD_RECORD_SIZE, LOCK_CTX_SPAN, LOCK_LINE_SIZE, LOCK_LIST_MAX, LOCK_SPAN,
     PATH_MAX, TASK_RECORD_SIZE,
 };
 
-use crate::maps::{kread, layout, ready};
+use crate::maps::{file_path, kread, layout, ready};
 
 const O_CLOEXEC: u32 = 0o2000000;
 
@@ -239,18 +235,8 @@ fn emit(ctx: *const TaskFileCtx, with_path: bool) -> Result<(), i32> {
 
     r.path_len = 0;
     if with_path {
-        let at = layout!(files.file_path) as usize;
-        // SAFETY: `&file->f_path` of a trusted file pointer; the buffer is our scratch.
-        let n = unsafe {
-            bpf_d_path(
-                file.add(at) as *mut _,
-                (*scratch).path.as_mut_ptr() as *mut _,
-                PATH_MAX as u32,
-            )
-        };
-        if n > 0 && (n as usize) < PATH_MAX {
-            r.path_len = n as u32;
-        }
+        // SAFETY: the scratch's path buffer, PATH_MAX bytes.
+        r.path_len = file_path(file, unsafe { (*scratch).path.as_mut_ptr() });
     }
     let len = FD_RECORD_SIZE as u32 + (r.path_len & (PATH_MAX as u32 - 1));
     write(seq, scratch as *const c_void, len);

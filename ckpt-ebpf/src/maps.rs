@@ -89,6 +89,27 @@ pub fn current_ids() -> (u32, u32) {
     ((id >> 32) as u32, id as u32)
 }
 
+/// `d_path` of an iterator's trusted `struct file *` into `buf`: the length with the
+/// NUL, or 0 when it failed or did not fit.
+#[inline(always)]
+pub fn file_path(file: *const u8, buf: *mut u8) -> u32 {
+    let at = layout!(files.file_path) as usize;
+    // SAFETY: `&file->f_path` of a trusted file pointer (the offset is a constant of
+    // the frozen layout, as the verifier requires); `buf` holds PATH_MAX bytes.
+    let n = unsafe {
+        aya_ebpf::helpers::generated::bpf_d_path(
+            file.add(at) as *mut _,
+            buf as *mut _,
+            ckpt_common::files::PATH_MAX as u32,
+        )
+    };
+    if n > 0 && (n as usize) < ckpt_common::files::PATH_MAX {
+        n as u32
+    } else {
+        0
+    }
+}
+
 /// Reads a `T` at `base + off` of a kernel object (faults are caught by the helper).
 #[inline(always)]
 pub fn kread<T>(base: u64, off: u32) -> Result<T, i32> {

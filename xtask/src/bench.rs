@@ -26,7 +26,7 @@ struct Scenario {
     churn: bool,
 }
 
-/// A workload process (the tests' `locker`) inside the benchmark cgroup.
+/// A workload process (the tests' `locker`), in the benchmark cgroup or not.
 struct Worker {
     child: Child,
     stdin: ChildStdin,
@@ -34,6 +34,24 @@ struct Worker {
 }
 
 impl Worker {
+    fn spawn(locker: &Path, cgroup: Option<&Path>) -> Result<Worker> {
+        let mut child = Command::new(locker)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .context("starting a workload process")?;
+        if let Some(cg) = cgroup {
+            std::fs::write(cg.join("cgroup.procs"), child.id().to_string())?;
+        }
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Ok(Worker {
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
     fn cmd(&mut self, c: &str) -> Result<()> {
         writeln!(self.stdin, "{c}")?;
         self.stdin.flush()?;
@@ -186,35 +204,12 @@ pub fn run(runs: usize) -> Result<()> {
             let mut workers = Vec::new();
             let setup = (|| -> Result<()> {
                 if s.churn {
-                    let mut child = Command::new(bins.join("locker"))
-                        .stdin(Stdio::piped())
-                        .stdout(Stdio::piped())
-                        .spawn()
-                        .context("starting the lock-traffic process")?;
-                    let stdin = child.stdin.take().unwrap();
-                    let stdout = BufReader::new(child.stdout.take().unwrap());
-                    let mut w = Worker {
-                        child,
-                        stdin,
-                        stdout,
-                    };
+                    let mut w = Worker::spawn(&bins.join("locker"), None)?;
                     w.cmd(&format!("churn {}/churn 1", data.display()))?;
                     workers.push(w);
                 }
                 for _ in 0..s.processes {
-                    let mut child = Command::new(bins.join("locker"))
-                        .stdin(Stdio::piped())
-                        .stdout(Stdio::piped())
-                        .spawn()
-                        .context("starting a workload process")?;
-                    std::fs::write(cg.join("cgroup.procs"), child.id().to_string())?;
-                    let stdin = child.stdin.take().unwrap();
-                    let stdout = BufReader::new(child.stdout.take().unwrap());
-                    let mut w = Worker {
-                        child,
-                        stdin,
-                        stdout,
-                    };
+                    let mut w = Worker::spawn(&bins.join("locker"), Some(&cg))?;
                     w.cmd(&format!(
                         "bulk {} {} {}",
                         data.display(),
