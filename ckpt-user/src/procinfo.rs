@@ -13,6 +13,16 @@ pub fn command(pid: u32) -> Option<String> {
         .map(|s| s.trim_end().to_string())
 }
 
+/// `command`, read once per process.
+#[derive(Default)]
+pub struct Commands(HashMap<u32, Option<String>>);
+
+impl Commands {
+    pub fn of(&mut self, pid: u32) -> Option<String> {
+        self.0.entry(pid).or_insert_with(|| command(pid)).clone()
+    }
+}
+
 /// Resolves (dev, inode) to a path through a process's open fds, trying the fd the
 /// lock was taken through first. Results are cached per (pid, dev, inode).
 #[derive(Default)]
@@ -45,12 +55,16 @@ fn resolve(pid: u32, fd: i32, dev: KernelDev, ino: u64) -> Option<String> {
             .ok()
             .map(|p| p.display().to_string())
     };
+    let first = (fd >= 0).then(|| dir.join(fd.to_string()));
+    // The usual case, without listing the directory (that cost ~40 us per lock).
+    if let Some(link) = first.as_ref().filter(|l| matches(l, dev, ino, true)) {
+        return read(link);
+    }
     let links: Vec<PathBuf> = std::fs::read_dir(&dir)
         .ok()?
         .flatten()
         .map(|e| e.path())
         .collect();
-    let first = (fd >= 0).then(|| dir.join(fd.to_string()));
     for exact in [true, false] {
         for link in first.iter().chain(links.iter()) {
             if matches(link, dev, ino, exact) {

@@ -22,7 +22,7 @@ use crate::{
         record::held_of,
         KernelDev, LockType, OFFSET_MAX,
     },
-    procinfo::{command, PathResolver},
+    procinfo::{command, Commands, PathResolver},
 };
 
 /// What a row describes.
@@ -175,6 +175,7 @@ pub fn from_agent(live: &LiveMaps) -> Result<Vec<LockRow>> {
     let kernel = proc_locks::read()?;
     let now = monotonic_ns();
     let mut paths = PathResolver::default();
+    let mut commands = Commands::default();
     let mut rows = Vec::new();
     for (k, r) in snap.locks {
         let Some(l) = held_of(&k, &r) else { continue };
@@ -184,7 +185,7 @@ pub fn from_agent(live: &LiveMaps) -> Result<Vec<LockRow>> {
             kind: kind_json(l.kind),
             lock_type: Some(l.lock_type),
             pid: Some(l.pid),
-            command: command(l.pid),
+            command: commands.of(l.pid),
             path: paths.path(l.pid, l.fd, dev, k.ino),
             dev: dev.to_string(),
             inode: k.ino,
