@@ -353,7 +353,8 @@ pub extern "C" fn deleted_fds(ctx: *const ScanCtx) -> i32 {
     // Read back and masked so that older verifiers (6.1, 6.12) see the bound: LLVM
     // drops a mask on a value it knows is in range, and they cannot follow why.
     // SAFETY: our own scratch.
-    let len = DELETED_RECORD_SIZE as u32 + (unsafe { read_volatile(&r.path_len) } & (PATH_MAX as u32 - 1));
+    let len = DELETED_RECORD_SIZE as u32
+        + (unsafe { read_volatile(&r.path_len) } & (PATH_MAX as u32 - 1));
     // SAFETY: the scratch holds `len` bytes.
     unsafe { bpf_seq_write(seq_of(ctx) as *mut _, scratch as *const c_void, len) };
     0

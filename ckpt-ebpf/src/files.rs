@@ -241,7 +241,8 @@ fn emit(ctx: *const TaskFileCtx, with_path: bool) -> Result<(), i32> {
     // Read back and masked so that older verifiers (6.1, 6.12) see the bound: LLVM
     // drops a mask on a value it knows is in range, and they cannot follow why.
     // SAFETY: our own scratch.
-    let len = FD_RECORD_SIZE as u32 + (unsafe { read_volatile(&r.path_len) } & (PATH_MAX as u32 - 1));
+    let len =
+        FD_RECORD_SIZE as u32 + (unsafe { read_volatile(&r.path_len) } & (PATH_MAX as u32 - 1));
     write(seq, scratch as *const c_void, len);
 
     // The fd's lock lines, from the inode's lists (what fdinfo prints). Frozen holders

@@ -51,6 +51,10 @@ enum Cmd {
         /// Runs per figure.
         #[arg(long, default_value_t = 5)]
         runs: usize,
+        /// One part only (dump, tracer, views); its section of BENCHMARKS.md is
+        /// replaced, the others are kept.
+        #[arg(long)]
+        only: Option<String>,
     },
 }
 
@@ -74,7 +78,9 @@ fn main() {
             })
         }),
         Cmd::Demo => setup::run().and_then(|_| demo::run()),
-        Cmd::Bench { runs } => setup::run().and_then(|_| bench::run(runs)),
+        Cmd::Bench { runs, only } => setup::run()
+            .and_then(|_| setup::apt(setup::BENCH_PACKAGES))
+            .and_then(|_| bench::run(runs, only.as_deref())),
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

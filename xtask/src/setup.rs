@@ -35,8 +35,11 @@ fn step(name: &str, msg: &str) {
     println!("setup: {name:<12} {msg}");
 }
 
+/// What `cargo xtask bench` compares ckpt with, installed by the bench itself.
+pub const BENCH_PACKAGES: &[&str] = &["bpftrace", "lsof", "fonts-dejavu-core"];
+
 pub fn run() -> Result<()> {
-    apt()?;
+    apt(APT_PACKAGES)?;
     nightly()?;
     bpf_linker()?;
     Ok(())
@@ -47,12 +50,9 @@ fn installed(pkg: &str) -> bool {
         .is_some_and(|s| s.contains("install ok installed"))
 }
 
-fn apt() -> Result<()> {
-    let missing: Vec<&str> = APT_PACKAGES
-        .iter()
-        .copied()
-        .filter(|p| !installed(p))
-        .collect();
+/// Installs whichever of `packages` are missing (apt-get, non-interactive).
+pub fn apt(packages: &[&str]) -> Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
         step("apt", "all packages present");
         return Ok(());
