@@ -183,6 +183,7 @@ pub async fn run(opts: Options) -> Result<()> {
     deleted_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
     let mut tick = tokio::time::interval(Duration::from_millis(500));
+    let mut suspects = std::collections::HashSet::new();
     let mut drops_seen = state.stats.get(AgentStat::RingBufFullSeen)?;
     loop {
         tokio::select! {
@@ -208,7 +209,7 @@ pub async fn run(opts: Options) -> Result<()> {
                     state.stats.set(AgentStat::RingBufFullSeen, drops)?;
                 }
                 if state.locks.has_reconciled() {
-                    reconcile::verify(&mut state.locks)?;
+                    reconcile::verify(&mut state.locks, &mut suspects)?;
                 }
                 // Closing a lease's last fd has no tracepoint: /proc/locks tells.
                 if !state.leases.is_empty() {

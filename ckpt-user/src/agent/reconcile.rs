@@ -6,7 +6,7 @@
 //! when the lock was taken. While such locks remain un-adopted, `verify` compares them
 //! with /proc/locks periodically and drops any the kernel no longer has.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use anyhow::Result;
 use ckpt_common::lock::{LockKind, Origin};
@@ -82,8 +82,14 @@ pub fn import_proc_locks(table: &mut LockTable) -> Result<usize> {
     Ok(missing.len())
 }
 
-/// Drops un-adopted reconciled locks that /proc/locks no longer shows.
-pub fn verify(table: &mut LockTable) -> Result<()> {
+/// An un-adopted reconciled lock that /proc/locks did not show at the last check.
+pub type Suspect = (InodeId, u64, i64, i64);
+
+/// Drops un-adopted reconciled locks that /proc/locks no longer shows, on the second
+/// check in a row only: /proc/locks may already show a change whose event the agent
+/// has not applied yet (its owner unlocked part of it a moment ago), and dropping the
+/// lock then would lose what remains of it for good.
+pub fn verify(table: &mut LockTable, suspects: &mut HashSet<Suspect>) -> Result<()> {
     let procs = proc_locks::read()?;
     let mut kernel: HashMap<Shape, usize> = HashMap::new();
     for (shape, _) in held_shapes(&procs) {
@@ -102,8 +108,14 @@ pub fn verify(table: &mut LockTable) -> Result<()> {
             stale.push((id, l));
         }
     }
+    let before = std::mem::take(suspects);
     for (id, l) in stale {
-        table.remove(id, &l);
+        let key = (id, l.owner, l.start, l.end);
+        if before.contains(&key) {
+            table.remove(id, &l);
+        } else {
+            suspects.insert(key);
+        }
     }
     Ok(())
 }
