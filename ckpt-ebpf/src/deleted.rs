@@ -27,7 +27,10 @@ use ckpt_common::{
     files::{PATH_MAX, PF_EXITING},
 };
 
-use crate::maps::{current_ids, file_path, kread, layout, now_ns, ready};
+use crate::{
+    iter::{field, IterMeta},
+    maps::{current_ids, file_path, kread, layout, now_ns, ready},
+};
 
 /// `trigger::*` slots, per CPU (the BPF target has no atomic add to share one):
 /// readers sum the generations and take the latest unlink time.
@@ -263,12 +266,6 @@ pub fn on_exit() {
     }
 }
 
-/// `struct bpf_iter_meta`.
-#[repr(C)]
-pub struct IterMeta {
-    seq: *mut c_void,
-}
-
 /// `struct bpf_iter__task_file` / `bpf_iter__task_vma`: 8-byte slots.
 #[repr(C)]
 pub struct ScanCtx {
@@ -277,12 +274,6 @@ pub struct ScanCtx {
     /// task_file: the fd (u32) in an 8-byte slot; task_vma: the vma pointer.
     third: u64,
     file: *const u8,
-}
-
-#[inline(always)]
-fn field<T: Copy>(base: u64, off: u32) -> T {
-    // SAFETY: verifier-checked load from an iterator argument (see files.rs).
-    unsafe { read_volatile((base + off as u64) as *const T) }
 }
 
 /// Fills the scratch record for `file` if it is a deleted regular file.

@@ -19,7 +19,10 @@ use ckpt_common::files::{
     PATH_MAX, TASK_RECORD_SIZE,
 };
 
-use crate::maps::{file_path, kread, layout, ready};
+use crate::{
+    iter::{field, IterMeta},
+    maps::{file_path, kread, layout, ready},
+};
 
 const O_CLOEXEC: u32 = 0o2000000;
 
@@ -27,15 +30,6 @@ const O_CLOEXEC: u32 = 0o2000000;
 /// with migration disabled, so a per-CPU slot is ours for the whole call.
 #[map]
 static FD_SCRATCH: PerCpuArray<FdScratch> = PerCpuArray::with_max_entries(1, 0);
-
-/// `struct bpf_iter_meta`.
-#[repr(C)]
-pub struct IterMeta {
-    seq: *mut c_void,
-    _session_id: u64,
-    /// Objects shown so far in this session: 0 for the first fd.
-    seq_num: u64,
-}
 
 /// `struct bpf_iter__task_file`: every argument takes an 8-byte slot.
 #[repr(C)]
@@ -128,17 +122,6 @@ fn copy(src: u64, dst: *mut u8, len: usize) -> Result<(), i32> {
 fn at<T: Copy>(buf: *const u8, off: u32) -> T {
     // SAFETY: see above.
     unsafe { read_volatile(buf.add(off as usize) as *const T) }
-}
-
-/// Reads the field at `off` of a kernel struct reached from the iterator's arguments.
-/// The verifier checks such a load against BTF (the offset is a constant of the frozen
-/// layout) and turns it into a plain load that cannot fault: several times cheaper
-/// than a probe-read helper call, which matters at 25 fields per fd. A NULL pointer
-/// reads as 0.
-#[inline(always)]
-fn field<T: Copy>(base: u64, off: u32) -> T {
-    // SAFETY: see above; the kernel catches a bad address and yields 0.
-    unsafe { read_volatile((base + off as u64) as *const T) }
 }
 
 #[inline(always)]

@@ -14,6 +14,7 @@
 
 mod deleted;
 mod files;
+mod iter;
 mod leases;
 mod locks;
 mod maps;
