@@ -55,34 +55,35 @@ pub struct UserArgs {
     pub command: UserCommand,
 }
 
+/// Which processes a live view shows, and how.
+#[derive(clap::Args, Debug)]
+pub struct Selection {
+    /// Only processes of this cgroup and its descendants (v1 or v2; a path under a
+    /// cgroup mount or a full path).
+    #[arg(long)]
+    cgroup: Option<String>,
+    /// Only this process.
+    #[arg(long)]
+    pid: Option<u32>,
+    /// One JSON array on stdout.
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum UserCommand {
-    /// Live lock table: POSIX, OFD and flock locks with their waiters.
+    /// Live lock table: POSIX, OFD and flock locks with their waiters (rows held or
+    /// waited on by the selected processes).
     Locks {
-        /// Only locks held or waited on by processes of this cgroup (v1 or v2; a path
-        /// under a cgroup mount or a full path).
-        #[arg(long)]
-        cgroup: Option<String>,
-        /// Only locks held or waited on by this process.
-        #[arg(long)]
-        pid: Option<u32>,
-        /// One JSON array on stdout.
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        select: Selection,
     },
     /// Deleted-but-open files: who holds them and what they pin (like `lsof +L1`, plus
-    /// mmap-only holders), from the agent's live table.
+    /// mmap-only holders), from the agent's live table. JSON: dev, inode, path, size,
+    /// blocks, bytes, nlink, unlinked_at, holders (each {pid, fd} or {pid, mapping}).
     Deleted {
-        /// Only holders in this cgroup (v1 or v2).
-        #[arg(long)]
-        cgroup: Option<String>,
-        /// Only holders that are this process.
-        #[arg(long)]
-        pid: Option<u32>,
-        /// One JSON array on stdout: dev, inode, path, size, blocks, bytes, nlink,
-        /// unlinked_at, holders (each {pid, fd} or {pid, mapping}).
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        select: Selection,
     },
     /// Checkpoint the file state of every process in a cgroup into one image file.
     Dump {
@@ -160,7 +161,9 @@ fn pid_filter(cgroup_arg: Option<&str>, pid: Option<u32>) -> Result<PidFilter> {
 pub fn run_user(args: UserArgs) -> Result<()> {
     let pins = PinDir::new(args.pin_dir);
     match args.command {
-        UserCommand::Deleted { cgroup, pid, json } => {
+        UserCommand::Deleted {
+            select: Selection { cgroup, pid, json },
+        } => {
             let pids = pid_filter(cgroup.as_deref(), pid)?;
             let mut maps = DeletedMaps::open(&pins)?;
             maps.barrier(std::time::Duration::from_secs(2))?;
@@ -179,7 +182,9 @@ pub fn run_user(args: UserArgs) -> Result<()> {
             out.flush()?;
             Ok(())
         }
-        UserCommand::Locks { cgroup, pid, json } => {
+        UserCommand::Locks {
+            select: Selection { cgroup, pid, json },
+        } => {
             let pids = pid_filter(cgroup.as_deref(), pid)?;
             let rows = match LiveMaps::open(&pins) {
                 Ok(live) => {

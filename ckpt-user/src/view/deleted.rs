@@ -18,8 +18,12 @@ use ckpt_common::{
 use serde::Serialize;
 
 use crate::{
-    agent::deleted_table::generation, deleted::path_of, locks::KernelDev, sys::map_batch,
-    tracer::pins::PinDir, view::live::monotonic_ns,
+    agent::deleted_table::generation,
+    deleted::path_of,
+    locks::KernelDev,
+    sys::map_batch,
+    tracer::pins::PinDir,
+    view::live::{self, monotonic_ns},
 };
 
 #[derive(Debug, Serialize, PartialEq, Eq, PartialOrd, Ord, Clone)]
@@ -68,14 +72,10 @@ pub struct DeletedMaps {
     table: MapData,
 }
 
+/// A map of the deleted-file table: only agents since it was added pin it.
 fn open_map(pins: &PinDir, name: &str) -> Result<MapData> {
-    let path = pins.map(name);
-    MapData::from_pin(&path).with_context(|| {
-        format!(
-            "opening {} (an agent older than the deleted-file table? restart ckpt-agent)",
-            path.display()
-        )
-    })
+    live::open_map(pins, name)
+        .context("an agent older than the deleted-file table? restart ckpt-agent")
 }
 
 impl DeletedMaps {

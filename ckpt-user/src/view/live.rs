@@ -51,7 +51,7 @@ pub enum Unavailable {
     Maps(String, String),
 }
 
-fn open_map(pins: &PinDir, name: &str) -> Result<MapData> {
+pub fn open_map(pins: &PinDir, name: &str) -> Result<MapData> {
     let path = pins.map(name);
     MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))
 }
