@@ -252,6 +252,44 @@ fn deleted_files_on_every_filesystem() {
     }
 }
 
+/// `--cgroup` keeps the holders in that cgroup; without --json a table says what is
+/// pinned.
+#[test]
+fn the_cgroup_filter_and_the_table() {
+    let agent = Agent::start();
+    let dir = Scratch::new();
+    let cg = Cgroup::new(false);
+    let mut inside = cg.locker();
+    let mut outside = Locker::spawn();
+    for (l, name) in [(&mut inside, "in"), (&mut outside, "out")] {
+        l.cmd(&format!("open x {}", dir.file(name)));
+        l.cmd("pwrite x 0 pinned-bytes");
+        l.cmd(&format!("unlink {}", dir.file(name)));
+    }
+    let pin = agent.pin_dir.display().to_string();
+    let (code, out, err) =
+        ckpt_user(&["--pin-dir", &pin, "deleted", "--json", "--cgroup", &cg.name]);
+    assert_eq!(code, 0, "{err}");
+    let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["path"], dir.file("in"));
+    assert_eq!(rows[0]["holders"][0]["pid"], inside.pid());
+    let (code, out, err) = ckpt_user(&[
+        "--pin-dir",
+        &pin,
+        "deleted",
+        "--pid",
+        &outside.pid().to_string(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains(&dir.file("out")) && !out.contains(&dir.file("in")),
+        "{out}"
+    );
+    assert!(out.contains(&format!("{}/fd", outside.pid())), "{out}");
+    assert!(out.contains("1 deleted files pin"), "{out}");
+}
+
 /// A holder made in a way no trigger watches (pidfd_getfd here; SCM_RIGHTS and
 /// reopening /proc/PID/fd/N are alike) is found by the agent's periodic rescan.
 #[test]
