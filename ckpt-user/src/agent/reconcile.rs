@@ -85,16 +85,22 @@ pub fn import_proc_locks(table: &mut LockTable) -> Result<usize> {
 /// An un-adopted reconciled lock that /proc/locks did not show at the last check.
 pub type Suspect = (InodeId, u64, i64, i64);
 
-/// Drops un-adopted reconciled locks that /proc/locks no longer shows, on the second
-/// check in a row only: /proc/locks may already show a change whose event the agent
-/// has not applied yet (its owner unlocked part of it a moment ago), and dropping the
-/// lock then would lose what remains of it for good.
+/// Drops un-adopted reconciled locks that /proc/locks no longer shows. At once when
+/// the inode has no lock of that kind left (the holder let go: nothing can be lost,
+/// and the inode may soon be reused by a new file); otherwise on the second check in a
+/// row only: /proc/locks may already show a change whose event the agent has not
+/// applied yet (its owner unlocked part of it a moment ago), and dropping the lock then
+/// would lose what remains of it for good.
 pub fn verify(table: &mut LockTable, suspects: &mut HashSet<Suspect>) -> Result<()> {
     let procs = proc_locks::read()?;
     let mut kernel: HashMap<Shape, usize> = HashMap::new();
     for (shape, _) in held_shapes(&procs) {
         *kernel.entry(shape).or_default() += 1;
     }
+    let locked: HashSet<(LockKind, InodeId)> = kernel
+        .keys()
+        .map(|(kind, dev, ino, ..)| (*kind, (*dev, *ino)))
+        .collect();
     // Traced locks are exact: count them first, then let reconciled ones fill what
     // remains of the kernel's count.
     let mut ours: Vec<(InodeId, HeldLock)> = table.iter().map(|(id, l)| (id, *l)).collect();
@@ -111,7 +117,7 @@ pub fn verify(table: &mut LockTable, suspects: &mut HashSet<Suspect>) -> Result<
     let before = std::mem::take(suspects);
     for (id, l) in stale {
         let key = (id, l.owner, l.start, l.end);
-        if before.contains(&key) {
+        if before.contains(&key) || !locked.contains(&(l.kind, id)) {
             table.remove(id, &l);
         } else {
             suspects.insert(key);
