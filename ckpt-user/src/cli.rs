@@ -10,6 +10,7 @@ use crate::{
     cgroup, dump,
     image::{inspect, reader::ImageReader},
     locks::proc_locks,
+    restore::{self, schedule::LeaseTime},
     tracer::pins::{PinDir, DEFAULT_PIN_DIR},
     view::{
         deleted::{self, DeletedMaps},
@@ -113,6 +114,37 @@ pub enum UserCommand {
         #[arg(long)]
         timings: bool,
     },
+    /// Restore an image: its processes again (new pids, same tree), each with its fds,
+    /// locks and leases, running its recorded command line. All or nothing.
+    Restore {
+        image: PathBuf,
+        /// Run CMD (with /bin/sh -c; start it with `exec` to keep the pid) instead of
+        /// process PID's recorded command line. Repeatable.
+        #[arg(long = "exec-cmd", value_name = "PID=CMD", value_parser = parse_exec_cmd)]
+        exec_cmd: Vec<(u32, String)>,
+        /// Where to recreate deleted-but-open files (default: next to their old path).
+        #[arg(long)]
+        ghost_dir: Option<PathBuf>,
+        /// Time left to leases that were being broken: exact (what they had left),
+        /// holder (the whole lease-break-time again), breaker (revoked at once), or
+        /// +N / -N seconds on top of exact.
+        #[arg(long, default_value = "exact", value_parser = clap::value_parser!(LeaseTime))]
+        lease_time: LeaseTime,
+        /// Restore even if files changed since the dump (every change is still printed).
+        #[arg(long)]
+        force: bool,
+        /// Leave fds that cannot be reopened by path (sockets, pipes) closed instead of
+        /// refusing; stdin, stdout and stderr are always passed on from ckpt-user.
+        #[arg(long)]
+        skip_unsupported: bool,
+        /// Put the restored processes into this cgroup (a path under a cgroup mount or
+        /// a full path).
+        #[arg(long)]
+        cgroup: Option<String>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show an image: a summary, everything as JSON, or a grep-able tree.
     Inspect {
         image: PathBuf,
@@ -128,6 +160,21 @@ pub enum UserCommand {
         thaw: String,
         temp: PathBuf,
     },
+}
+
+/// "1234=exec prog --flag" -> (1234, "exec prog --flag").
+fn parse_exec_cmd(s: &str) -> Result<(u32, String), String> {
+    let (pid, cmd) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected PID=CMD, got {s:?}"))?;
+    let pid = pid
+        .trim()
+        .parse()
+        .map_err(|_| format!("not a pid: {pid:?}"))?;
+    if cmd.trim().is_empty() {
+        return Err(format!("empty command for pid {pid}"));
+    }
+    Ok((pid, cmd.to_string()))
 }
 
 /// "64M", "1G", "4096" -> bytes.
@@ -256,6 +303,64 @@ pub fn run_user(args: UserArgs) -> Result<()> {
                     report.source,
                     report.fd_tables
                 )?;
+            }
+            out.flush()?;
+            Ok(())
+        }
+        UserCommand::Restore {
+            image,
+            exec_cmd,
+            ghost_dir,
+            lease_time,
+            force,
+            skip_unsupported,
+            cgroup,
+            json,
+        } => {
+            let report = restore::run(&restore::Options {
+                image,
+                exec_cmds: exec_cmd.into_iter().collect(),
+                ghost_dir,
+                lease_time,
+                force,
+                skip_unsupported,
+                cgroup,
+            })?;
+            for w in &report.warnings {
+                eprintln!("ckpt-user: warning: {w}");
+            }
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &report)?;
+                writeln!(out)?;
+            } else {
+                let pids: Vec<String> = report
+                    .processes
+                    .iter()
+                    .map(|p| format!("{}->{}", p.old_pid, p.pid))
+                    .collect();
+                writeln!(
+                    out,
+                    "{}: restored {} processes ({}), {} fds, {} locks, {} leases, {} deleted files in {:.1} ms",
+                    report.image,
+                    report.processes.len(),
+                    pids.join(" "),
+                    report.fds,
+                    report.locks,
+                    report.leases.len(),
+                    report.ghosts,
+                    report.total_ms
+                )?;
+                for l in report.leases.iter().filter(|l| l.breaking) {
+                    writeln!(
+                        out,
+                        "  lease on {} (pid {}): revoked {:.3} s after the release ({})",
+                        l.path,
+                        l.pid,
+                        l.remaining_ns.unwrap_or(0) as f64 / 1e9,
+                        report.lease_time
+                    )?;
+                }
             }
             out.flush()?;
             Ok(())

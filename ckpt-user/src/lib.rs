@@ -16,6 +16,7 @@ pub mod image;
 pub mod leases;
 pub mod locks;
 pub mod procinfo;
+pub mod restore;
 pub mod sys;
 pub mod tracer;
 pub mod view;

@@ -709,3 +709,72 @@ pub fn ghost_bytes(img: &str, ghost: &Value, at: u64, len: usize) -> Option<Vec<
     }
     None
 }
+
+/// A locker restored by `ckpt-user restore` and started with `locker --listen PATH`:
+/// driven over its socket like a `Locker` over its pipes.
+pub struct RemoteLocker {
+    out: std::os::unix::net::UnixStream,
+    input: BufReader<std::os::unix::net::UnixStream>,
+}
+
+impl RemoteLocker {
+    /// Connects to the locker listening at `path` (waiting for it to start).
+    pub fn connect(path: &str) -> RemoteLocker {
+        let out = wait_for(
+            Duration::from_secs(10),
+            "the restored locker to listen",
+            || std::os::unix::net::UnixStream::connect(path).ok(),
+        );
+        let input = BufReader::new(out.try_clone().unwrap());
+        RemoteLocker { out, input }
+    }
+
+    pub fn send(&mut self, cmd: &str) {
+        writeln!(self.out, "{cmd}").unwrap();
+        self.out.flush().unwrap();
+    }
+
+    pub fn reply(&mut self) -> String {
+        let mut line = String::new();
+        self.input.read_line(&mut line).unwrap();
+        line.trim().to_string()
+    }
+
+    pub fn cmd(&mut self, cmd: &str) -> String {
+        self.send(cmd);
+        let r = self.reply();
+        assert!(r.starts_with("ok"), "restored locker `{cmd}` failed: {r}");
+        r
+    }
+}
+
+/// Runs `ckpt-user restore ARGS` with stdin from /dev/null and stdout/stderr in files
+/// (the restored processes inherit them, so pipes would never reach end of file).
+/// Returns (exit code, stdout, stderr).
+pub fn run_restore(args: &[&str]) -> (i32, String, String) {
+    let dir = Scratch::new();
+    let out = std::fs::File::create(dir.0.join("out")).unwrap();
+    let err = std::fs::File::create(dir.0.join("err")).unwrap();
+    let status = Command::new(bin("ckpt-user"))
+        .arg("restore")
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .status()
+        .unwrap();
+    (
+        status.code().unwrap_or(-1),
+        std::fs::read_to_string(dir.0.join("out")).unwrap(),
+        std::fs::read_to_string(dir.0.join("err")).unwrap(),
+    )
+}
+
+/// The pids in a cgroup right now.
+pub fn cgroup_pids(cg: &Cgroup) -> Vec<u32> {
+    std::fs::read_to_string(cg.path.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.parse().ok())
+        .collect()
+}

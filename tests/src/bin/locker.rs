@@ -42,7 +42,16 @@
 //!                              file in DIR every MS ms
 //!   churn PATH MS              from now on, a thread takes and releases a POSIX lock
 //!                              on PATH every MS ms (lock traffic for benchmarks)
+//!   adopt NAME FD              names an fd the process already has (after a restore)
+//!   sigpending SIG             replies "ok 1" if SIG is pending (blocked), "ok 0" if not
+//!   sigcount                   how many SIGIOs the process has handled
+//!   unblock SIG                unblocks SIG (its handler runs if it was pending)
+//!   setfl NAME FLAGS           fcntl F_SETFL (decimal flags)
+//!   cloexec NAME               sets FD_CLOEXEC
+//!   setown NAME PID            fcntl F_SETOWN
 //!   exit
+//! With `--listen PATH` the commands come over one connection to a Unix socket at PATH
+//! instead of stdin (a restored locker has the test's old pipes, or none).
 //! A blocking command replies when it returns. SIGUSR1 interrupts it (no SA_RESTART),
 //! so a test can make a waiter give up.
 use std::{
@@ -51,7 +60,13 @@ use std::{
     io::{BufRead, Write},
 };
 
-extern "C" fn on_usr1(_: i32) {}
+static SIGIO_SEEN: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+extern "C" fn on_usr1(sig: i32) {
+    if sig == libc::SIGIO {
+        SIGIO_SEEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
 
 fn mono_ns() -> u64 {
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
@@ -90,10 +105,22 @@ fn main() {
             libc::sigaction(sig, &sa, std::ptr::null_mut());
         }
     }
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, path] = args.as_slice() {
+        if flag == "--listen" {
+            let _ = std::fs::remove_file(path);
+            let listener = std::os::unix::net::UnixListener::bind(path).unwrap();
+            let (conn, _) = listener.accept().unwrap();
+            let input = std::io::BufReader::new(conn.try_clone().unwrap());
+            return serve(input, conn);
+        }
+    }
+    serve(std::io::stdin().lock(), std::io::stdout());
+}
+
+fn serve(input: impl BufRead, mut out: impl Write) {
     let mut fds: HashMap<String, i32> = HashMap::new();
-    let stdin = std::io::stdin();
-    let mut out = std::io::stdout();
-    for line in stdin.lock().lines() {
+    for line in input.lines() {
         let Ok(line) = line else { break };
         let w: Vec<&str> = line.split_whitespace().collect();
         let fd = |n: &str| *fds.get(n).expect("unknown fd name");
@@ -483,6 +510,56 @@ fn main() {
                         sig.parse::<i32>().unwrap(),
                     )
                 };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    "ok".into()
+                }
+            }
+            ["adopt", name, num] => {
+                let n: i32 = num.parse().unwrap();
+                if unsafe { libc::fcntl(n, libc::F_GETFD) } < 0 {
+                    format!("err {}", errno())
+                } else {
+                    fds.insert(name.to_string(), n);
+                    "ok".into()
+                }
+            }
+            ["sigcount"] => format!(
+                "ok {}",
+                SIGIO_SEEN.load(std::sync::atomic::Ordering::Relaxed)
+            ),
+            ["sigpending", sig] => {
+                let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+                unsafe { libc::sigpending(&mut set) };
+                let on = unsafe { libc::sigismember(&set, sig.parse().unwrap()) };
+                format!("ok {on}")
+            }
+            ["unblock", sig] => {
+                let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+                unsafe {
+                    libc::sigemptyset(&mut set);
+                    libc::sigaddset(&mut set, sig.parse().unwrap());
+                    libc::sigprocmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
+                }
+                "ok".into()
+            }
+            ["setfl", name, flags] => {
+                let r =
+                    unsafe { libc::fcntl(fd(name), libc::F_SETFL, flags.parse::<i32>().unwrap()) };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    "ok".into()
+                }
+            }
+            ["cloexec", name] => {
+                unsafe { libc::fcntl(fd(name), libc::F_SETFD, libc::FD_CLOEXEC) };
+                "ok".into()
+            }
+            ["setown", name, pid] => {
+                let r =
+                    unsafe { libc::fcntl(fd(name), libc::F_SETOWN, pid.parse::<i32>().unwrap()) };
                 if r < 0 {
                     format!("err {}", errno())
                 } else {

@@ -1,0 +1,209 @@
+//! `ckpt-user restore IMAGE`: the processes of an image back, each with its files,
+//! locks and leases, then running its program.
+//!
+//! In order, and nothing is touched before the first two pass:
+//! 1. `plan`: the image is read (checksum, version) and turned into what each process
+//!    must hold; a malformed image is refused here.
+//! 2. `validate`: every file is checked against its fingerprint.
+//! 3. `ghost`: deleted files are recreated; `open`: every open file description is
+//!    opened once, with its holder's credentials; the recreated files are unlinked.
+//! 4. `spawn`: the process tree is forked; each process takes its fds, credentials,
+//!    locks and leases, and waits.
+//! 5. `leases`: leases that were being broken are broken again on a schedule, so that
+//!    each is revoked when the policy says, counted from the release.
+//! 6. Release: every process executes its program at the same instant.
+//!
+//! Any failure kills every process spawned, removes every file created and puts
+//! fs.lease-break-time back: all or nothing.
+
+pub mod creds;
+pub mod ghost;
+pub mod leases;
+pub mod open;
+pub mod plan;
+pub mod schedule;
+pub mod spawn;
+pub mod validate;
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+use serde::Serialize;
+
+use crate::{cgroup, image::reader::ImageReader};
+use leases::LeaseReport;
+use plan::{PlanOptions, Source};
+use schedule::LeaseTime;
+
+pub struct Options {
+    pub image: PathBuf,
+    /// Old pid -> shell command run instead of the recorded command line.
+    pub exec_cmds: HashMap<u32, String>,
+    pub ghost_dir: Option<PathBuf>,
+    pub lease_time: LeaseTime,
+    pub force: bool,
+    pub skip_unsupported: bool,
+    /// A cgroup to put the restored processes in.
+    pub cgroup: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct RestoredProcess {
+    pub old_pid: u32,
+    pub pid: u32,
+    pub ppid_old: u32,
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub image: String,
+    pub processes: Vec<RestoredProcess>,
+    pub fds: usize,
+    pub files: usize,
+    pub locks: usize,
+    pub leases: Vec<LeaseReport>,
+    pub ghosts: usize,
+    pub lease_time: String,
+    /// CLOCK_MONOTONIC when the processes were released; lease deadlines count from it.
+    pub released_monotonic_ns: u64,
+    pub total_ms: f64,
+    pub warnings: Vec<String>,
+}
+
+static CANCEL: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    CANCEL.store(true, Ordering::Relaxed);
+}
+
+/// SIGINT/SIGTERM stop the restore at its next step (which then undoes everything).
+fn catch_signals() {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
+}
+
+fn check_cancel() -> Result<()> {
+    if CANCEL.load(Ordering::Relaxed) {
+        bail!("interrupted; nothing was restored");
+    }
+    Ok(())
+}
+
+pub fn run(opts: &Options) -> Result<Report> {
+    let started = Instant::now();
+    let reader = ImageReader::open(&opts.image)?;
+    let image = &reader.image;
+    let plan = plan::build(
+        image,
+        &PlanOptions {
+            exec_cmds: &opts.exec_cmds,
+            skip_unsupported: opts.skip_unsupported,
+        },
+    )?;
+    if let Some(d) = &opts.ghost_dir {
+        if !d.is_dir() {
+            bail!("--ghost-dir {}: not a directory", d.display());
+        }
+    }
+    let cgroup_procs = match &opts.cgroup {
+        Some(cg) => Some(cgroup::resolve(cg)?.join("cgroup.procs")),
+        None => None,
+    };
+    let checked = validate::check(image, opts.force)?;
+    let mut warnings = checked.warnings;
+    for (pid, fd, what) in &plan.skipped {
+        warnings.push(format!(
+            "process {pid} fd {fd} ({what}) left closed (--skip-unsupported)"
+        ));
+    }
+    warnings.extend(plan.released_by_exec.iter().cloned());
+    catch_signals();
+    let nofile_soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    crate::sys::raise_open_file_limit();
+
+    let mut ghosts = HashMap::new();
+    for fp in plan.files.values() {
+        if let Source::Ghost(g) = fp.source {
+            if let std::collections::hash_map::Entry::Vacant(e) = ghosts.entry(g) {
+                check_cancel()?;
+                e.insert(ghost::recreate(
+                    &reader,
+                    &image.ghosts[g],
+                    &plan.procs[fp.opener].creds,
+                    opts.ghost_dir.as_deref(),
+                )?);
+            }
+        }
+    }
+    let files = open::descriptions(image, &plan, &ghosts, &checked.identities)?;
+    for g in ghosts.values_mut() {
+        g.unlink()?;
+    }
+    check_cancel()?;
+
+    let setup = spawn::Setup {
+        image,
+        plan: &plan,
+        files: &files,
+        cgroup_procs,
+        nofile_soft,
+    };
+    let tree = spawn::spawn(&setup, &CANCEL, Duration::from_secs(60))?;
+    let pids: HashMap<u32, u32> = plan
+        .procs
+        .iter()
+        .zip(&tree.pids)
+        .map(|(p, &new)| (p.old_pid, new))
+        .collect();
+    let (released, lease_reports) = leases::restore(
+        image,
+        &plan,
+        &files,
+        &pids,
+        tree.pgid,
+        opts.lease_time,
+        &CANCEL,
+        &mut warnings,
+    )?;
+    tree.release(Duration::from_secs(30))
+        .context("releasing the restored processes")?;
+    drop(files);
+
+    let ppid_of: HashMap<u32, u32> = image.processes.iter().map(|p| (p.pid, p.ppid)).collect();
+    Ok(Report {
+        image: opts.image.display().to_string(),
+        processes: plan
+            .procs
+            .iter()
+            .map(|p| RestoredProcess {
+                old_pid: p.old_pid,
+                pid: pids[&p.old_pid],
+                ppid_old: ppid_of[&p.old_pid],
+                command: p.exec.argv(),
+            })
+            .collect(),
+        fds: plan.procs.iter().map(|p| p.fds.len()).sum(),
+        files: plan.files.len(),
+        locks: plan.procs.iter().map(|p| p.locks.len()).sum(),
+        leases: lease_reports,
+        ghosts: ghosts.len(),
+        lease_time: opts.lease_time.to_string(),
+        released_monotonic_ns: released,
+        total_ms: started.elapsed().as_secs_f64() * 1e3,
+        warnings,
+    })
+}

@@ -1,0 +1,215 @@
+//! When to break each restored lease so that the kernel revokes it exactly when the
+//! policy says, although fs.lease-break-time has whole-second resolution.
+//!
+//! A break started at `t` with the sysctl at `s` seconds gets the kernel deadline
+//! `t + s` (in jiffies; the lease goes at the first tick after it, half a tick late on
+//! average). To have it revoked `r` after the release instant `go`, it is broken at
+//! `go - (s - r) - tick/2` with `s = ceil(r)`: every break falls in the last second
+//! before `go`, and several leases are broken one after another, earliest first, each
+//! with its own sysctl value.
+
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+
+use crate::image::format::Lease;
+
+/// `--lease-time`: how long a lease that was being broken has left once restored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeaseTime {
+    /// What it had left at the checkpoint.
+    Exact,
+    /// The whole lease-break-time again (as CRIU does).
+    Holder,
+    /// Revoked at once: the restored breaker does not wait.
+    Breaker,
+    /// What it had left, plus (or minus) this many nanoseconds.
+    Delta(i64),
+}
+
+impl std::str::FromStr for LeaseTime {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<LeaseTime, String> {
+        match s {
+            "exact" => Ok(LeaseTime::Exact),
+            "holder" => Ok(LeaseTime::Holder),
+            "breaker" => Ok(LeaseTime::Breaker),
+            _ if s.starts_with(['+', '-']) => s[1..]
+                .parse::<f64>()
+                .ok()
+                .filter(|v| v.is_finite() && *v < 1e6)
+                .map(|v| {
+                    let ns = (v * 1e9).round() as i64;
+                    LeaseTime::Delta(if s.starts_with('-') { -ns } else { ns })
+                })
+                .ok_or_else(|| format!("not a number of seconds: {s}")),
+            _ => Err(format!(
+                "unknown lease time policy {s:?} (exact, holder, breaker, +N or -N seconds)"
+            )),
+        }
+    }
+}
+
+impl std::fmt::Display for LeaseTime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LeaseTime::Exact => write!(f, "exact"),
+            LeaseTime::Holder => write!(f, "holder"),
+            LeaseTime::Breaker => write!(f, "breaker"),
+            LeaseTime::Delta(ns) => write!(f, "{:+}", *ns as f64 / 1e9),
+        }
+    }
+}
+
+/// How long a breaking lease has left after the release, under `policy`.
+/// `current_break_time_s` stands in when the image does not know the lease-break-time.
+pub fn remaining_after_restore(
+    lease: &Lease,
+    policy: LeaseTime,
+    current_break_time_s: u32,
+) -> Result<Duration> {
+    let full =
+        || u64::from(lease.lease_break_time_s.unwrap_or(current_break_time_s)) * 1_000_000_000;
+    let recorded = || -> Result<u64> {
+        match lease.remaining_ns {
+            Some(ns) => Ok(ns.max(0) as u64),
+            None => bail!("the image does not know when its break times out (dumped without ckpt-agent); use --lease-time holder or breaker"),
+        }
+    };
+    let ns = match policy {
+        LeaseTime::Exact => recorded()?,
+        LeaseTime::Holder => full(),
+        LeaseTime::Breaker => 0,
+        LeaseTime::Delta(d) => (recorded()? as i64).saturating_add(d).max(0) as u64,
+    };
+    Ok(Duration::from_nanos(ns))
+}
+
+/// One lease's break: the sysctl value to break it with, and how long before the
+/// release instant to do it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Break {
+    /// Index into the caller's list.
+    pub index: usize,
+    pub sysctl_s: u32,
+    pub lead: Duration,
+}
+
+/// The breaks, earliest first. A lease to be revoked at once (`remaining` zero) is
+/// broken with the sysctl at 0 and timed out before the release; it is not scheduled
+/// here.
+pub fn plan_breaks(remaining: &[(usize, Duration)], tick: Duration) -> Vec<Break> {
+    let mut out: Vec<Break> = remaining
+        .iter()
+        .filter(|(_, r)| !r.is_zero())
+        .map(|&(index, r)| {
+            let s = r.as_nanos().div_ceil(1_000_000_000) as u64;
+            let lead = Duration::from_secs(s) + tick / 2;
+            Break {
+                index,
+                sysctl_s: s.min(u64::from(u32::MAX)) as u32,
+                lead: lead.saturating_sub(r),
+            }
+        })
+        .collect();
+    out.sort_by(|a, b| b.lead.cmp(&a.lead).then(a.index.cmp(&b.index)));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(remaining_ns: Option<i64>, break_time: Option<u32>) -> Lease {
+        Lease {
+            file: 0,
+            pid: 1,
+            lease_type: None,
+            breaking: true,
+            target_type: None,
+            remaining_ns,
+            lease_break_time_s: break_time,
+            notified: true,
+            signal: None,
+            breakers: vec![],
+        }
+    }
+
+    #[test]
+    fn policies_parse() {
+        assert_eq!("exact".parse(), Ok(LeaseTime::Exact));
+        assert_eq!("holder".parse(), Ok(LeaseTime::Holder));
+        assert_eq!("breaker".parse(), Ok(LeaseTime::Breaker));
+        assert_eq!("+2".parse(), Ok(LeaseTime::Delta(2_000_000_000)));
+        assert_eq!("-0.5".parse(), Ok(LeaseTime::Delta(-500_000_000)));
+        assert!("2".parse::<LeaseTime>().is_err());
+        assert!("+x".parse::<LeaseTime>().is_err());
+        assert!("+inf".parse::<LeaseTime>().is_err());
+    }
+
+    #[test]
+    fn remaining_follows_the_policy() {
+        let l = lease(Some(2_600_000_000), Some(5));
+        let r = |p| remaining_after_restore(&l, p, 45).unwrap().as_millis();
+        assert_eq!(r(LeaseTime::Exact), 2600);
+        assert_eq!(r(LeaseTime::Holder), 5000);
+        assert_eq!(r(LeaseTime::Breaker), 0);
+        assert_eq!(r(LeaseTime::Delta(1_000_000_000)), 3600);
+        assert_eq!(r(LeaseTime::Delta(-9_000_000_000)), 0);
+        // Past its deadline at the checkpoint, not yet revoked: at once.
+        let late = lease(Some(-5), Some(5));
+        assert!(remaining_after_restore(&late, LeaseTime::Exact, 45)
+            .unwrap()
+            .is_zero());
+        // Without the agent: no deadline, so only the policies that need none.
+        let blind = lease(None, None);
+        assert!(remaining_after_restore(&blind, LeaseTime::Exact, 45).is_err());
+        assert_eq!(
+            remaining_after_restore(&blind, LeaseTime::Holder, 45)
+                .unwrap()
+                .as_secs(),
+            45
+        );
+    }
+
+    #[test]
+    fn breaks_are_whole_seconds_ahead_by_the_fraction_and_earliest_first() {
+        let tick = Duration::from_millis(4);
+        let b = plan_breaks(
+            &[
+                (0, Duration::from_millis(2600)),
+                (1, Duration::from_millis(3000)),
+                (2, Duration::ZERO),
+                (3, Duration::from_millis(100)),
+            ],
+            tick,
+        );
+        assert_eq!(
+            b,
+            vec![
+                Break {
+                    index: 3,
+                    sysctl_s: 1,
+                    lead: Duration::from_millis(902)
+                },
+                Break {
+                    index: 0,
+                    sysctl_s: 3,
+                    lead: Duration::from_millis(402)
+                },
+                Break {
+                    index: 1,
+                    sysctl_s: 3,
+                    lead: Duration::from_millis(2)
+                },
+            ]
+        );
+        // The kernel deadline lands `r` after the release: t + s + tick/2 = go + r.
+        for x in &b {
+            let r = [2600u64, 3000, 0, 100][x.index];
+            let go_minus_break = x.lead.as_millis() as u64;
+            assert_eq!(x.sysctl_s as u64 * 1000 + 2 - go_minus_break, r);
+        }
+    }
+}

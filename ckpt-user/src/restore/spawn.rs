@@ -1,0 +1,589 @@
+//! The restored process tree. ckpt-user forks one helper per root process; every
+//! helper first forks its own children (so parent/child links are the image's), then
+//! becomes its process: fds at their numbers, credentials, working directory, locks,
+//! leases. It reports "ready" on a shared status pipe and waits on the release pipe.
+//! Closing the release pipe lets every helper execute its program at the same instant:
+//! no restored program runs before every process is restored.
+//!
+//! Helpers are forked from a single-threaded ckpt-user, so they may allocate. They never
+//! return into ckpt-user's code: they report and `_exit`. Until they execute, they die
+//! with their parent (PR_SET_PDEATHSIG), and they all share one new process group so
+//! that a failed restore can kill them with one signal.
+
+use std::{
+    collections::BTreeMap,
+    ffi::CString,
+    os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    path::{Path, PathBuf},
+    sync::atomic::{AtomicBool, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Result};
+
+use super::{
+    creds,
+    plan::{Exec, FdSource, LeaseOp, LockOp, Plan, ProcPlan},
+};
+use crate::image::format::{Image, LockKind, LockType};
+
+/// Control pipes: helpers write to `status`, block reading `release`.
+struct Control {
+    status_r: OwnedFd,
+    status_w: OwnedFd,
+    release_r: OwnedFd,
+    release_w: OwnedFd,
+}
+
+fn pipe() -> Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: plain syscall; both fds are ours.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } < 0 {
+        bail!("pipe2: {}", std::io::Error::last_os_error());
+    }
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// The restored tree while it is being set up; killed on drop unless released.
+pub struct Tree {
+    /// New pid of each process of the plan (0 until it reported).
+    pub pids: Vec<u32>,
+    pub pgid: i32,
+    roots: Vec<i32>,
+    status_r: OwnedFd,
+    release_w: Option<OwnedFd>,
+    released: bool,
+}
+
+impl Drop for Tree {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        // SAFETY: signalling and reaping our own helpers.
+        unsafe {
+            if self.pgid > 0 {
+                libc::kill(-self.pgid, libc::SIGKILL);
+            }
+            for &p in self.pids.iter().filter(|p| **p > 0) {
+                libc::kill(p as i32, libc::SIGKILL);
+            }
+            for &r in &self.roots {
+                libc::kill(r, libc::SIGKILL);
+                libc::waitpid(r, std::ptr::null_mut(), 0);
+            }
+        }
+    }
+}
+
+/// Everything a helper needs, computed before the first fork.
+pub struct Setup<'a> {
+    pub image: &'a Image,
+    pub plan: &'a Plan,
+    pub files: &'a BTreeMap<u32, OwnedFd>,
+    /// cgroup.procs of the cgroup to restore into.
+    pub cgroup_procs: Option<PathBuf>,
+    /// ckpt-user's soft RLIMIT_NOFILE before it raised it.
+    pub nofile_soft: u64,
+}
+
+/// Forks the tree and waits until every process is ready (or one failed).
+pub fn spawn(setup: &Setup, cancel: &AtomicBool, timeout: Duration) -> Result<Tree> {
+    let ctl = {
+        let (status_r, status_w) = pipe()?;
+        let (release_r, release_w) = pipe()?;
+        Control {
+            status_r,
+            status_w,
+            release_r,
+            release_w,
+        }
+    };
+    let mut pgid = 0;
+    let mut roots = Vec::new();
+    for &root in &setup.plan.roots {
+        // SAFETY: ckpt-user restore is single-threaded; the child never returns.
+        match unsafe { libc::fork() } {
+            -1 => bail!("fork: {}", std::io::Error::last_os_error()),
+            0 => helper(setup, &ctl, root, pgid),
+            pid => {
+                if pgid == 0 {
+                    pgid = pid;
+                }
+                // Also from this side, so the group exists before anyone signals it.
+                unsafe { libc::setpgid(pid, pgid) };
+                roots.push(pid);
+            }
+        }
+    }
+    let Control {
+        status_r,
+        status_w,
+        release_r,
+        release_w,
+    } = ctl;
+    drop((status_w, release_r));
+    let mut tree = Tree {
+        pids: vec![0; setup.plan.procs.len()],
+        pgid,
+        roots,
+        status_r,
+        release_w: Some(release_w),
+        released: false,
+    };
+    let deadline = Instant::now() + timeout;
+    let mut ready = 0;
+    let mut pending = String::new();
+    while ready < tree.pids.len() {
+        if cancel.load(Ordering::Relaxed) {
+            bail!("interrupted; the restored processes were killed");
+        }
+        if Instant::now() > deadline {
+            bail!("the restored processes were not ready after {timeout:?}");
+        }
+        let Some(lines) = read_lines(&tree.status_r, &mut pending)? else {
+            let missing = tree.pids.iter().position(|p| *p == 0).unwrap_or(0);
+            bail!(
+                "the restored process for pid {} died while being set up",
+                setup.plan.procs[missing].old_pid
+            );
+        };
+        for line in lines {
+            match parse_status(&line) {
+                Some(('R', idx, rest)) if idx < tree.pids.len() => {
+                    tree.pids[idx] = rest.parse().unwrap_or(0);
+                    ready += 1;
+                }
+                Some((_, idx, rest)) if idx < tree.pids.len() => {
+                    bail!("process {}: {rest}", setup.plan.procs[idx].old_pid)
+                }
+                _ => bail!("bad message from a restored process: {line:?}"),
+            }
+        }
+    }
+    Ok(tree)
+}
+
+impl Tree {
+    /// Lets every process execute its program, then waits until each has (or one
+    /// could not, in which case the whole tree is killed).
+    pub fn release(mut self, timeout: Duration) -> Result<()> {
+        drop(self.release_w.take());
+        let deadline = Instant::now() + timeout;
+        let mut pending = String::new();
+        let mut failures = Vec::new();
+        loop {
+            if Instant::now() > deadline {
+                bail!("the restored processes did not start their programs within {timeout:?}");
+            }
+            match read_lines(&self.status_r, &mut pending)? {
+                None => break,
+                Some(lines) => failures.extend(lines),
+            }
+        }
+        if let Some(line) = failures.first() {
+            let msg = match parse_status(line) {
+                Some((_, _, rest)) => rest.to_string(),
+                None => line.clone(),
+            };
+            bail!("a restored process could not start its program: {msg}; every restored process was killed");
+        }
+        self.released = true;
+        // The roots are our children; once they run their programs they are on their
+        // own (reparented to init when we exit).
+        Ok(())
+    }
+}
+
+/// "R 3 12345" -> ('R', 3, "12345").
+fn parse_status(line: &str) -> Option<(char, usize, &str)> {
+    let mut it = line.splitn(3, ' ');
+    let tag = it.next()?.chars().next()?;
+    let idx = it.next()?.parse().ok()?;
+    Some((tag, idx, it.next().unwrap_or("")))
+}
+
+/// Whole lines read within 100 ms; None at end of file.
+fn read_lines(fd: &OwnedFd, pending: &mut String) -> Result<Option<Vec<String>>> {
+    let mut pfd = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: plain syscalls on our pipe.
+    let n = unsafe { libc::poll(&mut pfd, 1, 100) };
+    if n <= 0 {
+        return Ok(Some(Vec::new()));
+    }
+    let mut buf = [0u8; 4096];
+    let r = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() == std::io::ErrorKind::Interrupted {
+            return Ok(Some(Vec::new()));
+        }
+        bail!("reading the restored processes' status: {e}");
+    }
+    if r == 0 {
+        return Ok(None);
+    }
+    pending.push_str(&String::from_utf8_lossy(&buf[..r as usize]));
+    let mut out = Vec::new();
+    while let Some(nl) = pending.find('\n') {
+        out.push(pending[..nl].to_string());
+        pending.drain(..=nl);
+    }
+    Ok(Some(out))
+}
+
+fn say(fd: RawFd, tag: char, idx: usize, msg: &str) {
+    let mut line = format!("{tag} {idx} {}", msg.replace('\n', " "));
+    line.truncate(3000);
+    line.push('\n');
+    // SAFETY: one write of less than PIPE_BUF bytes: atomic on a shared pipe.
+    unsafe { libc::write(fd, line.as_ptr().cast(), line.len()) };
+}
+
+fn os_err(what: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("{what}: {}", std::io::Error::last_os_error())
+}
+
+/// A helper process: becomes process `idx` of the plan, then its program.
+fn helper(setup: &Setup, ctl: &Control, idx: usize, pgid: i32) -> ! {
+    // SAFETY: our own process; the orchestrator's ends of the pipes are not ours.
+    unsafe {
+        libc::close(ctl.status_r.as_raw_fd());
+        libc::close(ctl.release_w.as_raw_fd());
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(libc::SIGTERM, libc::SIG_DFL);
+        libc::setpgid(0, pgid);
+    }
+    // Our control fds move above every fd number this process will use.
+    let base = fd_base(setup, &setup.plan.procs[idx], ctl);
+    let (status, release) = match (
+        dup_high(ctl.status_w.as_raw_fd(), base),
+        dup_high(ctl.release_r.as_raw_fd(), base),
+    ) {
+        (Ok(s), Ok(r)) => (s, r),
+        (Err(e), _) | (_, Err(e)) => {
+            say(ctl.status_w.as_raw_fd(), 'E', idx, &format!("{e:#}"));
+            unsafe { libc::_exit(1) }
+        }
+    };
+    match become_process(setup, ctl, idx, base) {
+        Ok(exec) => {
+            say(status, 'R', idx, &std::process::id().to_string());
+            wait_release(release);
+            // SAFETY: the program must not die with its parent.
+            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
+            let e = exec.run();
+            say(status, 'X', idx, &format!("{}: {e}", exec.path.display()));
+            unsafe { libc::_exit(127) }
+        }
+        Err(e) => {
+            say(status, 'E', idx, &format!("{e:#}"));
+            unsafe { libc::_exit(1) }
+        }
+    }
+}
+
+fn wait_release(fd: RawFd) {
+    let mut b = [0u8; 1];
+    loop {
+        // SAFETY: reading our pipe until the orchestrator closes it.
+        let r = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) };
+        if r == 0 {
+            return;
+        }
+        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            unsafe { libc::_exit(1) };
+        }
+    }
+}
+
+fn die_with_parent() -> Result<()> {
+    // SAFETY: plain prctl on ourselves.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } < 0 {
+        return Err(os_err("prctl(PR_SET_PDEATHSIG)"));
+    }
+    Ok(())
+}
+
+/// The program a ready helper executes.
+struct Program {
+    path: PathBuf,
+    argv: Vec<CString>,
+}
+
+impl Program {
+    fn run(&self) -> std::io::Error {
+        let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|a| a.as_ptr()).collect();
+        argv.push(std::ptr::null());
+        let path = CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap_or_default();
+        extern "C" {
+            static environ: *const *const libc::c_char;
+        }
+        // SAFETY: NUL-terminated argv; environ is the process's environment.
+        unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), environ) };
+        std::io::Error::last_os_error()
+    }
+}
+
+fn become_process(setup: &Setup, ctl: &Control, idx: usize, base: RawFd) -> Result<Program> {
+    let p = &setup.plan.procs[idx];
+    die_with_parent()?;
+    if let Some(procs) = &setup.cgroup_procs {
+        std::fs::write(procs, "0")
+            .map_err(|e| anyhow!("joining cgroup {}: {e}", procs.display()))?;
+    }
+    for &child in &p.children {
+        // SAFETY: we are single-threaded; the child never returns.
+        match unsafe { libc::fork() } {
+            -1 => return Err(os_err("fork")),
+            0 => helper(setup, ctl, child, 0),
+            _ => {}
+        }
+    }
+    arrange_fds(setup, p, base)?;
+    creds::become_user(&p.creds)?;
+    // Changing credentials cleared the parent-death signal.
+    die_with_parent()?;
+    std::env::set_current_dir(&p.cwd)
+        .map_err(|e| anyhow!("cannot enter its working directory {}: {e}", p.cwd))?;
+    for l in &p.locks {
+        take_lock(setup, p, l)?;
+    }
+    for l in &p.leases {
+        set_lease(setup, p, l)?;
+    }
+    for &fd in &p.async_fds {
+        // SAFETY: plain fcntl on our fd.
+        unsafe {
+            let fl = libc::fcntl(fd, libc::F_GETFL);
+            if libc::fcntl(fd, libc::F_SETFL, fl | libc::O_ASYNC) < 0 {
+                return Err(os_err(format!("setting O_ASYNC on fd {fd}")));
+            }
+        }
+    }
+    if !p.block_signals.is_empty() {
+        // SAFETY: building and installing a signal mask for ourselves.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            for &s in &p.block_signals {
+                libc::sigaddset(&mut set, s);
+            }
+            libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        }
+    }
+    // The program gets ckpt-user's own soft open-file limit back (it was raised to
+    // open every description), or enough for its highest fd.
+    let highest = p.fds.iter().map(|d| d.fd as u64 + 1).max().unwrap_or(0);
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    nix::sys::resource::setrlimit(
+        nix::sys::resource::Resource::RLIMIT_NOFILE,
+        setup.nofile_soft.max(highest).min(hard),
+        hard,
+    )?;
+    program(&p.exec)
+}
+
+fn path_of<'a>(setup: &'a Setup, p: &ProcPlan, fd: i32) -> &'a str {
+    p.fds
+        .iter()
+        .find(|d| d.fd == fd)
+        .and_then(|d| match d.source {
+            FdSource::File(f) => Some(setup.image.files[f as usize].path.as_str()),
+            FdSource::Inherit(_) => None,
+        })
+        .unwrap_or("?")
+}
+
+fn source_fd(setup: &Setup, s: FdSource) -> RawFd {
+    match s {
+        FdSource::File(f) => setup.files[&f].as_raw_fd(),
+        FdSource::Inherit(n) => n,
+    }
+}
+
+/// The lowest fd number above every number in play for process `p`.
+fn fd_base(setup: &Setup, p: &ProcPlan, ctl: &Control) -> RawFd {
+    p.fds
+        .iter()
+        .map(|d| d.fd)
+        .chain(setup.files.values().map(|f| f.as_raw_fd()))
+        .chain([2, ctl.status_w.as_raw_fd(), ctl.release_r.as_raw_fd()])
+        .max()
+        .unwrap_or(2)
+        + 1
+}
+
+fn dup_high(fd: RawFd, base: RawFd) -> Result<RawFd> {
+    // SAFETY: plain fcntl; the copy is ours.
+    let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, base) };
+    if r < 0 {
+        return Err(os_err(format!("moving fd {fd}")));
+    }
+    Ok(r)
+}
+
+/// Puts every description at its fd number and closes everything else below `base`
+/// (our control fds are above it). Sources are first moved above `base` too, so no
+/// placement overwrites a source.
+fn arrange_fds(setup: &Setup, p: &ProcPlan, base: RawFd) -> Result<()> {
+    let mut moved = Vec::with_capacity(p.fds.len());
+    for d in &p.fds {
+        moved.push(
+            dup_high(source_fd(setup, d.source), base)
+                .map_err(|e| anyhow!("fd {} ({}): {e}", d.fd, path_of(setup, p, d.fd)))?,
+        );
+    }
+    close_below(base, &[])?;
+    for (d, &m) in p.fds.iter().zip(&moved) {
+        let flags = if d.cloexec { libc::O_CLOEXEC } else { 0 };
+        // SAFETY: plain syscall; `m` >= base > d.fd.
+        if unsafe { libc::dup3(m, d.fd, flags) } < 0 {
+            return Err(os_err(format!("placing fd {}", d.fd)));
+        }
+    }
+    for m in moved {
+        unsafe { libc::close(m) };
+    }
+    Ok(())
+}
+
+/// Closes every fd below `base` except `keep`.
+fn close_below(base: RawFd, keep: &[RawFd]) -> Result<()> {
+    let mut keep: Vec<RawFd> = keep.iter().copied().filter(|k| *k < base).collect();
+    keep.sort_unstable();
+    let mut from = 0;
+    for k in keep.into_iter().chain([base]) {
+        if from < k {
+            // SAFETY: plain syscall on our own fd table.
+            if unsafe { libc::syscall(libc::SYS_close_range, from as u32, (k - 1) as u32, 0) } < 0 {
+                return Err(os_err("close_range"));
+            }
+        }
+        from = k + 1;
+    }
+    Ok(())
+}
+
+fn take_lock(setup: &Setup, p: &ProcPlan, l: &LockOp) -> Result<()> {
+    let what = || {
+        let ty = match l.lock_type {
+            LockType::Read => "read",
+            LockType::Write => "write",
+        };
+        let range = if l.end == i64::MAX {
+            format!("{}-EOF", l.start)
+        } else {
+            format!("{}-{}", l.start, l.end)
+        };
+        format!(
+            "{:?} {ty} lock on {} [{range}]",
+            l.kind,
+            path_of(setup, p, l.fd)
+        )
+        .to_lowercase()
+    };
+    // SAFETY: plain syscalls on our own fds.
+    let r = unsafe {
+        match l.kind {
+            LockKind::Flock => libc::flock(
+                l.fd,
+                libc::LOCK_NB
+                    | if l.lock_type == LockType::Write {
+                        libc::LOCK_EX
+                    } else {
+                        libc::LOCK_SH
+                    },
+            ),
+            LockKind::Posix | LockKind::Ofd => {
+                let mut fl: libc::flock = std::mem::zeroed();
+                fl.l_type = if l.lock_type == LockType::Write {
+                    libc::F_WRLCK
+                } else {
+                    libc::F_RDLCK
+                } as i16;
+                fl.l_whence = libc::SEEK_SET as i16;
+                fl.l_start = l.start;
+                fl.l_len = l.l_len();
+                let cmd = if l.kind == LockKind::Posix {
+                    libc::F_SETLK
+                } else {
+                    libc::F_OFD_SETLK
+                };
+                libc::fcntl(l.fd, cmd, &fl)
+            }
+        }
+    };
+    if r < 0 {
+        let e = std::io::Error::last_os_error();
+        if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EACCES)) {
+            bail!(
+                "cannot take its {}: another process holds a conflicting lock (is the original still running?)",
+                what()
+            );
+        }
+        bail!("cannot take its {}: {e}", what());
+    }
+    Ok(())
+}
+
+fn set_lease(setup: &Setup, p: &ProcPlan, l: &LeaseOp) -> Result<()> {
+    let ty = match l.lease_type {
+        LockType::Read => libc::F_RDLCK,
+        LockType::Write => libc::F_WRLCK,
+    };
+    // SAFETY: plain fcntl on our own fd.
+    if unsafe { libc::fcntl(l.fd, libc::F_SETLEASE, ty) } < 0 {
+        let e = std::io::Error::last_os_error();
+        let path = path_of(setup, p, l.fd);
+        if e.raw_os_error() == Some(libc::EAGAIN) {
+            bail!("cannot set its lease on {path}: the file is open elsewhere in a conflicting mode (is the original still running?)");
+        }
+        bail!("cannot set its lease on {path}: {e}");
+    }
+    Ok(())
+}
+
+/// The program to execute, checked now (as the restored user, in its working
+/// directory) so that a missing program stops the restore before anything runs.
+fn program(exec: &Exec) -> Result<Program> {
+    let argv = exec.argv();
+    let first = &argv[0];
+    let path = if first.contains('/') {
+        PathBuf::from(first)
+    } else {
+        std::env::var_os("PATH")
+            .unwrap_or_else(|| "/usr/local/bin:/usr/bin:/bin".into())
+            .to_string_lossy()
+            .split(':')
+            .map(|d| Path::new(d).join(first))
+            .find(|c| executable(c))
+            .ok_or_else(|| anyhow!("program {first} not found in PATH"))?
+    };
+    if !executable(&path) {
+        bail!(
+            "cannot execute {}: {}",
+            path.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    let argv = argv
+        .iter()
+        .map(|a| CString::new(a.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|_| anyhow!("its command line has a NUL byte"))?;
+    Ok(Program { path, argv })
+}
+
+fn executable(p: &Path) -> bool {
+    let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: plain syscall.
+    p.is_file()
+        && unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::X_OK, libc::AT_EACCESS) } == 0
+}

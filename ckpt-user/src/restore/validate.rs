@@ -1,0 +1,212 @@
+//! The consistency check run before anything is touched: every file the image had open
+//! must still be the file it was (same inode on the same filesystem when restoring on
+//! the host that dumped it) with the same size, modification time and, when the dump
+//! recorded one, SHA-256. A changed file stops the restore, naming the file and what
+//! changed, unless --force (then every difference is still printed).
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io::Read as _,
+    os::{
+        fd::OwnedFd,
+        unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+    },
+};
+
+use anyhow::{bail, Result};
+use sha2::{Digest, Sha256};
+
+use crate::{
+    image::format::{Fingerprint, Image},
+    locks::KernelDev,
+    sys::pidfd,
+};
+
+/// The identity a path had when it was checked; the restore compares every file it
+/// opens against it, so a file swapped in between is never used.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl Identity {
+    pub fn of(md: &std::fs::Metadata) -> Identity {
+        Identity {
+            dev: md.dev(),
+            ino: md.ino(),
+        }
+    }
+}
+
+pub struct Checked {
+    /// By path.
+    pub identities: HashMap<String, Identity>,
+    /// Differences accepted with --force.
+    pub warnings: Vec<String>,
+}
+
+/// What differs between a fingerprint and the file now at its path (None: the same).
+fn differences(fp: &Fingerprint, md: &std::fs::Metadata, same_host: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    if !md.is_file() {
+        out.push("is no longer a regular file".to_string());
+        return out;
+    }
+    let dev = KernelDev::from_st_dev(md.dev()).to_string();
+    if same_host && (dev != fp.dev || md.ino() != fp.ino) {
+        out.push(format!(
+            "now names a different file (inode {} on {} was open, the path now leads to inode {} on {})",
+            fp.ino, fp.dev, md.ino(), dev
+        ));
+    }
+    if md.size() != fp.size {
+        out.push(format!(
+            "size changed from {} to {} bytes",
+            fp.size,
+            md.size()
+        ));
+    }
+    let mtime = md.mtime() * 1_000_000_000 + md.mtime_nsec();
+    if mtime != fp.mtime_ns {
+        out.push(format!(
+            "modified since the checkpoint (mtime {} -> {})",
+            fmt_ns(fp.mtime_ns),
+            fmt_ns(mtime)
+        ));
+    }
+    out
+}
+
+fn fmt_ns(ns: i64) -> String {
+    format!(
+        "{}.{:09}",
+        ns.div_euclid(1_000_000_000),
+        ns.rem_euclid(1_000_000_000)
+    )
+}
+
+fn sha256(file: &mut File) -> std::io::Result<String> {
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex::encode(h.finalize()))
+}
+
+/// Checks every fingerprint. Opening a file to hash it could break a lease of a
+/// process that still runs, so hashing opens with O_NONBLOCK and reports that.
+pub fn check(image: &Image, force: bool) -> Result<Checked> {
+    let same_host = nix::unistd::gethostname()
+        .map(|h| h.to_string_lossy() == image.hostname)
+        .unwrap_or(false);
+    let mut identities = HashMap::new();
+    let mut warnings = Vec::new();
+    let mut problems = Vec::new();
+    for fp in &image.fingerprints {
+        let md = match std::fs::metadata(&fp.path) {
+            Ok(md) => md,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!("{}: missing (it was open at the checkpoint)", fp.path)
+            }
+            Err(e) => bail!("{}: {e}", fp.path),
+        };
+        let mut diffs = differences(fp, &md, same_host);
+        if diffs.is_empty() && same_host {
+            // Same inode number, but is it the same file? Compare file handles (they
+            // carry a generation number that changes when an inode is reused).
+            if let (Some(want), Ok(f)) = (&fp.handle, File::open(&fp.path).map(OwnedFd::from)) {
+                if pidfd::file_handle(&f).is_some_and(|now| &now != want) {
+                    diffs.push("now names a different file (its file handle changed)".into());
+                }
+            }
+        }
+        if diffs.is_empty() {
+            if let Some(want) = &fp.sha256 {
+                let got = std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(&fp.path)
+                    .and_then(|mut f| sha256(&mut f));
+                match got {
+                    Ok(got) if &got == want => {}
+                    Ok(_) => diffs.push("contents changed (SHA-256 differs)".into()),
+                    Err(e) => bail!("{}: cannot read it to check its SHA-256: {e}", fp.path),
+                }
+            }
+        }
+        for d in diffs {
+            problems.push(format!("{}: {d}", fp.path));
+        }
+        identities.insert(fp.path.clone(), Identity::of(&md));
+    }
+    if !problems.is_empty() {
+        if !force {
+            let more = match problems.len() {
+                1 => String::new(),
+                n => format!(" (and {} more)", n - 1),
+            };
+            bail!(
+                "{}{more}; nothing was restored (--force restores anyway)",
+                problems[0]
+            );
+        }
+        warnings.extend(problems.into_iter().map(|p| format!("--force: {p}")));
+    }
+    Ok(Checked {
+        identities,
+        warnings,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_difference_is_named() {
+        let dir = std::env::temp_dir().join(format!("ckpt-validate-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("f");
+        std::fs::write(&p, b"hello").unwrap();
+        let md = std::fs::metadata(&p).unwrap();
+        let fp = Fingerprint {
+            path: p.display().to_string(),
+            dev: KernelDev::from_st_dev(md.dev()).to_string(),
+            ino: md.ino(),
+            size: 5,
+            mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
+            ctime_ns: 0,
+            handle: None,
+            sha256: None,
+        };
+        assert!(differences(&fp, &md, true).is_empty());
+        let grown = Fingerprint {
+            size: 4,
+            ..fp.clone()
+        };
+        assert_eq!(
+            differences(&grown, &md, true),
+            vec!["size changed from 4 to 5 bytes"]
+        );
+        let other = Fingerprint {
+            ino: fp.ino + 1,
+            ..fp.clone()
+        };
+        assert!(differences(&other, &md, true)[0].starts_with("now names a different file"));
+        // Another host: inode numbers say nothing.
+        assert!(differences(&other, &md, false).is_empty());
+        let older = Fingerprint {
+            mtime_ns: 1,
+            ..fp.clone()
+        };
+        assert!(differences(&older, &md, true)[0].starts_with("modified since"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
