@@ -137,6 +137,10 @@ pub enum UserCommand {
         /// refusing; stdin, stdout and stderr are always passed on from ckpt-user.
         #[arg(long)]
         skip_unsupported: bool,
+        /// Restore close-on-exec fds without the flag, so that they (and the locks and
+        /// leases on them) reach the program, which is started by an exec.
+        #[arg(long)]
+        keep_cloexec: bool,
         /// Put the restored processes into this cgroup (a path under a cgroup mount or
         /// a full path).
         #[arg(long)]
@@ -314,6 +318,7 @@ pub fn run_user(args: UserArgs) -> Result<()> {
             lease_time,
             force,
             skip_unsupported,
+            keep_cloexec,
             cgroup,
             json,
         } => {
@@ -324,6 +329,7 @@ pub fn run_user(args: UserArgs) -> Result<()> {
                 lease_time,
                 force,
                 skip_unsupported,
+                keep_cloexec,
                 cgroup,
             })?;
             for w in &report.warnings {

@@ -638,3 +638,49 @@ fn files_are_opened_with_the_restored_process_credentials() {
         "{status}"
     );
 }
+
+#[test]
+fn close_on_exec_fds_close_at_the_programs_exec_unless_kept() {
+    require_root();
+    let agent = Agent::start();
+    let dir = Scratch::new();
+    let cg = Cgroup::new(false);
+    let f = dir.file("f");
+    let mut p = cg.locker();
+    let fd = fd_of(&p.cmd(&format!("open f {f}")));
+    p.cmd("cloexec f");
+    p.cmd("posix f w 0 1");
+    let img = dir.file("img");
+    let (code, _, err) = agent.dump(&cg.path, &img, &[]);
+    assert_eq!(code, 0, "{err}");
+    let old = p.pid();
+    p.kill();
+    let exec = format!("{old}=exec sleep 600");
+    let ino = std::fs::metadata(&f).unwrap().ino();
+
+    // As the kernel does: the exec closes the fd, and the lock goes with it; said.
+    let into = Cgroup::new(false);
+    let cgp = into.path.display().to_string();
+    let (code, _, err) = run_restore(&[
+        &img,
+        "--skip-unsupported",
+        "--cgroup",
+        &cgp,
+        "--exec-cmd",
+        &exec,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        err.contains("close-on-exec fd; its program's exec releases it"),
+        "{err}"
+    );
+    assert!(proc_locks_on(ino).is_empty());
+    drop(into);
+
+    // --keep-cloexec: the fd and its lock reach the program.
+    let into = Cgroup::new(false);
+    let report = restore(&img, &into, &["--keep-cloexec", "--exec-cmd", &exec]);
+    let np = new_pid(&report, old);
+    assert_eq!(fdinfo(np, fd).1 & libc::O_CLOEXEC as u64, 0);
+    assert!(proc_locks_on(ino)[0].starts_with(&format!("POSIX ADVISORY WRITE {np} ")));
+}

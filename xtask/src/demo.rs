@@ -53,6 +53,11 @@ impl Drop for Cleanup {
     }
 }
 
+/// A binary built by the demo.
+fn bin(name: &str) -> PathBuf {
+    workspace().join("target/release").join(name)
+}
+
 /// The cgroup2 mount if there is one (hybrid or pure v2), else v1's freezer.
 fn cgroup_root() -> Result<PathBuf> {
     for root in [
@@ -93,7 +98,6 @@ pub fn run() -> Result<()> {
         "-p",
         "ckpt-user",
     ]))?;
-    let bin = |name: &str| workspace().join("target/release").join(name);
 
     let mut cleanup = Cleanup {
         agent: None,
@@ -193,6 +197,62 @@ pub fn run() -> Result<()> {
     {
         println!("{line}");
     }
-    println!("\ndemo: done; the workload runs on (thawed); cleaning up");
+    restore(
+        &mut cleanup,
+        &cg,
+        &image,
+        &String::from_utf8_lossy(&tree.stdout),
+    )?;
+    println!("\ndemo: done; cleaning up");
     Ok(())
+}
+
+/// Kills the workload, then restores it from the image: the restored processes run
+/// `sleep` instead of their programs, so what `locks` shows is only what the restore
+/// put back (a restarted flock(1) would take its lock again by itself).
+fn restore(cleanup: &mut Cleanup, cg: &Path, image: &Path, tree: &str) -> Result<()> {
+    println!("\n# kill the workload, as a crash or a migration would");
+    for c in &mut cleanup.children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    cleanup.children.clear();
+    for _ in 0..100 {
+        let procs = std::fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+        if procs.trim().is_empty() {
+            break;
+        }
+        for pid in procs.lines() {
+            let _ = Command::new("kill").args(["-KILL", pid.trim()]).status();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut pids: Vec<&str> = tree
+        .lines()
+        .filter_map(|l| l.strip_prefix("task-")?.split('/').next())
+        .collect();
+    pids.dedup();
+    let mut cmd = Command::new(bin("ckpt-user"));
+    cmd.arg("restore").arg(image).args([
+        "--cgroup",
+        CGROUP,
+        "--skip-unsupported",
+        "--keep-cloexec",
+    ]);
+    let mut shown = format!(
+        "ckpt-user restore {} --cgroup {CGROUP} --skip-unsupported --keep-cloexec",
+        image.display()
+    );
+    for pid in &pids {
+        cmd.arg("--exec-cmd").arg(format!("{pid}=exec sleep 600"));
+        shown.push_str(&format!(" --exec-cmd '{pid}=exec sleep 600'"));
+    }
+    println!("\n$ {shown}");
+    // The restored processes inherit its stdout and stderr (where the workload had
+    // pipes): a captured pipe would never reach end of file, so they are passed on.
+    sh(cmd.stdin(std::process::Stdio::null()))?;
+    println!(
+        "\n$ ckpt-user locks --cgroup {CGROUP}    # the restored processes hold the same locks"
+    );
+    sh(Command::new(bin("ckpt-user")).args(["--pin-dir", PIN_DIR, "locks", "--cgroup", CGROUP]))
 }

@@ -48,6 +48,7 @@ pub struct Options {
     pub lease_time: LeaseTime,
     pub force: bool,
     pub skip_unsupported: bool,
+    pub keep_cloexec: bool,
     /// A cgroup to put the restored processes in.
     pub cgroup: Option<String>,
 }
@@ -110,6 +111,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         &PlanOptions {
             exec_cmds: &opts.exec_cmds,
             skip_unsupported: opts.skip_unsupported,
+            keep_cloexec: opts.keep_cloexec,
         },
     )?;
     if let Some(d) = &opts.ghost_dir {

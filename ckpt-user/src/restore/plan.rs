@@ -142,6 +142,8 @@ pub struct Plan {
 pub struct PlanOptions<'a> {
     pub exec_cmds: &'a HashMap<u32, String>,
     pub skip_unsupported: bool,
+    /// Clear close-on-exec so that those fds (and their locks) reach the program.
+    pub keep_cloexec: bool,
 }
 
 /// Can a description be opened again by its path?
@@ -262,7 +264,7 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
             fds.push(FdPlan {
                 fd: fd.fd,
                 source,
-                cloexec: fd.cloexec,
+                cloexec: fd.cloexec && !opts.keep_cloexec,
             });
         }
         plan.procs.push(ProcPlan {
@@ -523,6 +525,7 @@ mod tests {
         PlanOptions {
             exec_cmds: EMPTY.get_or_init(HashMap::new),
             skip_unsupported: false,
+            keep_cloexec: false,
         }
     }
 
@@ -560,6 +563,7 @@ mod tests {
             &PlanOptions {
                 exec_cmds: &cmds,
                 skip_unsupported: true,
+                keep_cloexec: false,
             },
         )
         .unwrap();
