@@ -92,6 +92,10 @@ fn fds_offsets_flags_sharing_and_every_lock_kind_come_back() {
     p.cmd("flock c ex");
     let fc2 = fd_of(&p.cmd("dup c c2"));
     p.cmd(&format!("setfl c2 {}", libc::O_APPEND | libc::O_NONBLOCK));
+    // A lease on a description the fork shares.
+    let e = dir.file("e");
+    let fe = fd_of(&p.cmd(&format!("openmode e {e} r")));
+    p.cmd("lease e w");
     let child = p.fork() as u32;
     let old = p.pid();
     let before = (fdinfo(old, fa), fdinfo(old, fb), fdinfo(old, fc));
@@ -161,6 +165,12 @@ fn fds_offsets_flags_sharing_and_every_lock_kind_come_back() {
             && on_b[0].ends_with(" 20 29"),
         "{on_b:?}"
     );
+    let on_e = proc_locks_on(ino(&e));
+    assert!(
+        on_e.len() == 1 && on_e[0].starts_with(&format!("LEASE ACTIVE WRITE {np} ")),
+        "{on_e:?}"
+    );
+    assert!(same_description(np, fe, nc, fe));
     let on_c = proc_locks_on(ino(&c));
     assert!(
         on_c.len() == 1 && on_c[0].starts_with(&format!("FLOCK ADVISORY WRITE {np} ")),
@@ -257,6 +267,31 @@ fn deleted_files_come_back_unlinked_with_their_holes_as_one_inode() {
     assert!(same_description(np, fg, nc, fg));
     assert_eq!(fdinfo(np, fg).0, 12345);
     assert!(!std::path::Path::new(&g).exists());
+    drop(into);
+
+    // Elsewhere with --ghost-dir, under the same name.
+    let ghosts = Scratch::new();
+    let into = Cgroup::new(false);
+    let gd = ghosts.0.display().to_string();
+    let report = restore(
+        &img,
+        &into,
+        &[
+            "--ghost-dir",
+            &gd,
+            "--exec-cmd",
+            &format!("{old}=exec sleep 600"),
+            "--exec-cmd",
+            &format!("{child}=exec sleep 600"),
+        ],
+    );
+    let np = new_pid(&report, old);
+    assert_eq!(
+        std::fs::read_link(link(np, fg)).unwrap(),
+        ghosts.0.join("ghost (deleted)")
+    );
+    assert_eq!(std::fs::read(link(np, fg)).unwrap(), bytes);
+    assert_eq!(std::fs::read_dir(&ghosts.0).unwrap().count(), 0);
     let left: Vec<_> = std::fs::read_dir(&dir.0)
         .unwrap()
         .map(|e| e.unwrap().file_name())
