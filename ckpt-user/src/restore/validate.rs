@@ -121,7 +121,13 @@ pub fn check(image: &Image, force: bool) -> Result<Checked> {
         if diffs.is_empty() && same_host {
             // Same inode number, but is it the same file? Compare file handles (they
             // carry a generation number that changes when an inode is reused).
-            if let (Some(want), Ok(f)) = (&fp.handle, File::open(&fp.path).map(OwnedFd::from)) {
+            // O_PATH: no open for reading, so no lease of a running process is broken.
+            let opened = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_PATH)
+                .open(&fp.path)
+                .map(OwnedFd::from);
+            if let (Some(want), Ok(f)) = (&fp.handle, opened) {
                 if pidfd::file_handle(&f).is_some_and(|now| &now != want) {
                     diffs.push("now names a different file (its file handle changed)".into());
                 }

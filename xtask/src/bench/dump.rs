@@ -28,8 +28,8 @@ struct Times {
     total: f64,
 }
 
-/// One dump.
-fn dump(bin: &Path, pins: &str, cgroup: &Path, image: &Path) -> Result<Times> {
+/// One dump (the image is removed unless `keep`).
+fn dump(bin: &Path, pins: &str, cgroup: &Path, image: &Path, keep: bool) -> Result<Times> {
     let out = Command::new(bin)
         .args(["--pin-dir", pins, "dump"])
         .arg(cgroup)
@@ -41,13 +41,56 @@ fn dump(bin: &Path, pins: &str, cgroup: &Path, image: &Path) -> Result<Times> {
         bail!("dump failed: {}", String::from_utf8_lossy(&out.stderr));
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    let _ = std::fs::remove_file(image);
+    if !keep {
+        let _ = std::fs::remove_file(image);
+    }
     let ms = |k: &str| v[k].as_f64().unwrap_or(0.0);
     Ok(Times {
         frozen: ms("frozen_ms"),
         stopped: ms("frozen_ms") + ms("freezing_ms"),
         total: ms("total_ms"),
     })
+}
+
+/// One restore of `image` into `cgroup` (every process running `sleep`), in ms; the
+/// restored processes are killed afterwards.
+fn restore(bin: &Path, image: &Path, cgroup: &Path, pids: &[u32]) -> Result<f64> {
+    std::fs::create_dir_all(cgroup)?;
+    // The restored processes inherit stdout: a file, not a pipe that would stay open.
+    let out_path = std::env::temp_dir().join("ckpt-bench-restore.json");
+    let out = std::fs::File::create(&out_path)?;
+    let mut cmd = Command::new(bin);
+    cmd.arg("restore")
+        .arg(image)
+        .args(["--json", "--skip-unsupported", "--cgroup"])
+        .arg(cgroup);
+    for pid in pids {
+        cmd.arg("--exec-cmd").arg(format!("{pid}=exec sleep 600"));
+    }
+    let status = cmd
+        .stdin(std::process::Stdio::null())
+        .stdout(out)
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    let text = std::fs::read_to_string(&out_path)?;
+    let _ = std::fs::remove_file(&out_path);
+    for _ in 0..500 {
+        let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+        if procs.trim().is_empty() {
+            break;
+        }
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+            // SAFETY: killing the processes this restore made.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = std::fs::remove_dir(cgroup);
+    if !status.success() {
+        bail!("restore failed ({status})");
+    }
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    Ok(v["total_ms"].as_f64().unwrap_or(0.0))
 }
 
 /// The dump section's body.
@@ -92,8 +135,8 @@ pub fn run(ctx: &Ctx) -> Result<String> {
     .iter()
     .map(|n| (n.to_string(), Vec::new()))
     .collect();
-    let _ = writeln!(table, "| processes | fds | locks | frozen, agent (ms) | frozen, /proc only (ms) | frozen, /proc only ÷ agent | freeze request to thaw, agent (ms) | total, agent (ms) | total, /proc only (ms) |");
-    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(table, "| processes | fds | locks | frozen, agent (ms) | frozen, /proc only (ms) | frozen, /proc only ÷ agent | freeze request to thaw, agent (ms) | total, agent (ms) | total, /proc only (ms) | restore (ms) |");
+    let _ = writeln!(table, "|---|---|---|---|---|---|---|---|---|---|");
     let result = (|| -> Result<()> {
         for s in &scenarios {
             let cg = cgroup_root()?.join(format!("ckpt-bench-{}", std::process::id()));
@@ -125,21 +168,41 @@ pub fn run(ctx: &Ctx) -> Result<String> {
                 let (mut fa, mut fp, mut sa, mut ta, mut tp) =
                     (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
                 for _ in 0..runs {
-                    let a = dump(&user, PIN_DIR, &cg, &image)?;
+                    let a = dump(&user, PIN_DIR, &cg, &image, false)?;
                     fa.push(a.frozen);
                     sa.push(a.stopped);
                     ta.push(a.total);
-                    let p = dump(&user, "/sys/fs/bpf/ckpt-bench-none", &cg, &image)?;
+                    let p = dump(&user, "/sys/fs/bpf/ckpt-bench-none", &cg, &image, false)?;
                     fp.push(p.frozen);
                     tp.push(p.total);
                 }
                 Ok((stats(fa), stats(fp), stats(sa), stats(ta), stats(tp)))
             });
+            // Restores of one agent image, once the workload is gone (its locks would
+            // conflict with the restored ones).
+            let kept = std::env::temp_dir().join("ckpt-bench-restore.img");
+            let pids: Vec<u32> = workers
+                .iter()
+                .filter(|w| w.in_cgroup)
+                .map(|w| w.child.id())
+                .collect();
+            let _ = std::fs::remove_file(&kept);
+            let image = measured.and_then(|m| dump(&user, PIN_DIR, &cg, &kept, true).map(|_| m));
             drop(workers);
+            let measured = image.and_then(|m| {
+                let into =
+                    cgroup_root()?.join(format!("ckpt-bench-restored-{}", std::process::id()));
+                let mut r = Vec::new();
+                for _ in 0..runs {
+                    r.push(restore(&user, &kept, &into, &pids)?);
+                }
+                let _ = std::fs::remove_file(&kept);
+                Ok((m, stats(r)))
+            });
             std::thread::sleep(Duration::from_millis(300));
             let _ = std::fs::remove_dir(&cg);
             let _ = std::fs::remove_dir_all(&data);
-            let (fa, fp, sa, ta, tp) = measured?;
+            let ((fa, fp, sa, ta, tp), rs) = measured?;
             if !s.churn {
                 let x = s.processes as f64;
                 for (curve, v) in curves.iter_mut().zip([&fa, &fp, &ta, &tp]) {
@@ -147,7 +210,7 @@ pub fn run(ctx: &Ctx) -> Result<String> {
                 }
             }
             let row = format!(
-                "| {}{} | {} | {} | {} | {} | {:.1}x | {} | {} | {} |",
+                "| {}{} | {} | {} | {} | {} | {:.1}x | {} | {} | {} | {} |",
                 s.processes,
                 if s.churn {
                     " (+ lock traffic outside)"
@@ -161,7 +224,8 @@ pub fn run(ctx: &Ctx) -> Result<String> {
                 fp.median / fa.median.max(1e-9),
                 fmt(&sa),
                 fmt(&ta),
-                fmt(&tp)
+                fmt(&tp),
+                fmt(&rs)
             );
             println!("{row}");
             let _ = writeln!(table, "{row}");

@@ -107,7 +107,9 @@ fn read_sections(doc: &str) -> Vec<(String, String)> {
 
 /// A workload process (the tests' `locker`), in a cgroup or not.
 pub struct Worker {
-    child: Child,
+    pub child: Child,
+    /// Started inside the measured cgroup.
+    pub in_cgroup: bool,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
 }
@@ -126,6 +128,7 @@ impl Worker {
         let stdout = BufReader::new(child.stdout.take().unwrap());
         Ok(Worker {
             child,
+            in_cgroup: cgroup.is_some(),
             stdin,
             stdout,
         })
