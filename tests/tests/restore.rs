@@ -46,6 +46,14 @@ fn proc_locks_on(path_ino: u64) -> Vec<String> {
         .collect()
 }
 
+/// Dumps `cg` into `dir`/img (the dump must succeed) and returns the image's path.
+fn checkpoint(agent: &Agent, cg: &Cgroup, dir: &Scratch) -> String {
+    let img = dir.file("img");
+    let (code, _, err) = agent.dump(&cg.path, &img, &[]);
+    assert_eq!(code, 0, "{err}");
+    img
+}
+
 /// Restores `img` into `into` and returns the JSON report (the restore must succeed).
 fn restore(img: &str, into: &Cgroup, extra: &[&str]) -> Value {
     // --skip-unsupported: the test harness may pass stray pipes down to the lockers.
@@ -100,9 +108,7 @@ fn fds_offsets_flags_sharing_and_every_lock_kind_come_back() {
     let old = p.pid();
     let before = (fdinfo(old, fa), fdinfo(old, fb), fdinfo(old, fc));
 
-    let img = dir.file("img");
-    let (code, _, err) = agent.dump(&cg.path, &img, &[]);
-    assert_eq!(code, 0, "{err}");
+    let img = checkpoint(&agent, &cg, &dir);
     p.kill();
 
     let into = Cgroup::new(false);
@@ -227,9 +233,7 @@ fn deleted_files_come_back_unlinked_with_their_holes_as_one_inode() {
     let old = p.pid();
     let bytes = std::fs::read(format!("/proc/{old}/fd/{fg}")).unwrap();
 
-    let img = dir.file("img");
-    let (code, _, err) = agent.dump(&cg.path, &img, &[]);
-    assert_eq!(code, 0, "{err}");
+    let img = checkpoint(&agent, &cg, &dir);
     p.kill();
 
     let into = Cgroup::new(false);
@@ -321,9 +325,7 @@ fn a_posix_waiter_blocks_again_behind_the_restored_holder() {
             .contains("->")
             .then_some(())
     });
-    let img = dir.file("img");
-    let (code, _, err) = agent.dump(&cg.path, &img, &[]);
-    assert_eq!(code, 0, "{err}");
+    let img = checkpoint(&agent, &cg, &dir);
     let (old_h, old_w) = (h.pid(), w.pid());
     drop((h, w));
 
@@ -408,9 +410,7 @@ fn lease_scenario(how: Break, policy: &str, breaker_in_image: bool) -> (f64, f64
             .then_some(())
     });
     std::thread::sleep(Duration::from_secs(2));
-    let img = dir.file("img");
-    let (code, _, err) = agent.dump(&cg.path, &img, &[]);
-    assert_eq!(code, 0, "{err}");
+    let img = checkpoint(&agent, &cg, &dir);
     let old_h = h.pid();
     let old_b = b.pid();
     drop((h, b));
@@ -563,9 +563,7 @@ fn refusals_leave_nothing_behind() {
     p.cmd(&format!("open g {g}"));
     p.cmd("pwrite g 0 ghostly");
     p.cmd(&format!("unlink {g}"));
-    let img = dir.file("img");
-    let (code, _, err) = agent.dump(&cg.path, &img, &[]);
-    assert_eq!(code, 0, "{err}");
+    let img = checkpoint(&agent, &cg, &dir);
     let old = p.pid();
     let exec = format!("{old}=exec sleep 600");
 
@@ -654,9 +652,7 @@ fn files_are_opened_with_the_restored_process_credentials() {
     });
     cg.add(p.pid());
     p.cmd(&format!("openmode f {f} r"));
-    let img = dir.file("img");
-    let (code, _, err) = agent.dump(&cg.path, &img, &[]);
-    assert_eq!(code, 0, "{err}");
+    let img = checkpoint(&agent, &cg, &dir);
     let old = p.pid();
     p.kill();
     // Still the same file (chmod changes neither size nor mtime), but no longer
@@ -694,9 +690,7 @@ fn close_on_exec_fds_close_at_the_programs_exec_unless_kept() {
     let fd = fd_of(&p.cmd(&format!("open f {f}")));
     p.cmd("cloexec f");
     p.cmd("posix f w 0 1");
-    let img = dir.file("img");
-    let (code, _, err) = agent.dump(&cg.path, &img, &[]);
-    assert_eq!(code, 0, "{err}");
+    let img = checkpoint(&agent, &cg, &dir);
     let old = p.pid();
     p.kill();
     let exec = format!("{old}=exec sleep 600");
