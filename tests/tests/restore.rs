@@ -96,6 +96,8 @@ fn fds_offsets_flags_sharing_and_every_lock_kind_come_back() {
     p.cmd("posix a r 20 0");
     let fb = fd_of(&p.cmd(&format!("open b {b}")));
     p.cmd("ofd b r 20 10");
+    p.cmd("setsig b 10");
+    p.cmd(&format!("setown b {}", p.pid()));
     let fc = fd_of(&p.cmd(&format!("open c {c}")));
     p.cmd("flock c ex");
     let fc2 = fd_of(&p.cmd("dup c c2"));
@@ -194,6 +196,15 @@ fn fds_offsets_flags_sharing_and_every_lock_kind_come_back() {
     let (code, out, _) = ckpt_user(&["inspect", &again, "--json"]);
     assert_eq!(code, 0);
     let image: Value = serde_json::from_str(&out).unwrap();
+    // F_SETSIG and F_SETOWN (the owner's pid translated) came back on b.
+    let file_b = image["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["path"] == b.as_str())
+        .unwrap();
+    assert_eq!(file_b["sig"], 10);
+    assert_eq!(file_b["owner"], serde_json::json!([1, np]));
     let kinds: Vec<(String, String)> = image["locks"]
         .as_array()
         .unwrap()
@@ -564,6 +575,9 @@ fn refusals_leave_nothing_behind() {
     p.cmd("pwrite g 0 ghostly");
     p.cmd(&format!("unlink {g}"));
     let img = checkpoint(&agent, &cg, &dir);
+    let hashed = dir.file("hashed");
+    let (code, _, err) = agent.dump(&cg.path, &hashed, &["--hash"]);
+    assert_eq!(code, 0, "{err}");
     let old = p.pid();
     let exec = format!("{old}=exec sleep 600");
 
@@ -587,8 +601,28 @@ fn refusals_leave_nothing_behind() {
     refused(&bad, &dir, "newer", &[]);
     std::fs::remove_file(&bad).unwrap();
 
-    // A changed file, named with what changed; --force restores anyway, and says so.
+    // Same size and mtime, other bytes: only the SHA-256 (dump --hash) tells.
     let orig = std::fs::metadata(&f).unwrap();
+    let keep_mtime = |path: &str| {
+        std::fs::File::options()
+            .write(true)
+            .open(path)
+            .unwrap()
+            .set_times(std::fs::FileTimes::new().set_modified(orig.modified().unwrap()))
+            .unwrap()
+    };
+    std::fs::write(&f, "ORIGINAL").unwrap();
+    keep_mtime(&f);
+    refused(
+        &hashed,
+        &dir,
+        "contents changed (SHA-256 differs)",
+        &["--exec-cmd", &exec],
+    );
+    std::fs::write(&f, "original").unwrap();
+    keep_mtime(&f);
+
+    // A changed file, named with what changed; --force restores anyway, and says so.
     std::fs::write(&f, "original+").unwrap();
     refused(
         &img,
@@ -617,12 +651,7 @@ fn refusals_leave_nothing_behind() {
     // Another file under the same name, same size and times: still refused.
     std::fs::remove_file(&f).unwrap();
     std::fs::write(&f, "original").unwrap();
-    std::fs::File::options()
-        .write(true)
-        .open(&f)
-        .unwrap()
-        .set_times(std::fs::FileTimes::new().set_modified(orig.modified().unwrap()))
-        .unwrap();
+    keep_mtime(&f);
     refused(
         &img,
         &dir,
@@ -721,4 +750,36 @@ fn close_on_exec_fds_close_at_the_programs_exec_unless_kept() {
     let np = new_pid(&report, old);
     assert_eq!(fdinfo(np, fd).1 & libc::O_CLOEXEC as u64, 0);
     assert!(proc_locks_on(ino)[0].starts_with(&format!("POSIX ADVISORY WRITE {np} ")));
+}
+
+#[test]
+fn the_recorded_command_line_runs_by_default_in_its_working_directory() {
+    require_root();
+    let agent = Agent::start();
+    let dir = Scratch::new();
+    let cg = Cgroup::new(false);
+    let mut child = std::process::Command::new("sleep")
+        .arg("600")
+        .current_dir(&dir.0)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    cg.add(child.id());
+    let img = checkpoint(&agent, &cg, &dir);
+    let old = child.id();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let into = Cgroup::new(false);
+    let report = restore(&img, &into, &[]);
+    let np = new_pid(&report, old);
+    assert_eq!(
+        std::fs::read(format!("/proc/{np}/cmdline")).unwrap(),
+        b"sleep\x00600\x00"
+    );
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{np}/cwd")).unwrap(),
+        dir.0
+    );
 }
