@@ -129,6 +129,9 @@ fn fds_offsets_flags_sharing_and_every_lock_kind_come_back() {
     let mut r = RemoteLocker::connect(&sock);
     r.cmd(&format!("adopt a {fa}"));
     assert_eq!(ppid(nc), np, "the child is the restored parent's child");
+    // SAFETY: plain syscalls.
+    let (gp, gc) = unsafe { (libc::getpgid(np as i32), libc::getpgid(nc as i32)) };
+    assert_eq!(gp, gc, "one process group for the restored tree");
     let mut got = cgroup_pids(&into);
     got.sort_unstable();
     let mut want = vec![np, nc];

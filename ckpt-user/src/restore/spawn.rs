@@ -105,7 +105,7 @@ pub fn spawn(setup: &Setup, cancel: &AtomicBool, timeout: Duration) -> Result<Tr
         // SAFETY: ckpt-user restore is single-threaded; the child never returns.
         match unsafe { libc::fork() } {
             -1 => bail!("fork: {}", std::io::Error::last_os_error()),
-            0 => helper(setup, &ctl, root, pgid),
+            0 => helper(setup, &ctl, root, Some(pgid)),
             pid => {
                 if pgid == 0 {
                     pgid = pid;
@@ -249,14 +249,17 @@ fn os_err(what: impl std::fmt::Display) -> anyhow::Error {
 }
 
 /// A helper process: becomes process `idx` of the plan, then its program.
-fn helper(setup: &Setup, ctl: &Control, idx: usize, pgid: i32) -> ! {
+/// `group`: for a root, the process group to join (0: start it); children inherit it.
+fn helper(setup: &Setup, ctl: &Control, idx: usize, group: Option<i32>) -> ! {
     // SAFETY: our own process; the orchestrator's ends of the pipes are not ours.
     unsafe {
         libc::close(ctl.status_r.as_raw_fd());
         libc::close(ctl.release_w.as_raw_fd());
         libc::signal(libc::SIGINT, libc::SIG_DFL);
         libc::signal(libc::SIGTERM, libc::SIG_DFL);
-        libc::setpgid(0, pgid);
+        if let Some(pgid) = group {
+            libc::setpgid(0, pgid);
+        }
     }
     // Our control fds move above every fd number this process will use.
     let base = fd_base(setup, &setup.plan.procs[idx], ctl);
@@ -340,7 +343,7 @@ fn become_process(setup: &Setup, ctl: &Control, idx: usize, base: RawFd) -> Resu
         // SAFETY: we are single-threaded; the child never returns.
         match unsafe { libc::fork() } {
             -1 => return Err(os_err("fork")),
-            0 => helper(setup, ctl, child, 0),
+            0 => helper(setup, ctl, child, None),
             _ => {}
         }
     }
