@@ -707,9 +707,15 @@ fn killing_ckpt_user_mid_dump_thaws_the_cgroup() {
         wait_for(Duration::from_secs(5), "the watchdog to thaw", || {
             (!cg.frozen()).then_some(())
         });
-        wait_for(Duration::from_secs(5), "the temporary image to go", || {
-            only(&dir.0, &["x"]).is_empty().then_some(())
-        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !only(&dir.0, &["x"]).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "signal {sig}: still there after 5 s: {:?}",
+                only(&dir.0, &["x"])
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
         assert!(!img.exists());
         assert_eq!(
             p.cmd("pid"),
