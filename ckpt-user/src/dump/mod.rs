@@ -152,6 +152,14 @@ fn sha256_of(pid: u32, fd: i32) -> Result<String> {
 
 pub fn run(opts: &Options) -> Result<Report> {
     let t0 = Instant::now();
+    // SIGINT and SIGTERM stop a dump (the watchdog thaws and cleans up), even when
+    // they were inherited ignored, as a non-interactive shell's background jobs and
+    // some CI runners start their commands.
+    // SAFETY: setting dispositions before any threads exist.
+    unsafe {
+        libc::signal(libc::SIGINT, libc::SIG_DFL);
+        libc::signal(libc::SIGTERM, libc::SIG_DFL);
+    }
     crate::sys::raise_open_file_limit();
     let dir = cgroup::resolve(&opts.cgroup)?;
     if cgroup::pids(&dir)?.is_empty() {
