@@ -30,7 +30,7 @@ use crate::{
         KernelDev, LockType,
     },
     procinfo::{parse_fdinfo, FdInfo},
-    sys::pidfd,
+    sys::{fown, pidfd},
 };
 
 pub const O_CLOEXEC: u32 = 0o2000000;
@@ -133,8 +133,8 @@ pub fn scan(pid: u32) -> Result<Vec<FoundFd>> {
             size: md.size(),
             mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),
             ctime_ns: md.ctime() * 1_000_000_000 + md.ctime_nsec(),
-            owner: pidfd::owner(&dup),
-            sig: pidfd::signal(&dup),
+            owner: fown::owner(&dup),
+            sig: fown::signal(&dup),
             handle: pidfd::file_handle(&dup),
             kernel: None,
         });

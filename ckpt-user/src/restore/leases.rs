@@ -1,14 +1,13 @@
 //! Leases that were being broken, broken again so that the kernel revokes each at the
 //! instant the policy asks, counted from the release of the restored processes (see
-//! `schedule`). Also puts back every description's signal owner (F_SETOWN_EX) and
-//! break signal (F_SETSIG), which setting a lease overwrote.
+//! `schedule`).
 //!
 //! fs.lease-break-time is global: it is changed only for the instant of each break,
 //! restored right after, and concurrent restores take turns through a lock file that
 //! also remembers the value, so a restore killed in between is repaired by the next.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::BTreeMap,
     ffi::CString,
     fs::File,
     io::{Read as _, Seek as _, Write as _},
@@ -21,21 +20,19 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use serde::Serialize;
 
 use super::{
+    owners::Owners,
     plan::{lease_type_to_set, Plan},
     schedule::{plan_breaks, remaining_after_restore, LeaseTime},
 };
-use crate::image::format::{Image, LockType, OpenFile};
+use crate::{
+    image::format::{Image, LockType},
+    sys::fown,
+    view::live::monotonic_ns,
+};
 
 const SYSCTL: &str = "/proc/sys/fs/lease-break-time";
 const LOCK_DIR: &str = "/run/ckpt";
 const LOCK_FILE: &str = "/run/ckpt/lease-break-time.lock";
-
-pub fn mono_ns() -> u64 {
-    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
-    // SAFETY: plain syscall into a local.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
-}
 
 /// Sleeps until CLOCK_MONOTONIC reaches `at` (the last stretch spinning, for precision).
 pub fn sleep_until(at: u64, cancel: &AtomicBool) -> Result<()> {
@@ -43,7 +40,7 @@ pub fn sleep_until(at: u64, cancel: &AtomicBool) -> Result<()> {
         if cancel.load(Ordering::Relaxed) {
             bail!("interrupted; the restored processes were killed");
         }
-        let now = mono_ns();
+        let now = monotonic_ns();
         if now >= at {
             return Ok(());
         }
@@ -141,42 +138,6 @@ fn fcntl(fd: RawFd, cmd: i32, arg: libc::c_long) -> std::io::Result<i32> {
     Ok(r)
 }
 
-/// fcntl commands libc does not name.
-const F_SETSIG: i32 = 10;
-const F_SETOWN_EX: i32 = 15;
-
-#[repr(C)]
-struct OwnerEx {
-    kind: i32,
-    pid: i32,
-}
-
-fn set_owner(fd: RawFd, owner: Option<(i32, i32)>) -> std::io::Result<()> {
-    let ex = match owner {
-        Some((kind, pid)) => OwnerEx { kind, pid },
-        None => OwnerEx { kind: 1, pid: 0 },
-    };
-    // SAFETY: F_SETOWN_EX reads a struct f_owner_ex.
-    let r = unsafe { libc::fcntl(fd, F_SETOWN_EX, &ex as *const OwnerEx) };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// The description's recorded owner, with pids of restored processes translated.
-fn owner_now(f: &OpenFile, pids: &HashMap<u32, u32>, pgid: i32) -> Option<(i32, i32)> {
-    let (kind, pid) = f.owner?;
-    if pid == 0 {
-        return None;
-    }
-    match kind {
-        // A process group: the restored processes have one of their own.
-        2 => Some((2, pgid)),
-        _ => pids.get(&(pid as u32)).map(|&new| (kind, new as i32)),
-    }
-}
-
 /// Starts a break of the lease on `fd`'s file the way a conflicting open does (without
 /// opening anything: O_NONBLOCK makes the open fail once the break has started).
 fn start_break(fd: RawFd, target: Option<LockType>) -> Result<()> {
@@ -201,68 +162,43 @@ fn start_break(fd: RawFd, target: Option<LockType>) -> Result<()> {
 
 /// Puts owners and signals back, then breaks every lease that was breaking. Returns
 /// the release instant (CLOCK_MONOTONIC) the breaks were timed for, and the reports.
-#[allow(clippy::too_many_arguments)]
 pub fn restore(
     image: &Image,
     plan: &Plan,
     files: &BTreeMap<u32, OwnedFd>,
-    pids: &HashMap<u32, u32>,
-    pgid: i32,
+    owners: &Owners,
     policy: LeaseTime,
     cancel: &AtomicBool,
     warnings: &mut Vec<String>,
 ) -> Result<(u64, Vec<LeaseReport>)> {
-    for &file in plan.files.keys() {
-        let f = &image.files[file as usize];
-        let fd = files[&file].as_raw_fd();
-        if f.sig != 0 {
-            fcntl(fd, F_SETSIG, f.sig as libc::c_long)
-                .with_context(|| format!("F_SETSIG on {}", f.path))?;
-        }
-        let owner = owner_now(f, pids, pgid);
-        if f.owner.is_some_and(|(_, pid)| pid != 0) && owner.is_none() {
-            warnings.push(format!(
-                "{}: its signal owner {:?} was not restored; it has none now",
-                f.path, f.owner
-            ));
-        }
-        let has_lease = image.leases.iter().any(|l| l.file == file);
-        if owner.is_some() || has_lease {
-            set_owner(fd, owner).with_context(|| format!("F_SETOWN_EX on {}", f.path))?;
+    // Each lease was set by its taker (see `plan`).
+    let mut taker = vec![0; image.leases.len()];
+    for p in &plan.procs {
+        for op in &p.leases {
+            taker[op.lease] = owners.pids.get(&p.old_pid).copied().unwrap_or(0);
         }
     }
-
     let mut reports: Vec<LeaseReport> = image
         .leases
         .iter()
-        .map(|l| {
-            let f = &image.files[l.file as usize];
-            LeaseReport {
-                path: f.path.clone(),
-                pid: pids.get(&l.pid).copied().unwrap_or(0),
-                lease_type: lease_type_to_set(l),
-                breaking: l.breaking,
-                target_type: l.target_type.filter(|_| l.breaking),
-                remaining_ns: None,
-                deadline_monotonic_ns: None,
-                lease_break_time_s: None,
-            }
+        .zip(&taker)
+        .map(|(l, &pid)| LeaseReport {
+            path: image.files[l.file as usize].path.clone(),
+            pid,
+            lease_type: lease_type_to_set(l),
+            breaking: l.breaking,
+            target_type: l.target_type.filter(|_| l.breaking),
+            remaining_ns: None,
+            deadline_monotonic_ns: None,
+            lease_break_time_s: None,
         })
         .collect();
-    // Fix the report's pid: the lease was set by its taker.
-    for p in &plan.procs {
-        for op in &p.leases {
-            if let Some(&new) = pids.get(&p.old_pid) {
-                reports[op.lease].pid = new;
-            }
-        }
-    }
 
     let breaking: Vec<usize> = (0..image.leases.len())
         .filter(|&i| image.leases[i].breaking)
         .collect();
     if breaking.is_empty() {
-        return Ok((mono_ns(), reports));
+        return Ok((monotonic_ns(), reports));
     }
     let current = current_break_time()?;
     let mut remaining = Vec::new();
@@ -281,10 +217,9 @@ pub fn restore(
         if !l.notified {
             return f();
         }
-        let file = &image.files[l.file as usize];
-        set_owner(fd_of(i), None)?;
+        fown::set_owner(fd_of(i), None)?;
         let r = f();
-        set_owner(fd_of(i), owner_now(file, pids, pgid))?;
+        fown::set_owner(fd_of(i), owners.of(&image.files[l.file as usize]))?;
         r
     };
     let describe = |i: usize, e: anyhow::Error| {
@@ -321,17 +256,18 @@ pub fn restore(
     } else {
         Some(Sysctl::acquire(warnings)?)
     };
-    let mut go = mono_ns() + 20_000_000 + breaks.first().map_or(0, |b| b.lead.as_nanos() as u64);
+    let mut go =
+        monotonic_ns() + 20_000_000 + breaks.first().map_or(0, |b| b.lead.as_nanos() as u64);
     for (n, b) in breaks.iter().enumerate() {
-        let (i, r) = remaining[remaining.iter().position(|(i, _)| *i == b.index).unwrap()];
+        let (i, r) = (b.index, b.remaining);
         sleep_until(go.saturating_sub(b.lead.as_nanos() as u64), cancel)?;
         if let Some(s) = &sysctl {
             s.set(b.sysctl_s)?;
         }
-        let t0 = mono_ns();
+        let t0 = monotonic_ns();
         quiet(i, &|| start_break(fd_of(i), image.leases[i].target_type))
             .map_err(|e| describe(i, e))?;
-        let t1 = mono_ns();
+        let t1 = monotonic_ns();
         let broke = t0 + (t1 - t0) / 2;
         let deadline = broke + u64::from(b.sysctl_s) * 1_000_000_000 + tick.as_nanos() as u64 / 2;
         if n == 0 {

@@ -9,7 +9,7 @@
 //!    opened once, with its holder's credentials; the recreated files are unlinked.
 //! 4. `spawn`: the process tree is forked; each process takes its fds, credentials,
 //!    locks and leases, and waits.
-//! 5. `leases`: leases that were being broken are broken again on a schedule, so that
+//! 5. `owners`: signal owners and signals set again; `leases`: leases that were being broken are broken again on a schedule, so that
 //!    each is revoked when the policy says, counted from the release.
 //! 6. Release: every process executes its program at the same instant.
 //!
@@ -20,6 +20,7 @@ pub mod creds;
 pub mod ghost;
 pub mod leases;
 pub mod open;
+pub mod owners;
 pub mod plan;
 pub mod schedule;
 pub mod spawn;
@@ -57,7 +58,7 @@ pub struct Options {
 pub struct RestoredProcess {
     pub old_pid: u32,
     pub pid: u32,
-    pub ppid_old: u32,
+    pub old_ppid: u32,
     pub command: Vec<String>,
 }
 
@@ -171,12 +172,16 @@ pub fn run(opts: &Options) -> Result<Report> {
         .zip(&tree.pids)
         .map(|(p, &new)| (p.old_pid, new))
         .collect();
+    let owners = owners::Owners {
+        pids: &pids,
+        pgid: tree.pgid,
+    };
+    warnings.extend(owners.restore(image, &plan, &files)?);
     let (released, lease_reports) = leases::restore(
         image,
         &plan,
         &files,
-        &pids,
-        tree.pgid,
+        &owners,
         opts.lease_time,
         &CANCEL,
         &mut warnings,
@@ -194,7 +199,7 @@ pub fn run(opts: &Options) -> Result<Report> {
             .map(|p| RestoredProcess {
                 old_pid: p.old_pid,
                 pid: pids[&p.old_pid],
-                ppid_old: ppid_of[&p.old_pid],
+                old_ppid: ppid_of[&p.old_pid],
                 command: p.exec.argv(),
             })
             .collect(),

@@ -1,6 +1,6 @@
 //! Syscalls for looking into another process's open files without disturbing them:
 //! pidfd_getfd (a dup sharing the description, no open(), so no lease break), kcmp
-//! (do two fds share one description?), file handles, F_GETOWN_EX/F_GETSIG.
+//! (do two fds share one description?), file handles.
 
 use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd, RawFd};
 
@@ -78,27 +78,4 @@ pub fn file_handle(fd: &OwnedFd) -> Option<(i32, Vec<u8>)> {
         )
     };
     (r == 0).then(|| (h.kind, h.data[..h.bytes as usize].to_vec()))
-}
-
-/// F_GETOWN_EX: (type, pid), None when no owner is set.
-pub fn owner(fd: &OwnedFd) -> Option<(i32, i32)> {
-    const F_GETOWN_EX: libc::c_int = 16;
-    #[repr(C)]
-    struct OwnerEx {
-        kind: libc::c_int,
-        pid: libc::pid_t,
-    }
-    let mut o = OwnerEx { kind: 0, pid: 0 };
-    // SAFETY: plain fcntl into a local of the kernel's struct f_owner_ex layout.
-    let r = unsafe { libc::fcntl(fd.as_raw_fd(), F_GETOWN_EX, &mut o) };
-    (r == 0 && o.pid != 0).then_some((o.kind, o.pid))
-}
-
-/// F_GETSIG (0: SIGIO).
-pub fn signal(fd: &OwnedFd) -> i32 {
-    // SAFETY: plain fcntl.
-    unsafe {
-        libc::fcntl(fd.as_raw_fd(), 11 /* F_GETSIG */)
-    }
-    .max(0)
 }
