@@ -120,7 +120,6 @@ pub enum Source {
 pub struct FilePlan {
     pub file: u32,
     pub source: Source,
-    pub kind: FileKind,
     /// Index into `procs` of the process whose credentials open it (its first holder).
     pub opener: usize,
 }
@@ -300,31 +299,32 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
             let FdSource::File(file) = fd.source else {
                 continue;
             };
+            if plan.files.contains_key(&file) {
+                continue;
+            }
             let f = &image.files[file as usize];
-            plan.files.entry(file).or_insert_with(|| FilePlan {
+            let source = if f.deleted {
+                let Some(g) = image
+                    .ghosts
+                    .iter()
+                    .position(|g| g.dev == f.dev && g.ino == f.ino)
+                else {
+                    bail!(
+                        "image is corrupt: deleted file {} has no saved contents",
+                        f.path
+                    );
+                };
+                Source::Ghost(g)
+            } else {
+                Source::Path(f.path.clone())
+            };
+            plan.files.insert(
                 file,
-                source: if f.deleted {
-                    match image
-                        .ghosts
-                        .iter()
-                        .position(|g| g.dev == f.dev && g.ino == f.ino)
-                    {
-                        Some(g) => Source::Ghost(g),
-                        None => Source::Path(String::new()),
-                    }
-                } else {
-                    Source::Path(f.path.clone())
+                FilePlan {
+                    file,
+                    source,
+                    opener: i,
                 },
-                kind: f.kind,
-                opener: i,
-            });
-        }
-    }
-    for fp in plan.files.values() {
-        if fp.source == Source::Path(String::new()) {
-            bail!(
-                "image is corrupt: deleted file {} has no saved contents",
-                image.files[fp.file as usize].path
             );
         }
     }

@@ -90,8 +90,10 @@ pub fn remaining_after_restore(
 /// release instant to do it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Break {
-    /// Index into the caller's list.
+    /// The index the caller gave.
     pub index: usize,
+    /// Time from the release to the kernel's deadline.
+    pub remaining: Duration,
     pub sysctl_s: u32,
     pub lead: Duration,
 }
@@ -108,6 +110,7 @@ pub fn plan_breaks(remaining: &[(usize, Duration)], tick: Duration) -> Vec<Break
             let lead = Duration::from_secs(s) + tick / 2;
             Break {
                 index,
+                remaining: r,
                 sysctl_s: s.min(u64::from(u32::MAX)) as u32,
                 lead: lead.saturating_sub(r),
             }
@@ -190,16 +193,19 @@ mod tests {
             vec![
                 Break {
                     index: 3,
+                    remaining: Duration::from_millis(100),
                     sysctl_s: 1,
                     lead: Duration::from_millis(902)
                 },
                 Break {
                     index: 0,
+                    remaining: Duration::from_millis(2600),
                     sysctl_s: 3,
                     lead: Duration::from_millis(402)
                 },
                 Break {
                     index: 1,
+                    remaining: Duration::from_millis(3000),
                     sysctl_s: 3,
                     lead: Duration::from_millis(2)
                 },
@@ -207,7 +213,7 @@ mod tests {
         );
         // The kernel deadline lands `r` after the release: t + s + tick/2 = go + r.
         for x in &b {
-            let r = [2600u64, 3000, 0, 100][x.index];
+            let r = x.remaining.as_millis() as u64;
             let go_minus_break = x.lead.as_millis() as u64;
             assert_eq!(x.sysctl_s as u64 * 1000 + 2 - go_minus_break, r);
         }
