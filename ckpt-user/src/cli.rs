@@ -331,6 +331,7 @@ pub fn run_user(args: UserArgs) -> Result<()> {
                 skip_unsupported,
                 keep_cloexec,
                 cgroup,
+                pins,
             })?;
             for w in &report.warnings {
                 eprintln!("ckpt-user: warning: {w}");

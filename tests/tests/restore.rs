@@ -398,10 +398,17 @@ enum Break {
 
 /// The seed scenario: P1 holds a lease, P2's open blocks on it; the checkpoint is made
 /// when about 3 s of a 5 s lease-break-time remain; both are killed and restored.
+/// With `tracer`, the agent keeps running through the restore, which reads the kernel's
+/// deadlines back from it; without, the restore times its breaks itself.
 /// Returns (planned remaining from the report, measured revocation after the release,
 /// the image's remaining time), all in ms.
-fn lease_scenario(how: Break, policy: &str, breaker_in_image: bool) -> (f64, f64, f64) {
-    let agent = Agent::start();
+fn lease_scenario(
+    how: Break,
+    policy: &str,
+    breaker_in_image: bool,
+    tracer: bool,
+) -> (f64, f64, f64) {
+    let mut agent = Some(Agent::start());
     let dir = Scratch::new();
     let cg = Cgroup::new(false);
     let other = Cgroup::new(false);
@@ -429,7 +436,7 @@ fn lease_scenario(how: Break, policy: &str, breaker_in_image: bool) -> (f64, f64
             .then_some(())
     });
     std::thread::sleep(Duration::from_secs(2));
-    let img = checkpoint(&agent, &cg, &dir);
+    let img = checkpoint(agent.as_ref().unwrap(), &cg, &dir);
     let old_h = h.pid();
     let old_b = b.pid();
     drop((h, b));
@@ -450,7 +457,20 @@ fn lease_scenario(how: Break, policy: &str, breaker_in_image: bool) -> (f64, f64
     if breaker_in_image {
         args.extend(["--exec-cmd", &exec_b]);
     }
+    if !tracer {
+        agent = None;
+    }
+    let pins = agent.as_ref().map(|a| a.pin_dir.display().to_string());
+    if let Some(p) = &pins {
+        args.extend(["--pin-dir", p]);
+    }
     let report = restore(&img, &into, &args);
+    if let Some(l) = report["leases"].as_array().unwrap().first() {
+        if l["deadline_monotonic_ns"].is_u64() {
+            let want = if tracer { "tracer" } else { "syscall-timing" };
+            assert_eq!(l["deadline_source"], want, "{report}");
+        }
+    }
     let released = report["released_monotonic_ns"].as_u64().unwrap();
     // Already revoked when the restore returns (what `breaker` promises)?
     let ino = std::fs::metadata(&f).unwrap().ino();
@@ -484,7 +504,10 @@ fn lease_scenario(how: Break, policy: &str, breaker_in_image: bool) -> (f64, f64
     };
     // Held to here: tests that change the sysctl take turns through this guard.
     drop(sysctl);
-    eprintln!("lease {policy}: image {in_image:.1} ms left, planned {planned:.1} ms, revoked after {measured:.1} ms");
+    eprintln!(
+        "lease {policy}: image {in_image:.1} ms left, planned {planned:.1} ms, revoked after {measured:.1} ms (deadline from {})",
+        report["leases"][0]["deadline_source"]
+    );
     (planned, measured, in_image)
 }
 
@@ -499,7 +522,7 @@ fn a_breaking_lease_is_revoked_exactly_when_it_had_left() {
         Break::ReadByWriter,
         Break::WriteByReader,
     ] {
-        let (planned, measured, in_image) = lease_scenario(how, "exact", true);
+        let (planned, measured, in_image) = lease_scenario(how, "exact", true, true);
         assert!(
             (planned - in_image).abs() < 1.0,
             "planned {planned} ms, image {in_image} ms"
@@ -514,15 +537,16 @@ fn a_breaking_lease_is_revoked_exactly_when_it_had_left() {
 #[test]
 fn lease_time_policies_holder_and_breaker() {
     require_root();
-    let (_, measured, _) = lease_scenario(Break::WriteByWriter, "holder", true);
+    let (_, measured, _) = lease_scenario(Break::WriteByWriter, "holder", true, true);
     assert!(
         (measured - 5000.0).abs() <= TOLERANCE_MS,
         "holder: revoked after {measured:.1} ms"
     );
-    let (_, measured, _) = lease_scenario(Break::WriteByWriter, "breaker", true);
+    let (_, measured, _) = lease_scenario(Break::WriteByWriter, "breaker", true, true);
     // 0.0: already revoked when the restore returned.
     assert!(measured == 0.0, "breaker: revoked after {measured:.1} ms");
-    let (_, measured, in_image) = lease_scenario(Break::WriteByWriter, "+1", true);
+    // Without the agent: the restore times the break itself.
+    let (_, measured, in_image) = lease_scenario(Break::WriteByWriter, "+1", true, false);
     assert!(
         (measured - in_image - 1000.0).abs() <= TOLERANCE_MS,
         "+1: revoked after {measured:.1} ms, image had {in_image:.1}"
@@ -532,7 +556,7 @@ fn lease_time_policies_holder_and_breaker() {
 #[test]
 fn a_lease_broken_from_outside_completes_on_time_with_only_its_holder_restored() {
     require_root();
-    let (_, measured, in_image) = lease_scenario(Break::WriteByWriter, "exact", false);
+    let (_, measured, in_image) = lease_scenario(Break::WriteByWriter, "exact", false, true);
     assert!(
         (measured - in_image).abs() <= TOLERANCE_MS,
         "revoked {measured:.1} ms after the release, {in_image:.1} ms expected"

@@ -20,13 +20,14 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use serde::Serialize;
 
 use super::{
+    kernel_deadline::{SeenBreak, Tracer},
     owners::Owners,
     plan::{lease_type_to_set, Plan},
     schedule::{plan_breaks, remaining_after_restore, LeaseTime},
 };
 use crate::{
     image::format::{Image, LockType},
-    sys::fown,
+    sys::{fown, realtime::Fifo},
     view::live::monotonic_ns,
 };
 
@@ -125,6 +126,8 @@ pub struct LeaseReport {
     pub remaining_ns: Option<u64>,
     /// While breaking: CLOCK_MONOTONIC of the deadline, from the break's own timing.
     pub deadline_monotonic_ns: Option<u64>,
+    /// While breaking: how `deadline_monotonic_ns` was learnt.
+    pub deadline_source: Option<DeadlineSource>,
     /// The fs.lease-break-time the break was made with.
     pub lease_break_time_s: Option<u32>,
 }
@@ -160,14 +163,98 @@ fn start_break(fd: RawFd, target: Option<LockType>) -> Result<()> {
     Ok(())
 }
 
-/// Puts owners and signals back, then breaks every lease that was breaking. Returns
-/// the release instant (CLOCK_MONOTONIC) the breaks were timed for, and the reports.
+/// How long the tracer may take to show a break (it is sub-millisecond when idle); the
+/// first break leaves `schedule::SLACK` for it before the release.
+const TRACER_WAIT: Duration = Duration::from_millis(40);
+
+/// A release this much after its planned instant is reported.
+const LATE_NS: u64 = 2_000_000;
+
+/// A break timed from outside: the clock before and after the syscall.
+struct Timed {
+    before: u64,
+    after: u64,
+    sysctl_s: u32,
+    tick: Duration,
+}
+
+/// Where a lease's deadline came from, for the report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeadlineSource {
+    /// The kernel's deadline, read back through ckpt-agent.
+    Tracer,
+    /// The middle of the breaking syscall plus the sysctl.
+    SyscallTiming,
+}
+
+/// The CLOCK_MONOTONIC instant the kernel will revoke a lease just broken: the
+/// tracer's reading when there is one, else the middle of the syscall. Both carry the
+/// half tick by which the kernel is late on average (it revokes at the tick after).
+fn deadline_of(
+    path: &str,
+    timed: Timed,
+    seen: Option<Result<SeenBreak>>,
+    warnings: &mut Vec<String>,
+) -> (u64, DeadlineSource) {
+    let half_tick = timed.tick.as_nanos() as u64 / 2;
+    let window = timed.after - timed.before;
+    let from_timing =
+        timed.before + window / 2 + u64::from(timed.sysctl_s) * 1_000_000_000 + half_tick;
+    match seen {
+        Some(Ok(seen)) => {
+            if seen.started_ns < timed.before {
+                warnings.push(format!(
+                    "lease on {path}: already being broken (by pids {:?}) before the restore broke it; the kernel keeps that break's deadline",
+                    seen.breakers
+                ));
+            }
+            (seen.deadline_ns + half_tick, DeadlineSource::Tracer)
+        }
+        Some(Err(e)) => {
+            warnings.push(format!(
+                "lease on {path}: {e:#}; its deadline is timed from the syscall ({:.1} ms long)",
+                window as f64 / 1e6
+            ));
+            (from_timing, DeadlineSource::SyscallTiming)
+        }
+        None => {
+            if window > LATE_NS {
+                warnings.push(format!(
+                    "lease on {path}: breaking it took {:.1} ms, so its deadline may be off by up to half that (ckpt-agent, when running, reads the kernel's own)",
+                    window as f64 / 1e6
+                ));
+            }
+            (from_timing, DeadlineSource::SyscallTiming)
+        }
+    }
+}
+
+fn ino_of(fd: RawFd) -> Result<u64> {
+    // SAFETY: fstat on our own fd into a zeroed struct.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd, &mut st) } < 0 {
+        bail!("fstat: {}", std::io::Error::last_os_error());
+    }
+    Ok(st.st_ino)
+}
+
+/// How the restored deadlines are chosen, and how the kernel's are learnt.
+pub struct Deadlines<'a> {
+    pub policy: LeaseTime,
+    /// ckpt-agent, when it runs.
+    pub tracer: Option<&'a Tracer>,
+}
+
+/// Breaks every lease that was breaking (the owners are in place, so the break signal
+/// goes where it went before). Returns the release instant (CLOCK_MONOTONIC) the breaks
+/// were timed for, and the reports.
 pub fn restore(
     image: &Image,
     plan: &Plan,
     files: &BTreeMap<u32, OwnedFd>,
     owners: &Owners,
-    policy: LeaseTime,
+    Deadlines { policy, tracer }: Deadlines,
     cancel: &AtomicBool,
     warnings: &mut Vec<String>,
 ) -> Result<(u64, Vec<LeaseReport>)> {
@@ -190,6 +277,7 @@ pub fn restore(
             target_type: l.target_type.filter(|_| l.breaking),
             remaining_ns: None,
             deadline_monotonic_ns: None,
+            deadline_source: None,
             lease_break_time_s: None,
         })
         .collect();
@@ -256,6 +344,8 @@ pub fn restore(
     } else {
         Some(Sysctl::acquire(warnings)?)
     };
+    // No ordinary task gets between a clock reading and the break it times.
+    let fifo = (!breaks.is_empty()).then(Fifo::enter).flatten();
     let mut go =
         monotonic_ns() + 20_000_000 + breaks.first().map_or(0, |b| b.lead.as_nanos() as u64);
     for (n, b) in breaks.iter().enumerate() {
@@ -268,18 +358,38 @@ pub fn restore(
         quiet(i, &|| start_break(fd_of(i), image.leases[i].target_type))
             .map_err(|e| describe(i, e))?;
         let t1 = monotonic_ns();
-        let broke = t0 + (t1 - t0) / 2;
-        let deadline = broke + u64::from(b.sysctl_s) * 1_000_000_000 + tick.as_nanos() as u64 / 2;
+        let (deadline, source) = deadline_of(
+            &image.files[image.leases[i].file as usize].path,
+            Timed {
+                before: t0,
+                after: t1,
+                sysctl_s: b.sysctl_s,
+                tick,
+            },
+            tracer.map(|t| -> Result<SeenBreak> {
+                t.seen_break(ino_of(fd_of(i))?, taker[i], TRACER_WAIT)
+            }),
+            warnings,
+        );
         if n == 0 {
             // The first break fixes the release instant; the others aim at it.
             go = deadline - r.as_nanos() as u64;
         }
         reports[i].remaining_ns = Some(deadline.saturating_sub(go));
         reports[i].deadline_monotonic_ns = Some(deadline);
+        reports[i].deadline_source = Some(source);
         reports[i].lease_break_time_s = Some(b.sysctl_s);
     }
     drop(sysctl);
     sleep_until(go, cancel)?;
+    drop(fifo);
+    let late = monotonic_ns().saturating_sub(go);
+    if !breaks.is_empty() && late > LATE_NS {
+        warnings.push(format!(
+            "the processes were released {:.1} ms after the instant the lease deadlines count from",
+            late as f64 / 1e6
+        ));
+    }
     let gone =
         |i: usize| now_ones.contains(&i) && image.leases[i].target_type != Some(LockType::Read);
     let reports = reports
@@ -289,4 +399,65 @@ pub fn restore(
         .map(|(_, r)| r)
         .collect();
     Ok((go, reports))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TICK: Duration = Duration::from_millis(4);
+
+    fn timed(before: u64, after: u64) -> Timed {
+        Timed {
+            before,
+            after,
+            sysctl_s: 3,
+            tick: TICK,
+        }
+    }
+
+    #[test]
+    fn the_tracer_beats_a_long_syscall() {
+        let mut w = Vec::new();
+        // Preempted for 1.6 s inside the call; the kernel broke it at its start.
+        let seen = SeenBreak {
+            deadline_ns: 3_000_000_000 + 1_000,
+            started_ns: 1_000,
+            breakers: vec![],
+        };
+        let (d, src) = deadline_of("f", timed(1_000, 1_600_001_000), Some(Ok(seen)), &mut w);
+        assert_eq!((d, src), (3_002_001_000, DeadlineSource::Tracer));
+        assert!(w.is_empty(), "{w:?}");
+        // Without it, the middle of the call, and a warning that says so.
+        let (d, src) = deadline_of("f", timed(1_000, 1_600_001_000), None, &mut w);
+        assert_eq!((d, src), (3_802_001_000, DeadlineSource::SyscallTiming));
+        assert!(w[0].contains("took 1600.0 ms"), "{w:?}");
+    }
+
+    #[test]
+    fn a_quick_syscall_needs_no_warning_and_a_foreign_break_gets_one() {
+        let mut w = Vec::new();
+        let (d, _) = deadline_of("f", timed(1_000, 21_000), None, &mut w);
+        assert_eq!(d, 11_000 + 3_000_000_000 + 2_000_000);
+        assert!(w.is_empty());
+        let seen = SeenBreak {
+            deadline_ns: 2_500_000_000,
+            started_ns: 500,
+            breakers: vec![42],
+        };
+        let (d, _) = deadline_of("f", timed(1_000, 21_000), Some(Ok(seen)), &mut w);
+        assert_eq!(d, 2_502_000_000);
+        assert!(
+            w[0].contains("already being broken (by pids [42])"),
+            "{w:?}"
+        );
+        let (_, src) = deadline_of(
+            "f",
+            timed(1_000, 21_000),
+            Some(Err(anyhow!("slow"))),
+            &mut w,
+        );
+        assert_eq!(src, DeadlineSource::SyscallTiming);
+        assert!(w[1].starts_with("lease on f: slow;"), "{w:?}");
+    }
 }

@@ -18,6 +18,7 @@
 
 pub mod creds;
 pub mod ghost;
+pub mod kernel_deadline;
 pub mod leases;
 pub mod open;
 pub mod owners;
@@ -36,7 +37,7 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 
-use crate::{cgroup, image::reader::ImageReader};
+use crate::{cgroup, image::reader::ImageReader, tracer::pins::PinDir};
 use leases::LeaseReport;
 use plan::{PlanOptions, Source};
 use schedule::LeaseTime;
@@ -52,6 +53,9 @@ pub struct Options {
     pub keep_cloexec: bool,
     /// A cgroup to put the restored processes in.
     pub cgroup: Option<String>,
+    /// Where ckpt-agent pinned its maps: when it runs, lease deadlines are read back
+    /// from the kernel (`kernel_deadline`).
+    pub pins: PinDir,
 }
 
 #[derive(Debug, Serialize)]
@@ -177,12 +181,16 @@ pub fn run(opts: &Options) -> Result<Report> {
         pgid: tree.pgid,
     };
     warnings.extend(owners.restore(image, &plan, &files)?);
+    let tracer = kernel_deadline::Tracer::open(&opts.pins);
     let (released, lease_reports) = leases::restore(
         image,
         &plan,
         &files,
         &owners,
-        opts.lease_time,
+        leases::Deadlines {
+            policy: opts.lease_time,
+            tracer: tracer.as_ref(),
+        },
         &CANCEL,
         &mut warnings,
     )?;

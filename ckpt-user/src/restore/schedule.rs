@@ -4,9 +4,9 @@
 //! A break started at `t` with the sysctl at `s` seconds gets the kernel deadline
 //! `t + s` (in jiffies; the lease goes at the first tick after it, half a tick late on
 //! average). To have it revoked `r` after the release instant `go`, it is broken at
-//! `go - (s - r) - tick/2` with `s = ceil(r)`: every break falls in the last second
-//! before `go`, and several leases are broken one after another, earliest first, each
-//! with its own sysctl value.
+//! `go - (s - r) - tick/2` with `s = ceil(r + SLACK)`: every break falls in the
+//! second before `go - SLACK`, and several leases are broken one after another,
+//! earliest first, each with its own sysctl value.
 
 use std::time::Duration;
 
@@ -98,6 +98,10 @@ pub struct Break {
     pub lead: Duration,
 }
 
+/// Every break is made at least this long before the release: time to read the
+/// kernel's deadline back (`kernel_deadline`) before the instant it fixes.
+pub const SLACK: Duration = Duration::from_millis(50);
+
 /// The breaks, earliest first. A lease to be revoked at once (`remaining` zero) is
 /// broken with the sysctl at 0 and timed out before the release; it is not scheduled
 /// here.
@@ -106,7 +110,7 @@ pub fn plan_breaks(remaining: &[(usize, Duration)], tick: Duration) -> Vec<Break
         .iter()
         .filter(|(_, r)| !r.is_zero())
         .map(|&(index, r)| {
-            let s = r.as_nanos().div_ceil(1_000_000_000) as u64;
+            let s = (r + SLACK).as_nanos().div_ceil(1_000_000_000) as u64;
             let lead = Duration::from_secs(s) + tick / 2;
             Break {
                 index,
@@ -191,6 +195,13 @@ mod tests {
         assert_eq!(
             b,
             vec![
+                // Whole seconds: a second more, for the slack.
+                Break {
+                    index: 1,
+                    remaining: Duration::from_millis(3000),
+                    sysctl_s: 4,
+                    lead: Duration::from_millis(1002)
+                },
                 Break {
                     index: 3,
                     remaining: Duration::from_millis(100),
@@ -203,12 +214,6 @@ mod tests {
                     sysctl_s: 3,
                     lead: Duration::from_millis(402)
                 },
-                Break {
-                    index: 1,
-                    remaining: Duration::from_millis(3000),
-                    sysctl_s: 3,
-                    lead: Duration::from_millis(2)
-                },
             ]
         );
         // The kernel deadline lands `r` after the release: t + s + tick/2 = go + r.
@@ -216,6 +221,7 @@ mod tests {
             let r = x.remaining.as_millis() as u64;
             let go_minus_break = x.lead.as_millis() as u64;
             assert_eq!(x.sysctl_s as u64 * 1000 + 2 - go_minus_break, r);
+            assert!(x.lead >= SLACK);
         }
     }
 }

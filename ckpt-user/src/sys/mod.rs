@@ -6,6 +6,7 @@ pub mod hz;
 pub mod map_batch;
 pub mod mounts;
 pub mod pidfd;
+pub mod realtime;
 
 /// Raises the soft limit on open files to the hard one: a dump holds an iterator link
 /// per process and borrows thousands of fds while learning inodes, and the usual

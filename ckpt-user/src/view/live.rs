@@ -140,6 +140,11 @@ impl LiveMaps {
         Ok(snap.seq == Some(self.stat(AgentStat::FlushSeq)?))
     }
 
+    /// The lease table alone (no consistency check: for one entry the caller waits for).
+    pub fn leases(&self) -> Result<Vec<(LeaseKey, LeaseRecord)>> {
+        map_batch::dump(self.leases.fd().as_fd())
+    }
+
     pub fn counter(&self, c: Counter) -> Result<u64> {
         Ok(self.counters.get(&(c as u32), 0)?.iter().sum())
     }
