@@ -185,7 +185,9 @@ pub struct SyscallCtx {
     pub lease_ino: u64,
     pub lease_owner: u64,
     pub lease_dev: u32,
-    pub _pad: u32,
+    /// 1 once this call recorded a blocked waiter in `WAITERS` (only then is there one
+    /// to remove at syscall exit).
+    pub waited: u32,
 }
 
 #[cfg(feature = "user")]

@@ -4,7 +4,10 @@ use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePoi
 use aya_log_ebpf::warn;
 use ckpt_common::{
     counters::Counter,
-    lock::{fl_flags, fl_type, EventSource, LockEvent, Waiter, FILE_LOCK_DEFERRED, NOT_OBSERVED},
+    lock::{
+        fl_flags, fl_type, EventSource, LockEvent, SyscallCtx, Waiter, FILE_LOCK_DEFERRED,
+        NOT_OBSERVED,
+    },
     offsets::LockTpOffsets,
 };
 
@@ -46,10 +49,13 @@ fn handle(ctx: &TracePointContext, off: &LockTpOffsets, source: EventSource) -> 
         return Ok(());
     }
     let (tgid, tid) = current_ids();
-    let fd = match SYSCALL_CTX.get_ptr(&tid) {
+    let sc = SYSCALL_CTX.get_ptr_mut(&tid);
+    let (fd, waited) = match sc {
         // SAFETY: value of our own map, plain data.
-        Some(p) => unsafe { (*p).fd },
-        None => -1,
+        Some(p) => unsafe { ((*p).fd, (*p).waited != 0) },
+        // Not inside a traced fcntl/flock (close, exit), or the call began before
+        // tracing did.
+        None => (-1, true),
     };
     let ino: u64 = read(ctx, off.i_ino)?;
     let dev: u32 = read(ctx, off.s_dev)?;
@@ -87,13 +93,29 @@ fn handle(ctx: &TracePointContext, off: &LockTpOffsets, source: EventSource) -> 
                 "WAITERS full: waiter tid {} on inode {} not recorded", tid, ino
             );
         }
+        // Syscall exit removes the waiter, whatever ends the wait: tell it there is one
+        // (a call that began before tracing did gets a context now).
+        match sc {
+            // SAFETY: value of our own map, plain data, this thread's own entry.
+            Some(p) => unsafe { (*p).waited = 1 },
+            None => {
+                let entry = SyscallCtx {
+                    fd: -1,
+                    waited: 1,
+                    ..Default::default()
+                };
+                if SYSCALL_CTX.insert(&tid, &entry, 0).is_err() {
+                    count(Counter::SyscallCtxFull);
+                }
+            }
+        }
         if source == EventSource::Posix {
             return Ok(());
         }
     }
 
     // Granted: this thread no longer waits.
-    if ret == 0 && flags & fl_flags::FL_SLEEP != 0 {
+    if ret == 0 && flags & fl_flags::FL_SLEEP != 0 && waited {
         let _ = WAITERS.remove(&tid);
     }
     let pid: u32 = read(ctx, off.pid)?;

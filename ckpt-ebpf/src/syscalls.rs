@@ -17,21 +17,28 @@ use crate::maps::{
 const F_DUPFD: u32 = 0;
 const F_DUPFD_CLOEXEC: u32 = 1030;
 
+/// The fcntl commands whose exit or whose lock events need the call's context: lock
+/// requests (F_SETLK/F_SETLKW, their 64-bit and OFD forms), F_SETLEASE, and the dups
+/// that make a deleted file's holder change. Every other command (most of what a
+/// program calls fcntl for) costs no map operation at all.
+#[inline(always)]
+fn traced_cmd(cmd: u32) -> bool {
+    matches!(
+        cmd,
+        6 | 7 | 13 | 14 | 37 | 38 | F_SETLEASE | F_DUPFD | F_DUPFD_CLOEXEC
+    )
+}
+
 fn read_u64(ctx: &TracePointContext, off: u32) -> u64 {
     // SAFETY: offsets come from this kernel's tracefs format file.
     unsafe { ctx.read_at::<u64>(off as usize) }.unwrap_or(0)
 }
 
-fn remember(ctx: &TracePointContext, fd_off: u32, cmd_arg: Option<(u32, u32)>) {
+fn remember(fd: u64, cmd: u32, arg: u64) {
     let (_, tid) = current_ids();
-    let fd = read_u64(ctx, fd_off);
-    let (cmd, arg) = match cmd_arg {
-        Some((c, a)) => (read_u64(ctx, c), read_u64(ctx, a)),
-        None => (0, 0),
-    };
     let entry = SyscallCtx {
         fd: fd as i32,
-        cmd: cmd as u32,
+        cmd,
         arg,
         ..Default::default()
     };
@@ -40,17 +47,22 @@ fn remember(ctx: &TracePointContext, fd_off: u32, cmd_arg: Option<(u32, u32)>) {
     }
 }
 
-fn forget() {
-    let (_, tid) = current_ids();
+/// Drops the call's context, and its waiter if it recorded one.
+fn forget(tid: u32, sc: &SyscallCtx) {
     let _ = SYSCALL_CTX.remove(&tid);
-    let _ = WAITERS.remove(&tid);
+    if sc.waited != 0 {
+        let _ = WAITERS.remove(&tid);
+    }
 }
 
 #[tracepoint]
 pub fn sys_enter_fcntl(ctx: TracePointContext) -> u32 {
     if ready() {
         let o = layout!(syscalls);
-        remember(&ctx, o.fcntl_fd, Some((o.fcntl_cmd, o.fcntl_arg)));
+        let cmd = read_u64(&ctx, o.fcntl_cmd) as u32;
+        if traced_cmd(cmd) {
+            remember(read_u64(&ctx, o.fcntl_fd), cmd, read_u64(&ctx, o.fcntl_arg));
+        }
     }
     0
 }
@@ -58,7 +70,7 @@ pub fn sys_enter_fcntl(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_enter_flock(ctx: TracePointContext) -> u32 {
     if ready() {
-        remember(&ctx, layout!(syscalls).flock_fd, None);
+        remember(read_u64(&ctx, layout!(syscalls).flock_fd), 0, 0);
     }
     0
 }
@@ -68,40 +80,42 @@ pub fn sys_enter_flock(ctx: TracePointContext) -> u32 {
 /// whether the kernel kept the change.
 #[tracepoint]
 pub fn sys_exit_fcntl(ctx: TracePointContext) -> u32 {
+    let (tgid, tid) = current_ids();
+    // No context: a command not traced, nothing to undo.
+    let Some(p) = SYSCALL_CTX.get_ptr(&tid) else {
+        return 0;
+    };
+    // SAFETY: value of our own map, plain data.
+    let sc = unsafe { *p };
     if ready() {
-        let (tgid, tid) = current_ids();
-        if let Some(p) = SYSCALL_CTX.get_ptr(&tid) {
-            // SAFETY: value of our own map, plain data.
-            let sc = unsafe { *p };
-            let ret = read_u64(&ctx, layout!(syscalls).fcntl_ret) as i64;
-            if (sc.cmd == F_DUPFD || sc.cmd == F_DUPFD_CLOEXEC) && ret >= 0 {
-                crate::deleted::holder_changed();
-            }
-            if sc.cmd == F_SETLEASE && ret == 0 && sc.lease_dev != 0 {
-                let what = if sc.arg as u8 == fl_type::F_UNLCK {
-                    LeaseWhat::Released
-                } else {
-                    LeaseWhat::Set
-                };
-                emit_lease(&LeaseEvent {
-                    tag: tag::LEASE,
-                    what: what as u32,
-                    ts_ns: now_ns(),
-                    jiffies: jiffies(),
-                    ino: sc.lease_ino,
-                    owner: sc.lease_owner,
-                    dev: sc.lease_dev,
-                    pid: tgid,
-                    tgid,
-                    tid,
-                    fd: sc.fd,
-                    lease_type: sc.arg as u8,
-                    ..Default::default()
-                });
-            }
+        let ret = read_u64(&ctx, layout!(syscalls).fcntl_ret) as i64;
+        if (sc.cmd == F_DUPFD || sc.cmd == F_DUPFD_CLOEXEC) && ret >= 0 {
+            crate::deleted::holder_changed();
+        }
+        if sc.cmd == F_SETLEASE && ret == 0 && sc.lease_dev != 0 {
+            let what = if sc.arg as u8 == fl_type::F_UNLCK {
+                LeaseWhat::Released
+            } else {
+                LeaseWhat::Set
+            };
+            emit_lease(&LeaseEvent {
+                tag: tag::LEASE,
+                what: what as u32,
+                ts_ns: now_ns(),
+                jiffies: jiffies(),
+                ino: sc.lease_ino,
+                owner: sc.lease_owner,
+                dev: sc.lease_dev,
+                pid: tgid,
+                tgid,
+                tid,
+                fd: sc.fd,
+                lease_type: sc.arg as u8,
+                ..Default::default()
+            });
         }
     }
-    forget();
+    forget(tid, &sc);
     0
 }
 
@@ -130,18 +144,23 @@ pub fn emit_lease_with(fill: impl FnOnce(&mut LeaseEvent)) {
 
 #[tracepoint]
 pub fn sys_exit_flock(_ctx: TracePointContext) -> u32 {
-    forget();
+    let (_, tid) = current_ids();
+    if let Some(p) = SYSCALL_CTX.get_ptr(&tid) {
+        // SAFETY: value of our own map, plain data.
+        forget(tid, &unsafe { *p });
+    }
     0
 }
 
 /// A thread killed while blocked may never reach syscall exit tracing; drop its state.
 #[tracepoint]
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
-    forget();
+    let (_, tid) = current_ids();
+    let _ = SYSCALL_CTX.remove(&tid);
+    let _ = WAITERS.remove(&tid);
     if ready() {
         crate::deleted::on_exit();
     }
-    let (_, tid) = current_ids();
     let _ = BREAK_CTX.remove(&tid);
     0
 }

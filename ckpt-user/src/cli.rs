@@ -239,10 +239,13 @@ pub fn run_user(args: UserArgs) -> Result<()> {
             let pids = pid_filter(cgroup.as_deref(), pid)?;
             let rows = match LiveMaps::open(&pins) {
                 Ok(live) => {
+                    // After the rows: reading them waits for the agent to apply every
+                    // event so far, and so to count what it could not store.
+                    let rows = from_agent(&live)?;
                     for (what, n) in live.losses()? {
                         eprintln!("ckpt-user: warning: {n} lost ({what}); the table may be incomplete (see ckpt-agent's log)");
                     }
-                    from_agent(&live)?
+                    rows
                 }
                 Err(why) => {
                     if let Unavailable::Maps(..) = why {

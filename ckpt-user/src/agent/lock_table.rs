@@ -180,12 +180,14 @@ impl LockTable {
             let mut after = OwnerLocks::default();
             for mut l in kernel {
                 l.owner = owner;
-                // Keep what the model knew about an unchanged range (its age).
+                // Keep what the model knew about an unchanged range (its age, its fd).
                 if let Some(b) = before
                     .iter()
                     .find(|b| b.start == l.start && b.end == l.end && b.lock_type == l.lock_type)
                 {
-                    l = *b;
+                    // The holder's pid is the kernel's: tasks sharing the description
+                    // may have re-taken it in an order the ring did not keep.
+                    l = HeldLock { pid: l.pid, ..*b };
                 }
                 after.insert(l);
             }

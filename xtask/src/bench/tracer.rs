@@ -1,6 +1,8 @@
-//! Tracer overhead: lock-heavy workloads with no tracer, with ckpt-agent attached, and
-//! with a bpftrace script on the same lock tracepoints doing a comparable map update.
-//! The three modes alternate within each run, so that the host's drift hits them alike.
+//! Tracer overhead: lock-heavy workloads with no tracer, with ckpt-agent attached, with
+//! a bpftrace script on the same lock tracepoints doing a comparable map update, and
+//! with empty bpftrace programs on every tracepoint ckpt attaches (the floor: what the
+//! tracepoints alone cost, whatever a program does). The modes alternate within each
+//! run, so that the host's drift hits them alike.
 
 use std::{
     fmt::Write as _,
@@ -22,9 +24,16 @@ enum Mode {
     None,
     Ckpt,
     Bpftrace,
+    Floor,
 }
 
-const MODES: [Mode; 3] = [Mode::None, Mode::Ckpt, Mode::Bpftrace];
+const MODES: [Mode; 4] = [Mode::None, Mode::Ckpt, Mode::Bpftrace, Mode::Floor];
+
+/// The bpftrace scripts of the two bpftrace modes.
+struct Scripts {
+    comparable: String,
+    floor: String,
+}
 
 /// (label, stress-ng stressor or "sqlite3")
 const WORKLOADS: &[(&str, &str)] = &[
@@ -125,6 +134,44 @@ fn bpftrace_script() -> Result<String> {
     ))
 }
 
+/// The tracepoints (category:name) ckpt-agent attaches here: its pinned links are
+/// named after its programs, which are named after their tracepoints.
+fn ckpt_tracepoints(ctx: &Ctx) -> Result<Vec<String>> {
+    let agent = start_agent(&ctx.bins, PIN_DIR)?;
+    let names: Vec<String> = std::fs::read_dir(format!("{PIN_DIR}/links"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    stop(agent);
+    let mut out = Vec::new();
+    for name in names {
+        let category = std::fs::read_dir("/sys/kernel/tracing/events")?
+            .flatten()
+            .find(|c| c.path().join(&name).is_dir());
+        // Iterator links (deleted-file scans) are not tracepoints.
+        if let Some(c) = category {
+            out.push(format!("{}:{name}", c.file_name().to_string_lossy()));
+        }
+    }
+    if out.len() < 10 {
+        bail!("found only {out:?} among ckpt-agent's links under {PIN_DIR}/links");
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Empty programs on `tracepoints`.
+fn floor_script(tracepoints: &[String]) -> String {
+    let probes: Vec<String> = tracepoints
+        .iter()
+        .map(|t| format!("tracepoint:{t}"))
+        .collect();
+    format!("{} {{ }}\n", probes.join(", "))
+}
+
 fn start_bpftrace(script: &str) -> Result<Child> {
     let log = std::env::temp_dir().join("ckpt-bench-bpftrace.log");
     let mut child = Command::new("bpftrace")
@@ -147,17 +194,18 @@ fn start_bpftrace(script: &str) -> Result<Child> {
     Ok(child)
 }
 
-fn start(mode: Mode, ctx: &Ctx, script: &str) -> Result<Option<Child>> {
+fn start(mode: Mode, ctx: &Ctx, scripts: &Scripts) -> Result<Option<Child>> {
     Ok(match mode {
         Mode::None => None,
         Mode::Ckpt => Some(start_agent(&ctx.bins, PIN_DIR)?),
-        Mode::Bpftrace => Some(start_bpftrace(script)?),
+        Mode::Bpftrace => Some(start_bpftrace(&scripts.comparable)?),
+        Mode::Floor => Some(start_bpftrace(&scripts.floor)?),
     })
 }
 
 fn halt(mode: Mode, child: Option<Child>) {
     match (mode, child) {
-        (Mode::Bpftrace, Some(mut c)) => {
+        (Mode::Bpftrace | Mode::Floor, Some(mut c)) => {
             // SIGINT: bpftrace prints its maps and exits.
             let _ = Command::new("kill")
                 .args(["-INT", &c.id().to_string()])
@@ -208,8 +256,8 @@ fn prog_stats(pid: u32) -> (u64, u64) {
 
 /// Nanoseconds of tracer CPU (programs plus its process) per program run, over one
 /// stress-ng --fcntl run.
-fn per_event_ns(mode: Mode, ctx: &Ctx, script: &str) -> Result<f64> {
-    let child = start(mode, ctx, script)?;
+fn per_event_ns(mode: Mode, ctx: &Ctx, scripts: &Scripts) -> Result<f64> {
+    let child = start(mode, ctx, scripts)?;
     let pid = child.as_ref().map(|c| c.id()).unwrap_or(0);
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
     let (p0, c0) = (prog_stats(pid), cpu_s(pid));
@@ -225,12 +273,16 @@ fn per_event_ns(mode: Mode, ctx: &Ctx, script: &str) -> Result<f64> {
 
 /// The tracer section's body.
 pub fn run(ctx: &Ctx) -> Result<String> {
-    let script = bpftrace_script()?;
+    let tracepoints = ckpt_tracepoints(ctx)?;
+    let scripts = Scripts {
+        comparable: bpftrace_script()?,
+        floor: floor_script(&tracepoints),
+    };
     // results[workload][mode]
     let mut results = vec![vec![Vec::new(); MODES.len()]; WORKLOADS.len()];
     for r in 0..ctx.runs {
         for (m, &mode) in MODES.iter().enumerate() {
-            let child = start(mode, ctx, &script)?;
+            let child = start(mode, ctx, &scripts)?;
             let measured = (|| -> Result<()> {
                 for (w, (_, what)) in WORKLOADS.iter().enumerate() {
                     results[w][m].push(workload(what)?);
@@ -243,28 +295,33 @@ pub fn run(ctx: &Ctx) -> Result<String> {
         println!("bench: tracer run {}/{}", r + 1, ctx.runs);
     }
     let mut table = String::from(
-        "| workload | no tracer | ckpt-agent | ckpt ÷ none | bpftrace | bpftrace ÷ none |\n|---|---|---|---|---|---|\n",
+        "| workload | no tracer | ckpt-agent | ckpt ÷ none | bpftrace | bpftrace ÷ none | empty programs (floor) | floor ÷ none |\n|---|---|---|---|---|---|---|---|\n",
     );
     for (w, (label, _)) in WORKLOADS.iter().enumerate() {
         let s: Vec<_> = results[w].iter().map(|v| stats(v.clone())).collect();
         let f = |s: &super::Stats| format!("{:.0} ({:.0}-{:.0})", s.median, s.min, s.max);
+        let ratio = |i: usize| 100.0 * s[i].median / s[0].median.max(1e-9);
         let row = format!(
-            "| {label} | {} | {} | {:.1}% | {} | {:.1}% |",
+            "| {label} | {} | {} | {:.1}% | {} | {:.1}% | {} | {:.1}% |",
             f(&s[0]),
             f(&s[1]),
-            100.0 * s[1].median / s[0].median.max(1e-9),
+            ratio(1),
             f(&s[2]),
-            100.0 * s[2].median / s[0].median.max(1e-9),
+            ratio(2),
+            f(&s[3]),
+            ratio(3),
         );
         println!("{row}");
         table.push_str(&row);
         table.push('\n');
     }
-    let ckpt_ns = per_event_ns(Mode::Ckpt, ctx, &script)?;
-    let bt_ns = per_event_ns(Mode::Bpftrace, ctx, &script)?;
+    let ckpt_ns = per_event_ns(Mode::Ckpt, ctx, &scripts)?;
+    let bt_ns = per_event_ns(Mode::Bpftrace, ctx, &scripts)?;
     Ok(format!(
-        "Throughput of lock-heavy workloads (higher is better) with no tracer, with ckpt-agent attached (all its programs: locks, leases, deleted-file triggers; the agent applying events), and with bpftrace ({}) on the same lock and lease tracepoints plus fcntl/flock entry and exit, updating a map per event. Each stress-ng figure is a {SECONDS} s run of two instances; sqlite3 inserts {SQLITE_TX} rows, one per transaction.\n\n{table}\nCost per tracepoint hit, during stress-ng --fcntl (programs' run time from kernel.bpf_stats_enabled, plus the tracer process's CPU time, divided by program runs): ckpt {ckpt_ns:.0} ns, bpftrace {bt_ns:.0} ns.\n",
-        output_version()
+        "Throughput of lock-heavy workloads (higher is better) with no tracer, with ckpt-agent attached (all its programs: locks, leases, deleted-file triggers; the agent applying events), and with bpftrace ({}) on the same lock and lease tracepoints plus fcntl/flock entry and exit, updating a map per event; and with empty bpftrace programs on the {} tracepoints ckpt-agent attaches ({}), which is the floor for any tracer that watches them. Each stress-ng figure is a {SECONDS} s run of two instances; sqlite3 inserts {SQLITE_TX} rows, one per transaction.\n\n{table}\nCost per tracepoint hit, during stress-ng --fcntl (programs' run time from kernel.bpf_stats_enabled, plus the tracer process's CPU time, divided by program runs): ckpt {ckpt_ns:.0} ns, bpftrace {bt_ns:.0} ns.\n",
+        output_version(),
+        tracepoints.len(),
+        tracepoints.join(", ")
     ))
 }
 
