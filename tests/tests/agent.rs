@@ -132,8 +132,14 @@ fn locks_taken_before_the_agent_started_are_reconciled_then_followed() {
     assert_agrees(&agent, Some(&ino));
 }
 
+/// stress-ng's processes come and go by the thousand: a /proc/locks reader that picks
+/// rows by pid does not run beside them (a flock or OFD lock is listed under the pid
+/// that took it, which may have exited and been reused).
+static STRESS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn without_an_agent_locks_falls_back_to_proc_and_says_so() {
+    let _alone = STRESS.lock().unwrap_or_else(|e| e.into_inner());
     let dir = Scratch::new();
     let f = dir.file("fallback");
     let mut a = Locker::spawn();
@@ -145,12 +151,10 @@ fn without_an_agent_locks_falls_back_to_proc_and_says_so() {
         stderr.contains("not running") && stderr.contains("/proc/locks"),
         "{stderr}"
     );
-    // Only this file: /proc/locks names a flock or OFD lock by the pid that took it,
-    // which may have exited and been reused by this locker (stress-ng runs alongside).
-    let rows: Vec<_> = rows.iter().filter(|r| r["path"] == f.as_str()).collect();
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert_eq!(rows[0]["source"], "proc");
     assert_eq!(rows[0]["pid"], a.pid());
+    assert_eq!(rows[0]["path"], f.as_str());
 }
 
 #[test]
@@ -180,6 +184,7 @@ fn a_full_lock_table_is_counted_logged_and_reported() {
 /// agent's table must equal /proc/locks exactly every time.
 #[test]
 fn agrees_with_proc_locks_under_stress_ng() {
+    let _alone = STRESS.lock().unwrap_or_else(|e| e.into_inner());
     let agent = Agent::start();
     let dir = Scratch::new();
     let mnt = dir.0.join("mnt");
