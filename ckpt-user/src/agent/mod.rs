@@ -189,8 +189,12 @@ pub async fn run(opts: Options) -> Result<()> {
         tokio::select! {
             guard = ring.readable_mut() => {
                 let mut guard = guard?;
-                drain(guard.get_inner_mut(), &mut state)?;
+                // Cleared before draining: the ring notifies only an event that finds
+                // the agent caught up, so a notification cleared after the last read
+                // would be lost until the half-second tick (seen under TCG: a restore
+                // waited 40 ms in vain for one event).
                 guard.clear_ready();
+                drain(guard.get_inner_mut(), &mut state)?;
             }
             guard = logger.readable_mut() => {
                 let mut guard = guard?;
