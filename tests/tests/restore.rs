@@ -52,6 +52,25 @@ fn sleep_instead(pid: u32) -> String {
 }
 
 /// Dumps `cg` into `dir`/img (the dump must succeed) and returns the image's path.
+/// What each test starts from: a running agent, a scratch directory, and the cgroup
+/// whose processes are checkpointed.
+struct Scene {
+    agent: Agent,
+    dir: Scratch,
+    cg: Cgroup,
+}
+
+impl Scene {
+    fn new() -> Scene {
+        require_root();
+        Scene {
+            agent: Agent::start(),
+            dir: Scratch::new(),
+            cg: Cgroup::new(false),
+        }
+    }
+}
+
 fn checkpoint(agent: &Agent, cg: &Cgroup, dir: &Scratch) -> String {
     let img = dir.file("img");
     let (code, _, err) = agent.dump(&cg.path, &img, &[]);
@@ -84,10 +103,7 @@ fn new_pid(report: &Value, old: u32) -> u32 {
 
 #[test]
 fn fds_offsets_flags_sharing_and_every_lock_kind_come_back() {
-    require_root();
-    let agent = Agent::start();
-    let dir = Scratch::new();
-    let cg = Cgroup::new(false);
+    let Scene { agent, dir, cg } = Scene::new();
     let (a, b, c) = (dir.file("a"), dir.file("b"), dir.file("c"));
     let mut p = cg.locker();
     let fa = fd_of(&p.cmd(&format!("open a {a}")));
@@ -237,10 +253,7 @@ fn fds_offsets_flags_sharing_and_every_lock_kind_come_back() {
 
 #[test]
 fn deleted_files_come_back_unlinked_with_their_holes_as_one_inode() {
-    require_root();
-    let agent = Agent::start();
-    let dir = Scratch::new();
-    let cg = Cgroup::new(false);
+    let Scene { agent, dir, cg } = Scene::new();
     let g = dir.file("ghost");
     let mut p = cg.locker();
     let fg = fd_of(&p.cmd(&format!("sparse g {g} 4194304")));
@@ -327,10 +340,7 @@ fn deleted_files_come_back_unlinked_with_their_holes_as_one_inode() {
 
 #[test]
 fn a_posix_waiter_blocks_again_behind_the_restored_holder() {
-    require_root();
-    let agent = Agent::start();
-    let dir = Scratch::new();
-    let cg = Cgroup::new(false);
+    let Scene { agent, dir, cg } = Scene::new();
     let f = dir.file("f");
     let mut h = cg.locker();
     h.cmd(&format!("open f {f}"));
@@ -408,9 +418,8 @@ fn lease_scenario(
     breaker_in_image: bool,
     tracer: bool,
 ) -> (f64, f64, f64) {
-    let mut agent = Some(Agent::start());
-    let dir = Scratch::new();
-    let cg = Cgroup::new(false);
+    let Scene { agent, dir, cg } = Scene::new();
+    let mut agent = Some(agent);
     let other = Cgroup::new(false);
     let f = dir.file("leased");
     std::fs::write(&f, "data").unwrap();
@@ -591,10 +600,7 @@ fn refused(img: &str, dir: &Scratch, what: &str, extra: &[&str]) {
 
 #[test]
 fn refusals_leave_nothing_behind() {
-    require_root();
-    let agent = Agent::start();
-    let dir = Scratch::new();
-    let cg = Cgroup::new(false);
+    let Scene { agent, dir, cg } = Scene::new();
     let f = dir.file("f");
     std::fs::write(&f, "original").unwrap();
     let g = dir.file("g");
@@ -696,11 +702,8 @@ fn refusals_leave_nothing_behind() {
 
 #[test]
 fn files_are_opened_with_the_restored_process_credentials() {
-    require_root();
-    let agent = Agent::start();
-    let dir = Scratch::new();
+    let Scene { agent, dir, cg } = Scene::new();
     std::fs::set_permissions(&dir.0, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    let cg = Cgroup::new(false);
     let f = dir.file("readable");
     std::fs::write(&f, "x").unwrap();
     std::fs::set_permissions(&f, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
@@ -740,10 +743,7 @@ fn files_are_opened_with_the_restored_process_credentials() {
 
 #[test]
 fn close_on_exec_fds_close_at_the_programs_exec_unless_kept() {
-    require_root();
-    let agent = Agent::start();
-    let dir = Scratch::new();
-    let cg = Cgroup::new(false);
+    let Scene { agent, dir, cg } = Scene::new();
     let f = dir.file("f");
     let mut p = cg.locker();
     let fd = fd_of(&p.cmd(&format!("open f {f}")));
@@ -784,10 +784,7 @@ fn close_on_exec_fds_close_at_the_programs_exec_unless_kept() {
 
 #[test]
 fn the_recorded_command_line_runs_by_default_in_its_working_directory() {
-    require_root();
-    let agent = Agent::start();
-    let dir = Scratch::new();
-    let cg = Cgroup::new(false);
+    let Scene { agent, dir, cg } = Scene::new();
     let mut child = std::process::Command::new("sleep")
         .arg("600")
         .current_dir(&dir.0)

@@ -128,6 +128,16 @@ pub enum LockType {
     Write,
 }
 
+impl LockType {
+    /// F_RDLCK or F_WRLCK, as fcntl locks and leases take it.
+    pub fn fcntl_type(self) -> libc::c_int {
+        match self {
+            LockType::Read => libc::F_RDLCK,
+            LockType::Write => libc::F_WRLCK,
+        }
+    }
+}
+
 /// A held lock. POSIX locks belong to a process; OFD and flock locks to an open file
 /// description (shared by every fd and process referring to it).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

@@ -23,11 +23,12 @@ use super::{
     kernel_deadline::{SeenBreak, Tracer},
     owners::Owners,
     plan::{lease_type_to_set, Plan},
-    schedule::{plan_breaks, remaining_after_restore, LeaseTime},
+    schedule::{plan_breaks, remaining_after_restore, Break, LeaseTime},
 };
 use crate::{
     image::format::{Image, LockType},
     sys::{fown, realtime::Fifo},
+    tracer::pins::PinDir,
     view::live::monotonic_ns,
 };
 
@@ -124,7 +125,7 @@ pub struct LeaseReport {
     pub target_type: Option<LockType>,
     /// While breaking: the kernel's deadline, counted from the release, as planned.
     pub remaining_ns: Option<u64>,
-    /// While breaking: CLOCK_MONOTONIC of the deadline, from the break's own timing.
+    /// While breaking: CLOCK_MONOTONIC of the deadline (see `deadline_source`).
     pub deadline_monotonic_ns: Option<u64>,
     /// While breaking: how `deadline_monotonic_ns` was learnt.
     pub deadline_source: Option<DeadlineSource>,
@@ -230,20 +231,11 @@ fn deadline_of(
     }
 }
 
-fn ino_of(fd: RawFd) -> Result<u64> {
-    // SAFETY: fstat on our own fd into a zeroed struct.
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::fstat(fd, &mut st) } < 0 {
-        bail!("fstat: {}", std::io::Error::last_os_error());
-    }
-    Ok(st.st_ino)
-}
-
-/// How the restored deadlines are chosen, and how the kernel's are learnt.
+/// How the restored deadlines are chosen, and where the kernel's are read back.
 pub struct Deadlines<'a> {
     pub policy: LeaseTime,
-    /// ckpt-agent, when it runs.
-    pub tracer: Option<&'a Tracer>,
+    /// ckpt-agent's pins: its lease table is opened only if a lease was breaking.
+    pub pins: &'a PinDir,
 }
 
 /// Breaks every lease that was breaking (the owners are in place, so the break signal
@@ -254,7 +246,7 @@ pub fn restore(
     plan: &Plan,
     files: &BTreeMap<u32, OwnedFd>,
     owners: &Owners,
-    Deadlines { policy, tracer }: Deadlines,
+    Deadlines { policy, pins }: Deadlines,
     cancel: &AtomicBool,
     warnings: &mut Vec<String>,
 ) -> Result<(u64, Vec<LeaseReport>)> {
@@ -282,39 +274,18 @@ pub fn restore(
         })
         .collect();
 
-    let breaking: Vec<usize> = (0..image.leases.len())
-        .filter(|&i| image.leases[i].breaking)
-        .collect();
-    if breaking.is_empty() {
-        return Ok((monotonic_ns(), reports));
-    }
     let current = current_break_time()?;
     let mut remaining = Vec::new();
-    for &i in &breaking {
-        let l = &image.leases[i];
+    for (i, l) in image.leases.iter().enumerate().filter(|(_, l)| l.breaking) {
         let r = remaining_after_restore(l, policy, current)
             .map_err(|e| anyhow!("lease on {}: {e}", image.files[l.file as usize].path))?;
         remaining.push((i, r));
     }
-    let tick = Duration::from_nanos(1_000_000_000 / u64::from(crate::sys::hz::kernel_hz()?));
-    let fd_of = |i: usize| files[&image.leases[i].file].as_raw_fd();
-    // A holder that had been sent its break signal is not sent it again: the break is
-    // made with no signal owner, then the owner is put back.
-    let quiet = |i: usize, f: &dyn Fn() -> Result<()>| -> Result<()> {
-        let l = &image.leases[i];
-        if !l.notified {
-            return f();
-        }
-        fown::set_owner(fd_of(i), None)?;
-        let r = f();
-        fown::set_owner(fd_of(i), owners.of(&image.files[l.file as usize]))?;
-        r
-    };
-    let describe = |i: usize, e: anyhow::Error| {
-        anyhow!(
-            "lease on {}: {e:#}",
-            image.files[image.leases[i].file as usize].path
-        )
+    let leases = Breaking {
+        image,
+        files,
+        owners,
+        taker: &taker,
     };
 
     // Revoked at once: the break ends as the holder would end it, through the same
@@ -325,12 +296,11 @@ pub fn restore(
         .map(|(i, _)| *i)
         .collect();
     for &i in &now_ones {
-        let target = match image.leases[i].target_type {
-            Some(LockType::Read) => libc::F_RDLCK,
-            _ => libc::F_UNLCK,
-        };
-        fcntl(fd_of(i), libc::F_SETLEASE, target as libc::c_long)
-            .map_err(|e| describe(i, anyhow!("revoking it: {e}")))?;
+        let target = image.leases[i]
+            .target_type
+            .map_or(libc::F_UNLCK, LockType::fcntl_type);
+        fcntl(leases.fd(i), libc::F_SETLEASE, target.into())
+            .map_err(|e| leases.describe(i, anyhow!("revoking it: {e}")))?;
         reports[i].remaining_ns = Some(0);
         // Downgraded: an ordinary read lease now; unlocked: gone.
         reports[i].breaking = false;
@@ -338,58 +308,13 @@ pub fn restore(
         reports[i].target_type = None;
     }
 
+    let tick = Duration::from_nanos(1_000_000_000 / u64::from(crate::sys::hz::kernel_hz()?));
     let breaks = plan_breaks(&remaining, tick);
-    let sysctl = if breaks.is_empty() {
-        None
+    let go = if breaks.is_empty() {
+        monotonic_ns()
     } else {
-        Some(Sysctl::acquire(warnings)?)
+        leases.on_schedule(&breaks, tick, pins, &mut reports, cancel, warnings)?
     };
-    // No ordinary task gets between a clock reading and the break it times.
-    let fifo = (!breaks.is_empty()).then(Fifo::enter).flatten();
-    let mut go =
-        monotonic_ns() + 20_000_000 + breaks.first().map_or(0, |b| b.lead.as_nanos() as u64);
-    for (n, b) in breaks.iter().enumerate() {
-        let (i, r) = (b.index, b.remaining);
-        sleep_until(go.saturating_sub(b.lead.as_nanos() as u64), cancel)?;
-        if let Some(s) = &sysctl {
-            s.set(b.sysctl_s)?;
-        }
-        let t0 = monotonic_ns();
-        quiet(i, &|| start_break(fd_of(i), image.leases[i].target_type))
-            .map_err(|e| describe(i, e))?;
-        let t1 = monotonic_ns();
-        let (deadline, source) = deadline_of(
-            &image.files[image.leases[i].file as usize].path,
-            Timed {
-                before: t0,
-                after: t1,
-                sysctl_s: b.sysctl_s,
-                tick,
-            },
-            tracer.map(|t| -> Result<SeenBreak> {
-                t.seen_break(ino_of(fd_of(i))?, taker[i], TRACER_WAIT)
-            }),
-            warnings,
-        );
-        if n == 0 {
-            // The first break fixes the release instant; the others aim at it.
-            go = deadline - r.as_nanos() as u64;
-        }
-        reports[i].remaining_ns = Some(deadline.saturating_sub(go));
-        reports[i].deadline_monotonic_ns = Some(deadline);
-        reports[i].deadline_source = Some(source);
-        reports[i].lease_break_time_s = Some(b.sysctl_s);
-    }
-    drop(sysctl);
-    sleep_until(go, cancel)?;
-    drop(fifo);
-    let late = monotonic_ns().saturating_sub(go);
-    if !breaks.is_empty() && late > LATE_NS {
-        warnings.push(format!(
-            "the processes were released {:.1} ms after the instant the lease deadlines count from",
-            late as f64 / 1e6
-        ));
-    }
     let gone =
         |i: usize| now_ones.contains(&i) && image.leases[i].target_type != Some(LockType::Read);
     let reports = reports
@@ -399,6 +324,100 @@ pub fn restore(
         .map(|(_, r)| r)
         .collect();
     Ok((go, reports))
+}
+
+/// The image's leases on the descriptions ckpt-user opened.
+struct Breaking<'a> {
+    image: &'a Image,
+    files: &'a BTreeMap<u32, OwnedFd>,
+    owners: &'a Owners<'a>,
+    /// The restored pid that set each lease.
+    taker: &'a [u32],
+}
+
+impl Breaking<'_> {
+    fn fd(&self, i: usize) -> RawFd {
+        self.files[&self.image.leases[i].file].as_raw_fd()
+    }
+
+    fn path(&self, i: usize) -> &str {
+        &self.image.files[self.image.leases[i].file as usize].path
+    }
+
+    fn describe(&self, i: usize, e: anyhow::Error) -> anyhow::Error {
+        anyhow!("lease on {}: {e:#}", self.path(i))
+    }
+
+    /// Starts the break of lease `i`. A holder that had been sent its break signal is
+    /// not sent it again: the break is made with no signal owner, then the owner is put
+    /// back.
+    fn start(&self, i: usize) -> Result<()> {
+        let l = &self.image.leases[i];
+        if !l.notified {
+            return start_break(self.fd(i), l.target_type);
+        }
+        let fd = self.fd(i);
+        fown::set_owner(fd, None)?;
+        let r = start_break(fd, l.target_type);
+        fown::set_owner(fd, self.owners.of(&self.image.files[l.file as usize]))?;
+        r
+    }
+
+    /// Makes `breaks` on their schedule and returns the release instant they were
+    /// timed for (fixed by the first break's deadline).
+    fn on_schedule(
+        &self,
+        breaks: &[Break],
+        tick: Duration,
+        pins: &PinDir,
+        reports: &mut [LeaseReport],
+        cancel: &AtomicBool,
+        warnings: &mut Vec<String>,
+    ) -> Result<u64> {
+        let tracer = Tracer::open(pins);
+        let sysctl = Sysctl::acquire(warnings)?;
+        // No ordinary task gets between a clock reading and the break it times.
+        let fifo = Fifo::enter();
+        let mut go = monotonic_ns() + 20_000_000 + breaks[0].lead.as_nanos() as u64;
+        for (n, b) in breaks.iter().enumerate() {
+            let i = b.index;
+            let ino = nix::sys::stat::fstat(self.fd(i))?.st_ino;
+            sleep_until(go.saturating_sub(b.lead.as_nanos() as u64), cancel)?;
+            sysctl.set(b.sysctl_s)?;
+            let before = monotonic_ns();
+            self.start(i).map_err(|e| self.describe(i, e))?;
+            let after = monotonic_ns();
+            let timed = Timed {
+                before,
+                after,
+                sysctl_s: b.sysctl_s,
+                tick,
+            };
+            let seen = tracer
+                .as_ref()
+                .map(|t| t.seen_break(ino, self.taker[i], TRACER_WAIT));
+            let (deadline, source) = deadline_of(self.path(i), timed, seen, warnings);
+            if n == 0 {
+                // The first break fixes the release instant; the others aim at it.
+                go = deadline - b.remaining.as_nanos() as u64;
+            }
+            reports[i].remaining_ns = Some(deadline.saturating_sub(go));
+            reports[i].deadline_monotonic_ns = Some(deadline);
+            reports[i].deadline_source = Some(source);
+            reports[i].lease_break_time_s = Some(b.sysctl_s);
+        }
+        drop(sysctl);
+        sleep_until(go, cancel)?;
+        drop(fifo);
+        let late = monotonic_ns().saturating_sub(go);
+        if late > LATE_NS {
+            warnings.push(format!(
+                "the processes were released {:.1} ms after the instant the lease deadlines count from",
+                late as f64 / 1e6
+            ));
+        }
+        Ok(go)
+    }
 }
 
 #[cfg(test)]

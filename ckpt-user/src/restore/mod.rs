@@ -9,8 +9,10 @@
 //!    opened once, with its holder's credentials; the recreated files are unlinked.
 //! 4. `spawn`: the process tree is forked; each process takes its fds, credentials,
 //!    locks and leases, and waits.
-//! 5. `owners`: signal owners and signals set again; `leases`: leases that were being broken are broken again on a schedule, so that
-//!    each is revoked when the policy says, counted from the release.
+//! 5. `owners`: signal owners and signals set again; `leases`: leases that were being
+//!    broken are broken again on a schedule, so that each is revoked when the policy
+//!    says, counted from the release (`schedule`; the kernel's deadlines are read back
+//!    through ckpt-agent when it runs, `kernel_deadline`).
 //! 6. Release: every process executes its program at the same instant.
 //!
 //! Any failure kills every process spawned, removes every file created and puts
@@ -181,7 +183,6 @@ pub fn run(opts: &Options) -> Result<Report> {
         pgid: tree.pgid,
     };
     warnings.extend(owners.restore(image, &plan, &files)?);
-    let tracer = kernel_deadline::Tracer::open(&opts.pins);
     let (released, lease_reports) = leases::restore(
         image,
         &plan,
@@ -189,7 +190,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         &owners,
         leases::Deadlines {
             policy: opts.lease_time,
-            tracer: tracer.as_ref(),
+            pins: &opts.pins,
         },
         &CANCEL,
         &mut warnings,

@@ -436,7 +436,7 @@ fn arrange_fds(setup: &Setup, p: &ProcPlan, base: RawFd) -> Result<()> {
                 .map_err(|e| anyhow!("fd {} ({}): {e}", d.fd, path_of(setup, p, d.fd)))?,
         );
     }
-    close_below(base, &[])?;
+    close_below(base)?;
     for (d, &m) in p.fds.iter().zip(&moved) {
         let flags = if d.cloexec { libc::O_CLOEXEC } else { 0 };
         // SAFETY: plain syscall; `m` >= base > d.fd.
@@ -450,19 +450,13 @@ fn arrange_fds(setup: &Setup, p: &ProcPlan, base: RawFd) -> Result<()> {
     Ok(())
 }
 
-/// Closes every fd below `base` except `keep`.
-fn close_below(base: RawFd, keep: &[RawFd]) -> Result<()> {
-    let mut keep: Vec<RawFd> = keep.iter().copied().filter(|k| *k < base).collect();
-    keep.sort_unstable();
-    let mut from = 0;
-    for k in keep.into_iter().chain([base]) {
-        if from < k {
-            // SAFETY: plain syscall on our own fd table.
-            if unsafe { libc::syscall(libc::SYS_close_range, from as u32, (k - 1) as u32, 0) } < 0 {
-                return Err(os_err("close_range"));
-            }
+/// Closes every fd below `base`.
+fn close_below(base: RawFd) -> Result<()> {
+    if base > 0 {
+        // SAFETY: plain syscall on our own fd table.
+        if unsafe { libc::syscall(libc::SYS_close_range, 0u32, (base - 1) as u32, 0) } < 0 {
+            return Err(os_err("close_range"));
         }
-        from = k + 1;
     }
     Ok(())
 }
@@ -499,11 +493,7 @@ fn take_lock(setup: &Setup, p: &ProcPlan, l: &LockOp) -> Result<()> {
             ),
             LockKind::Posix | LockKind::Ofd => {
                 let mut fl: libc::flock = std::mem::zeroed();
-                fl.l_type = if l.lock_type == LockType::Write {
-                    libc::F_WRLCK
-                } else {
-                    libc::F_RDLCK
-                } as i16;
+                fl.l_type = l.lock_type.fcntl_type() as i16;
                 fl.l_whence = libc::SEEK_SET as i16;
                 fl.l_start = l.start;
                 fl.l_len = l.l_len();
@@ -530,12 +520,8 @@ fn take_lock(setup: &Setup, p: &ProcPlan, l: &LockOp) -> Result<()> {
 }
 
 fn set_lease(setup: &Setup, p: &ProcPlan, l: &LeaseOp) -> Result<()> {
-    let ty = match l.lease_type {
-        LockType::Read => libc::F_RDLCK,
-        LockType::Write => libc::F_WRLCK,
-    };
     // SAFETY: plain fcntl on our own fd.
-    if unsafe { libc::fcntl(l.fd, libc::F_SETLEASE, ty) } < 0 {
+    if unsafe { libc::fcntl(l.fd, libc::F_SETLEASE, l.lease_type.fcntl_type()) } < 0 {
         let e = std::io::Error::last_os_error();
         let path = path_of(setup, p, l.fd);
         if e.raw_os_error() == Some(libc::EAGAIN) {
