@@ -33,7 +33,7 @@ const PARTS: &[Part] = &[
     ("dump", "Dump: frozen window and total time", dump::run),
     (
         "tracer",
-        "Tracer overhead: no tracer, ckpt-agent, bpftrace",
+        "Tracer overhead: no tracer, ckpt-agent, bpftrace, empty programs",
         tracer::run,
     ),
     (
