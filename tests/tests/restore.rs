@@ -406,17 +406,28 @@ enum Break {
     WriteByReader,
 }
 
+/// What ckpt-agent does while a lease scenario is restored.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum AgentDuring {
+    /// Runs: the restore reads each break back from its lease table.
+    Running,
+    /// Is stopped (SIGSTOP): the break's event waits in the ring, where the restore
+    /// finds it (an agent far behind, as under TCG).
+    Paused,
+    /// Is gone: the restore times its breaks itself.
+    Gone,
+}
+
 /// The seed scenario: P1 holds a lease, P2's open blocks on it; the checkpoint is made
 /// when about 3 s of a 5 s lease-break-time remain; both are killed and restored.
-/// With `tracer`, the agent keeps running through the restore, which reads the kernel's
-/// deadlines back from it; without, the restore times its breaks itself.
+/// `agent` says what the agent does during the restore.
 /// Returns (planned remaining from the report, measured revocation after the release,
 /// the image's remaining time), all in ms.
 fn lease_scenario(
     how: Break,
     policy: &str,
     breaker_in_image: bool,
-    tracer: bool,
+    during: AgentDuring,
 ) -> (f64, f64, f64) {
     let Scene { agent, dir, cg } = Scene::new();
     let mut agent = Some(agent);
@@ -466,17 +477,32 @@ fn lease_scenario(
     if breaker_in_image {
         args.extend(["--exec-cmd", &exec_b]);
     }
-    if !tracer {
+    if during == AgentDuring::Gone {
         agent = None;
     }
     let pins = agent.as_ref().map(|a| a.pin_dir.display().to_string());
     if let Some(p) = &pins {
         args.extend(["--pin-dir", p]);
     }
+    let paused = agent
+        .as_ref()
+        .filter(|_| during == AgentDuring::Paused)
+        .and_then(|a| a.child.as_ref())
+        .map(|c| c.id() as i32);
+    // SAFETY: stopping and continuing our own child.
+    if let Some(pid) = paused {
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+    }
     let report = restore(&img, &into, &args);
+    if let Some(pid) = paused {
+        unsafe { libc::kill(pid, libc::SIGCONT) };
+    }
     if let Some(l) = report["leases"].as_array().unwrap().first() {
         if l["deadline_monotonic_ns"].is_u64() {
-            let want = if tracer { "tracer" } else { "syscall-timing" };
+            let want = match during {
+                AgentDuring::Gone => "syscall-timing",
+                _ => "tracer",
+            };
             assert_eq!(l["deadline_source"], want, "{report}");
         }
     }
@@ -531,7 +557,8 @@ fn a_breaking_lease_is_revoked_exactly_when_it_had_left() {
         Break::ReadByWriter,
         Break::WriteByReader,
     ] {
-        let (planned, measured, in_image) = lease_scenario(how, "exact", true, true);
+        let (planned, measured, in_image) =
+            lease_scenario(how, "exact", true, AgentDuring::Running);
         assert!(
             (planned - in_image).abs() < 1.0,
             "planned {planned} ms, image {in_image} ms"
@@ -546,16 +573,19 @@ fn a_breaking_lease_is_revoked_exactly_when_it_had_left() {
 #[test]
 fn lease_time_policies_holder_and_breaker() {
     require_root();
-    let (_, measured, _) = lease_scenario(Break::WriteByWriter, "holder", true, true);
+    let (_, measured, _) =
+        lease_scenario(Break::WriteByWriter, "holder", true, AgentDuring::Running);
     assert!(
         (measured - 5000.0).abs() <= TOLERANCE_MS,
         "holder: revoked after {measured:.1} ms"
     );
-    let (_, measured, _) = lease_scenario(Break::WriteByWriter, "breaker", true, true);
+    let (_, measured, _) =
+        lease_scenario(Break::WriteByWriter, "breaker", true, AgentDuring::Running);
     // 0.0: already revoked when the restore returned.
     assert!(measured == 0.0, "breaker: revoked after {measured:.1} ms");
     // Without the agent: the restore times the break itself.
-    let (_, measured, in_image) = lease_scenario(Break::WriteByWriter, "+1", true, false);
+    let (_, measured, in_image) =
+        lease_scenario(Break::WriteByWriter, "+1", true, AgentDuring::Gone);
     assert!(
         (measured - in_image - 1000.0).abs() <= TOLERANCE_MS,
         "+1: revoked after {measured:.1} ms, image had {in_image:.1}"
@@ -565,7 +595,9 @@ fn lease_time_policies_holder_and_breaker() {
 #[test]
 fn a_lease_broken_from_outside_completes_on_time_with_only_its_holder_restored() {
     require_root();
-    let (_, measured, in_image) = lease_scenario(Break::WriteByWriter, "exact", false, true);
+    // With the agent stopped: the break is read from the ring.
+    let (_, measured, in_image) =
+        lease_scenario(Break::WriteByWriter, "exact", false, AgentDuring::Paused);
     assert!(
         (measured - in_image).abs() <= TOLERANCE_MS,
         "revoked {measured:.1} ms after the release, {in_image:.1} ms expected"

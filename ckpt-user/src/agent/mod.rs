@@ -14,9 +14,7 @@ use anyhow::{Context as _, Result};
 use aya::maps::{Map, MapData, PerCpuArray};
 use ckpt_common::{
     counters::{AgentStat, Counter},
-    lease::LeaseEvent,
-    lock::LockEvent,
-    names, tag,
+    names,
 };
 use tokio::{
     io::unix::AsyncFd,
@@ -27,7 +25,11 @@ use tracing::{debug, info, warn};
 use crate::{
     locks::proc_locks,
     sys::hz::kernel_hz,
-    tracer::{loader, pins::PinDir, ring::RingConsumer},
+    tracer::{
+        loader,
+        pins::PinDir,
+        ring::{Event, RingConsumer},
+    },
 };
 use deleted_table::DeletedTable;
 use lease_table::LeaseTable;
@@ -75,22 +77,13 @@ pub struct State {
 impl State {
     /// Applies one ring record at ring position `pos` (in memory; see [`State::flush`]).
     fn apply(&mut self, bytes: &[u8], pos: u64) {
-        let tag = bytes
-            .get(..4)
-            .map(|b| u32::from_ne_bytes(b.try_into().unwrap()));
-        // SAFETY (both arms): the programs write whole structs of the tagged type;
-        // read_unaligned copes with the ring's 8-byte alignment.
-        match tag {
-            Some(tag::LOCK) if bytes.len() >= size_of::<LockEvent>() => {
-                let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const LockEvent) };
-                self.locks.apply(&ev, pos);
-            }
-            Some(tag::LEASE) if bytes.len() >= size_of::<LeaseEvent>() => {
-                let ev = unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const LeaseEvent) };
+        match Event::decode(bytes) {
+            Some(Event::Lock(ev)) => self.locks.apply(&ev, pos),
+            Some(Event::Lease(ev)) => {
                 debug!(?ev, "lease event");
                 self.leases.apply(&ev);
             }
-            _ => warn!(len = bytes.len(), ?tag, "unknown ring record ignored"),
+            None => warn!(len = bytes.len(), "unknown ring record ignored"),
         }
     }
 

@@ -29,6 +29,38 @@ pub fn is_synthetic(owner: u64) -> bool {
     owner <= u32::MAX as u64
 }
 
+/// What a Breaking event says of the break: what the lease becomes, and when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BreakDeadline {
+    /// F_UNLCK (removed) or F_RDLCK (downgraded).
+    pub target: u8,
+    /// The kernel's fl_break_time or fl_downgrade_time.
+    pub jiffies: u64,
+    /// Its CLOCK_MONOTONIC equivalent, from the clock and jiffies the program read
+    /// together (the kernel revokes at the first tick after it).
+    pub monotonic_ns: u64,
+}
+
+impl BreakDeadline {
+    /// None when the event shows no break pending (any more).
+    pub fn of(ev: &LeaseEvent, hz: u32) -> Option<BreakDeadline> {
+        let (target, jiffies) = if ev.flags & fl_flags::FL_UNLOCK_PENDING != 0 {
+            (fl_type::F_UNLCK, ev.break_time)
+        } else if ev.flags & fl_flags::FL_DOWNGRADE_PENDING != 0 {
+            (fl_type::F_RDLCK, ev.downgrade_time)
+        } else {
+            return None;
+        };
+        let ns_per_tick = 1_000_000_000 / i64::from(hz.max(1));
+        let ticks_left = jiffies.wrapping_sub(ev.jiffies) as i64;
+        Some(BreakDeadline {
+            target,
+            jiffies,
+            monotonic_ns: (ev.ts_ns as i64 + ticks_left * ns_per_tick).max(0) as u64,
+        })
+    }
+}
+
 /// All leases, keyed by (dev, inode, owner).
 #[derive(Clone, Debug)]
 pub struct LeaseSet {
@@ -151,11 +183,12 @@ impl LeaseSet {
     }
 
     fn breaking(&mut self, k: LeaseKey, ev: &LeaseEvent) {
-        let (target, deadline) = if ev.flags & fl_flags::FL_UNLOCK_PENDING != 0 {
-            (fl_type::F_UNLCK, ev.break_time)
-        } else if ev.flags & fl_flags::FL_DOWNGRADE_PENDING != 0 {
-            (fl_type::F_RDLCK, ev.downgrade_time)
-        } else {
+        let Some(BreakDeadline {
+            target,
+            jiffies: deadline,
+            monotonic_ns,
+        }) = BreakDeadline::of(ev, self.hz)
+        else {
             return; // not (or no longer) breaking
         };
         let hz = self.hz.max(1) as i64;
@@ -180,9 +213,7 @@ impl LeaseSet {
         r.lease_type = ev.lease_type;
         r.target_type = target;
         r.deadline_jiffies = deadline;
-        let ns_per_tick = 1_000_000_000 / hz;
-        let ticks_left = deadline.wrapping_sub(ev.jiffies) as i64;
-        r.deadline_ns = (ev.ts_ns as i64 + ticks_left * ns_per_tick).max(0) as u64;
+        r.deadline_ns = monotonic_ns;
         if ev.signal != 0 {
             r.notified = 1;
             r.signal = ev.signal;

@@ -1,5 +1,5 @@
-//! The deadline the kernel gave a break the restore just made, read back from
-//! ckpt-agent's lease table.
+//! The deadline the kernel gave a break the restore just made, read back through
+//! ckpt-agent's maps.
 //!
 //! Timing the breaking syscall from outside places the break somewhere between the
 //! clock readings around it: exact when the call is quick, off by up to the whole call
@@ -8,13 +8,22 @@
 //! the kernel set the deadline, so its answer does not depend on how long the call took.
 //! It also shows a break that somebody else had started first (the kernel keeps the
 //! first breaker's deadline).
+//!
+//! The break's event is in the ring before the breaking call returns: it is read from
+//! the agent's lease table once the agent has applied it, and from the ring itself
+//! before, so the answer never waits for the agent (which can be tens of milliseconds
+//! behind under TCG).
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use ckpt_common::lease::LeaseState;
+use ckpt_common::lease::{LeaseEvent, LeaseState, LeaseWhat};
 
-use crate::{tracer::pins::PinDir, view::live::LiveMaps};
+use crate::{
+    leases::model::BreakDeadline,
+    tracer::{pins::PinDir, ring::Event},
+    view::live::LiveMaps,
+};
 
 /// A break as the tracer saw it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -28,41 +37,66 @@ pub struct SeenBreak {
     pub breakers: Vec<u32>,
 }
 
-/// ckpt-agent's tables, when it runs.
+/// ckpt-agent's maps, when it runs.
 pub struct Tracer {
     live: LiveMaps,
+    hz: u32,
 }
 
 impl Tracer {
     /// None when ckpt-agent is not running (restore works without it, less exactly
     /// under load).
-    pub fn open(pins: &PinDir) -> Option<Tracer> {
-        LiveMaps::open(pins).ok().map(|live| Tracer { live })
+    pub fn open(pins: &PinDir, hz: u32) -> Option<Tracer> {
+        LiveMaps::open(pins).ok().map(|live| Tracer { live, hz })
     }
 
-    /// The break of the lease `holder` has on inode `ino`, once the agent has applied
-    /// every event up to now.
+    /// The break of the lease `holder` has on inode `ino`.
     pub fn seen_break(&self, ino: u64, holder: u32, timeout: Duration) -> Result<SeenBreak> {
         let until = Instant::now() + timeout;
-        self.live.barrier(timeout)?;
         loop {
-            let found = self.live.leases()?.into_iter().find(|(k, r)| {
-                k.ino == ino && r.pid == holder && r.state == LeaseState::Breaking as u8
-            });
-            if let Some((_, r)) = found {
-                return Ok(SeenBreak {
-                    deadline_ns: r.deadline_ns,
-                    started_ns: r.break_started_ns,
-                    breakers: r.breakers[..usize::from(r.n_breakers).min(r.breakers.len())]
-                        .iter()
-                        .map(|b| b.pid)
-                        .collect(),
-                });
+            // Applied (with the start of a break somebody else began first), or not yet.
+            if let Some(seen) = self.in_table(ino, holder)? {
+                return Ok(seen);
+            }
+            if let Some(seen) = self.in_ring(ino, holder) {
+                return Ok(seen);
             }
             if Instant::now() > until {
-                bail!("ckpt-agent's lease table does not show the break after {timeout:?}");
+                bail!("ckpt-agent's lease table and ring do not show the break after {timeout:?}");
             }
             std::thread::sleep(Duration::from_micros(200));
         }
+    }
+
+    fn in_table(&self, ino: u64, holder: u32) -> Result<Option<SeenBreak>> {
+        let found = self.live.leases()?.into_iter().find(|(k, r)| {
+            k.ino == ino && r.pid == holder && r.state == LeaseState::Breaking as u8
+        });
+        Ok(found.map(|(_, r)| SeenBreak {
+            deadline_ns: r.deadline_ns,
+            started_ns: r.break_started_ns,
+            breakers: r.breakers[..usize::from(r.n_breakers).min(r.breakers.len())]
+                .iter()
+                .map(|b| b.pid)
+                .collect(),
+        }))
+    }
+
+    /// The oldest Breaking event of this lease the agent has not applied yet.
+    fn in_ring(&self, ino: u64, holder: u32) -> Option<SeenBreak> {
+        let mut first: Option<LeaseEvent> = None;
+        self.live.pending_events(|bytes| {
+            if let (None, Some(Event::Lease(ev))) = (&first, Event::decode(bytes)) {
+                if ev.what == LeaseWhat::Breaking as u32 && ev.ino == ino && ev.pid == holder {
+                    first = Some(ev);
+                }
+            }
+        });
+        let ev = first?;
+        Some(SeenBreak {
+            deadline_ns: BreakDeadline::of(&ev, self.hz)?.monotonic_ns,
+            started_ns: ev.ts_ns,
+            breakers: vec![ev.tgid],
+        })
     }
 }

@@ -164,8 +164,9 @@ fn start_break(fd: RawFd, target: Option<LockType>) -> Result<()> {
     Ok(())
 }
 
-/// How long the tracer may take to show a break (it is sub-millisecond when idle); the
-/// first break leaves `schedule::SLACK` for it before the release.
+/// How long the tracer may take to show a break (its event is in the ring when the
+/// breaking call returns, so this is a safety net); the first break leaves
+/// `schedule::SLACK` for it before the release.
 const TRACER_WAIT: Duration = Duration::from_millis(40);
 
 /// A release this much after its planned instant is reported.
@@ -286,6 +287,7 @@ pub fn restore(
         files,
         owners,
         taker: &taker,
+        hz: crate::sys::hz::kernel_hz()?,
     };
 
     // Revoked at once: the break ends as the holder would end it, through the same
@@ -308,12 +310,11 @@ pub fn restore(
         reports[i].target_type = None;
     }
 
-    let tick = Duration::from_nanos(1_000_000_000 / u64::from(crate::sys::hz::kernel_hz()?));
-    let breaks = plan_breaks(&remaining, tick);
+    let breaks = plan_breaks(&remaining, leases.tick());
     let go = if breaks.is_empty() {
         monotonic_ns()
     } else {
-        leases.on_schedule(&breaks, tick, pins, &mut reports, cancel, warnings)?
+        leases.on_schedule(&breaks, pins, &mut reports, cancel, warnings)?
     };
     let gone =
         |i: usize| now_ones.contains(&i) && image.leases[i].target_type != Some(LockType::Read);
@@ -333,9 +334,15 @@ struct Breaking<'a> {
     owners: &'a Owners<'a>,
     /// The restored pid that set each lease.
     taker: &'a [u32],
+    /// The kernel's tick rate: deadlines are in jiffies.
+    hz: u32,
 }
 
 impl Breaking<'_> {
+    fn tick(&self) -> Duration {
+        Duration::from_nanos(1_000_000_000 / u64::from(self.hz.max(1)))
+    }
+
     fn fd(&self, i: usize) -> RawFd {
         self.files[&self.image.leases[i].file].as_raw_fd()
     }
@@ -368,13 +375,12 @@ impl Breaking<'_> {
     fn on_schedule(
         &self,
         breaks: &[Break],
-        tick: Duration,
         pins: &PinDir,
         reports: &mut [LeaseReport],
         cancel: &AtomicBool,
         warnings: &mut Vec<String>,
     ) -> Result<u64> {
-        let tracer = Tracer::open(pins);
+        let tracer = Tracer::open(pins, self.hz);
         let sysctl = Sysctl::acquire(warnings)?;
         // No ordinary task gets between a clock reading and the break it times.
         let fifo = Fifo::enter();
@@ -391,7 +397,7 @@ impl Breaking<'_> {
                 before,
                 after,
                 sysctl_s: b.sysctl_s,
-                tick,
+                tick: self.tick(),
             };
             let seen = tracer
                 .as_ref()

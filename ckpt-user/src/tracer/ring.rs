@@ -16,6 +16,7 @@ use std::{
 
 use anyhow::{bail, Result};
 use aya::maps::MapData;
+use ckpt_common::{lease::LeaseEvent, lock::LockEvent, tag};
 
 const BUSY_BIT: u32 = 1 << 31;
 const DISCARD_BIT: u32 = 1 << 30;
@@ -66,20 +67,98 @@ fn page_size() -> usize {
     unsafe { libc::sysconf(libc::_SC_PAGESIZE) as usize }
 }
 
-/// Read-only view of the positions, for readers waiting on the agent.
+/// One record of the ring, by its tag.
+pub enum Event {
+    Lock(LockEvent),
+    Lease(LeaseEvent),
+}
+
+impl Event {
+    /// None for an unknown tag or a short record.
+    pub fn decode(bytes: &[u8]) -> Option<Event> {
+        let tag = u32::from_ne_bytes(bytes.get(..4)?.try_into().ok()?);
+        // SAFETY (both arms): the programs write whole structs of the tagged type;
+        // read_unaligned copes with the ring's 8-byte alignment.
+        match tag {
+            tag::LOCK if bytes.len() >= size_of::<LockEvent>() => Some(Event::Lock(unsafe {
+                std::ptr::read_unaligned(bytes.as_ptr() as *const LockEvent)
+            })),
+            tag::LEASE if bytes.len() >= size_of::<LeaseEvent>() => Some(Event::Lease(unsafe {
+                std::ptr::read_unaligned(bytes.as_ptr() as *const LeaseEvent)
+            })),
+            _ => None,
+        }
+    }
+}
+
+/// The producer page followed by the doubly mapped data pages.
+struct Records {
+    map: Mapping,
+    page: usize,
+    mask: u64,
+}
+
+impl Records {
+    fn open(map: &MapData) -> Result<Records> {
+        let page = page_size();
+        let size = map.info()?.max_entries() as usize;
+        if !size.is_power_of_two() || size < page {
+            bail!("ring buffer size {size} is not a power-of-two multiple of the page size");
+        }
+        let fd = map.fd().as_fd().as_raw_fd();
+        Ok(Records {
+            map: Mapping::new(fd, page + 2 * size, libc::PROT_READ, page)?,
+            page,
+            mask: size as u64 - 1,
+        })
+    }
+
+    fn producer(&self) -> u64 {
+        self.map.word().load(Ordering::Acquire)
+    }
+
+    /// Calls `f(record, position)` for each committed record from `pos` on. Returns
+    /// the position after the last record read; stops early at a record still being
+    /// written.
+    fn walk(&self, mut pos: u64, mut f: impl FnMut(&[u8], u64)) -> u64 {
+        let producer = self.producer();
+        while pos < producer {
+            let off = self.page + (pos & self.mask) as usize;
+            // SAFETY: off + 8 lies within the first copy of the data pages.
+            let hdr =
+                unsafe { &*(self.map.ptr.add(off) as *const AtomicU32) }.load(Ordering::Acquire);
+            if hdr & BUSY_BIT != 0 {
+                break;
+            }
+            let len = (hdr & !(BUSY_BIT | DISCARD_BIT)) as usize;
+            if hdr & DISCARD_BIT == 0 {
+                // SAFETY: a record never exceeds the ring size, and the data pages are
+                // mapped twice, so [off + 8, off + 8 + len) is mapped.
+                let data = unsafe {
+                    std::slice::from_raw_parts(self.map.ptr.add(off + HDR_SZ as usize), len)
+                };
+                f(data, pos);
+            }
+            pos += (len as u64 + HDR_SZ).next_multiple_of(8);
+        }
+        pos
+    }
+}
+
+/// Read-only view for readers: the positions, to wait on the agent, and the events it
+/// has not applied yet.
 pub struct RingObserver {
     _map: MapData,
     consumer: Mapping,
-    producer: Mapping,
+    records: Records,
 }
 
 impl RingObserver {
     pub fn open(map: MapData) -> Result<RingObserver> {
-        let page = page_size();
         let fd = map.fd().as_fd().as_raw_fd();
         Ok(RingObserver {
-            consumer: Mapping::new(fd, page, libc::PROT_READ, 0)?,
-            producer: Mapping::new(fd, page, libc::PROT_READ, page)?,
+            consumer: Mapping::new(fd, page_size(), libc::PROT_READ, 0)?,
+            records: Records::open(&map)?,
             _map: map,
         })
     }
@@ -91,7 +170,14 @@ impl RingObserver {
 
     /// Bytes of events the programs have reserved so far.
     pub fn producer(&self) -> u64 {
-        self.producer.word().load(Ordering::Acquire)
+        self.records.producer()
+    }
+
+    /// Calls `f(record)` for each event the agent has not applied yet. A record the
+    /// agent acknowledges meanwhile may be overwritten while `f` reads it (only after
+    /// a whole ring's worth of newer events): check what it holds.
+    pub fn peek(&self, mut f: impl FnMut(&[u8])) {
+        self.records.walk(self.consumer(), |r, _| f(r));
     }
 }
 
@@ -99,26 +185,16 @@ impl RingObserver {
 pub struct RingConsumer {
     map: MapData,
     consumer: Mapping,
-    /// Producer page followed by the doubly mapped data pages.
-    producer: Mapping,
-    page: usize,
-    mask: u64,
+    records: Records,
 }
 
 impl RingConsumer {
     pub fn open(map: MapData) -> Result<RingConsumer> {
-        let page = page_size();
-        let size = map.info()?.max_entries() as usize;
-        if !size.is_power_of_two() || size < page {
-            bail!("ring buffer size {size} is not a power-of-two multiple of the page size");
-        }
         let fd = map.fd().as_fd().as_raw_fd();
         Ok(RingConsumer {
-            consumer: Mapping::new(fd, page, libc::PROT_READ | libc::PROT_WRITE, 0)?,
-            producer: Mapping::new(fd, page + 2 * size, libc::PROT_READ, page)?,
+            consumer: Mapping::new(fd, page_size(), libc::PROT_READ | libc::PROT_WRITE, 0)?,
+            records: Records::open(&map)?,
             map,
-            page,
-            mask: size as u64 - 1,
         })
     }
 
@@ -129,35 +205,14 @@ impl RingConsumer {
     /// Bytes reserved by the programs so far (records before it were produced
     /// before this call).
     pub fn producer(&self) -> u64 {
-        self.producer.word().load(Ordering::Acquire)
+        self.records.producer()
     }
 
     /// Calls `f(record, position)` for each committed record after the consumer
     /// position, without advancing it. Returns the position after the last record
     /// read; stops early at a record still being written.
-    pub fn read(&self, mut f: impl FnMut(&[u8], u64)) -> u64 {
-        let mut pos = self.position();
-        let producer = self.producer.word().load(Ordering::Acquire);
-        while pos < producer {
-            let off = self.page + (pos & self.mask) as usize;
-            // SAFETY: off + 8 lies within the first copy of the data pages.
-            let hdr = unsafe { &*(self.producer.ptr.add(off) as *const AtomicU32) }
-                .load(Ordering::Acquire);
-            if hdr & BUSY_BIT != 0 {
-                break;
-            }
-            let len = (hdr & !(BUSY_BIT | DISCARD_BIT)) as usize;
-            if hdr & DISCARD_BIT == 0 {
-                // SAFETY: a record never exceeds the ring size, and the data pages are
-                // mapped twice, so [off + 8, off + 8 + len) is mapped.
-                let data = unsafe {
-                    std::slice::from_raw_parts(self.producer.ptr.add(off + HDR_SZ as usize), len)
-                };
-                f(data, pos);
-            }
-            pos += (len as u64 + HDR_SZ).next_multiple_of(8);
-        }
-        pos
+    pub fn read(&self, f: impl FnMut(&[u8], u64)) -> u64 {
+        self.records.walk(self.position(), f)
     }
 
     /// Acknowledges everything before `pos`.

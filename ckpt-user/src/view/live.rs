@@ -145,6 +145,11 @@ impl LiveMaps {
         map_batch::dump(self.leases.fd().as_fd())
     }
 
+    /// The events the agent has not applied yet (see `RingObserver::peek`).
+    pub fn pending_events(&self, f: impl FnMut(&[u8])) {
+        self.ring.peek(f)
+    }
+
     pub fn counter(&self, c: Counter) -> Result<u64> {
         Ok(self.counters.get(&(c as u32), 0)?.iter().sum())
     }
