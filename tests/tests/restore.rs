@@ -78,16 +78,28 @@ fn checkpoint(agent: &Agent, cg: &Cgroup, dir: &Scratch) -> String {
     img
 }
 
+/// `ckpt-user restore IMG --skip-unsupported --cgroup INTO EXTRA...`: (code, stdout,
+/// stderr). --skip-unsupported: the test harness may pass stray pipes down to the
+/// lockers.
+fn restore_into(img: &str, into: &Cgroup, extra: &[&str]) -> (i32, String, String) {
+    let cg = into.path.display().to_string();
+    let mut args = vec![img, "--skip-unsupported", "--cgroup", &cg];
+    args.extend_from_slice(extra);
+    run_restore(&args)
+}
+
 /// Restores `img` into `into` and returns the JSON report (the restore must succeed).
 fn restore(img: &str, into: &Cgroup, extra: &[&str]) -> Value {
-    // --skip-unsupported: the test harness may pass stray pipes down to the lockers.
-    let mut args = vec![img, "--json", "--skip-unsupported", "--cgroup"];
-    let cg = into.path.display().to_string();
-    args.push(&cg);
-    args.extend_from_slice(extra);
-    let (code, out, err) = run_restore(&args);
+    let (code, out, err) = restore_into(img, into, &[&["--json"], extra].concat());
     assert_eq!(code, 0, "restore failed: {err}");
     serde_json::from_str(&out).unwrap()
+}
+
+/// Restores `img` into `into` (it must succeed) and returns what it said on stderr.
+fn restore_said(img: &str, into: &Cgroup, extra: &[&str]) -> String {
+    let (code, _, err) = restore_into(img, into, extra);
+    assert_eq!(code, 0, "restore failed: {err}");
+    err
 }
 
 fn new_pid(report: &Value, old: u32) -> u32 {
@@ -406,6 +418,17 @@ enum Break {
     WriteByReader,
 }
 
+/// CLOCK_MONOTONIC and the kernel's jiffies, read back to back (for failure output).
+fn kernel_clocks() -> String {
+    let mono = mono_ns();
+    let jiffies = std::fs::read_to_string("/proc/timer_list")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("jiffies: ").map(str::to_string))
+        .unwrap_or_default();
+    format!("monotonic {mono} ns, jiffies {jiffies}")
+}
+
 /// What ckpt-agent does while a lease scenario is restored.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum AgentDuring {
@@ -497,6 +520,22 @@ fn lease_scenario(
     if let Some(pid) = paused {
         unsafe { libc::kill(pid, libc::SIGCONT) };
     }
+    // For a failure's story: the deadline as restore planned it, and as the agent
+    // reads the kernel's lease object now, with what the kernel clock says.
+    let agent_view: Vec<Value> = agent
+        .as_ref()
+        .map(|a| a.locks(&[]))
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|r| r["kind"] == "lease" && r["path"] == f.as_str())
+        .map(|r| serde_json::json!({"pid": r["pid"], "state": r["state"], "break_deadline_monotonic_ns": r["break_deadline_monotonic_ns"], "break_deadline_jiffies": r["break_deadline_jiffies"]}))
+        .collect();
+    eprintln!(
+        "restore planned {} with warnings {}; agent now: {agent_view:?}; {}",
+        report["leases"],
+        report["warnings"],
+        kernel_clocks()
+    );
     if let Some(l) = report["leases"].as_array().unwrap().first() {
         if l["deadline_monotonic_ns"].is_u64() {
             let want = match during {
@@ -618,10 +657,7 @@ fn names(dir: &Scratch) -> Vec<String> {
 fn refused(img: &str, dir: &Scratch, what: &str, extra: &[&str]) {
     let into = Cgroup::new(false);
     let before = names(dir);
-    let cg = into.path.display().to_string();
-    let mut args = vec![img, "--skip-unsupported", "--cgroup", &cg];
-    args.extend_from_slice(extra);
-    let (code, out, err) = run_restore(&args);
+    let (code, out, err) = restore_into(img, &into, extra);
     assert_ne!(code, 0, "restore should have failed: {out}");
     assert!(err.contains(what), "expected {what:?} in: {err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
@@ -699,17 +735,7 @@ fn refusals_leave_nothing_behind() {
         &["--exec-cmd", &exec],
     );
     let into = Cgroup::new(false);
-    let cgp = into.path.display().to_string();
-    let (code, _, err) = run_restore(&[
-        &img,
-        "--force",
-        "--skip-unsupported",
-        "--cgroup",
-        &cgp,
-        "--exec-cmd",
-        &exec,
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let err = restore_said(&img, &into, &["--force", "--exec-cmd", &exec]);
     assert!(
         err.contains("warning: --force") && err.contains("size changed"),
         "{err}"
@@ -789,16 +815,7 @@ fn close_on_exec_fds_close_at_the_programs_exec_unless_kept() {
 
     // As the kernel does: the exec closes the fd, and the lock goes with it; said.
     let into = Cgroup::new(false);
-    let cgp = into.path.display().to_string();
-    let (code, _, err) = run_restore(&[
-        &img,
-        "--skip-unsupported",
-        "--cgroup",
-        &cgp,
-        "--exec-cmd",
-        &exec,
-    ]);
-    assert_eq!(code, 0, "{err}");
+    let err = restore_said(&img, &into, &["--exec-cmd", &exec]);
     assert!(
         err.contains("close-on-exec fd; its program's exec releases it"),
         "{err}"
