@@ -284,6 +284,9 @@ fn modules_in_order(kernel: &Kernel, wanted: &[&str]) -> Result<Vec<(String, Vec
     Ok(out)
 }
 
+const RUNNING: &str = "=== running ";
+const EXIT: &str = "=== exit ";
+
 const INIT: &str = r#"#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -520,6 +523,42 @@ pub fn tally(console: &str) -> (u64, u64) {
     (passed, failed)
 }
 
+/// One test binary's output on the console, between the init script's markers.
+#[derive(Debug, PartialEq)]
+pub struct Suite<'a> {
+    pub name: &'a str,
+    pub output: &'a str,
+}
+
+/// The suites that reported a failed test or exited non-zero.
+pub fn failed_suites(console: &str) -> Vec<Suite<'_>> {
+    let mut out = Vec::new();
+    let mut rest = console;
+    while let Some(start) = rest.find(RUNNING) {
+        let after = &rest[start + RUNNING.len()..];
+        let name_end = after.find(['\r', '\n']).unwrap_or(after.len());
+        let name = after[..name_end].trim();
+        let body = &after[name_end..];
+        let (output, exit, next) = match body.find(EXIT) {
+            Some(e) => {
+                let code_end = body[e..].find('\n').map_or(body.len(), |n| e + n);
+                let code = body[e + EXIT.len()..code_end].trim();
+                (&body[..e], Some(code), &body[code_end..])
+            }
+            None => (body, None, ""),
+        };
+        let (_, failed) = tally(output);
+        if failed > 0 || exit != Some("0") {
+            out.push(Suite {
+                name,
+                output: output.trim_matches(['\r', '\n']),
+            });
+        }
+        rest = next;
+    }
+    out
+}
+
 /// Runs the integration tests on one kernel; returns (passed, failed) and whether the
 /// VM ran to the end.
 pub fn run_kernel(
@@ -537,7 +576,14 @@ pub fn run_kernel(
     let r = boot(kernel, initrd, accel, &extra, timeout)?;
     let (passed, failed) = tally(&r.console);
     let complete = r.console.contains(DONE) && !r.timed_out;
-    if !complete || failed > 0 {
+    // A failing suite is printed whole: its failure report can be far above the
+    // console's tail, behind the suites that ran after it.
+    for suite in failed_suites(&r.console) {
+        println!("---- {} on {}: failed ----", suite.name, kernel.release);
+        println!("{}", suite.output);
+        println!("---- end of {} ----", suite.name);
+    }
+    if !complete {
         let tail: Vec<&str> = r.console.lines().rev().take(60).collect();
         println!(
             "---- console of {} (last 60 lines){} ----",
@@ -560,6 +606,22 @@ mod tests {
     fn tally_sums_cargo_test_lines() {
         let c = "running 3 tests\ntest result: ok. 3 passed; 0 failed; 0 ignored\n\r\ntest result: FAILED. 2 passed; 1 failed; 0 ignored\n";
         assert_eq!(tally(c), (5, 1));
+    }
+
+    #[test]
+    fn failed_suites_are_cut_out_whole() {
+        let c = "boot\n=== running agent\r\nrunning 2 tests\ntest a ... FAILED\n\
+                 ---- a stdout ----\nplanned 5000\ntest result: FAILED. 1 passed; 1 failed;\n\
+                 === exit 101\n=== running dump\ntest result: ok. 4 passed; 0 failed;\n\
+                 === exit 0\n=== running leases\nthread panicked\n";
+        let s = failed_suites(c);
+        assert_eq!(s.len(), 2, "{s:?}");
+        assert_eq!(s[0].name, "agent");
+        assert!(s[0].output.contains("planned 5000"));
+        assert!(s[0].output.ends_with("1 failed;"));
+        // Cut off by a crash or a timeout: no exit line, so it counts as failed.
+        assert_eq!(s[1].name, "leases");
+        assert_eq!(s[1].output, "thread panicked");
     }
 
     #[test]
