@@ -41,7 +41,10 @@ pub enum EventSource {
 pub struct LockEvent {
     /// [`crate::tag::LOCK`].
     pub tag: u32,
-    pub _pad0: u32,
+    /// flock only, with `observed`: the `fl_pid` of that lock (0 when there is none).
+    /// A same-type request from another task sharing the description changes nothing
+    /// in the kernel, so the lock keeps the pid of whoever set it.
+    pub observed_pid: u32,
     /// CLOCK_MONOTONIC ns (bpf_ktime_get_ns).
     pub ts_ns: u64,
     pub ino: u64,

@@ -121,9 +121,16 @@ fn handle(ctx: &TracePointContext, off: &LockTpOffsets, source: EventSource) -> 
     let pid: u32 = read(ctx, off.pid)?;
     match LOCK_EVENTS.reserve::<LockEvent>(0) {
         Some(mut entry) => {
+            // Read after the reserve: an event later in the ring than another one on
+            // the same description observes a list at least as new as that one's.
+            let observed = if source == EventSource::Flock {
+                observe_flock(ctx, off, owner)
+            } else {
+                Observed::NONE
+            };
             entry.write(LockEvent {
                 tag: ckpt_common::tag::LOCK,
-                _pad0: 0,
+                observed_pid: observed.pid,
                 ts_ns: now,
                 ino,
                 owner,
@@ -137,11 +144,7 @@ fn handle(ctx: &TracePointContext, off: &LockTpOffsets, source: EventSource) -> 
                 ret,
                 source: source as u8,
                 lock_type,
-                observed: if source == EventSource::Flock {
-                    observe_flock(ctx, off, owner)
-                } else {
-                    NOT_OBSERVED
-                },
+                observed: observed.lock_type,
                 _pad: [0; 5],
             });
             entry.submit(0);
@@ -158,46 +161,68 @@ fn handle(ctx: &TracePointContext, off: &LockTpOffsets, source: EventSource) -> 
 /// Locks looked at in one inode's flock list before giving up.
 const FLOCK_LIST_MAX: usize = 32;
 
-/// The type of the flock lock that description `owner` holds now, from the inode's
+/// A description's flock lock as read from the inode's list.
+struct Observed {
+    lock_type: u8,
+    pid: u32,
+}
+
+impl Observed {
+    const NONE: Observed = Observed {
+        lock_type: NOT_OBSERVED,
+        pid: 0,
+    };
+    const UNLOCKED: Observed = Observed {
+        lock_type: fl_type::F_UNLCK,
+        pid: 0,
+    };
+}
+
+/// The flock lock that description `owner` holds now (type and pid), from the inode's
 /// flock list (read after the kernel released it: a later change may show, never an
 /// earlier state). Events of tasks sharing one description can reach the ring out of
 /// order; an observation taken after each event's own change makes the last one right.
-fn observe_flock(ctx: &TracePointContext, off: &LockTpOffsets, owner: u64) -> u8 {
+fn observe_flock(ctx: &TracePointContext, off: &LockTpOffsets, owner: u64) -> Observed {
     let lock_file = layout!(lock_lists.file);
     if lock_file == 0 {
-        return NOT_OBSERVED;
+        return Observed::NONE;
     }
     let Ok(req) = read::<u64>(ctx, off.fl) else {
-        return NOT_OBSERVED;
+        return Observed::NONE;
     };
     let Ok(file) = kread::<u64>(req, lock_file) else {
-        return NOT_OBSERVED;
+        return Observed::NONE;
     };
     let Ok(inode) = kread::<u64>(file, layout!(files.file_inode)) else {
-        return NOT_OBSERVED;
+        return Observed::NONE;
     };
     let Ok(flctx) = kread::<u64>(inode, layout!(lock_lists.inode_flctx)) else {
-        return NOT_OBSERVED;
+        return Observed::NONE;
     };
     if flctx == 0 {
-        return fl_type::F_UNLCK;
+        return Observed::UNLOCKED;
     }
     let head = flctx + layout!(lock_lists.ctx_flock) as u64;
     let Ok(mut node) = kread::<u64>(head, 0) else {
-        return NOT_OBSERVED;
+        return Observed::NONE;
     };
     for _ in 0..FLOCK_LIST_MAX {
         if node == head || node == 0 {
-            return fl_type::F_UNLCK;
+            return Observed::UNLOCKED;
         }
         let lock = node - layout!(lock_lists.list) as u64;
         if kread::<u64>(lock, lock_file) == Ok(owner) {
-            return kread::<u8>(lock, layout!(lock_lists.lock_type)).unwrap_or(NOT_OBSERVED);
+            let lock_type = kread::<u8>(lock, layout!(lock_lists.lock_type));
+            let pid = kread::<u32>(lock, layout!(lock_lists.pid));
+            return match (lock_type, pid) {
+                (Ok(lock_type), Ok(pid)) => Observed { lock_type, pid },
+                _ => Observed::NONE,
+            };
         }
         match kread::<u64>(node, 0) {
             Ok(next) => node = next,
-            Err(_) => return NOT_OBSERVED,
+            Err(_) => return Observed::NONE,
         }
     }
-    NOT_OBSERVED
+    Observed::NONE
 }

@@ -8,7 +8,7 @@ pub mod lock_table;
 pub mod reconcile;
 pub mod stats;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use aya::maps::{Map, MapData, PerCpuArray};
@@ -111,6 +111,13 @@ impl State {
     }
 }
 
+/// Events arriving this soon after the last drain are a stream ...
+const STREAM: Duration = Duration::from_millis(5);
+/// ... and are applied in batches this far apart. Readers that wait for the agent
+/// (`LiveMaps::barrier`, inside a dump's frozen window) wait up to this much longer
+/// while other processes lock a lot.
+const GATHER: Duration = Duration::from_millis(1);
+
 pub async fn run(opts: Options) -> Result<()> {
     // First, so that SIGINT/SIGTERM during start-up also end in a clean exit.
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -178,6 +185,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(500));
     let mut suspects = std::collections::HashSet::new();
     let mut drops_seen = state.stats.get(AgentStat::RingBufFullSeen)?;
+    let mut last_drain = Instant::now();
     loop {
         tokio::select! {
             guard = ring.readable_mut() => {
@@ -187,7 +195,15 @@ pub async fn run(opts: Options) -> Result<()> {
                 // would be lost until the half-second tick (seen under TCG: a restore
                 // waited 40 ms in vain for one event).
                 guard.clear_ready();
+                // Under a stream of events, let them gather: the kernel wakes the agent
+                // only for an event that finds it caught up, so one wakeup and one write
+                // per changed lock serve a whole batch (a lock and its unlock in one
+                // batch cost no write at all). A lone event is applied at once.
+                if last_drain.elapsed() < STREAM {
+                    tokio::time::sleep(GATHER).await;
+                }
                 drain(guard.get_inner_mut(), &mut state)?;
+                last_drain = Instant::now();
             }
             guard = logger.readable_mut() => {
                 let mut guard = guard?;

@@ -51,7 +51,16 @@ pub struct Request {
     pub ret: i32,
     /// flock only: the description's lock as read from the inode's list right after
     /// this request (None: not read; Some(None): no lock).
-    pub observed: Option<Option<LockType>>,
+    pub observed: Option<Option<FlockHeld>>,
+}
+
+/// A description's flock lock as the kernel's list showed it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlockHeld {
+    pub lock_type: LockType,
+    /// `fl_pid`: whoever set the lock, which is not the requester when another task
+    /// sharing the description asked for the type it already had.
+    pub pid: u32,
 }
 
 /// Which of the inode's lock lists a lock lives on. POSIX and OFD locks share one
@@ -199,33 +208,44 @@ impl OwnerLocks {
             }
         }
         // The old lock goes first, whether or not the new one is granted.
-        let target = req.lock_type.filter(|_| req.ret == 0);
+        let target = req
+            .lock_type
+            .filter(|_| req.ret == 0)
+            .map(|lock_type| FlockHeld {
+                lock_type,
+                pid: req.pid,
+            });
         self.set_flock(held, target, req)
     }
 }
 
 impl OwnerLocks {
-    /// Makes the flock lock of this description `observed` (keeping an unchanged one).
+    /// Makes the flock lock of this description `target` (keeping an unchanged one).
     fn set_flock(
         &mut self,
         held: Option<HeldLock>,
-        observed: Option<LockType>,
+        target: Option<FlockHeld>,
         req: &Request,
     ) -> Change {
-        if held.map(|h| h.lock_type) == observed {
+        if held.map(|h| FlockHeld {
+            lock_type: h.lock_type,
+            pid: h.pid,
+        }) == target
+        {
             return Change::default();
         }
         let removed: Vec<HeldLock> = std::mem::take(&mut self.ranges).into_values().collect();
         let mut added = Vec::new();
-        if let Some(lock_type) = observed {
+        if let Some(FlockHeld { lock_type, pid }) = target {
             let l = HeldLock {
                 kind: LockKind::Flock,
                 owner: req.owner,
                 start: 0,
                 end: OFFSET_MAX,
                 lock_type,
-                pid: req.pid,
-                fd: req.fd,
+                pid,
+                // The request's fd is the lock's only if the request set it.
+                fd: if pid == req.pid { req.fd } else { -1 },
                 since_ns: req.ts_ns,
                 origin: Origin::Traced,
             };
@@ -438,14 +458,15 @@ mod tests {
     #[test]
     fn flock_observations_win_over_out_of_order_requests() {
         let mut s = InodeLocks::default();
+        let w = |pid| Some(FlockHeld { lock_type: W, pid });
         // The kernel did: unlock, then lock (two tasks sharing the description), but
         // the events arrived lock first. Each carries what the list showed after it.
         let lock = Request {
-            observed: Some(Some(W)),
+            observed: Some(w(0xa)),
             ..req(LockKind::Flock, A, 0, OFFSET_MAX, Some(W))
         };
         let unlock = Request {
-            observed: Some(Some(W)),
+            observed: Some(w(0xa)),
             ..req(LockKind::Flock, A, 0, OFFSET_MAX, None)
         };
         s.apply(&lock);
@@ -457,6 +478,49 @@ mod tests {
         };
         s.apply(&gone);
         assert!(s.is_empty());
+    }
+
+    #[test]
+    fn a_flock_keeps_the_pid_of_the_task_that_set_it() {
+        // Tasks 10 and 20 share description A. 10 holds a read lock; 20 makes it a
+        // write lock (the kernel replaces it: fl_pid 20); 10 then asks for a write
+        // lock too, which the kernel finds already there and leaves alone. 10's
+        // event reaches us first, observing 20's lock.
+        let mut s = InodeLocks::default();
+        let by = |pid: u32, t, observed| Request {
+            pid,
+            fd: pid as i32,
+            observed: Some(observed),
+            ..req(LockKind::Flock, A, 0, OFFSET_MAX, t)
+        };
+        let held = |s: &InodeLocks| {
+            let l = s.all()[0];
+            (l.lock_type, l.pid, l.fd)
+        };
+        s.apply(&by(
+            10,
+            Some(R),
+            Some(FlockHeld {
+                lock_type: R,
+                pid: 10,
+            }),
+        ));
+        assert_eq!(held(&s), (R, 10, 10));
+        let twenty = Some(FlockHeld {
+            lock_type: W,
+            pid: 20,
+        });
+        s.apply(&by(10, Some(W), twenty));
+        assert_eq!(held(&s), (W, 20, -1), "task 10's event shows 20's lock");
+        s.apply(&by(20, Some(W), twenty));
+        assert_eq!(held(&s), (W, 20, -1), "unchanged: no write, no new fd");
+        // Without observations the requester's pid is all there is.
+        let mut s = InodeLocks::default();
+        s.apply(&Request {
+            observed: None,
+            ..by(10, Some(R), None)
+        });
+        assert_eq!(held(&s), (R, 10, 10));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use ckpt_common::lock::{
 };
 
 use super::{
-    model::{HeldLock, Request},
+    model::{FlockHeld, HeldLock, Request},
     KernelDev, LockType,
 };
 
@@ -71,7 +71,11 @@ pub fn request_of(ev: &LockEvent) -> Option<Request> {
         fd: ev.fd,
         ts_ns: ev.ts_ns,
         ret: ev.ret,
-        observed: (kind == LockKind::Flock && ev.observed != NOT_OBSERVED)
-            .then(|| LockType::from_fl_type(ev.observed)),
+        observed: (kind == LockKind::Flock && ev.observed != NOT_OBSERVED).then(|| {
+            LockType::from_fl_type(ev.observed).map(|lock_type| FlockHeld {
+                lock_type,
+                pid: ev.observed_pid,
+            })
+        }),
     })
 }
