@@ -67,7 +67,12 @@ pub fn run(runs: usize, only: Option<&str>) -> Result<()> {
             continue;
         }
         println!("bench: {title}");
-        let body = part(&ctx)?;
+        // Parts run at different times with different counts: each says its own.
+        let body = format!(
+            "Median (min-max) of {runs} interleaved runs, {}.\n\n{}",
+            today(),
+            part(&ctx)?.trim_start()
+        );
         match sections.iter_mut().find(|(t, _)| t == title) {
             Some(s) => s.1 = body,
             None => sections.push((title.to_string(), body)),
@@ -76,13 +81,11 @@ pub fn run(runs: usize, only: Option<&str>) -> Result<()> {
     // Sections in the order of PARTS, then any others kept as they were.
     sections.sort_by_key(|(t, _)| PARTS.iter().position(|p| p.1 == t).unwrap_or(usize::MAX));
     let kernel = output(Command::new("uname").arg("-r")).unwrap_or_default();
-    let date = output(Command::new("date").args(["-u", "+%Y-%m-%d"])).unwrap_or_default();
     let cpus = output(&mut Command::new("nproc")).unwrap_or_default();
     let mut doc = format!(
-        "# ckpt benchmarks\n\nMachine: {} CPUs, Linux {}, {} (the last part run). Each figure: median (min-max) of {runs} interleaved runs.\n",
+        "# ckpt benchmarks\n\nMachine: {} CPUs, Linux {}. Each section gives its number of runs and its date.\n",
         cpus.trim(),
         kernel.trim(),
-        date.trim()
     );
     for (title, body) in &sections {
         doc.push_str(&format!("\n## {title}\n\n{}", body.trim_start()));
@@ -93,6 +96,13 @@ pub fn run(runs: usize, only: Option<&str>) -> Result<()> {
     std::fs::write(&path, doc)?;
     println!("bench: wrote {}", path.display());
     Ok(())
+}
+
+fn today() -> String {
+    output(Command::new("date").args(["-u", "+%Y-%m-%d"]))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
 }
 
 /// `## title` sections of an existing BENCHMARKS.md.
