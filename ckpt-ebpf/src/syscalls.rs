@@ -16,16 +16,31 @@ use crate::maps::{
 
 const F_DUPFD: u32 = 0;
 const F_DUPFD_CLOEXEC: u32 = 1030;
+// Lock requests (uapi asm-generic/fcntl.h): the 64-bit forms are what 32-bit callers
+// use, the OFD forms take open-file-description locks.
+const F_SETLK: u32 = 6;
+const F_SETLKW: u32 = 7;
+const F_SETLK64: u32 = 13;
+const F_SETLKW64: u32 = 14;
+const F_OFD_SETLK: u32 = 37;
+const F_OFD_SETLKW: u32 = 38;
 
 /// The fcntl commands whose exit or whose lock events need the call's context: lock
-/// requests (F_SETLK/F_SETLKW, their 64-bit and OFD forms), F_SETLEASE, and the dups
-/// that make a deleted file's holder change. Every other command (most of what a
-/// program calls fcntl for) costs no map operation at all.
+/// requests, F_SETLEASE, and the dups that make a deleted file's holder change. Every
+/// other command (most of what a program calls fcntl for) costs no map operation.
 #[inline(always)]
 fn traced_cmd(cmd: u32) -> bool {
     matches!(
         cmd,
-        6 | 7 | 13 | 14 | 37 | 38 | F_SETLEASE | F_DUPFD | F_DUPFD_CLOEXEC
+        F_SETLK
+            | F_SETLKW
+            | F_SETLK64
+            | F_SETLKW64
+            | F_OFD_SETLK
+            | F_OFD_SETLKW
+            | F_SETLEASE
+            | F_DUPFD
+            | F_DUPFD_CLOEXEC
     )
 }
 

@@ -51,7 +51,6 @@ fn sleep_instead(pid: u32) -> String {
     format!("{pid}=exec sleep 600")
 }
 
-/// Dumps `cg` into `dir`/img (the dump must succeed) and returns the image's path.
 /// What each test starts from: a running agent, a scratch directory, and the cgroup
 /// whose processes are checkpointed.
 struct Scene {
@@ -71,6 +70,7 @@ impl Scene {
     }
 }
 
+/// Dumps `cg` into `dir`/img (the dump must succeed) and returns the image's path.
 fn checkpoint(agent: &Agent, cg: &Cgroup, dir: &Scratch) -> String {
     let img = dir.file("img");
     let (code, _, err) = agent.dump(&cg.path, &img, &[]);
