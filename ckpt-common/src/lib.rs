@@ -51,7 +51,9 @@ pub mod capacity {
     pub const LEASES: u32 = 16_384;
     pub const BREAK_CTX: u32 = 4_096;
     pub const WAITERS: u32 = 16_384;
-    pub const SYSCALL_CTX: u32 = 16_384;
+    /// Threads with a context: every live thread that made a traced call, least
+    /// recently used first out.
+    pub const SYSCALL_CTX: u32 = 32_768;
     /// Holders (process, fd or mapping) of deleted files, host-wide.
     pub const DELETED: u32 = 65_536;
     /// Processes holding a deleted file (their fork/exec/exit/munmap trigger a scan).

@@ -175,8 +175,10 @@ pub struct Waiter {
     pub _pad: [u8; 3],
 }
 
-/// Per-thread context of an fcntl()/flock() call in progress, keyed by thread id, so
-/// that lock events can name the fd they came through.
+/// Per-thread context of an fcntl()/flock() call, keyed by thread id, so that lock
+/// events can name the fd they came through. A thread keeps its entry between calls,
+/// marked inactive: a lookup and a store per call cost far less than an insert and a
+/// delete.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SyscallCtx {
@@ -190,7 +192,11 @@ pub struct SyscallCtx {
     pub lease_dev: u32,
     /// 1 once this call recorded a blocked waiter in `WAITERS` (only then is there one
     /// to remove at syscall exit).
-    pub waited: u32,
+    pub waited: u8,
+    /// 1 from syscall entry to syscall exit: the other fields describe the call the
+    /// thread is in. 0 between calls.
+    pub active: u8,
+    pub _pad: [u8; 2],
 }
 
 #[cfg(feature = "user")]

@@ -1,26 +1,7 @@
-//! Tracepoint field offsets, resolved in userspace from tracefs `format` files at load
-//! time and handed to the programs as read-only globals (`EbpfLoader::override_global`).
-//! Field names and offsets differ between kernels (6.1 `fl_owner` vs 6.9+ `owner`), so
-//! nothing here is hard-coded.
-
-/// Offsets of the `filelock:filelock_lock` event class (posix_lock_inode,
-/// flock_lock_inode, fcntl_setlk, locks_remove_posix).
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LockTpOffsets {
-    /// The request (struct file_lock *).
-    pub fl: u32,
-    pub i_ino: u32,
-    pub s_dev: u32,
-    pub blocker: u32,
-    pub owner: u32,
-    pub pid: u32,
-    pub flags: u32,
-    pub lock_type: u32,
-    pub start: u32,
-    pub end: u32,
-    pub ret: u32,
-}
+//! Tracepoint field and kernel struct offsets, resolved in userspace from tracefs
+//! `format` files and kernel BTF at load time and handed to the programs as read-only
+//! globals (`EbpfLoader::override_global`). Field names and offsets differ between
+//! kernels (6.1 `fl_owner` vs 6.9+ `owner`), so nothing here is hard-coded.
 
 /// Offsets of the syscall tracepoints the programs read.
 #[repr(C)]
@@ -120,6 +101,9 @@ pub struct LockListOffsets {
     pub flags: u32,
     pub lock_type: u32,
     pub pid: u32,
+    /// The lock a waiting request is blocked on (read from the request itself, not
+    /// from the copies the lock-list walks make).
+    pub blocker: u32,
     /// Byte range (struct file_lock only).
     pub start: u32,
     pub end: u32,
@@ -137,6 +121,7 @@ impl LockListOffsets {
         flags: 0,
         lock_type: 0,
         pid: 0,
+        blocker: 0,
         start: 0,
         end: 0,
     };
@@ -262,8 +247,6 @@ impl TaskIterOffsets {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelLayout {
-    pub posix: LockTpOffsets,
-    pub flock: LockTpOffsets,
     pub syscalls: SyscallTpOffsets,
     pub lease: LeaseTpOffsets,
     pub add_lease: AddLeaseTpOffsets,
@@ -278,8 +261,6 @@ pub struct KernelLayout {
 
 impl KernelLayout {
     pub const ZERO: KernelLayout = KernelLayout {
-        posix: LockTpOffsets::ZERO,
-        flock: LockTpOffsets::ZERO,
         syscalls: SyscallTpOffsets {
             fcntl_fd: 0,
             fcntl_cmd: 0,
@@ -333,22 +314,6 @@ impl KernelLayout {
             vma_file: 0,
         },
         valid: 0,
-    };
-}
-
-impl LockTpOffsets {
-    pub const ZERO: LockTpOffsets = LockTpOffsets {
-        fl: 0,
-        i_ino: 0,
-        s_dev: 0,
-        blocker: 0,
-        owner: 0,
-        pid: 0,
-        flags: 0,
-        lock_type: 0,
-        start: 0,
-        end: 0,
-        ret: 0,
     };
 }
 

@@ -28,8 +28,8 @@ use ckpt_common::{
 };
 
 use crate::{
-    iter::{field, IterMeta},
-    maps::{current_ids, file_path, kread, layout, now_ns, ready},
+    iter::IterMeta,
+    maps::{current_ids, field, file_path, kread, layout, now_ns, ready},
 };
 
 /// `trigger::*` slots, per CPU (the BPF target has no atomic add to share one):

@@ -20,8 +20,8 @@ use ckpt_common::files::{
 };
 
 use crate::{
-    iter::{field, IterMeta},
-    maps::{file_path, kread, layout, ready},
+    iter::IterMeta,
+    maps::{at, field, file_path, kcopy, kread, layout, ready},
 };
 
 const O_CLOEXEC: u32 = 0o2000000;
@@ -96,32 +96,6 @@ fn emit_task(seq: *mut c_void, scratch: *mut FdScratch, task: u64, tgid: u32) ->
     }
     write(seq, t as *const _ as *const c_void, TASK_RECORD_SIZE as u32);
     Ok(())
-}
-
-/// Copies `len` bytes of a kernel object at `src` into our scratch at `dst`.
-#[inline(always)]
-fn copy(src: u64, dst: *mut u8, len: usize) -> Result<(), i32> {
-    // SAFETY: `dst` is `len` bytes of our per-CPU scratch; the helper checks `src`.
-    let r = unsafe {
-        aya_ebpf::helpers::generated::bpf_probe_read_kernel(
-            dst as *mut c_void,
-            len as u32,
-            src as *const c_void,
-        )
-    };
-    if r < 0 {
-        Err(r as i32)
-    } else {
-        Ok(())
-    }
-}
-
-/// The `T` at `off` of a copy made by `copy` (the kernel's natural alignment holds:
-/// the copy is 8-byte aligned). The verifier checks `off` against the copy's size.
-#[inline(always)]
-fn at<T: Copy>(buf: *const u8, off: u32) -> T {
-    // SAFETY: see above.
-    unsafe { read_volatile(buf.add(off as usize) as *const T) }
 }
 
 #[inline(always)]
@@ -244,7 +218,7 @@ fn emit(ctx: *const TaskFileCtx, with_path: bool) -> Result<(), i32> {
             (*scratch).ctx.as_mut_ptr() as *mut u8,
         )
     };
-    copy(flctx, lctx, LOCK_CTX_SPAN)?;
+    kcopy(flctx, lctx, LOCK_CTX_SPAN)?;
     line.tag = tag::LOCK;
     for (which, head_off) in [
         (list::POSIX, layout!(lock_lists.ctx_posix)),
@@ -259,7 +233,7 @@ fn emit(ctx: *const TaskFileCtx, with_path: bool) -> Result<(), i32> {
                 ended = true;
                 break;
             }
-            copy(node - layout!(lock_lists.list) as u64, lock, LOCK_SPAN)?;
+            kcopy(node - layout!(lock_lists.list) as u64, lock, LOCK_SPAN)?;
             let lfile: u64 = at(lock, layout!(lock_lists.file));
             let owner: u64 = at(lock, layout!(lock_lists.owner));
             if lfile == f && (owner == files || owner == f) {

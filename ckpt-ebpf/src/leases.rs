@@ -18,10 +18,8 @@ use ckpt_common::{
 };
 
 use crate::{
-    maps::{
-        count, current_ids, jiffies, kread, layout, now_ns, ready, BREAK_CTX, SYSCALL_CTX, WAITERS,
-    },
-    syscalls::{emit_lease, emit_lease_with},
+    maps::{count, current_ids, jiffies, kread, layout, now_ns, ready, BREAK_CTX, WAITERS},
+    syscalls::{call_ctx, emit_lease, emit_lease_with},
 };
 
 /// A break attempt's context older than this is from an earlier attempt.
@@ -36,7 +34,7 @@ fn tp<T>(ctx: &TracePointContext, off: u32) -> Result<T, i32> {
 /// Remembers the lease named during an F_SETLEASE call, for sys_exit_fcntl.
 fn note_setlease(dev: u32, ino: u64, owner: u64) {
     let (_, tid) = current_ids();
-    if let Some(p) = SYSCALL_CTX.get_ptr_mut(&tid) {
+    if let Some(p) = call_ctx(tid) {
         // SAFETY: value of our own map.
         unsafe {
             (*p).lease_dev = dev;

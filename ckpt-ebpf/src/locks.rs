@@ -1,47 +1,57 @@
-//! filelock:posix_lock_inode and filelock:flock_lock_inode.
+//! The filelock:posix_lock_inode and filelock:flock_lock_inode tracepoints, as BTF
+//! tracepoints: the programs get the kernel's own arguments (inode, request, result)
+//! and read the request's fields with plain loads the verifier checks against BTF.
+//! A classic tracepoint program first has the kernel fill in its record, then reads
+//! each field through a helper call; at one event per lock call that was half the
+//! tracer's cost.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
 use aya_log_ebpf::warn;
 use ckpt_common::{
     counters::Counter,
+    files::LOCK_SPAN,
     lock::{
         fl_flags, fl_type, EventSource, LockEvent, SyscallCtx, Waiter, FILE_LOCK_DEFERRED,
         NOT_OBSERVED,
     },
-    offsets::LockTpOffsets,
 };
 
-use crate::maps::{count, current_ids, kread, layout, ready, LOCK_EVENTS, SYSCALL_CTX, WAITERS};
+use crate::{
+    maps::{at, count, current_ids, field, kcopy, kread, layout, ready, LOCK_EVENTS, WAITERS},
+    syscalls::{call_ctx, set_call_ctx},
+};
 
 /// FL_ACCESS requests only test for conflicts; they never change lock state.
 const FL_ACCESS: u32 = 8;
 
-#[tracepoint]
-pub fn posix_lock_inode(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "posix_lock_inode")]
+pub fn posix_lock_inode(ctx: BtfTracePointContext) -> i32 {
     if ready() {
-        let _ = handle(&ctx, &layout!(posix), EventSource::Posix);
+        let _ = handle(&ctx, EventSource::Posix);
     }
     0
 }
 
-#[tracepoint]
-pub fn flock_lock_inode(ctx: TracePointContext) -> u32 {
+#[btf_tracepoint(function = "flock_lock_inode")]
+pub fn flock_lock_inode(ctx: BtfTracePointContext) -> i32 {
     if ready() {
-        let _ = handle(&ctx, &layout!(flock), EventSource::Flock);
+        let _ = handle(&ctx, EventSource::Flock);
     }
     0
 }
 
-#[inline(always)]
-fn read<T>(ctx: &TracePointContext, off: u32) -> Result<T, i32> {
-    // SAFETY: offsets come from this kernel's tracefs format file.
-    unsafe { ctx.read_at::<T>(off as usize) }
-}
-
-fn handle(ctx: &TracePointContext, off: &LockTpOffsets, source: EventSource) -> Result<(), i32> {
+/// `(struct inode *inode, struct file_lock *request, int ret)`, as both tracepoints
+/// are declared (the `filelock_lock` class).
+fn handle(ctx: &BtfTracePointContext, source: EventSource) -> Result<(), i32> {
     count(Counter::EventsSeen);
-    let ret: i32 = read(ctx, off.ret)?;
-    let flags: u32 = read(ctx, off.flags)?;
+    let inode: u64 = ctx.arg(0);
+    let req: u64 = ctx.arg(1);
+    let ret = ctx.arg::<u64>(2) as i32;
+    // Never NULL, but the verifier may take them for nullable.
+    if inode == 0 || req == 0 {
+        return Err(0);
+    }
+    let flags: u32 = field(req, layout!(lock_lists.flags));
     // A refused or deferred POSIX request changes nothing. A refused or deferred flock
     // *conversion* has already dropped the old lock, so flock events always go out.
     // (A blocked waiter is removed at syscall exit, whatever the outcome.)
@@ -49,7 +59,7 @@ fn handle(ctx: &TracePointContext, off: &LockTpOffsets, source: EventSource) -> 
         return Ok(());
     }
     let (tgid, tid) = current_ids();
-    let sc = SYSCALL_CTX.get_ptr_mut(&tid);
+    let sc = call_ctx(tid);
     let (fd, waited) = match sc {
         // SAFETY: value of our own map, plain data.
         Some(p) => unsafe { ((*p).fd, (*p).waited != 0) },
@@ -57,12 +67,13 @@ fn handle(ctx: &TracePointContext, off: &LockTpOffsets, source: EventSource) -> 
         // tracing did.
         None => (-1, true),
     };
-    let ino: u64 = read(ctx, off.i_ino)?;
-    let dev: u32 = read(ctx, off.s_dev)?;
-    let owner: u64 = read(ctx, off.owner)?;
-    let start: i64 = read(ctx, off.start)?;
-    let end: i64 = read(ctx, off.end)?;
-    let lock_type: u8 = read(ctx, off.lock_type)?;
+    let ino: u64 = field(inode, layout!(files.inode_ino));
+    let sb: u64 = field(inode, layout!(files.inode_sb));
+    let dev: u32 = field(sb, layout!(files.sb_dev));
+    let owner: u64 = field(req, layout!(lock_lists.owner));
+    let start: i64 = field(req, layout!(lock_lists.start));
+    let end: i64 = field(req, layout!(lock_lists.end));
+    let lock_type: u8 = field(req, layout!(lock_lists.lock_type));
     let now = unsafe { bpf_ktime_get_ns() };
 
     if ret == FILE_LOCK_DEFERRED {
@@ -75,7 +86,7 @@ fn handle(ctx: &TracePointContext, off: &LockTpOffsets, source: EventSource) -> 
             since_ns: since,
             ino,
             owner,
-            blocker: read(ctx, off.blocker)?,
+            blocker: field(req, layout!(lock_lists.blocker)),
             start,
             end,
             dev,
@@ -102,11 +113,10 @@ fn handle(ctx: &TracePointContext, off: &LockTpOffsets, source: EventSource) -> 
                 let entry = SyscallCtx {
                     fd: -1,
                     waited: 1,
+                    active: 1,
                     ..Default::default()
                 };
-                if SYSCALL_CTX.insert(&tid, &entry, 0).is_err() {
-                    count(Counter::SyscallCtxFull);
-                }
+                set_call_ctx(tid, &entry);
             }
         }
         if source == EventSource::Posix {
@@ -118,13 +128,13 @@ fn handle(ctx: &TracePointContext, off: &LockTpOffsets, source: EventSource) -> 
     if ret == 0 && flags & fl_flags::FL_SLEEP != 0 && waited {
         let _ = WAITERS.remove(&tid);
     }
-    let pid: u32 = read(ctx, off.pid)?;
+    let pid: u32 = field(req, layout!(lock_lists.pid));
     match LOCK_EVENTS.reserve::<LockEvent>(0) {
         Some(mut entry) => {
             // Read after the reserve: an event later in the ring than another one on
             // the same description observes a list at least as new as that one's.
             let observed = if source == EventSource::Flock {
-                observe_flock(ctx, off, owner)
+                observe_flock(inode, owner)
             } else {
                 Observed::NONE
             };
@@ -182,23 +192,16 @@ impl Observed {
 /// flock list (read after the kernel released it: a later change may show, never an
 /// earlier state). Events of tasks sharing one description can reach the ring out of
 /// order; an observation taken after each event's own change makes the last one right.
-fn observe_flock(ctx: &TracePointContext, off: &LockTpOffsets, owner: u64) -> Observed {
+///
+/// A flock request's owner is its file (`flock_make_lock`, `locks_remove_flock`): the
+/// walk looks for the lock whose file `owner` is. Each lock is read in one copy: two
+/// helper calls for a list of one lock, where one per field took eight.
+fn observe_flock(inode: u64, owner: u64) -> Observed {
     let lock_file = layout!(lock_lists.file);
     if lock_file == 0 {
         return Observed::NONE;
     }
-    let Ok(req) = read::<u64>(ctx, off.fl) else {
-        return Observed::NONE;
-    };
-    let Ok(file) = kread::<u64>(req, lock_file) else {
-        return Observed::NONE;
-    };
-    let Ok(inode) = kread::<u64>(file, layout!(files.file_inode)) else {
-        return Observed::NONE;
-    };
-    let Ok(flctx) = kread::<u64>(inode, layout!(lock_lists.inode_flctx)) else {
-        return Observed::NONE;
-    };
+    let flctx: u64 = field(inode, layout!(lock_lists.inode_flctx));
     if flctx == 0 {
         return Observed::UNLOCKED;
     }
@@ -206,23 +209,24 @@ fn observe_flock(ctx: &TracePointContext, off: &LockTpOffsets, owner: u64) -> Ob
     let Ok(mut node) = kread::<u64>(head, 0) else {
         return Observed::NONE;
     };
+    // Not zeroed: the copy fills it (zeroing 192 bytes took a memset subprogram call
+    // per event).
+    let mut lock = core::mem::MaybeUninit::<[u64; LOCK_SPAN / 8]>::uninit();
+    let buf = lock.as_mut_ptr() as *mut u8;
     for _ in 0..FLOCK_LIST_MAX {
         if node == head || node == 0 {
             return Observed::UNLOCKED;
         }
-        let lock = node - layout!(lock_lists.list) as u64;
-        if kread::<u64>(lock, lock_file) == Ok(owner) {
-            let lock_type = kread::<u8>(lock, layout!(lock_lists.lock_type));
-            let pid = kread::<u32>(lock, layout!(lock_lists.pid));
-            return match (lock_type, pid) {
-                (Ok(lock_type), Ok(pid)) => Observed { lock_type, pid },
-                _ => Observed::NONE,
+        if kcopy(node - layout!(lock_lists.list) as u64, buf, LOCK_SPAN).is_err() {
+            return Observed::NONE;
+        }
+        if at::<u64>(buf, lock_file) == owner {
+            return Observed {
+                lock_type: at(buf, layout!(lock_lists.lock_type)),
+                pid: at(buf, layout!(lock_lists.pid)),
             };
         }
-        match kread::<u64>(node, 0) {
-            Ok(next) => node = next,
-            Err(_) => return Observed::NONE,
-        }
+        node = at(buf, layout!(lock_lists.list));
     }
     Observed::NONE
 }

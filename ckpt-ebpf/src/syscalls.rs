@@ -49,25 +49,70 @@ fn read_u64(ctx: &TracePointContext, off: u32) -> u64 {
     unsafe { ctx.read_at::<u64>(off as usize) }.unwrap_or(0)
 }
 
-fn remember(fd: u64, cmd: u32, arg: u64) {
-    let (_, tid) = current_ids();
-    let entry = SyscallCtx {
-        fd: fd as i32,
-        cmd,
-        arg,
-        ..Default::default()
-    };
-    if SYSCALL_CTX.insert(&tid, &entry, 0).is_err() {
-        count(Counter::SyscallCtxFull);
+/// The context of the traced fcntl()/flock() call thread `tid` is in, if any.
+#[inline(always)]
+pub fn call_ctx(tid: u32) -> Option<*mut SyscallCtx> {
+    let p = SYSCALL_CTX.get_ptr_mut(&tid)?;
+    // SAFETY: value of our own map, plain data; only thread `tid` writes its entry.
+    (unsafe { (*p).active } != 0).then_some(p)
+}
+
+/// Makes `entry` the context of thread `tid`'s call: stored in place over the entry of
+/// its last call when it has one (a lookup and a store, where an insert and a delete
+/// per call cost ~350 ns more), inserted otherwise.
+#[inline(always)]
+pub fn set_call_ctx(tid: u32, entry: &SyscallCtx) {
+    match SYSCALL_CTX.get_ptr_mut(&tid) {
+        // SAFETY: as in `call_ctx`.
+        Some(p) => unsafe { *p = *entry },
+        None => {
+            if SYSCALL_CTX.insert(&tid, entry, 0).is_err() {
+                count(Counter::SyscallCtxFull);
+            }
+        }
     }
 }
 
-/// Drops the call's context, and its waiter if it recorded one.
-fn forget(tid: u32, sc: &SyscallCtx) {
-    let _ = SYSCALL_CTX.remove(&tid);
+fn begin_call(fd: u64, cmd: u32, arg: u64) {
+    let (_, tid) = current_ids();
+    match SYSCALL_CTX.get_ptr_mut(&tid) {
+        // Field by field: building a whole entry costs a memset call per syscall. The
+        // lease fields are meaningful only with `lease_dev` set.
+        // SAFETY: as in `call_ctx`.
+        Some(p) => unsafe {
+            (*p).fd = fd as i32;
+            (*p).cmd = cmd;
+            (*p).arg = arg;
+            (*p).lease_dev = 0;
+            (*p).waited = 0;
+            (*p).active = 1;
+        },
+        None => set_call_ctx(
+            tid,
+            &SyscallCtx {
+                fd: fd as i32,
+                cmd,
+                arg,
+                active: 1,
+                ..Default::default()
+            },
+        ),
+    }
+}
+
+/// Ends thread `tid`'s call: its context, if it was in a traced call, now kept inactive;
+/// and its waiter, if it recorded one, dropped.
+fn end_call(tid: u32) -> Option<SyscallCtx> {
+    let p = call_ctx(tid)?;
+    // SAFETY: as in `call_ctx`.
+    let sc = unsafe {
+        (*p).active = 0;
+        *p
+    };
     if sc.waited != 0 {
         let _ = WAITERS.remove(&tid);
     }
+    Some(sc)
 }
 
 #[tracepoint]
@@ -76,7 +121,7 @@ pub fn sys_enter_fcntl(ctx: TracePointContext) -> u32 {
         let o = layout!(syscalls);
         let cmd = read_u64(&ctx, o.fcntl_cmd) as u32;
         if traced_cmd(cmd) {
-            remember(read_u64(&ctx, o.fcntl_fd), cmd, read_u64(&ctx, o.fcntl_arg));
+            begin_call(read_u64(&ctx, o.fcntl_fd), cmd, read_u64(&ctx, o.fcntl_arg));
         }
     }
     0
@@ -85,7 +130,7 @@ pub fn sys_enter_fcntl(ctx: TracePointContext) -> u32 {
 #[tracepoint]
 pub fn sys_enter_flock(ctx: TracePointContext) -> u32 {
     if ready() {
-        remember(read_u64(&ctx, layout!(syscalls).flock_fd), 0, 0);
+        begin_call(read_u64(&ctx, layout!(syscalls).flock_fd), 0, 0);
     }
     0
 }
@@ -97,11 +142,9 @@ pub fn sys_enter_flock(ctx: TracePointContext) -> u32 {
 pub fn sys_exit_fcntl(ctx: TracePointContext) -> u32 {
     let (tgid, tid) = current_ids();
     // No context: a command not traced, nothing to undo.
-    let Some(p) = SYSCALL_CTX.get_ptr(&tid) else {
+    let Some(sc) = end_call(tid) else {
         return 0;
     };
-    // SAFETY: value of our own map, plain data.
-    let sc = unsafe { *p };
     if ready() {
         let ret = read_u64(&ctx, layout!(syscalls).fcntl_ret) as i64;
         if (sc.cmd == F_DUPFD || sc.cmd == F_DUPFD_CLOEXEC) && ret >= 0 {
@@ -130,7 +173,6 @@ pub fn sys_exit_fcntl(ctx: TracePointContext) -> u32 {
             });
         }
     }
-    forget(tid, &sc);
     0
 }
 
@@ -160,10 +202,7 @@ pub fn emit_lease_with(fill: impl FnOnce(&mut LeaseEvent)) {
 #[tracepoint]
 pub fn sys_exit_flock(_ctx: TracePointContext) -> u32 {
     let (_, tid) = current_ids();
-    if let Some(p) = SYSCALL_CTX.get_ptr(&tid) {
-        // SAFETY: value of our own map, plain data.
-        forget(tid, &unsafe { *p });
-    }
+    end_call(tid);
     0
 }
 

@@ -10,8 +10,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use ckpt_common::files::{LOCK_CTX_SPAN, LOCK_SPAN};
 use ckpt_common::offsets::{
     AddLeaseTpOffsets, BreakTpOffsets, DeletedTpOffsets, FileIterOffsets, KernelLayout,
-    LeaseStructOffsets, LeaseTpOffsets, LockListOffsets, LockTpOffsets, SyscallTpOffsets,
-    TaskIterOffsets,
+    LeaseStructOffsets, LeaseTpOffsets, LockListOffsets, SyscallTpOffsets, TaskIterOffsets,
 };
 
 use super::btf::Btf;
@@ -93,23 +92,6 @@ impl Format {
     }
 }
 
-/// Offsets of the filelock_lock event class (posix_lock_inode, flock_lock_inode).
-pub fn lock_offsets(f: &Format) -> Result<LockTpOffsets> {
-    Ok(LockTpOffsets {
-        fl: f.offset(&["fl"], 8)?,
-        i_ino: f.offset(&["i_ino"], 8)?,
-        s_dev: f.offset(&["s_dev"], 4)?,
-        blocker: f.offset(&["blocker", "fl_blocker"], 8)?,
-        owner: f.offset(&["owner", "fl_owner"], 8)?,
-        pid: f.offset(&["pid", "fl_pid"], 4)?,
-        flags: f.offset(&["flags", "fl_flags"], 4)?,
-        lock_type: f.offset(&["type", "fl_type"], 1)?,
-        start: f.offset(&["fl_start"], 8)?,
-        end: f.offset(&["fl_end"], 8)?,
-        ret: f.offset(&["ret"], 4)?,
-    })
-}
-
 /// Offsets of the filelock_lease event class.
 pub fn lease_offsets(f: &Format) -> Result<LeaseTpOffsets> {
     Ok(LeaseTpOffsets {
@@ -174,6 +156,7 @@ pub fn lock_list_offsets(btf: &Btf) -> Result<LockListOffsets> {
         flags: common("flags")?,
         lock_type: common("type")?,
         pid: common("pid")?,
+        blocker: common("blocker")?,
         start: btf.offset_of("file_lock", "fl_start")?,
         end: btf.offset_of("file_lock", "fl_end")?,
     };
@@ -181,8 +164,9 @@ pub fn lock_list_offsets(btf: &Btf) -> Result<LockListOffsets> {
     Ok(o)
 }
 
-/// The iterator reads a lock's first `LOCK_SPAN` bytes and a context's first
-/// `LOCK_CTX_SPAN` at once, and takes the fields from that copy.
+/// The iterator (and flock_lock_inode's look at the flock list) reads a lock's first
+/// `LOCK_SPAN` bytes and a context's first `LOCK_CTX_SPAN` at once, and takes the
+/// fields from that copy.
 fn check_spans(o: &LockListOffsets) -> Result<()> {
     let lock_end = [
         (o.list, 8),
@@ -354,8 +338,6 @@ pub fn deleted_offsets(btf: &Btf) -> Result<DeletedTpOffsets> {
 
 /// Reads this kernel's format files and BTF and builds the layout the programs need.
 pub fn resolve_layout() -> Result<KernelLayout> {
-    let posix = Format::read("filelock", "posix_lock_inode")?;
-    let flock = Format::read("filelock", "flock_lock_inode")?;
     let fcntl = Format::read("syscalls", "sys_enter_fcntl")?;
     let fcntl_exit = Format::read("syscalls", "sys_exit_fcntl")?;
     let flock_sys = Format::read("syscalls", "sys_enter_flock")?;
@@ -376,8 +358,6 @@ pub fn resolve_layout() -> Result<KernelLayout> {
     let signal = Format::read("signal", "signal_generate")?;
     let btf = Btf::from_sys_fs()?;
     Ok(KernelLayout {
-        posix: lock_offsets(&posix).context("filelock:posix_lock_inode")?,
-        flock: lock_offsets(&flock).context("filelock:flock_lock_inode")?,
         syscalls: SyscallTpOffsets {
             fcntl_fd: fcntl.offset(&["fd"], 8)?,
             fcntl_cmd: fcntl.offset(&["cmd"], 8)?,
@@ -415,22 +395,20 @@ pub fn resolve_layout() -> Result<KernelLayout> {
 mod tests {
     use super::*;
 
-    /// 6.18's filelock_lock class.
-    const NEW: &str = "name: posix_lock_inode
+    /// 6.18's filelock_lease class.
+    const NEW: &str = "name: generic_delete_lease
 ID: 1
 format:
 \tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;
-\tfield:struct file_lock * fl;\toffset:8;\tsize:8;\tsigned:0;
+\tfield:struct file_lease * fl;\toffset:8;\tsize:8;\tsigned:0;
 \tfield:unsigned long i_ino;\toffset:16;\tsize:8;\tsigned:0;
 \tfield:dev_t s_dev;\toffset:24;\tsize:4;\tsigned:0;
 \tfield:struct file_lock_core * blocker;\toffset:32;\tsize:8;\tsigned:0;
 \tfield:fl_owner_t owner;\toffset:40;\tsize:8;\tsigned:0;
-\tfield:unsigned int pid;\toffset:48;\tsize:4;\tsigned:0;
-\tfield:unsigned int flags;\toffset:52;\tsize:4;\tsigned:0;
-\tfield:unsigned char type;\toffset:56;\tsize:1;\tsigned:0;
-\tfield:loff_t fl_start;\toffset:64;\tsize:8;\tsigned:1;
-\tfield:loff_t fl_end;\toffset:72;\tsize:8;\tsigned:1;
-\tfield:int ret;\toffset:80;\tsize:4;\tsigned:1;
+\tfield:unsigned int flags;\toffset:48;\tsize:4;\tsigned:0;
+\tfield:unsigned char type;\toffset:52;\tsize:1;\tsigned:0;
+\tfield:unsigned long break_time;\toffset:56;\tsize:8;\tsigned:0;
+\tfield:unsigned long downgrade_time;\toffset:64;\tsize:8;\tsigned:0;
 
 print fmt: \"fl=%p\"
 ";
@@ -442,30 +420,32 @@ print fmt: \"fl=%p\"
 \tfield:dev_t s_dev;\toffset:24;\tsize:4;\tsigned:0;
 \tfield:struct file_lock * fl_blocker;\toffset:32;\tsize:8;\tsigned:0;
 \tfield:fl_owner_t fl_owner;\toffset:40;\tsize:8;\tsigned:0;
-\tfield:unsigned int fl_pid;\toffset:48;\tsize:4;\tsigned:0;
-\tfield:unsigned int fl_flags;\toffset:52;\tsize:4;\tsigned:0;
-\tfield:unsigned char fl_type;\toffset:56;\tsize:1;\tsigned:0;
-\tfield:loff_t fl_start;\toffset:64;\tsize:8;\tsigned:1;
-\tfield:loff_t fl_end;\toffset:72;\tsize:8;\tsigned:1;
-\tfield:int ret;\toffset:80;\tsize:4;\tsigned:1;
+\tfield:unsigned int fl_flags;\toffset:48;\tsize:4;\tsigned:0;
+\tfield:unsigned char fl_type;\toffset:52;\tsize:1;\tsigned:0;
+\tfield:unsigned long fl_break_time;\toffset:56;\tsize:8;\tsigned:0;
+\tfield:unsigned long fl_downgrade_time;\toffset:64;\tsize:8;\tsigned:0;
 ";
 
     #[test]
     fn resolves_both_naming_generations_to_the_same_offsets() {
-        let new = lock_offsets(&Format::parse(NEW).unwrap()).unwrap();
-        let old = lock_offsets(&Format::parse(OLD).unwrap()).unwrap();
+        let new = lease_offsets(&Format::parse(NEW).unwrap()).unwrap();
+        let old = lease_offsets(&Format::parse(OLD).unwrap()).unwrap();
         assert_eq!(new, old);
         assert_eq!(new.owner, 40);
-        assert_eq!(new.lock_type, 56);
-        assert_eq!(new.ret, 80);
+        assert_eq!(new.lease_type, 52);
+        assert_eq!(new.downgrade_time, 64);
     }
 
     #[test]
     fn missing_or_resized_field_is_an_error() {
-        let f = Format::parse(&NEW.replace("fl_end", "other")).unwrap();
-        assert!(lock_offsets(&f).is_err());
-        let f = Format::parse(&NEW.replace("size:4;\tsigned:1;", "size:8;\tsigned:1;")).unwrap();
-        assert!(lock_offsets(&f).is_err());
+        let f = Format::parse(&NEW.replace("downgrade_time", "other")).unwrap();
+        assert!(lease_offsets(&f).is_err());
+        let f = Format::parse(&NEW.replace(
+            "size:4;\tsigned:0;\n\tfield:unsigned char",
+            "size:8;\tsigned:0;\n\tfield:unsigned char",
+        ))
+        .unwrap();
+        assert!(lease_offsets(&f).is_err());
     }
 
     #[test]

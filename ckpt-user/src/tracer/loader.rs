@@ -1,6 +1,10 @@
 //! Loads the eBPF object with this kernel's layout, attaches every program to its
 //! tracepoint and pins programs, links and maps.
 //!
+//! The two lock tracepoints, which fire on every lock call, are attached as BTF
+//! tracepoints (cheapest to run; see ckpt-ebpf/src/locks.rs); the rest are classic
+//! tracepoints.
+//!
 //! Restart without loss: maps are pinned by name, so a new agent's object reuses the
 //! old maps (LOCK_EVENTS still holds what happened while no agent ran). The new
 //! programs are attached *before* the old links are unpinned, so no event is missed;
@@ -11,7 +15,7 @@ use std::fs;
 
 use anyhow::{Context as _, Result};
 use aya::{
-    programs::{links::FdLink, Iter, TracePoint},
+    programs::{links::FdLink, BtfTracePoint, Iter, TracePoint},
     Ebpf, EbpfLoader,
 };
 use tracing::{debug, info};
@@ -24,10 +28,14 @@ use crate::sys::mounts;
 /// The eBPF object built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ckpt"));
 
+/// (program, BTF tracepoint): `btf_trace_<name>` in the kernel's BTF.
+pub const BTF_PROGRAMS: &[(&str, &str)] = &[
+    ("posix_lock_inode", "posix_lock_inode"),
+    ("flock_lock_inode", "flock_lock_inode"),
+];
+
 /// (program, tracepoint category, tracepoint name)
 pub const PROGRAMS: &[(&str, &str, &str)] = &[
-    ("posix_lock_inode", "filelock", "posix_lock_inode"),
-    ("flock_lock_inode", "filelock", "flock_lock_inode"),
     ("sys_enter_fcntl", "syscalls", "sys_enter_fcntl"),
     ("sys_enter_flock", "syscalls", "sys_enter_flock"),
     ("sys_exit_fcntl", "syscalls", "sys_exit_fcntl"),
@@ -90,6 +98,21 @@ pub fn load_and_attach(pins: &PinDir, max_locks: Option<u32>) -> Result<Loaded> 
         loader.map_max_entries(names::LOCKS, n);
     }
     let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+    let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+
+    for (prog_name, tp) in BTF_PROGRAMS {
+        let prog: &mut BtfTracePoint = ebpf
+            .program_mut(prog_name)
+            .with_context(|| format!("program {prog_name} missing from object"))?
+            .try_into()?;
+        prog.load(tp, &btf)
+            .with_context(|| format!("loading {prog_name}"))?;
+        let link_id = prog
+            .attach()
+            .with_context(|| format!("attaching {prog_name} to BTF tracepoint {tp}"))?;
+        let link: FdLink = prog.take_link(link_id)?.into();
+        replace_pins(pins, prog_name, link, |p| prog.pin(p))?;
+    }
 
     let exits: Vec<(&str, &str, &str)> = super::format::DELETED_EXITS
         .iter()
@@ -117,7 +140,6 @@ pub fn load_and_attach(pins: &PinDir, max_locks: Option<u32>) -> Result<Loaded> 
 
     // The fd-table iterators are only loaded and pinned: `ckpt-user dump` aims a link
     // at each process it reads (`dump::fd_table`).
-    let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
     for name in [names::TASK_FILES, names::TASK_FILES_PATHS] {
         let prog: &mut Iter = ebpf
             .program_mut(name)
