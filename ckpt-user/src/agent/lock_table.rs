@@ -2,11 +2,10 @@
 //! map that readers use. Events are applied through `locks::model`; only the keys an
 //! event changed are written, so the map stays consistent lock by lock.
 
-use std::collections::HashMap;
-
 use anyhow::Result;
 use aya::maps::{HashMap as BpfHashMap, MapData, MapError};
 use ckpt_common::lock::{LockEvent, LockKey, LockKind, LockRecord, Origin};
+use foldhash::HashMap;
 use tracing::warn;
 
 use crate::locks::{
@@ -67,11 +66,11 @@ impl LockTable {
     pub fn open(map: BpfHashMap<MapData, LockKey, LockRecord>) -> Result<LockTable> {
         let mut table = LockTable {
             map,
-            owners: HashMap::new(),
-            unadopted: HashMap::new(),
-            holders: HashMap::new(),
+            owners: HashMap::default(),
+            unadopted: HashMap::default(),
+            holders: HashMap::default(),
             next_synthetic_owner: 1,
-            staged: HashMap::new(),
+            staged: HashMap::default(),
             shared: SharedOwners::default(),
             applied: 0,
             reconciled: 0,
