@@ -91,10 +91,9 @@ pub type Suspect = (InodeId, u64, i64, i64);
 /// row only: /proc/locks may already show a change whose event the agent has not
 /// applied yet (its owner unlocked part of it a moment ago), and dropping the lock then
 /// would lose what remains of it for good.
-pub fn verify(table: &mut LockTable, suspects: &mut HashSet<Suspect>) -> Result<()> {
-    let procs = proc_locks::read()?;
+pub fn verify(table: &mut LockTable, procs: &[ProcLock], suspects: &mut HashSet<Suspect>) {
     let mut kernel: HashMap<Shape, usize> = HashMap::new();
-    for (shape, _) in held_shapes(&procs) {
+    for (shape, _) in held_shapes(procs) {
         *kernel.entry(shape).or_default() += 1;
     }
     let locked: HashSet<(LockKind, InodeId)> = kernel
@@ -123,7 +122,6 @@ pub fn verify(table: &mut LockTable, suspects: &mut HashSet<Suspect>) -> Result<
             suspects.insert(key);
         }
     }
-    Ok(())
 }
 
 /// (pid, fd) pairs whose fdinfo shows a lock of the given kind on the given inode.
