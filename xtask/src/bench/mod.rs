@@ -121,7 +121,8 @@ pub struct Worker {
     /// Started inside the measured cgroup.
     pub in_cgroup: bool,
     stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
+    /// None once `silence`d.
+    stdout: Option<BufReader<ChildStdout>>,
 }
 
 impl Worker {
@@ -135,7 +136,7 @@ impl Worker {
             std::fs::write(cg.join("cgroup.procs"), child.id().to_string())?;
         }
         let stdin = child.stdin.take().unwrap();
-        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let stdout = Some(BufReader::new(child.stdout.take().unwrap()));
         Ok(Worker {
             child,
             in_cgroup: cgroup.is_some(),
@@ -148,11 +149,21 @@ impl Worker {
         writeln!(self.stdin, "{c}")?;
         self.stdin.flush()?;
         let mut line = String::new();
-        self.stdout.read_line(&mut line)?;
+        self.stdout
+            .as_mut()
+            .context("the workload's replies were closed")?
+            .read_line(&mut line)?;
         if !line.starts_with("ok") {
             bail!("workload `{c}` failed: {line}");
         }
         Ok(())
+    }
+
+    /// Closes our end of its replies; it keeps running, waiting for commands that will
+    /// not come. For benches with more workers than the fd limit (20,000 here, which
+    /// root cannot raise without CAP_SYS_RESOURCE) allows two pipes each.
+    pub fn silence(&mut self) {
+        self.stdout = None;
     }
 }
 

@@ -1,5 +1,5 @@
 //! Observability: `ckpt-user locks` against util-linux `lslocks`, and `ckpt-user
-//! deleted` against `lsof +L1`, with 1,000 processes holding 10 locks and 10 fds each
+//! deleted` against `lsof +L1`, with 10,000 processes holding 10 locks and 10 fds each
 //! (one of them a deleted file).
 
 use std::{
@@ -12,7 +12,8 @@ use anyhow::{bail, Context as _, Result};
 use super::{fmt, start_agent, stats, stop, Ctx, Worker};
 
 const PIN_DIR: &str = "/sys/fs/bpf/ckpt-bench-views";
-const PROCESSES: usize = 1000;
+const PROCESSES: usize = 10_000;
+const FILES: usize = 10;
 
 /// Wall-clock ms of one command (its output discarded).
 fn time_ms(cmd: &mut Command) -> Result<f64> {
@@ -40,13 +41,14 @@ pub fn run(ctx: &Ctx) -> Result<String> {
             let mut w = Worker::spawn(&ctx.bins.join("locker"), None)?;
             let dir = data.join(i.to_string());
             std::fs::create_dir_all(&dir)?;
-            w.cmd(&format!("bulk {} 10 10", dir.display()))?;
+            w.cmd(&format!("bulk {} {FILES} {FILES}", dir.display()))?;
             // One of its files deleted while open.
             let first = std::fs::read_dir(&dir)?
                 .flatten()
                 .next()
                 .context("no file made")?;
             std::fs::remove_file(first.path())?;
+            w.silence();
             workers.push(w);
         }
         std::thread::sleep(Duration::from_millis(500));
@@ -106,6 +108,7 @@ pub fn run(ctx: &Ctx) -> Result<String> {
     let _ = std::fs::remove_dir_all(&data);
     let table = result?;
     Ok(format!(
-        "{PROCESSES} processes, each holding 10 files open with 10 POSIX locks, one of the files deleted (10,000 locks, 1,000 deleted files), plus whatever else the host runs. Wall time of the whole command, process start included.\n\n{table}\n`ckpt-user locks` reads the agent's tables (after waiting for it to apply every event made before the call) and /proc/locks for lease existence; `lslocks` parses /proc/locks and looks up each holder in /proc. `ckpt-user deleted` reads the agent's table; `lsof +L1` stats every fd of every process.\n"
+        "{PROCESSES} processes, each holding {FILES} files open with {FILES} POSIX locks, one of the files deleted ({} locks, {PROCESSES} deleted files), plus whatever else the host runs. Wall time of the whole command, process start included.\n\n{table}\n`ckpt-user locks` reads the agent's tables (after waiting for it to apply every event made before the call), then each lock's path from /proc/PID/fd (most of its time here), and /proc/locks only when there are leases, to keep those it still lists; `lslocks` parses /proc/locks, which the kernel makes in O(locks²) (it walks the list from the start for each page read: 4 s of CPU at 100,000 locks), and looks up each holder in /proc. `ckpt-user deleted` reads the agent's table; `lsof +L1` stats every fd of every process.\n",
+        PROCESSES * FILES
     ))
 }
