@@ -115,7 +115,7 @@ struct ProcLocksBudget {
 }
 
 impl ProcLocksBudget {
-    /// At most this share of the agent's time goes to reading /proc/locks.
+    /// At most 1/SHARE of the agent's time goes to reading /proc/locks.
     const SHARE: u32 = 20;
 
     fn new() -> ProcLocksBudget {
@@ -132,13 +132,14 @@ impl ProcLocksBudget {
         }
         let procs = proc_locks::read()?;
         let took = t0.elapsed();
-        self.next = Instant::now() + took * (Self::SHARE - 1);
+        let pause = took * (Self::SHARE - 1);
+        self.next = Instant::now() + pause;
         if took > Duration::from_millis(100) {
             debug!(
                 ms = took.as_millis() as u64,
                 locks = procs.len(),
                 "/proc/locks is slow to read: next check in {} s",
-                (took * (Self::SHARE - 1)).as_secs()
+                pause.as_secs()
             );
         }
         Ok(Some(procs))
@@ -258,13 +259,15 @@ pub async fn run(opts: Options) -> Result<()> {
                 }
                 // Reconciled locks not yet adopted, and leases (closing a lease's last
                 // fd has no tracepoint): /proc/locks tells what is gone.
-                let wanted = state.locks.has_reconciled() || !state.leases.is_empty();
-                if let Some(procs) = wanted.then(|| proc_locks_budget.read()).transpose()?.flatten() {
-                    if state.locks.has_reconciled() {
-                        reconcile::verify(&mut state.locks, &procs, &mut suspects);
-                    }
-                    if !state.leases.is_empty() {
-                        state.leases.reconcile(&procs);
+                let (locks, leases) = (state.locks.has_reconciled(), !state.leases.is_empty());
+                if locks || leases {
+                    if let Some(procs) = proc_locks_budget.read()? {
+                        if locks {
+                            reconcile::verify(&mut state.locks, &procs, &mut suspects);
+                        }
+                        if leases {
+                            state.leases.reconcile(&procs);
+                        }
                     }
                 }
                 state.flush()?;

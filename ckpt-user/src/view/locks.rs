@@ -171,9 +171,9 @@ pub fn from_agent(live: &LiveMaps) -> Result<Vec<LockRow>> {
     live.barrier(Duration::from_secs(2))?;
     let snap = live.snapshot()?;
     // Leases vanish at their last close without any tracepoint: keep only those
-    // /proc/locks still lists (the agent catches up within half a second). Read only
-    // when there are leases: reading it costs O(locks²) in the kernel (5 s of CPU at
-    // 100,000 locks).
+    // /proc/locks still lists (the agent catches up at its next /proc/locks check:
+    // half a second, longer with very many locks). Read only when there are leases:
+    // reading it costs O(locks²) in the kernel (5 s of CPU at 100,000 locks).
     let kernel = if snap.leases.is_empty() {
         Vec::new()
     } else {
