@@ -19,7 +19,9 @@ pub mod scan {
     /// The generation a reader waits for (written by `ckpt-user deleted`): the agent
     /// rescans at once instead of at its background pace.
     pub const WANTED: u32 = 1;
-    pub const COUNT: u32 = 2;
+    /// CLOCK_MONOTONIC ns of the last scan (`ckpt-user deleted --max-age`).
+    pub const AT_NS: u32 = 2;
+    pub const COUNT: u32 = 3;
 }
 
 /// Iterator record tags.

@@ -13,6 +13,11 @@ pub mod tag {
     pub const TASK: u32 = 3;
 }
 
+/// `FdRecord::fd` of a description found through a memory mapping, not an fd (the
+/// lock-table iterator's mapping walk; only `tgid`, `file`, `ino` and `s_dev` are
+/// filled, and `pos` and `size` hold the mapping's start and end).
+pub const MAPPING_FD: u32 = u32::MAX;
+
 /// `task_struct.flags` bit of a process that is exiting.
 pub const PF_EXITING: u32 = 0x4;
 
@@ -46,19 +51,21 @@ pub mod list {
     pub const POSIX: u32 = 0;
     pub const FLOCK: u32 = 1;
     pub const LEASE: u32 = 2;
-    /// Not a lock: the lists had more than `LOCK_LIST_MAX` entries and were not
-    /// walked to the end.
+    /// Not a lock: the lists had more than `LOCK_WALK_STEPS` entries and were not
+    /// walked to the end; userspace reads that fd's fdinfo instead.
     pub const TRUNCATED: u32 = 3;
+    /// Not a lock: the lists changed under the walk (a link or a second read did not
+    /// agree); userspace reads that fd's fdinfo instead.
+    pub const UNSTABLE: u32 = 4;
 }
 
-/// Most entries of one lock list walked per fd; past it a `list::TRUNCATED` line
-/// follows and userspace reads that fd's fdinfo instead.
-pub const LOCK_LIST_MAX: usize = 48;
+/// Most steps (held locks and blocked requests, and climbs back up a tree of blocked
+/// requests) of one lock list walked per fd; past it a `list::TRUNCATED` line follows.
+pub const LOCK_WALK_STEPS: usize = 64;
 
-/// Bytes of a lock (from its start) and of a lock context read at once by the
-/// iterator's lock walk: every field it needs lies in them (checked at load time).
+/// Bytes of a lock (from its start) read at once by the lock walks: every field they
+/// need lies in them (checked at load time).
 pub const LOCK_SPAN: usize = 192;
-pub const LOCK_CTX_SPAN: usize = 64;
 
 /// One fd, as the kernel's structs show it while the iterator holds the fd table.
 /// `path_len` bytes of path (NUL included; 0 when none) follow each record.
@@ -97,8 +104,10 @@ pub struct FdRecord {
     pub i_mode: u32,
 }
 
-/// A lock or lease of the inode held through this fd's description: what its fdinfo
-/// `lock:` line shows (the same filter as the kernel's show_fd_locks).
+/// A lock or lease of the inode held through this fd's description (what its fdinfo
+/// `lock:` line shows: the same filter as the kernel's show_fd_locks), or a request
+/// blocked on one (`blocker != 0`), as the kernel's lists hold them. Lines of one
+/// held lock's blocked requests follow it, depth first.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LockLine {
@@ -111,6 +120,20 @@ pub struct LockLine {
     pub start: i64,
     pub end: i64,
     pub owner: u64,
+    /// Kernel address of this lock object: the same lock seen through several fds
+    /// (dup, fork) is one lock.
+    pub lock: u64,
+    /// For a blocked request: the address of what it waits behind (a held lock, or
+    /// another blocked request it conflicts with); 0 for a held lock.
+    pub blocker: u64,
+    /// The request's or lock's struct file.
+    pub file: u64,
+    /// Leases: `fl_break_time` / `fl_downgrade_time` (absolute jiffies, 0 = none),
+    /// and jiffies and CLOCK_MONOTONIC ns read together at this line.
+    pub break_time: u64,
+    pub downgrade_time: u64,
+    pub jiffies: u64,
+    pub now_ns: u64,
 }
 
 pub const LOCK_LINE_SIZE: usize = core::mem::size_of::<LockLine>();
@@ -126,7 +149,36 @@ pub struct FdScratch {
     pub path: [u8; PATH_MAX],
     pub line: LockLine,
     pub task: TaskRecord,
-    /// One lock, then the lock context, as read (u64s: aligned like the kernel's).
+    /// One lock read twice (a lock is reported only when both reads agree), and the
+    /// lock context, as read (u64s: aligned like the kernel's).
     pub lock: [u64; LOCK_SPAN / 8],
-    pub ctx: [u64; LOCK_CTX_SPAN / 8],
+    pub again: [u64; LOCK_SPAN / 8],
+    pub walk: WalkState,
+}
+
+/// Where the lock-list walk is between its steps (eBPF only). In the per-CPU scratch
+/// rather than on the stack: the verifier does not track map memory, so the steps'
+/// states converge at once instead of after every combination of these values.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct WalkState {
+    /// The description and fd table whose locks are wanted.
+    pub f: u64,
+    pub files: u64,
+    /// The list head, the node the walk is at, and the link it came from.
+    pub head: u64,
+    pub node: u64,
+    pub prev_link: u64,
+    /// The held lock whose tree is being walked, the request being visited, the
+    /// blocker it must name and the link its `prev` must point at.
+    pub root: u64,
+    pub cur: u64,
+    pub parent: u64,
+    pub expect_prev: u64,
+    pub which: u32,
+    pub mode: u32,
+    /// 1 once a line was written.
+    pub wrote: u32,
+    /// 0 while walking, then 1 (the list's end) or 2 (cut short).
+    pub done: u32,
 }

@@ -12,48 +12,53 @@ pub mod lease;
 pub mod lock;
 pub mod offsets;
 
-/// Every record in the LOCK_EVENTS ring starts with one of these tags (a `u32`).
-pub mod tag {
-    pub const LOCK: u32 = 1;
-    pub const LEASE: u32 = 2;
-}
-
 /// Names of the maps and programs, shared so that the agent pins what the
 /// programs declare and the readers open what the agent pinned.
 pub mod names {
-    pub const LOCK_EVENTS: &str = "LOCK_EVENTS";
-    pub const LOCKS: &str = "LOCKS";
-    pub const LEASES: &str = "LEASES";
+    pub const WAITS: &str = "WAITS";
+    pub const WAITING: &str = "WAITING";
     pub const BREAK_CTX: &str = "BREAK_CTX";
-    pub const WAITERS: &str = "WAITERS";
-    pub const SYSCALL_CTX: &str = "SYSCALL_CTX";
+    pub const BREAKS: &str = "BREAKS";
+    pub const HOLDS: &str = "HOLDS";
     pub const COUNTERS: &str = "COUNTERS";
-    pub const AGENT_STATS: &str = "AGENT_STATS";
     /// The pinned task_file iterator programs, without and with paths. `ckpt-user
     /// dump` aims one link at each process it reads (Linux 6.1+ iterator parameters).
     pub const TASK_FILES: &str = "task_files";
     pub const TASK_FILES_PATHS: &str = "task_files_paths";
+    /// The lock-table iterators (every process's fds, and mappings).
+    pub const LOCK_TABLE: &str = "lock_table";
+    pub const LOCK_TABLE_MAPS: &str = "lock_table_maps";
     pub const FILE_TRIGGERS: &str = "FILE_TRIGGERS";
     pub const PENDING: &str = "PENDING";
     pub const HOLDERS: &str = "HOLDERS";
     pub const DELETED: &str = "DELETED";
     /// The trigger generation the `DELETED` table reflects (written by the agent).
-    pub const DELETED_SCAN: &str = "DELETED_SCAN";
-    /// The scan iterators (pinned links; reading one runs it over every process).
+    pub const DELETED_SCAN: &str = "DELETED_SCANS";
+    /// The scan iterators (reading one runs it over every process).
     pub const DELETED_FDS: &str = "deleted_fds";
     pub const DELETED_MAPS: &str = "deleted_maps";
+    /// Maps of agents before the kernel-is-the-table design, removed at start.
+    pub const STALE: &[&str] = &[
+        "LOCK_EVENTS",
+        "LOCKS",
+        "LEASES",
+        "WAITERS",
+        "SYSCALL_CTX",
+        "AGENT_STATS",
+        "DELETED_SCAN",
+    ];
 }
 
-/// Capacities of the maps. The lock table and the waiter table are sized for large
-/// hosts; a full map is counted (see [`counters`]) and reported, never silent.
+/// Capacities of the maps. A full map is counted (see [`counters`]) and reported,
+/// never silent.
 pub mod capacity {
-    pub const LOCKS: u32 = 131_072;
-    pub const LEASES: u32 = 16_384;
+    /// Threads blocked on a lock or lease at once.
+    pub const WAITS: u32 = 16_384;
     pub const BREAK_CTX: u32 = 4_096;
-    pub const WAITERS: u32 = 16_384;
-    /// Threads with a context: every live thread that made a traced call, least
-    /// recently used first out.
-    pub const SYSCALL_CTX: u32 = 32_768;
+    /// Leases being broken (or broken recently) at once.
+    pub const BREAKS: u32 = 16_384;
+    /// `--hold-times`: held lock objects.
+    pub const HOLDS: u32 = 262_144;
     /// Holders (process, fd or mapping) of deleted files, host-wide.
     pub const DELETED: u32 = 65_536;
     /// Processes holding a deleted file (their fork/exec/exit/munmap trigger a scan).
@@ -61,6 +66,4 @@ pub mod capacity {
     /// Threads inside a syscall that may change the deleted set (close of a deleted
     /// file, O_TMPFILE open ...), until its exit.
     pub const PENDING: u32 = 16_384;
-    /// Ring buffer bytes: ~200k events, enough to cover an agent restart on a busy host.
-    pub const LOCK_EVENTS_BYTES: u32 = 16 * 1024 * 1024;
 }

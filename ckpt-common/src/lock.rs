@@ -1,11 +1,13 @@
-//! Lock events (kernel -> agent), the lock table (agent -> readers) and waiters
-//! (kernel -> readers).
+//! Locks as the kernel keeps them (flag and type values), and what the tracer records
+//! of them that the kernel forgets: when a blocked request began to wait
+//! ([`WaitStart`]) and, opt-in, when a lock was taken ([`HoldStart`]).
 
 /// Kernel `fl_flags` bits (include/linux/filelock.h), identical from 6.1 to 6.18.
 pub mod fl_flags {
     pub const FL_POSIX: u32 = 1;
     pub const FL_FLOCK: u32 = 2;
     pub const FL_DELEG: u32 = 4;
+    pub const FL_ACCESS: u32 = 8;
     pub const FL_LEASE: u32 = 32;
     pub const FL_CLOSE: u32 = 64;
     pub const FL_SLEEP: u32 = 128;
@@ -24,58 +26,7 @@ pub mod fl_type {
 /// Returned by posix_lock_inode/flock_lock_inode when the caller must sleep.
 pub const FILE_LOCK_DEFERRED: i32 = 1;
 
-/// Which tracepoint produced a [`LockEvent`].
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum EventSource {
-    /// filelock:posix_lock_inode (POSIX and OFD locks, including unlock on close).
-    Posix = 1,
-    /// filelock:flock_lock_inode (flock, including unlock on last close).
-    Flock = 2,
-}
-
-/// A successful lock request, as the kernel applied it. The agent replays these, in
-/// order, through the kernel's own merge rules to maintain [`LockKey`] -> [`LockRecord`].
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LockEvent {
-    /// [`crate::tag::LOCK`].
-    pub tag: u32,
-    /// flock only, with `observed`: the `fl_pid` of that lock (0 when there is none).
-    /// A same-type request from another task sharing the description changes nothing
-    /// in the kernel, so the lock keeps the pid of whoever set it.
-    pub observed_pid: u32,
-    /// CLOCK_MONOTONIC ns (bpf_ktime_get_ns).
-    pub ts_ns: u64,
-    pub ino: u64,
-    /// `fl_owner`: files_struct for POSIX locks, struct file for OFD and flock.
-    pub owner: u64,
-    pub start: i64,
-    pub end: i64,
-    /// Kernel dev_t (major << 20 | minor).
-    pub dev: u32,
-    /// `fl_pid` of the request.
-    pub pid: u32,
-    /// tgid of the task that made the request.
-    pub tgid: u32,
-    /// fd of the fcntl()/flock() call being served, or -1 (close, exit).
-    pub fd: i32,
-    pub flags: u32,
-    pub ret: i32,
-    /// An [`EventSource`] value.
-    pub source: u8,
-    pub lock_type: u8,
-    /// flock only: the type of the lock this description holds *after* the request,
-    /// read from the inode's flock list at the tracepoint (F_UNLCK: none), or
-    /// [`NOT_OBSERVED`].
-    pub observed: u8,
-    pub _pad: [u8; 5],
-}
-
-/// `LockEvent::observed` when the list could not be read.
-pub const NOT_OBSERVED: u8 = 0xff;
-
-/// What kind of lock a record is. Values are stable: they are stored in pinned maps.
+/// What kind of lock a record is.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum LockKind {
@@ -85,15 +36,6 @@ pub enum LockKind {
 }
 
 impl LockKind {
-    pub const fn from_u8(v: u8) -> Option<LockKind> {
-        match v {
-            1 => Some(LockKind::Posix),
-            2 => Some(LockKind::Ofd),
-            3 => Some(LockKind::Flock),
-            _ => None,
-        }
-    }
-
     /// The kind of a request, from its `fl_flags`.
     pub const fn from_fl_flags(flags: u32) -> Option<LockKind> {
         if flags & fl_flags::FL_OFDLCK != 0 {
@@ -108,102 +50,61 @@ impl LockKind {
     }
 }
 
-/// Key of one held lock in the `LOCKS` map. A POSIX owner holds several disjoint
-/// ranges on one inode, so the range start is part of the key.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct LockKey {
-    pub dev: u32,
-    /// A [`LockKind`] value.
-    pub kind: u8,
-    pub _pad: [u8; 3],
-    pub ino: u64,
-    /// Kernel owner identity, or a synthetic one for locks imported from /proc/locks
-    /// (see [`Origin::Reconciled`]).
-    pub owner: u64,
-    pub start: i64,
-}
-
-/// How the agent learned of a lock.
-#[repr(u8)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Origin {
-    /// Seen by the tracer: everything is exact.
-    Traced = 1,
-    /// Imported from /proc/locks because it was taken before tracing started: the
-    /// kernel owner identity and acquisition time are unknown.
-    Reconciled = 2,
-}
-
-/// Value of one held lock in the `LOCKS` map.
+/// When a thread's blocked request began to wait, keyed by thread id in `WAITS`.
+///
+/// Written when the kernel defers a request (`FILE_LOCK_DEFERRED`), or by the lease
+/// break programs for a blocked breaker. The kernel allocates a new request when it
+/// restarts an interrupted wait (after a freeze, a stop, a signal handler with
+/// SA_RESTART): a deferral with the same identity (owner, inode, range, type) as the
+/// thread's entry is that restart and keeps `since_ns`. The entry is dropped when the
+/// wait ends without a restart: the request returns from the lock call granted or
+/// failed (same `request`), a handler without SA_RESTART runs, or the thread exits.
+/// Readers use an entry only for the request it names, found in the kernel's blocked
+/// tree, so a wait is shown exactly as long as the kernel has it.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LockRecord {
-    pub end: i64,
-    /// CLOCK_MONOTONIC ns when this range was acquired (0 when unknown).
+pub struct WaitStart {
+    /// CLOCK_MONOTONIC ns when the thread first blocked on this request.
     pub since_ns: u64,
-    /// `fl_pid` as /proc/locks would show it (creator for flock/OFD).
-    pub pid: u32,
-    /// fd the lock was taken through, or -1 when unknown.
-    pub fd: i32,
-    pub lock_type: u8,
-    /// An [`Origin`] value.
-    pub origin: u8,
-    pub _pad: [u8; 6],
-}
-
-/// A task blocked in F_SETLKW / F_OFD_SETLKW / flock(LOCK_EX|LOCK_SH without NB),
-/// keyed by thread id in `WAITERS`. Inserted when the kernel defers the request,
-/// removed when the syscall returns (granted, interrupted or failed) or the task exits.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Waiter {
-    /// CLOCK_MONOTONIC ns when the task first blocked on this request.
-    pub since_ns: u64,
-    pub ino: u64,
+    /// Kernel address of the blocked request (the `lock` of its line in the tree).
+    pub request: u64,
     pub owner: u64,
-    /// Kernel address of the blocking lock (opaque; used only to tell blockers apart).
-    pub blocker: u64,
+    pub ino: u64,
     pub start: i64,
     pub end: i64,
     pub dev: u32,
     pub tgid: u32,
-    pub tid: u32,
     pub flags: u32,
-    pub fd: i32,
     pub lock_type: u8,
     pub _pad: [u8; 3],
 }
 
-/// Per-thread context of an fcntl()/flock() call, keyed by thread id, so that lock
-/// events can name the fd they came through. A thread keeps its entry between calls,
-/// marked inactive: a lookup and a store per call cost far less than an insert and a
-/// delete.
+impl WaitStart {
+    /// Whether `other` asks for the same thing (a restart of this wait).
+    pub fn same_request(&self, other: &WaitStart) -> bool {
+        self.owner == other.owner
+            && self.ino == other.ino
+            && self.dev == other.dev
+            && self.start == other.start
+            && self.end == other.end
+            && self.lock_type == other.lock_type
+            && self.flags & !fl_flags::FL_SLEEP == other.flags & !fl_flags::FL_SLEEP
+    }
+}
+
+/// Opt-in (`ckpt-agent --hold-times`): when a held lock object was created or first
+/// seen holding, keyed by its kernel address in `HOLDS`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SyscallCtx {
-    pub fd: i32,
-    pub cmd: u32,
-    pub arg: u64,
-    /// Lease named by generic_add_lease/generic_delete_lease during this call
-    /// (F_SETLEASE): its inode and owner. `lease_dev == 0` when none.
-    pub lease_ino: u64,
-    pub lease_owner: u64,
-    pub lease_dev: u32,
-    /// 1 once this call recorded a blocked waiter in `WAITERS` (only then is there one
-    /// to remove at syscall exit).
-    pub waited: u8,
-    /// 1 from syscall entry to syscall exit: the other fields describe the call the
-    /// thread is in. 0 between calls.
-    pub active: u8,
-    pub _pad: [u8; 2],
+pub struct HoldStart {
+    pub since_ns: u64,
+    /// Owner of the lock at that time: a reader ignores an entry whose owner differs
+    /// from the lock now at that address (the memory was reused).
+    pub owner: u64,
 }
 
 #[cfg(feature = "user")]
 mod pod {
-    unsafe impl aya::Pod for super::LockEvent {}
-    unsafe impl aya::Pod for super::LockKey {}
-    unsafe impl aya::Pod for super::LockRecord {}
-    unsafe impl aya::Pod for super::Waiter {}
-    unsafe impl aya::Pod for super::SyscallCtx {}
+    unsafe impl aya::Pod for super::WaitStart {}
+    unsafe impl aya::Pod for super::HoldStart {}
 }

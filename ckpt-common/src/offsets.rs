@@ -3,18 +3,6 @@
 //! globals (`EbpfLoader::override_global`). Field names and offsets differ between
 //! kernels (6.1 `fl_owner` vs 6.9+ `owner`), so nothing here is hard-coded.
 
-/// Offsets of the syscall tracepoints the programs read.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct SyscallTpOffsets {
-    pub fcntl_fd: u32,
-    pub fcntl_cmd: u32,
-    pub fcntl_arg: u32,
-    pub flock_fd: u32,
-    /// `ret` of sys_exit_fcntl.
-    pub fcntl_ret: u32,
-}
-
 /// Offsets for the deleted-file triggers: syscall tracepoint fields (tracefs) and the
 /// fd table's array (BTF), to tell whether the fd being closed is a deleted file.
 #[repr(C)]
@@ -49,17 +37,6 @@ pub struct LeaseTpOffsets {
     pub downgrade_time: u32,
 }
 
-/// Offsets of filelock:generic_add_lease.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AddLeaseTpOffsets {
-    pub i_ino: u32,
-    pub s_dev: u32,
-    pub owner: u32,
-    pub flags: u32,
-    pub lease_type: u32,
-}
-
 /// Offsets of filelock:leases_conflict and signal:signal_generate.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -71,6 +48,9 @@ pub struct BreakTpOffsets {
     pub signal_sig: u32,
     pub signal_pid: u32,
     pub signal_result: u32,
+    /// signal:signal_deliver's `sa_handler` and `sa_flags`.
+    pub deliver_handler: u32,
+    pub deliver_flags: u32,
 }
 
 /// Offsets inside the kernel's lease object (struct file_lease on 6.9+, struct
@@ -101,9 +81,12 @@ pub struct LockListOffsets {
     pub flags: u32,
     pub lock_type: u32,
     pub pid: u32,
-    /// The lock a waiting request is blocked on (read from the request itself, not
-    /// from the copies the lock-list walks make).
+    /// The lock a waiting request is blocked on.
     pub blocker: u32,
+    /// `flc_blocked_requests` (the requests blocked on a lock) and
+    /// `flc_blocked_member` (a blocked request's link in its blocker's list).
+    pub blocked_requests: u32,
+    pub blocked_member: u32,
     /// Byte range (struct file_lock only).
     pub start: u32,
     pub end: u32,
@@ -122,6 +105,8 @@ impl LockListOffsets {
         lock_type: 0,
         pid: 0,
         blocker: 0,
+        blocked_requests: 0,
+        blocked_member: 0,
         start: 0,
         end: 0,
     };
@@ -247,27 +232,20 @@ impl TaskIterOffsets {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelLayout {
-    pub syscalls: SyscallTpOffsets,
     pub lease: LeaseTpOffsets,
-    pub add_lease: AddLeaseTpOffsets,
     pub brk: BreakTpOffsets,
     pub lease_struct: LeaseStructOffsets,
     pub lock_lists: LockListOffsets,
     pub files: FileIterOffsets,
     pub tasks: TaskIterOffsets,
     pub deleted: DeletedTpOffsets,
+    /// 1 with `ckpt-agent --hold-times`: the lock programs note when locks are taken.
+    pub hold_times: u32,
     pub valid: u32,
 }
 
 impl KernelLayout {
     pub const ZERO: KernelLayout = KernelLayout {
-        syscalls: SyscallTpOffsets {
-            fcntl_fd: 0,
-            fcntl_cmd: 0,
-            fcntl_arg: 0,
-            flock_fd: 0,
-            fcntl_ret: 0,
-        },
         lease: LeaseTpOffsets {
             fl: 0,
             i_ino: 0,
@@ -278,13 +256,6 @@ impl KernelLayout {
             break_time: 0,
             downgrade_time: 0,
         },
-        add_lease: AddLeaseTpOffsets {
-            i_ino: 0,
-            s_dev: 0,
-            owner: 0,
-            flags: 0,
-            lease_type: 0,
-        },
         brk: BreakTpOffsets {
             conflict_lease: 0,
             conflict_breaker: 0,
@@ -293,6 +264,8 @@ impl KernelLayout {
             signal_sig: 0,
             signal_pid: 0,
             signal_result: 0,
+            deliver_handler: 0,
+            deliver_flags: 0,
         },
         lease_struct: LeaseStructOffsets {
             break_time: 0,
@@ -313,6 +286,7 @@ impl KernelLayout {
             vma_end: 0,
             vma_file: 0,
         },
+        hold_times: 0,
         valid: 0,
     };
 }

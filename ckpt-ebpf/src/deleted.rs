@@ -1,5 +1,8 @@
-//! Deleted-but-open files. The set changes only through a few syscalls, so the
-//! programs here do not track it themselves: they bump a trigger generation
+//! Deleted-but-open files. The scan iterators at the end (`deleted_fds`,
+//! `deleted_maps`) list them; `ckpt-user deleted` runs them at call time, and the
+//! agent in the background. Everything else here is the opt-in exact mode
+//! (`ckpt-agent --exact-deleted`), which costs a syscall tracepoint on every task: the
+//! set changes only through a few syscalls, so these programs bump a trigger generation
 //! (`FILE_TRIGGERS`) whenever it may have changed — a successful unlink, rename or
 //! link, an O_TMPFILE open, closing (or dup2-ing over) an fd of a deleted file, and
 //! fork, exec, exit or munmap of a process known to hold one (`HOLDERS`, kept by the
@@ -13,24 +16,18 @@
 //! that a scan never runs before the change it was triggered by is done. Every hook is
 //! a syscall or sched tracepoint: they work the same on any filesystem.
 
-use core::{ffi::c_void, ptr::read_volatile};
-
 use aya_ebpf::{
-    helpers::{bpf_get_current_task, bpf_probe_read_user, generated::bpf_seq_write},
+    helpers::{bpf_get_current_task, bpf_probe_read_user},
     macros::{map, tracepoint},
     maps::{Array, HashMap, PerCpuArray},
     programs::TracePointContext,
 };
 use ckpt_common::{
     capacity,
-    deleted::{scan, tag, trigger, DeletedKey, DeletedScratch, DeletedValue, DELETED_RECORD_SIZE},
-    files::{PATH_MAX, PF_EXITING},
+    deleted::{scan, trigger, DeletedKey, DeletedValue},
 };
 
-use crate::{
-    iter::IterMeta,
-    maps::{current_ids, field, file_path, kread, layout, now_ns, ready},
-};
+use crate::helpers::{current_ids, kread, layout, now_ns, ready};
 
 /// `trigger::*` slots, per CPU (the BPF target has no atomic add to share one):
 /// readers sum the generations and take the latest unlink time.
@@ -53,10 +50,8 @@ pub static DELETED: HashMap<DeletedKey, DeletedValue> = HashMap::pinned(capacity
 /// `scan::*` slots: the generation `DELETED` reflects (agent), the one a reader waits
 /// for (ckpt-user).
 #[map]
-pub static DELETED_SCAN: Array<u64> = Array::pinned(scan::COUNT, 0);
+pub static DELETED_SCANS: Array<u64> = Array::pinned(scan::COUNT, 0);
 
-#[map]
-static DELETED_SCRATCH: PerCpuArray<DeletedScratch> = PerCpuArray::with_max_entries(1, 0);
 
 const O_TMPFILE_BIT: u64 = 0o20000000;
 const S_IFMT: u32 = 0o170000;
@@ -231,9 +226,11 @@ holder_call!(sys_enter_dup2);
 holder_call!(sys_enter_dup3);
 holder_call!(sys_enter_close_range);
 holder_call!(sys_enter_munmap);
+holder_call!(sys_enter_fcntl);
+settle_at_exit!(sys_exit_fcntl);
 
 /// A holder forked (the child holds too) or exec'd (close-on-exec fds and the old
-/// mappings are gone). Exits are handled in `syscalls::sched_process_exit`.
+/// mappings are gone).
 macro_rules! holder_event {
     ($name:ident) => {
         #[tracepoint]
@@ -249,139 +246,15 @@ macro_rules! holder_event {
 holder_event!(sched_process_fork);
 holder_event!(sched_process_exec);
 
-/// A holder made a new fd some other way (fcntl F_DUPFD).
-pub fn holder_changed() {
-    if is_holder() {
-        fire(false);
-    }
-}
-
-/// From `sched_process_exit`: PF_EXITING is set by then, and the scans skip such
-/// tasks, so a scan this triggers no longer counts the exiting process.
-pub fn on_exit() {
+/// A holder exited: PF_EXITING is set by then, and the scans skip such tasks, so a
+/// scan this triggers no longer counts the exiting process.
+#[tracepoint]
+pub fn deleted_exit(_ctx: TracePointContext) -> u32 {
     let (_, tid) = current_ids();
     let _ = PENDING.remove(&tid);
-    if is_holder() {
+    if ready() && is_holder() {
         fire(false);
     }
-}
-
-/// `struct bpf_iter__task_file` / `bpf_iter__task_vma`: 8-byte slots.
-#[repr(C)]
-pub struct ScanCtx {
-    meta: *const IterMeta,
-    task: u64,
-    /// task_file: the fd (u32) in an 8-byte slot; task_vma: the vma pointer.
-    third: u64,
-    file: *const u8,
-}
-
-/// Fills the scratch record for `file` if it is a deleted regular file.
-#[inline(always)]
-fn deleted_record(file: u64, task: u64) -> Option<*mut DeletedScratch> {
-    if field::<u32>(task, layout!(tasks.flags)) & PF_EXITING != 0 {
-        return None;
-    }
-    let inode: u64 = field(file, layout!(files.file_inode));
-    let nlink: u32 = field(inode, layout!(files.inode_nlink));
-    let mode = field::<u16>(inode, layout!(files.inode_mode)) as u32;
-    if nlink != 0 || mode & S_IFMT != S_IFREG {
-        return None;
-    }
-    let scratch = DELETED_SCRATCH.get_ptr_mut(0)?;
-    // SAFETY: per-CPU slot, exclusively ours for this call.
-    let r = unsafe { &mut (*scratch).record };
-    r.tgid = field(task, layout!(files.task_tgid));
-    r.nlink = nlink;
-    r.ino = field(inode, layout!(files.inode_ino));
-    r.size = field(inode, layout!(files.inode_size));
-    r.blocks = field(inode, layout!(files.inode_blocks));
-    let sb: u64 = field(inode, layout!(files.inode_sb));
-    r.s_dev = field(sb, layout!(files.sb_dev));
-    r.fd = 0;
-    r.start = 0;
-    r.end = 0;
-    r.path_len = 0;
-    Some(scratch)
-}
-
-#[inline(always)]
-fn seq_of(ctx: *const ScanCtx) -> *mut c_void {
-    // SAFETY: meta and seq are the kernel's for this session.
-    unsafe {
-        let meta = read_volatile(&(*ctx).meta);
-        read_volatile(&(*meta).seq)
-    }
-}
-
-/// Every fd of every process that is a deleted regular file, with its path.
-#[unsafe(link_section = "iter/task_file")]
-#[unsafe(no_mangle)]
-pub extern "C" fn deleted_fds(ctx: *const ScanCtx) -> i32 {
-    if !ready() {
-        return 0;
-    }
-    // SAFETY: the kernel passes a valid context.
-    let (task, fd, file) = unsafe {
-        (
-            read_volatile(&(*ctx).task),
-            read_volatile(&(*ctx).third) as u32,
-            read_volatile(&(*ctx).file),
-        )
-    };
-    if file.is_null() || task == 0 {
-        return 0;
-    }
-    let Some(scratch) = deleted_record(file as u64, task) else {
-        return 0;
-    };
-    // SAFETY: per-CPU slot, exclusively ours.
-    let r = unsafe { &mut (*scratch).record };
-    r.tag = tag::FD;
-    r.fd = fd;
-    // SAFETY: the scratch's path buffer, PATH_MAX bytes.
-    r.path_len = file_path(file, unsafe { (*scratch).path.as_mut_ptr() });
-    // Read back and masked so that older verifiers (6.1, 6.12) see the bound: LLVM
-    // drops a mask on a value it knows is in range, and they cannot follow why.
-    // SAFETY: our own scratch.
-    let len = DELETED_RECORD_SIZE as u32
-        + (unsafe { read_volatile(&r.path_len) } & (PATH_MAX as u32 - 1));
-    // SAFETY: the scratch holds `len` bytes.
-    unsafe { bpf_seq_write(seq_of(ctx) as *mut _, scratch as *const c_void, len) };
     0
 }
 
-/// Every mapping of a deleted regular file (the path comes from /proc's map_files).
-#[unsafe(link_section = "iter/task_vma")]
-#[unsafe(no_mangle)]
-pub extern "C" fn deleted_maps(ctx: *const ScanCtx) -> i32 {
-    if !ready() {
-        return 0;
-    }
-    // SAFETY: the kernel passes a valid context.
-    let (task, vma) = unsafe { (read_volatile(&(*ctx).task), read_volatile(&(*ctx).third)) };
-    if vma == 0 || task == 0 {
-        return 0;
-    }
-    let file: u64 = field(vma, layout!(deleted.vma_file));
-    if file == 0 {
-        return 0;
-    }
-    let Some(scratch) = deleted_record(file, task) else {
-        return 0;
-    };
-    // SAFETY: per-CPU slot, exclusively ours.
-    let r = unsafe { &mut (*scratch).record };
-    r.tag = tag::MAP;
-    r.start = field(vma, layout!(deleted.vma_start));
-    r.end = field(vma, layout!(deleted.vma_end));
-    // SAFETY: the scratch holds the record.
-    unsafe {
-        bpf_seq_write(
-            seq_of(ctx) as *mut _,
-            scratch as *const c_void,
-            DELETED_RECORD_SIZE as u32,
-        )
-    };
-    0
-}

@@ -14,14 +14,11 @@
 use core::{ffi::c_void, ptr::read_volatile};
 
 use aya_ebpf::{helpers::generated::bpf_seq_write, macros::map, maps::PerCpuArray};
-use ckpt_common::files::{
-    list, tag, FdScratch, FD_RECORD_SIZE, LOCK_CTX_SPAN, LOCK_LINE_SIZE, LOCK_LIST_MAX, LOCK_SPAN,
-    PATH_MAX, TASK_RECORD_SIZE,
-};
+use ckpt_common::files::{tag, FdScratch, FD_RECORD_SIZE, PATH_MAX, TASK_RECORD_SIZE};
 
 use crate::{
     iter::IterMeta,
-    maps::{at, field, file_path, kcopy, kread, layout, ready},
+    helpers::{field, file_path, kread, layout, ready},
 };
 
 const O_CLOEXEC: u32 = 0o2000000;
@@ -29,16 +26,16 @@ const O_CLOEXEC: u32 = 0o2000000;
 /// Room for one record and its path (too big for the 512-byte stack). Iterators run
 /// with migration disabled, so a per-CPU slot is ours for the whole call.
 #[map]
-static FD_SCRATCH: PerCpuArray<FdScratch> = PerCpuArray::with_max_entries(1, 0);
+pub static FD_SCRATCH: PerCpuArray<FdScratch> = PerCpuArray::with_max_entries(1, 0);
 
 /// `struct bpf_iter__task_file`: every argument takes an 8-byte slot.
 #[repr(C)]
 pub struct TaskFileCtx {
-    meta: *const IterMeta,
-    task: u64,
-    fd: u32,
-    _pad: u32,
-    file: *const u8,
+    pub meta: *const IterMeta,
+    pub task: u64,
+    pub fd: u32,
+    pub _pad: u32,
+    pub file: *const u8,
 }
 
 /// Every field but the path: for files whose path is already known.
@@ -63,14 +60,14 @@ pub extern "C" fn task_files_paths(ctx: *const TaskFileCtx) -> i32 {
 
 /// Writes `len` bytes at `data` to the session's output.
 #[inline(always)]
-fn write(seq: *mut c_void, data: *const c_void, len: u32) {
+pub fn write(seq: *mut c_void, data: *const c_void, len: u32) {
     // SAFETY: `seq` is the session's; callers pass `len` bytes of their scratch.
     unsafe { bpf_seq_write(seq as *mut _, data, len) };
 }
 
 /// The process's own record, read with probe reads: once per process, not per fd.
 #[inline(always)]
-fn emit_task(seq: *mut c_void, scratch: *mut FdScratch, task: u64, tgid: u32) -> Result<(), i32> {
+pub fn emit_task(seq: *mut c_void, scratch: *mut FdScratch, task: u64, tgid: u32) -> Result<(), i32> {
     // SAFETY: per-CPU slot, exclusively ours for this call.
     let t = unsafe { &mut (*scratch).task };
     t.tag = tag::TASK;
@@ -204,68 +201,6 @@ fn emit(ctx: *const TaskFileCtx, with_path: bool) -> Result<(), i32> {
 
     // The fd's lock lines, from the inode's lists (what fdinfo prints). Frozen holders
     // cannot change them; the walk is bounded, and cut short it says so.
-    let flctx: u64 = field(inode, layout!(lock_lists.inode_flctx));
-    if flctx == 0 {
-        return Ok(());
-    }
-    // One probe read per struct, fields taken from the copy: a lock's fields are
-    // spread over ~150 bytes, and a helper call per field cost ~30 ns each.
-    // SAFETY: per-CPU slot, exclusively ours for this call.
-    let (line, lock, lctx) = unsafe {
-        (
-            &mut (*scratch).line,
-            (*scratch).lock.as_mut_ptr() as *mut u8,
-            (*scratch).ctx.as_mut_ptr() as *mut u8,
-        )
-    };
-    kcopy(flctx, lctx, LOCK_CTX_SPAN)?;
-    line.tag = tag::LOCK;
-    for (which, head_off) in [
-        (list::POSIX, layout!(lock_lists.ctx_posix)),
-        (list::FLOCK, layout!(lock_lists.ctx_flock)),
-        (list::LEASE, layout!(lock_lists.ctx_lease)),
-    ] {
-        let head = flctx + head_off as u64;
-        let mut node: u64 = at(lctx, head_off);
-        let mut ended = false;
-        for _ in 0..LOCK_LIST_MAX {
-            if node == head || node == 0 {
-                ended = true;
-                break;
-            }
-            kcopy(node - layout!(lock_lists.list) as u64, lock, LOCK_SPAN)?;
-            let lfile: u64 = at(lock, layout!(lock_lists.file));
-            let owner: u64 = at(lock, layout!(lock_lists.owner));
-            if lfile == f && (owner == files || owner == f) {
-                line.list = which;
-                line.owner = owner;
-                line.flags = at(lock, layout!(lock_lists.flags));
-                line.lock_type = at::<u8>(lock, layout!(lock_lists.lock_type)) as u32;
-                line.pid = at(lock, layout!(lock_lists.pid));
-                if which == list::LEASE {
-                    line.start = 0;
-                    line.end = i64::MAX;
-                } else {
-                    line.start = at(lock, layout!(lock_lists.start));
-                    line.end = at(lock, layout!(lock_lists.end));
-                }
-                write(
-                    seq,
-                    line as *const _ as *const c_void,
-                    LOCK_LINE_SIZE as u32,
-                );
-            }
-            node = at(lock, layout!(lock_lists.list));
-        }
-        if !ended {
-            line.list = list::TRUNCATED;
-            write(
-                seq,
-                line as *const _ as *const c_void,
-                LOCK_LINE_SIZE as u32,
-            );
-            return Ok(());
-        }
-    }
+    crate::lock_walk::walk(seq, scratch, inode, f, files)?;
     Ok(())
 }

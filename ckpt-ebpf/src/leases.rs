@@ -1,25 +1,27 @@
-//! Lease tracepoints: F_SETLEASE (generic_add_lease/generic_delete_lease, completed at
-//! sys_exit_fcntl), breaks (leases_conflict -> signal_generate -> break_lease_*), and
-//! time-outs (time_out_leases).
+//! What the kernel forgets about lease breaks: when one began, who broke it, whether
+//! the holder was signalled (`BREAKS`, keyed by the lease's address), and when a
+//! blocked breaker began to wait (`WAITS`). The lease itself (type, pending flags,
+//! deadlines) is read from the kernel's lists by the iterators.
 //!
 //! A break, as fs/locks.c __break_lease runs it in the breaker's task: for each lease,
 //! leases_conflict(lease, breaker) fires, then the kernel sets the pending flag and the
 //! deadline and calls lm_break, which signals the holder (signal_generate). Then, still
 //! under flc_lock, break_lease_noblock (O_NONBLOCK) or break_lease_block fires. At that
 //! point each lease recorded in BREAK_CTX is read directly (offsets from BTF), so the
-//! deadline reported is the kernel's own value, to the jiffy.
+//! deadlines recorded are the kernel's own values, to the jiffy. All of these fire only
+//! on lease breaks and signals: rare events.
 
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use ckpt_common::{
     counters::Counter,
-    lease::{BreakCtx, LeaseEvent, LeaseWhat, MAX_BREAK_LEASES},
-    lock::{fl_flags, fl_type, Waiter},
-    tag,
+    lease::{BreakCtx, BreakRecord, Breaker, MAX_BREAKERS, MAX_BREAK_LEASES},
+    lock::{fl_flags, WaitStart},
 };
 
 use crate::{
-    maps::{count, current_ids, jiffies, kread, layout, now_ns, ready, BREAK_CTX, WAITERS},
-    syscalls::{call_ctx, emit_lease, emit_lease_with},
+    locks::{end_wait, note_wait},
+    helpers::{current_ids, jiffies, kread, layout, now_ns, ready},
+    maps::{count, BREAKS, BREAK_CTX, WAITING, WAITS},
 };
 
 /// A break attempt's context older than this is from an earlier attempt.
@@ -29,53 +31,6 @@ const BREAK_CTX_TTL_NS: u64 = 50_000_000;
 fn tp<T>(ctx: &TracePointContext, off: u32) -> Result<T, i32> {
     // SAFETY: offsets come from this kernel's tracefs format file.
     unsafe { ctx.read_at::<T>(off as usize) }
-}
-
-/// Remembers the lease named during an F_SETLEASE call, for sys_exit_fcntl.
-fn note_setlease(dev: u32, ino: u64, owner: u64) {
-    let (_, tid) = current_ids();
-    if let Some(p) = call_ctx(tid) {
-        // SAFETY: value of our own map.
-        unsafe {
-            (*p).lease_dev = dev;
-            (*p).lease_ino = ino;
-            (*p).lease_owner = owner;
-        }
-    }
-}
-
-#[tracepoint]
-pub fn generic_add_lease(ctx: TracePointContext) -> u32 {
-    if ready() {
-        let o = layout!(add_lease);
-        if let (Ok(dev), Ok(ino), Ok(owner)) = (
-            tp::<u32>(&ctx, o.s_dev),
-            tp::<u64>(&ctx, o.i_ino),
-            tp::<u64>(&ctx, o.owner),
-        ) {
-            note_setlease(dev, ino, owner);
-        }
-    }
-    0
-}
-
-#[tracepoint]
-pub fn generic_delete_lease(ctx: TracePointContext) -> u32 {
-    if ready() {
-        let o = layout!(lease);
-        // fl is the lease being removed, or NULL when the caller had none.
-        if let (Ok(fl), Ok(dev), Ok(ino), Ok(owner)) = (
-            tp::<u64>(&ctx, o.fl),
-            tp::<u32>(&ctx, o.s_dev),
-            tp::<u64>(&ctx, o.i_ino),
-            tp::<u64>(&ctx, o.owner),
-        ) {
-            if fl != 0 {
-                note_setlease(dev, ino, owner);
-            }
-        }
-    }
-    0
 }
 
 #[tracepoint]
@@ -191,10 +146,9 @@ pub fn break_lease_block(ctx: TracePointContext) -> u32 {
     0
 }
 
-/// The break is set up: report every lease this breaker conflicted with, as the kernel
-/// now has it, and record a blocking breaker as a waiter. The context is read through
-/// its map pointer and events are written in place: 6.1's verifier refuses this
-/// program if it copies them onto the stack.
+/// The break is set up: record, for every lease this breaker conflicted with, the
+/// break as the kernel now has it, and a blocking breaker's wait start. The context is
+/// read through its map pointer: 6.1's verifier counts the stack strictly.
 fn on_break(ctx: &TracePointContext, nonblock: bool) -> Result<(), i32> {
     let o = layout!(lease);
     let dev: u32 = tp(ctx, o.s_dev)?;
@@ -213,6 +167,14 @@ fn on_break(ctx: &TracePointContext, nonblock: bool) -> Result<(), i32> {
     }
     let n = unsafe { (*p).n } as usize;
     let breaker_type = unsafe { (*p).breaker_type };
+    let me = Breaker {
+        since_ns: now,
+        pid: tgid,
+        tid,
+        breaker_type,
+        nonblock: nonblock as u8,
+        _pad: [0; 6],
+    };
     for i in 0..MAX_BREAK_LEASES {
         if i >= n {
             break;
@@ -220,113 +182,144 @@ fn on_break(ctx: &TracePointContext, nonblock: bool) -> Result<(), i32> {
         let lease = unsafe { (*p).leases[i] };
         let signal = unsafe { (*p).signals[i] };
         let signal_result = unsafe { (*p).signal_results[i] };
-        emit_lease_with(|ev| {
-            let s = layout!(lease_struct);
-            ev.tag = tag::LEASE;
-            ev.what = LeaseWhat::Breaking as u32;
-            ev.ts_ns = now;
-            ev.jiffies = j;
-            ev.ino = ino;
-            ev.owner = kread(lease, layout!(lock_lists.owner)).unwrap_or(0);
-            ev.break_time = kread(lease, s.break_time).unwrap_or(0);
-            ev.downgrade_time = kread(lease, s.downgrade_time).unwrap_or(0);
-            ev.dev = dev;
-            ev.pid = kread::<i32>(lease, layout!(lock_lists.pid)).unwrap_or(0) as u32;
-            ev.tgid = tgid;
-            ev.tid = tid;
-            ev.fd = -1;
-            ev.flags = kread(lease, layout!(lock_lists.flags)).unwrap_or(0);
-            ev.lease_type = kread(lease, layout!(lock_lists.lock_type)).unwrap_or(fl_type::F_UNLCK);
-            ev.breaker_type = breaker_type;
-            ev.nonblock = nonblock as u8;
-            ev.signal = signal;
-            ev.signal_result = signal_result;
-        });
+        record_break(lease, now, j, signal, signal_result, &me);
     }
-    // A restart of the wait re-collects the leases still in the way.
-    let first = unsafe { (*p).block_since_ns };
-    let since = if first != 0 { first } else { now };
-    unsafe {
-        (*p).n = 0;
-        if !nonblock {
-            (*p).block_since_ns = since;
-        }
-    }
+    unsafe { (*p).n = 0 };
     if !nonblock {
-        let w = Waiter {
-            since_ns: since,
+        // A restart of the wait (after a lease timed out, or a signal) blocks again
+        // on the same request: its first start was kept at the unblock.
+        let first = unsafe { (*p).block_since_ns };
+        let w = WaitStart {
+            since_ns: if first != 0 { first } else { now },
+            request: breaker,
+            owner: kread(breaker, layout!(lock_lists.owner)).unwrap_or(0),
             ino,
-            owner: breaker,
-            blocker: 0,
             start: 0,
             end: i64::MAX,
             dev,
             tgid,
-            tid,
             flags: fl_flags::FL_LEASE,
-            fd: -1,
             lock_type: breaker_type,
             _pad: [0; 3],
         };
-        if WAITERS.insert(&tid, &w, 0).is_err() {
-            count(Counter::WaitersFull);
-        }
+        note_wait(tid, &w);
     }
     Ok(())
 }
 
-/// The wait ended (lease gone, timed out, or a signal). If leases still conflict the
-/// kernel blocks again and break_lease_block re-adds the waiter with its first start.
+/// Adds this break to `BREAKS[lease]`: a new record when the lease starts breaking, the
+/// same one (deadlines brought up to date, breaker added) when a break in progress is
+/// joined or escalated (a writer on a lease being downgraded sets the unlock deadline
+/// and keeps the downgrade one).
+#[inline(always)]
+fn record_break(lease: u64, now: u64, j: u64, signal: i32, signal_result: i32, me: &Breaker) {
+    let s = layout!(lease_struct);
+    let owner: u64 = kread(lease, layout!(lock_lists.owner)).unwrap_or(0);
+    let break_time: u64 = kread(lease, s.break_time).unwrap_or(0);
+    let downgrade_time: u64 = kread(lease, s.downgrade_time).unwrap_or(0);
+    let notified = signal != 0 && signal_result == 0;
+    if let Some(r) = BREAKS.get_ptr_mut(&lease) {
+        // SAFETY: value of our own map; indexes bounded by MAX_BREAKERS.
+        unsafe {
+            let same_break = (*r).owner == owner
+                && ((*r).break_time != 0 && (*r).break_time == break_time
+                    || (*r).downgrade_time != 0 && (*r).downgrade_time == downgrade_time);
+            if same_break {
+                (*r).break_time = break_time;
+                (*r).downgrade_time = downgrade_time;
+                if notified && (*r).notified == 0 {
+                    (*r).notified = 1;
+                    (*r).signal = signal;
+                }
+                let k = (*r).n_breakers as usize;
+                for i in 0..MAX_BREAKERS {
+                    if i < k && (*r).breakers[i].tid == me.tid {
+                        return;
+                    }
+                }
+                if k < MAX_BREAKERS {
+                    (*r).breakers[k & (MAX_BREAKERS - 1)] = *me;
+                    (*r).n_breakers = k as u8 + 1;
+                }
+                (*r).breakers_total = (*r).breakers_total.saturating_add(1);
+                return;
+            }
+        }
+    }
+    let mut rec = BreakRecord {
+        started_ns: now,
+        started_jiffies: j,
+        break_time,
+        downgrade_time,
+        owner,
+        signal: if notified { signal } else { 0 },
+        notified: notified as u8,
+        n_breakers: 1,
+        breakers_total: 1,
+        breakers: [Breaker::default(); MAX_BREAKERS],
+    };
+    rec.breakers[0] = *me;
+    if BREAKS.insert(&lease, &rec, 0).is_err() {
+        count(Counter::BreaksFull);
+    } else {
+        count(Counter::Breaks);
+    }
+}
+
+/// The breaker's wait ended (lease gone, timed out, or a signal). If leases still
+/// conflict the kernel blocks again on the same request and break_lease_block
+/// records the wait again: its start is kept in BREAK_CTX meanwhile.
 #[tracepoint]
 pub fn break_lease_unblock(_ctx: TracePointContext) -> u32 {
     let (_, tid) = current_ids();
-    let _ = WAITERS.remove(&tid);
-    0
-}
-
-#[tracepoint]
-pub fn time_out_leases(ctx: TracePointContext) -> u32 {
-    if ready() {
-        let _ = on_time_out(&ctx);
+    if let Some(w) = WAITS.get_ptr(&tid) {
+        if let Some(p) = BREAK_CTX.get_ptr_mut(&tid) {
+            // SAFETY: values of our own maps.
+            unsafe { (*p).block_since_ns = (*w).since_ns };
+        }
+        end_wait(tid);
     }
     0
 }
 
-/// `past_time(t)`: the kernel's `t && time_after(jiffies, t)`.
-#[inline(always)]
-fn past(t: u64, now: u64) -> bool {
-    t != 0 && (t.wrapping_sub(now) as i64) < 0
+/// `SIG_DFL`, `SIG_IGN`, and the `SA_RESTART` flag (uapi asm-generic/signal*.h).
+const SIG_IGN: u64 = 1;
+const SA_RESTART: u64 = 0x1000_0000;
+
+/// A handler is about to run. Without SA_RESTART an interrupted lock wait returns
+/// EINTR instead of restarting: the wait is over. With it, or with no handler (a
+/// freeze, a stop, an ignored signal), the kernel restarts the call and the deferral
+/// that follows keeps the wait's start. A fatal signal ends in sched_process_exit.
+#[tracepoint]
+pub fn signal_deliver(ctx: TracePointContext) -> u32 {
+    if WAITING.get(0).copied().unwrap_or(1) == 0 || !ready() {
+        return 0;
+    }
+    let (_, tid) = current_ids();
+    if WAITS.get_ptr(&tid).is_none() {
+        return 0;
+    }
+    let o = layout!(brk);
+    let (Ok(handler), Ok(flags)) = (tp::<u64>(&ctx, o.deliver_handler), tp::<u64>(&ctx, o.deliver_flags)) else {
+        return 0;
+    };
+    if handler > SIG_IGN && flags & SA_RESTART == 0 {
+        end_wait(tid);
+        if let Some(p) = BREAK_CTX.get_ptr_mut(&tid) {
+            // SAFETY: value of our own map.
+            unsafe { (*p).block_since_ns = 0 };
+        }
+    }
+    0
 }
 
-fn on_time_out(ctx: &TracePointContext) -> Result<(), i32> {
-    let o = layout!(lease);
-    let break_time: u64 = tp(ctx, o.break_time)?;
-    let downgrade_time: u64 = tp(ctx, o.downgrade_time)?;
-    let j = jiffies();
-    let to = if past(break_time, j) {
-        fl_type::F_UNLCK
-    } else if past(downgrade_time, j) {
-        fl_type::F_RDLCK
-    } else {
-        return Ok(());
-    };
-    let (tgid, tid) = current_ids();
-    emit_lease(&LeaseEvent {
-        tag: tag::LEASE,
-        what: LeaseWhat::TimedOut as u32,
-        ts_ns: now_ns(),
-        jiffies: j,
-        ino: tp(ctx, o.i_ino)?,
-        owner: tp(ctx, o.owner)?,
-        break_time,
-        downgrade_time,
-        dev: tp(ctx, o.s_dev)?,
-        tgid,
-        tid,
-        fd: -1,
-        flags: tp(ctx, o.flags)?,
-        lease_type: to,
-        ..Default::default()
-    });
-    Ok(())
+/// A thread killed while blocked never returns from its lock call.
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let (_, tid) = current_ids();
+    if WAITING.get(0).copied().unwrap_or(1) != 0 {
+        end_wait(tid);
+    }
+    let _ = BREAK_CTX.remove(&tid);
+    0
 }

@@ -1,232 +1,221 @@
-//! The filelock:posix_lock_inode and filelock:flock_lock_inode tracepoints, as BTF
-//! tracepoints: the programs get the kernel's own arguments (inode, request, result)
-//! and read the request's fields with plain loads the verifier checks against BTF.
-//! A classic tracepoint program first has the kernel fill in its record, then reads
-//! each field through a helper call; at one event per lock call that was half the
-//! tracer's cost.
+//! What the kernel forgets about lock requests, from the filelock:posix_lock_inode and
+//! filelock:flock_lock_inode BTF tracepoints (the kernel's own arguments: inode,
+//! request, result): when a blocked request began to wait (`WAITS`), and, opt-in
+//! (`ckpt-agent --hold-times`), when a lock was taken (`HOLDS`).
+//!
+//! Both fire on every lock call, so the common case must cost next to nothing: an
+//! uncontended call is one test of the result and one of the `WAITING` gate (an
+//! array slot, which the verifier turns into a plain load), then return. Held locks
+//! themselves are not copied anywhere: readers walk the kernel's lists.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::btf_tracepoint, programs::BtfTracePointContext};
-use aya_log_ebpf::warn;
+use aya_ebpf::{bindings::BPF_NOEXIST, macros::btf_tracepoint, programs::BtfTracePointContext};
 use ckpt_common::{
     counters::Counter,
     files::LOCK_SPAN,
-    lock::{
-        fl_flags, fl_type, EventSource, LockEvent, SyscallCtx, Waiter, FILE_LOCK_DEFERRED,
-        NOT_OBSERVED,
-    },
+    lock::{fl_flags, fl_type, HoldStart, WaitStart, FILE_LOCK_DEFERRED},
 };
 
 use crate::{
-    maps::{at, count, current_ids, field, kcopy, kread, layout, ready, LOCK_EVENTS, WAITERS},
-    syscalls::{call_ctx, set_call_ctx},
+    helpers::{at, current_ids, field, kcopy, kread, layout, now_ns, ready},
+    maps::{count, HOLDS, WAITING, WAITS},
 };
-
-/// FL_ACCESS requests only test for conflicts; they never change lock state.
-const FL_ACCESS: u32 = 8;
 
 #[btf_tracepoint(function = "posix_lock_inode")]
 pub fn posix_lock_inode(ctx: BtfTracePointContext) -> i32 {
-    if ready() {
-        let _ = handle(&ctx, EventSource::Posix);
-    }
+    on_lock(&ctx, false);
     0
 }
 
 #[btf_tracepoint(function = "flock_lock_inode")]
 pub fn flock_lock_inode(ctx: BtfTracePointContext) -> i32 {
-    if ready() {
-        let _ = handle(&ctx, EventSource::Flock);
-    }
+    on_lock(&ctx, true);
     0
 }
 
 /// `(struct inode *inode, struct file_lock *request, int ret)`, as both tracepoints
 /// are declared (the `filelock_lock` class).
-fn handle(ctx: &BtfTracePointContext, source: EventSource) -> Result<(), i32> {
-    count(Counter::EventsSeen);
-    let inode: u64 = ctx.arg(0);
-    let req: u64 = ctx.arg(1);
+#[inline(always)]
+fn on_lock(ctx: &BtfTracePointContext, flock: bool) {
     let ret = ctx.arg::<u64>(2) as i32;
-    // Never NULL, but the verifier may take them for nullable.
-    if inode == 0 || req == 0 {
-        return Err(0);
-    }
-    let flags: u32 = field(req, layout!(lock_lists.flags));
-    // A refused or deferred POSIX request changes nothing. A refused or deferred flock
-    // *conversion* has already dropped the old lock, so flock events always go out.
-    // (A blocked waiter is removed at syscall exit, whatever the outcome.)
-    if flags & FL_ACCESS != 0 || (ret < 0 && source == EventSource::Posix) {
-        return Ok(());
-    }
-    let (tgid, tid) = current_ids();
-    let sc = call_ctx(tid);
-    let (fd, waited) = match sc {
-        // SAFETY: value of our own map, plain data.
-        Some(p) => unsafe { ((*p).fd, (*p).waited != 0) },
-        // Not inside a traced fcntl/flock (close, exit), or the call began before
-        // tracing did.
-        None => (-1, true),
-    };
-    let ino: u64 = field(inode, layout!(files.inode_ino));
-    let sb: u64 = field(inode, layout!(files.inode_sb));
-    let dev: u32 = field(sb, layout!(files.sb_dev));
-    let owner: u64 = field(req, layout!(lock_lists.owner));
-    let start: i64 = field(req, layout!(lock_lists.start));
-    let end: i64 = field(req, layout!(lock_lists.end));
-    let lock_type: u8 = field(req, layout!(lock_lists.lock_type));
-    let now = unsafe { bpf_ktime_get_ns() };
-
     if ret == FILE_LOCK_DEFERRED {
-        // Keep the first blocking time across the kernel's retries of the same request.
-        let since = match WAITERS.get_ptr(&tid) {
-            Some(p) => unsafe { (*p).since_ns },
-            None => now,
-        };
-        let waiter = Waiter {
-            since_ns: since,
-            ino,
-            owner,
-            blocker: field(req, layout!(lock_lists.blocker)),
-            start,
-            end,
-            dev,
-            tgid,
-            tid,
-            flags,
-            fd,
-            lock_type,
-            _pad: [0; 3],
-        };
-        if WAITERS.insert(&tid, &waiter, 0).is_err() {
-            count(Counter::WaitersFull);
-            warn!(
-                ctx,
-                "WAITERS full: waiter tid {} on inode {} not recorded", tid, ino
-            );
+        if ready() {
+            deferred(ctx);
         }
-        // Syscall exit removes the waiter, whatever ends the wait: tell it there is one
-        // (a call that began before tracing did gets a context now).
-        match sc {
-            // SAFETY: value of our own map, plain data, this thread's own entry.
-            Some(p) => unsafe { (*p).waited = 1 },
-            None => {
-                let entry = SyscallCtx {
-                    fd: -1,
-                    waited: 1,
-                    active: 1,
-                    ..Default::default()
-                };
-                set_call_ctx(tid, &entry);
+        return;
+    }
+    if waiting() != 0 {
+        settled(ctx);
+    }
+    if ret == 0 && layout!(hold_times) != 0 {
+        held(ctx, flock);
+    }
+}
+
+/// Threads with an entry in `WAITS` (an estimate that never undercounts for long:
+/// it gates the lookup that ends a wait).
+#[inline(always)]
+fn waiting() -> u64 {
+    match WAITING.get_ptr(0) {
+        // SAFETY: an array slot of our own map.
+        Some(p) => unsafe { core::ptr::read_volatile(p) },
+        None => 1,
+    }
+}
+
+#[inline(always)]
+fn add_waiting(delta: u64) {
+    if let Some(p) = WAITING.get_ptr_mut(0) {
+        // SAFETY: an array slot of our own map, shared by every CPU: an atomic add
+        // (BPF_XADD; the bpf target offers no `AtomicU64::fetch_add`).
+        unsafe {
+            core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+                p, delta,
+            )
+        };
+    }
+}
+
+/// Records (or keeps) thread `tid`'s wait start.
+#[inline(always)]
+pub fn note_wait(tid: u32, w: &WaitStart) {
+    match WAITS.get_ptr_mut(&tid) {
+        // SAFETY: value of our own map; only thread `tid` writes its entry.
+        Some(p) => unsafe {
+            if (*p).request == w.request {
+                // The kernel's own retry of the same request (woken, not granted).
+                return;
+            }
+            if (*p).same_request(w) {
+                // A restart after an interruption (freeze, stop, SA_RESTART handler):
+                // the same wait, on a newly allocated request.
+                (*p).request = w.request;
+                return;
+            }
+            *p = *w;
+        },
+        None => {
+            if WAITS.insert(&tid, w, BPF_NOEXIST as u64).is_ok() {
+                add_waiting(1);
+            } else {
+                count(Counter::WaitsFull);
             }
         }
-        if source == EventSource::Posix {
-            return Ok(());
-        }
     }
-
-    // Granted: this thread no longer waits.
-    if ret == 0 && flags & fl_flags::FL_SLEEP != 0 && waited {
-        let _ = WAITERS.remove(&tid);
-    }
-    let pid: u32 = field(req, layout!(lock_lists.pid));
-    match LOCK_EVENTS.reserve::<LockEvent>(0) {
-        Some(mut entry) => {
-            // Read after the reserve: an event later in the ring than another one on
-            // the same description observes a list at least as new as that one's.
-            let observed = if source == EventSource::Flock {
-                observe_flock(inode, owner)
-            } else {
-                Observed::NONE
-            };
-            entry.write(LockEvent {
-                tag: ckpt_common::tag::LOCK,
-                observed_pid: observed.pid,
-                ts_ns: now,
-                ino,
-                owner,
-                start,
-                end,
-                dev,
-                pid,
-                tgid,
-                fd,
-                flags,
-                ret,
-                source: source as u8,
-                lock_type,
-                observed: observed.lock_type,
-                _pad: [0; 5],
-            });
-            entry.submit(0);
-            count(Counter::EventsEmitted);
-        }
-        None => {
-            count(Counter::RingBufFull);
-            warn!(ctx, "LOCK_EVENTS full: lock event on inode {} lost", ino);
-        }
-    }
-    Ok(())
 }
 
-/// Locks looked at in one inode's flock list before giving up.
-const FLOCK_LIST_MAX: usize = 32;
-
-/// A description's flock lock as read from the inode's list.
-struct Observed {
-    lock_type: u8,
-    pid: u32,
+/// Drops thread `tid`'s wait start: its wait ended without a restart.
+#[inline(always)]
+pub fn end_wait(tid: u32) {
+    if WAITS.remove(&tid).is_ok() {
+        add_waiting(u64::MAX);
+    }
 }
 
-impl Observed {
-    const NONE: Observed = Observed {
-        lock_type: NOT_OBSERVED,
-        pid: 0,
+fn deferred(ctx: &BtfTracePointContext) {
+    let inode: u64 = ctx.arg(0);
+    let req: u64 = ctx.arg(1);
+    // Never NULL, but the verifier may take them for nullable.
+    if inode == 0 || req == 0 {
+        return;
+    }
+    count(Counter::Deferred);
+    let (tgid, tid) = current_ids();
+    let sb: u64 = field(inode, layout!(files.inode_sb));
+    let w = WaitStart {
+        since_ns: now_ns(),
+        request: req,
+        owner: field(req, layout!(lock_lists.owner)),
+        ino: field(inode, layout!(files.inode_ino)),
+        start: field(req, layout!(lock_lists.start)),
+        end: field(req, layout!(lock_lists.end)),
+        dev: field(sb, layout!(files.sb_dev)),
+        tgid,
+        flags: field(req, layout!(lock_lists.flags)),
+        lock_type: field(req, layout!(lock_lists.lock_type)),
+        _pad: [0; 3],
     };
-    const UNLOCKED: Observed = Observed {
-        lock_type: fl_type::F_UNLCK,
-        pid: 0,
-    };
+    note_wait(tid, &w);
 }
 
-/// The flock lock that description `owner` holds now (type and pid), from the inode's
-/// flock list (read after the kernel released it: a later change may show, never an
-/// earlier state). Events of tasks sharing one description can reach the ring out of
-/// order; an observation taken after each event's own change makes the last one right.
-///
-/// A flock request's owner is its file (`flock_make_lock`, `locks_remove_flock`): the
-/// walk looks for the lock whose file `owner` is. Each lock is read in one copy: two
-/// helper calls for a list of one lock, where one per field took eight.
-fn observe_flock(inode: u64, owner: u64) -> Observed {
-    let lock_file = layout!(lock_lists.file);
-    if lock_file == 0 {
-        return Observed::NONE;
+/// A request came back from the kernel granted or refused: if it is the one this
+/// thread was waiting with, the wait is over.
+fn settled(ctx: &BtfTracePointContext) {
+    let req: u64 = ctx.arg(1);
+    if req == 0 || field::<u32>(req, layout!(lock_lists.flags)) & fl_flags::FL_SLEEP == 0 {
+        return;
     }
+    let (_, tid) = current_ids();
+    // SAFETY: value of our own map, plain data.
+    if let Some(p) = WAITS.get_ptr(&tid) {
+        if unsafe { (*p).request } == req {
+            end_wait(tid);
+        }
+    }
+}
+
+/// Locks looked at in one list to find the one a granted request made or extended.
+const HOLD_LIST_MAX: usize = 16;
+
+/// `--hold-times`: notes when the lock a granted request left in the inode's list
+/// was first seen (a merged or extended lock keeps its first time). Walks the list,
+/// which costs on every lock call: opt-in.
+fn held(ctx: &BtfTracePointContext, flock: bool) {
+    let inode: u64 = ctx.arg(0);
+    let req: u64 = ctx.arg(1);
+    if inode == 0 || req == 0 {
+        return;
+    }
+    let flags: u32 = field(req, layout!(lock_lists.flags));
+    let lock_type: u8 = field(req, layout!(lock_lists.lock_type));
+    if flags & fl_flags::FL_ACCESS != 0 || lock_type == fl_type::F_UNLCK {
+        return;
+    }
+    let owner: u64 = field(req, layout!(lock_lists.owner));
+    let start: i64 = field(req, layout!(lock_lists.start));
     let flctx: u64 = field(inode, layout!(lock_lists.inode_flctx));
     if flctx == 0 {
-        return Observed::UNLOCKED;
+        return;
     }
-    let head = flctx + layout!(lock_lists.ctx_flock) as u64;
+    let head = flctx
+        + if flock {
+            layout!(lock_lists.ctx_flock)
+        } else {
+            layout!(lock_lists.ctx_posix)
+        } as u64;
     let Ok(mut node) = kread::<u64>(head, 0) else {
-        return Observed::NONE;
+        return;
     };
-    // Not zeroed: the copy fills it (zeroing 192 bytes took a memset subprogram call
-    // per event).
+    // Not zeroed: the copy fills it (zeroing 192 bytes costs a memset call).
     let mut lock = core::mem::MaybeUninit::<[u64; LOCK_SPAN / 8]>::uninit();
     let buf = lock.as_mut_ptr() as *mut u8;
-    for _ in 0..FLOCK_LIST_MAX {
+    for _ in 0..HOLD_LIST_MAX {
         if node == head || node == 0 {
-            return Observed::UNLOCKED;
+            return;
         }
-        if kcopy(node - layout!(lock_lists.list) as u64, buf, LOCK_SPAN).is_err() {
-            return Observed::NONE;
+        let l = node - layout!(lock_lists.list) as u64;
+        if kcopy(l, buf, LOCK_SPAN).is_err() {
+            return;
         }
-        if at::<u64>(buf, lock_file) == owner {
-            return Observed {
-                lock_type: at(buf, layout!(lock_lists.lock_type)),
-                pid: at(buf, layout!(lock_lists.pid)),
+        if at::<u64>(buf, layout!(lock_lists.owner)) == owner
+            && (flock
+                || (at::<i64>(buf, layout!(lock_lists.start)) <= start
+                    && at::<i64>(buf, layout!(lock_lists.end)) >= start))
+        {
+            let h = HoldStart {
+                since_ns: now_ns(),
+                owner,
             };
+            if HOLDS.insert(&l, &h, BPF_NOEXIST as u64).is_err() {
+                // Present (kept: its first time), or the map is full.
+                // SAFETY: value of our own map.
+                match HOLDS.get_ptr_mut(&l) {
+                    Some(p) if unsafe { (*p).owner } != owner => unsafe { *p = h },
+                    Some(_) => {}
+                    None => count(Counter::HoldsFull),
+                }
+            }
+            return;
         }
         node = at(buf, layout!(lock_lists.list));
     }
-    Observed::NONE
 }

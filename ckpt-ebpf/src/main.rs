@@ -1,24 +1,30 @@
-//! ckpt's eBPF programs: tracepoints only (fentry/kprobe/LSM are refused on our hosts).
+//! ckpt's eBPF programs: tracepoints and iterators only (fentry/kprobe/LSM are
+//! refused on our hosts).
 //!
-//! Data flow: every *successful* lock request seen at filelock:posix_lock_inode or
-//! filelock:flock_lock_inode goes to the `LOCK_EVENTS` ring buffer, which the agent
-//! replays through the kernel's merge rules into `LOCKS`. Range splitting and merging
-//! need unbounded loops over an owner's locks, which the verifier cannot accept, so
-//! that part lives in userspace. Blocked waiters are simple per-thread facts and are
-//! kept here directly in `WAITERS`.
+//! This object holds the tracepoint programs and their pinned maps; the iterators are
+//! the other object (`iters.rs`), which `ckpt-user` can load on its own.
 //!
-//! Tracepoint field offsets are never hard-coded: userspace reads them from tracefs and
+//! The kernel is the table: every held lock and lease is on its inode's lists, and
+//! every blocked request hangs on its blocker. The iterators read them where they
+//! are when a user or a dump asks. The tracepoint programs here record
+//! only what the kernel forgets, on rare events: when a wait began (`locks`), when a
+//! lease break began and who broke it (`leases`), and opt-in, when a lock was taken
+//! (`locks`, `--hold-times`) and the triggers of exact deleted-file tracking
+//! (`deleted`, `--exact-deleted`).
+//!
+//! Field offsets are never hard-coded: userspace reads them from tracefs and BTF and
 //! sets the `LAYOUT` global before loading.
 #![no_std]
 #![no_main]
+// The atomic add of `locks::add_waiting` (the bpf target has no atomic RMW methods).
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod deleted;
-mod files;
-mod iter;
+mod helpers;
 mod leases;
 mod locks;
 mod maps;
-mod syscalls;
 
 #[cfg(not(test))]
 #[panic_handler]

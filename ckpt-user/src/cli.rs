@@ -3,19 +3,17 @@
 
 use std::{collections::BTreeSet, io::Write as _, path::PathBuf};
 
-use anyhow::{Context as _, Result};
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 use crate::{
     cgroup, dump,
     image::{inspect, reader::ImageReader},
-    locks::proc_locks,
     restore::{self, schedule::LeaseTime},
     tracer::pins::{PinDir, DEFAULT_PIN_DIR},
     view::{
-        deleted::{self, DeletedMaps},
-        live::{LiveMaps, Unavailable},
-        locks::{filter, from_agent, from_proc, render_table, PidFilter},
+        deleted,
+        locks::{filter, live_rows, render_table, PidFilter},
     },
 };
 
@@ -23,7 +21,7 @@ use crate::{
 #[command(
     name = "ckpt-agent",
     version,
-    about = "Loads ckpt's eBPF tracer, pins its maps and keeps the live lock table"
+    about = "Loads ckpt's eBPF tracer of rare lock events (wait starts, lease breaks) and pins its maps"
 )]
 pub struct AgentArgs {
     /// bpffs directory for pinned programs, links and maps.
@@ -33,10 +31,14 @@ pub struct AgentArgs {
     /// continues and a restarted agent loses nothing.
     #[arg(long)]
     pub unpin: bool,
-    /// Capacity of the lock table when it is first created (default 131072). A full
-    /// table is counted, logged, and reported by `ckpt-user locks`.
+    /// Also record when each lock is taken (`held_ms` in `ckpt-user locks`). Costs a
+    /// walk of the inode's lock list on every granted lock call.
     #[arg(long)]
-    pub max_locks: Option<u32>,
+    pub hold_times: bool,
+    /// Track deleted-but-open files exactly (`unlinked_at`): attaches syscall
+    /// tracepoints, which slow every syscall of every task on the host.
+    #[arg(long)]
+    pub exact_deleted: bool,
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides.
     #[arg(long, default_value = "info")]
     pub log_level: String,
@@ -80,11 +82,16 @@ pub enum UserCommand {
         select: Selection,
     },
     /// Deleted-but-open files: who holds them and what they pin (like `lsof +L1`, plus
-    /// mmap-only holders), from the agent's live table. JSON: dev, inode, path, size,
-    /// blocks, bytes, nlink, unlinked_at, holders (each {pid, fd} or {pid, mapping}).
+    /// mmap-only holders), from a scan at the call. JSON: dev, inode, path, size,
+    /// blocks, bytes, nlink, unlinked_at, first_seen, holders (each {pid, fd} or
+    /// {pid, mapping}).
     Deleted {
         #[command(flatten)]
         select: Selection,
+        /// Answer from ckpt-agent's background table if its last scan is at most this
+        /// many milliseconds old (no scan of its own), else scan now.
+        #[arg(long, value_name = "MS")]
+        max_age: Option<u64>,
     },
     /// Checkpoint the file state of every process in a cgroup into one image file.
     Dump {
@@ -214,11 +221,15 @@ pub fn run_user(args: UserArgs) -> Result<()> {
     match args.command {
         UserCommand::Deleted {
             select: Selection { cgroup, pid, json },
+            max_age,
         } => {
             let pids = pid_filter(cgroup.as_deref(), pid)?;
-            let mut maps = DeletedMaps::open(&pins)?;
-            maps.barrier(std::time::Duration::from_secs(2))?;
-            let mut files = deleted::group(&maps.read()?, |p| {
+            let (entries, notes) =
+                deleted::entries(&pins, max_age.map(std::time::Duration::from_millis))?;
+            for n in notes {
+                eprintln!("ckpt-user: {n}");
+            }
+            let mut files = deleted::group(&entries, |p| {
                 pids.as_ref().is_none_or(|set| set.contains(&p))
             });
             deleted::refresh_sizes(&mut files);
@@ -237,25 +248,10 @@ pub fn run_user(args: UserArgs) -> Result<()> {
             select: Selection { cgroup, pid, json },
         } => {
             let pids = pid_filter(cgroup.as_deref(), pid)?;
-            let rows = match LiveMaps::open(&pins) {
-                Ok(live) => {
-                    // After the rows: reading them waits for the agent to apply every
-                    // event so far, and so to count what it could not store.
-                    let rows = from_agent(&live)?;
-                    for (what, n) in live.losses()? {
-                        eprintln!("ckpt-user: warning: {n} lost ({what}); the table may be incomplete (see ckpt-agent's log)");
-                    }
-                    rows
-                }
-                Err(why) => {
-                    if let Unavailable::Maps(..) = why {
-                        eprintln!("ckpt-user: warning: {why}");
-                    } else {
-                        eprintln!("ckpt-user: {why}; falling back to /proc/locks (no owners, ages or waiting times)");
-                    }
-                    from_proc(&proc_locks::read().context("reading /proc/locks")?)
-                }
-            };
+            let (rows, notes) = live_rows(&pins)?;
+            for n in notes {
+                eprintln!("ckpt-user: {n}");
+            }
             let rows = filter(rows, &pids);
             // Buffered: pretty JSON of 10,000 rows was 180,000 line-sized writes.
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());

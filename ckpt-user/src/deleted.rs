@@ -1,6 +1,7 @@
-//! Deleted-but-open files: turning the scan iterators' records into the `DELETED`
-//! table (holders by inode), shared by the agent (which writes it) and `ckpt-user
-//! deleted` (which reads it). Pure logic; the kernel side is ckpt-ebpf/src/deleted.rs.
+//! Deleted-but-open files: scanning for them (`scan_now`, with the iterators of
+//! ckpt-ebpf/src/deleted_scan.rs) and turning the scan's records into the `DELETED`
+//! table (holders by inode), shared by the agent (which keeps it) and `ckpt-user
+//! deleted`.
 
 use std::collections::{HashMap, HashSet};
 
@@ -9,7 +10,10 @@ use ckpt_common::deleted::{
     tag, DeletedKey, DeletedRecord, DeletedValue, DELETED_PATH_MAX, DELETED_RECORD_SIZE,
 };
 
-use crate::dump::files::split_deleted;
+use crate::{
+    dump::files::split_deleted,
+    tracer::iters::{Iters, Prog},
+};
 
 /// A record and, for an fd, its path (" (deleted)" already removed).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -245,4 +249,27 @@ mod tests {
         set_path(&mut v, &"x".repeat(300));
         assert_eq!((path_of(&v).len(), v.path_cut), (DELETED_PATH_MAX - 1, 1));
     }
+}
+
+/// The file a mapping shows, from /proc's map_files (" (deleted)" removed).
+pub fn map_path(pid: u32, start: u64, end: u64) -> Option<String> {
+    let link = std::fs::read_link(format!("/proc/{pid}/map_files/{start:x}-{end:x}")).ok()?;
+    Some(split_deleted(&link.display().to_string()).0)
+}
+
+/// The deleted-but-open files now: one scan of every fd and mapping (the two walks
+/// side by side), as the agent's table would hold them, without times.
+pub fn scan_now(iters: &Iters) -> Result<HashMap<DeletedKey, DeletedValue>> {
+    let (fds, maps) = std::thread::scope(|s| {
+        let maps = s.spawn(|| iters.read_all(Prog::DeletedMaps));
+        let fds = iters.read_all(Prog::DeletedFds);
+        (fds, maps.join().expect("scan thread panicked"))
+    });
+    let mut seen = parse(&fds?)?;
+    seen.extend(parse(&maps?)?);
+    let clock = ScanClock {
+        unlink_ns: 0,
+        now_ns: 0,
+    };
+    Ok(build(&seen, &HashMap::new(), &clock, map_path))
 }

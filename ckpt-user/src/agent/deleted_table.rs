@@ -1,32 +1,43 @@
-//! The agent's table of deleted-but-open files (`DELETED`): rescanned with the
-//! deleted_fds / deleted_maps iterators whenever the programs' trigger generation
-//! moved (see ckpt-ebpf/src/deleted.rs), and written back as a diff. `HOLDERS` (the
-//! processes in it) lets the programs notice their fork, exec, exit and munmap.
+//! The agent's table of deleted-but-open files (`DELETED`), for `ckpt-user deleted
+//! --max-age` and for the time each file was first seen deleted: rescanned with the
+//! deleted_fds / deleted_maps iterators in the background (at most 5% of a CPU), and,
+//! with `--exact-deleted`, whenever the programs' trigger generation moved (see
+//! ckpt-ebpf/src/deleted.rs); written back as a diff. `HOLDERS` (the processes in
+//! it) lets those programs notice their fork, exec, exit and munmap.
 
-use std::{
-    collections::{HashMap, HashSet},
-    io::Read as _,
-    path::PathBuf,
-};
+use std::collections::{HashMap, HashSet};
 
-use anyhow::{Context as _, Result};
-use aya::maps::{Array, HashMap as BpfHashMap, MapData, PerCpuArray};
+use anyhow::Result;
+use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
 use ckpt_common::deleted::{scan, trigger, DeletedKey, DeletedValue};
 use tracing::{debug, warn};
 
-use super::lock_table::remove_quiet;
 use crate::{
-    deleted::{build, parse, ScanClock},
-    view::live::monotonic_ns,
+    deleted::{build, map_path, parse, ScanClock},
+    sys::monotonic_ns,
+    tracer::iters::{Iters, Prog},
 };
 
-pub struct DeletedTable {
+/// Removes `k`, already gone or not.
+pub fn remove_quiet<K: aya::Pod, V: aya::Pod>(
+    map: &mut BpfHashMap<MapData, K, V>,
+    k: &K,
+) -> Result<()> {
+    match map.remove(k) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub struct DeletedTable<'a> {
     triggers: PerCpuArray<MapData, u64>,
     map: BpfHashMap<MapData, DeletedKey, DeletedValue>,
     holders: BpfHashMap<MapData, u32, u32>,
     scanned: Array<MapData, u64>,
-    fds_link: PathBuf,
-    maps_link: PathBuf,
+    iters: &'a Iters,
+    /// The triggers are attached: unlink times are exact.
+    exact: bool,
     current: HashMap<DeletedKey, DeletedValue>,
     /// The trigger generation of the last scan (None: none yet).
     last_gen: Option<u64>,
@@ -40,8 +51,9 @@ pub struct DeletedTable {
 const MIN_SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(20);
 const SCAN_SHARE: u32 = 20;
 
-/// A rescan at least this often, triggered or not: it finds holders made in ways the
-/// programs do not watch (SCM_RIGHTS, pidfd_getfd, reopening /proc/PID/fd/N).
+/// A rescan at least this often (within the CPU share), triggered or not: without
+/// `--exact-deleted` that is the table's age; with it, it finds holders made in ways
+/// the programs do not watch (SCM_RIGHTS, pidfd_getfd, reopening /proc/PID/fd/N).
 const FULL_SCAN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Sum of the per-CPU generations, latest per-CPU unlink time.
@@ -56,28 +68,15 @@ pub fn generation(triggers: &PerCpuArray<MapData, u64>) -> Result<(u64, u64)> {
     Ok((gen, unlink))
 }
 
-fn run_iterator(link: &PathBuf) -> Result<Vec<u8>> {
-    let mut buf = Vec::new();
-    std::fs::File::open(link)
-        .and_then(|mut f| f.read_to_end(&mut buf))
-        .with_context(|| format!("reading {}", link.display()))?;
-    Ok(buf)
-}
-
-/// The file a mapping shows, from /proc's map_files (" (deleted)" removed).
-fn map_path(pid: u32, start: u64, end: u64) -> Option<String> {
-    let link = std::fs::read_link(format!("/proc/{pid}/map_files/{start:x}-{end:x}")).ok()?;
-    Some(crate::dump::files::split_deleted(&link.display().to_string()).0)
-}
-
-impl DeletedTable {
+impl<'a> DeletedTable<'a> {
     pub fn open(
         triggers: PerCpuArray<MapData, u64>,
         mut map: BpfHashMap<MapData, DeletedKey, DeletedValue>,
         holders: BpfHashMap<MapData, u32, u32>,
         scanned: Array<MapData, u64>,
-        links: (PathBuf, PathBuf),
-    ) -> Result<DeletedTable> {
+        iters: &'a Iters,
+        exact: bool,
+    ) -> Result<DeletedTable<'a>> {
         // A previous agent's table: start from what is true now instead.
         let old: Vec<DeletedKey> = map.keys().filter_map(|k| k.ok()).collect();
         for k in &old {
@@ -88,8 +87,8 @@ impl DeletedTable {
             map,
             holders,
             scanned,
-            fds_link: links.0,
-            maps_link: links.1,
+            iters,
+            exact,
             current: HashMap::new(),
             last_gen: None,
             last_scan: std::time::Instant::now(),
@@ -123,14 +122,14 @@ impl DeletedTable {
         let first = self.last_gen.is_none();
         // The two walks are independent kernel work: side by side.
         let (fds, maps) = std::thread::scope(|s| {
-            let maps = s.spawn(|| run_iterator(&self.maps_link));
-            let fds = run_iterator(&self.fds_link);
+            let maps = s.spawn(|| self.iters.read_all(Prog::DeletedMaps));
+            let fds = self.iters.read_all(Prog::DeletedFds);
             (fds, maps.join().expect("scan thread panicked"))
         });
         let mut seen = parse(&fds?)?;
         seen.extend(parse(&maps?)?);
         let clock = ScanClock {
-            unlink_ns: if first { 0 } else { unlink_ns },
+            unlink_ns: if first || !self.exact { 0 } else { unlink_ns },
             now_ns: monotonic_ns(),
         };
         let next = build(&seen, &self.current, &clock, map_path);
@@ -139,6 +138,7 @@ impl DeletedTable {
         self.last_gen = Some(gen);
         // Readers wait for this before trusting the table (`ckpt-user deleted`).
         self.scanned.set(scan::DONE, gen, 0)?;
+        self.scanned.set(scan::AT_NS, clock.now_ns, 0)?;
         self.last_took = t0.elapsed();
         debug!(
             holders = self.current.len(),

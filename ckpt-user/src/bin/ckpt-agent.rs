@@ -24,7 +24,10 @@ fn main() {
     let opts = Options {
         pins: PinDir::new(args.pin_dir),
         unpin: args.unpin,
-        max_locks: args.max_locks,
+        tracing: ckpt_user::tracer::loader::Tracing {
+            hold_times: args.hold_times,
+            exact_deleted: args.exact_deleted,
+        },
     };
     if let Err(e) = rt.block_on(run(opts)) {
         std::process::exit(report("ckpt-agent", &e));

@@ -1,5 +1,5 @@
-//! The fd tables of the dumped processes from the agent's pinned task_file iterator
-//! programs (`ckpt-ebpf/src/files.rs`): per fd, what /proc/PID/fd, fdinfo and fstat
+//! The fd tables of the dumped processes from the task_file iterator programs
+//! (`ckpt-ebpf/src/files.rs`, loaded by `tracer::iters`): per fd, what /proc/PID/fd, fdinfo and fstat
 //! would show, plus the kernel identities of the open file description and of the fd
 //! table (the owners of OFD/flock and of POSIX locks); per process, what status, comm
 //! and cwd would show.
@@ -15,14 +15,14 @@ use std::{
 };
 
 use anyhow::{bail, Context as _, Result};
-use ckpt_common::{
-    files::{
-        list, tag, FdRecord, LockLine, TaskRecord, FD_RECORD_SIZE, LOCK_LINE_SIZE, TASK_RECORD_SIZE,
-    },
-    names,
+use ckpt_common::files::{
+    list, tag, FdRecord, LockLine, TaskRecord, FD_RECORD_SIZE, LOCK_LINE_SIZE, TASK_RECORD_SIZE,
 };
 
-use crate::{sys::bpf_iter, tracer::pins::PinDir};
+use crate::{
+    sys::bpf_iter,
+    tracer::iters::{Iters, Prog},
+};
 
 /// One fd as the iterator saw it.
 #[derive(Clone, Debug)]
@@ -32,7 +32,8 @@ pub struct IterFd {
     pub path: Option<String>,
     /// The locks and leases fdinfo would list for this fd.
     pub locks: Vec<LockLine>,
-    /// The inode's lock lists were too long to walk: read fdinfo instead.
+    /// The inode's lock lists were too long to walk, or changed under the walk: read
+    /// fdinfo instead.
     pub locks_truncated: bool,
 }
 
@@ -68,28 +69,25 @@ impl TableRead {
 /// Most threads reading at once: the work is the kernel's, per CPU.
 const MAX_READERS: usize = 8;
 
-pub struct FdTable {
-    /// The iterator programs: without paths, with paths.
-    progs: [OwnedFd; 2],
+pub struct FdTable<'a> {
+    iters: &'a Iters,
     links: HashMap<(u32, bool), OwnedFd>,
 }
 
-impl FdTable {
-    /// Opens the agent's iterator programs; an error means this agent predates them
-    /// or this kernel cannot aim an iterator at one process.
-    pub fn open(pins: &PinDir) -> Result<FdTable> {
-        let prog = |name: &str| -> Result<OwnedFd> {
-            let path = pins.progs_dir().join(name);
-            if !path.exists() {
-                bail!(
-                    "the agent has no fd-table iterator ({} missing): restart ckpt-agent",
-                    path.display()
-                );
-            }
-            bpf_iter::obj_get(&path)
-        };
+fn prog(paths: bool) -> Prog {
+    if paths {
+        Prog::TaskFilesPaths
+    } else {
+        Prog::TaskFiles
+    }
+}
+
+impl<'a> FdTable<'a> {
+    /// Uses the loaded task_file iterators; an error means this kernel cannot aim an
+    /// iterator at one process.
+    pub fn open(iters: &'a Iters) -> Result<FdTable<'a>> {
         let mut table = FdTable {
-            progs: [prog(names::TASK_FILES)?, prog(names::TASK_FILES_PATHS)?],
+            iters,
             links: HashMap::new(),
         };
         table
@@ -103,7 +101,7 @@ impl FdTable {
     pub fn prepare(&mut self, pids: impl IntoIterator<Item = u32>, paths: bool) -> Result<()> {
         for pid in pids {
             if !self.links.contains_key(&(pid, paths)) {
-                let link = bpf_iter::link_for_process(self.progs[paths as usize].as_fd(), pid)
+                let link = bpf_iter::link_for_process(self.iters.prog(prog(paths))?, pid)
                     .with_context(|| {
                         format!("creating an fd-table iterator link for process {pid} (one fd per process: is the open-file limit too low?)")
                     })?;
@@ -220,7 +218,7 @@ pub fn parse(mut buf: &[u8], pid: u32) -> Result<ProcessFds> {
                 let Some(fd) = out.fds.last_mut() else {
                     bail!("task_file iterator output: a lock line before any fd");
                 };
-                if line.list == list::TRUNCATED {
+                if line.list == list::TRUNCATED || line.list == list::UNSTABLE {
                     fd.locks_truncated = true;
                 } else {
                     fd.locks.push(line);

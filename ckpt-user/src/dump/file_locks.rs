@@ -1,39 +1,32 @@
-//! Locks, leases and waiters of the dumped processes.
+//! Locks, leases and waiters of the dumped processes, placed on their descriptions.
 //!
-//! /proc/PID/fdinfo/N `lock:` lines name the locks of each description (and POSIX locks
-//! of each process through it): they place every lock on the right open file
-//! description. With an agent, every such lock must also be in the agent's table, and
-//! every lock the agent attributes to a dumped process or description must show up in
-//! fdinfo; a disagreement stops the dump. The agent adds what /proc cannot tell: lease
-//! deadlines, pre-break types, whether the holder was signalled, breakers, waiting times.
+//! Held locks and leases come from each fd's lock lines: the iterator's walk of the
+//! inode's lists (with a lease's own type, pending flags and deadlines, read with
+//! jiffies and the clock together), or fdinfo `lock:` lines where the walk was cut
+//! (the lease then lacks its deadline). Waiters come from the kernel's blocked trees
+//! read just before the freeze: freezing interrupts blocked lock calls, which the
+//! kernel restarts after the thaw. ckpt-agent's records add what the kernel forgets:
+//! when each waiter began to wait, when a break began, its breakers and whether the
+//! holder was signalled.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashSet};
 
-use anyhow::{bail, Result};
 use ckpt_common::{
-    lease::{LeaseRecord, LeaseState},
-    lock::{fl_flags, fl_type, LockKind as KLockKind, Waiter as KWaiter},
+    files::LockLine,
+    lock::{fl_type, LockKind as KLockKind},
 };
 
 use super::files::FoundFd;
 use crate::{
     image::format::{Breaker, Lease, Lock, LockKind, LockType, Waiter},
-    leases::model::{is_synthetic, TYPE_UNKNOWN},
+    leases::{self, BreakState},
     locks::{
-        model::HeldLock,
+        kernel::{HeldKind, KLock, LeaseClock},
         proc_locks::{ProcKind, ProcLock},
-        record::held_of,
         KernelDev, LockType as KLockType,
     },
-    view::live::Snapshot,
+    view::history::History,
 };
-
-/// What the agent knew at the freeze: its tables, and the waiters from just before the
-/// freeze (freezing interrupts blocked lock calls; they restart after the thaw).
-pub struct AgentView {
-    pub snapshot: Snapshot,
-    pub waiters: Vec<KWaiter>,
-}
 
 pub struct Collected {
     pub locks: Vec<Lock>,
@@ -60,334 +53,230 @@ fn fl_ty(t: u8) -> Option<LockType> {
     KLockType::from_fl_type(t).map(ty)
 }
 
-fn describe(p: &ProcLock) -> String {
-    let end = if p.end == i64::MAX {
-        "EOF".to_string()
-    } else {
-        p.end.to_string()
+/// One held lock or lease, from either source, as the image needs it.
+struct Entry {
+    kind: HeldKind,
+    /// Its own type (a lease's type before any break; None when only fdinfo, which
+    /// shows a breaking lease's target, was read).
+    lock_type: Option<LockType>,
+    flags: u32,
+    /// fl_pid: creator (OFD locks read from fdinfo show -1).
+    pid: i32,
+    start: i64,
+    end: i64,
+    dev: KernelDev,
+    ino: u64,
+    addr: Option<u64>,
+    owner: Option<u64>,
+    clock: Option<LeaseClock>,
+}
+
+fn from_line(f: &FoundFd, l: &LockLine) -> Option<Entry> {
+    let kind = HeldKind::of(l.list, l.flags)?;
+    let dev = f.kernel.map(|k| k.s_dev).unwrap_or(f.dev);
+    Some(Entry {
+        kind,
+        lock_type: fl_ty(l.lock_type as u8),
+        flags: l.flags,
+        pid: l.pid,
+        start: l.start,
+        end: l.end,
+        dev,
+        ino: f.ino,
+        addr: Some(l.lock),
+        owner: Some(l.owner),
+        clock: (kind == HeldKind::Lease).then_some(LeaseClock {
+            break_time: l.break_time,
+            downgrade_time: l.downgrade_time,
+            jiffies: l.jiffies,
+            now_ns: l.now_ns,
+        }),
+    })
+}
+
+fn from_fdinfo(p: &ProcLock) -> Option<Entry> {
+    use ckpt_common::lock::fl_flags::{FL_DOWNGRADE_PENDING, FL_UNLOCK_PENDING};
+    let kind = match p.kind {
+        ProcKind::Lock(k) => HeldKind::Lock(k),
+        ProcKind::Lease => HeldKind::Lease,
+        ProcKind::Other => return None,
     };
-    format!("{:?} {:?} {}-{}", p.kind, p.lock_type, p.start, end)
+    let breaking = p.state == "BREAKING";
+    let flags = match (breaking, p.lock_type) {
+        (false, _) => 0,
+        (true, Some(KLockType::Read)) => FL_DOWNGRADE_PENDING,
+        (true, _) => FL_UNLOCK_PENDING,
+    };
+    Some(Entry {
+        kind,
+        // /proc shows a breaking lease's target, not its own type.
+        lock_type: if breaking { None } else { p.lock_type.map(ty) },
+        flags,
+        pid: p.pid as i32,
+        start: p.start,
+        end: p.end,
+        dev: p.dev,
+        ino: p.ino,
+        addr: None,
+        owner: None,
+        clock: None,
+    })
 }
 
-/// A lock or lease line found in fdinfo, placed on its description.
-struct Found<'a> {
-    line: &'a ProcLock,
-    pid: u32,
-    fd: i32,
-    desc: u32,
-}
-
-/// Puts every lock, lease and waiter on its description, cross-checking the agent's
-/// tables against the `lock:` lines. `owners` maps kernel owners (struct file) to
-/// descriptions when the iterator told them (empty otherwise: learnt from matches).
+/// Puts every lock and lease on its description, and the waiters of `pids` as they
+/// were just before the freeze (`blocked`, from the kernel's trees).
 pub fn collect(
     fds: &[FoundFd],
     desc_of: &[u32],
     pids: &BTreeSet<u32>,
-    agent: Option<&AgentView>,
-    proc_waiters: &[ProcLock],
+    blocked: &[KLock],
+    history: Option<&History>,
     frozen_ns: u64,
-    owners: HashMap<u64, u32>,
-) -> Result<Collected> {
-    // 1. Every lock and lease line, once per (kind, owner, range).
-    let mut seen = HashSet::new();
-    let mut found: Vec<Found> = Vec::new();
-    for (i, f) in fds.iter().enumerate() {
-        let desc = desc_of[i];
-        for line in &f.info.locks {
-            let owner_key = match line.kind {
-                ProcKind::Lock(KLockKind::Posix) => (0, f.pid as u64, desc),
-                _ => (1, 0, desc),
-            };
-            let shape = (
-                format!("{:?}", line.kind),
-                owner_key,
-                line.start,
-                line.end,
-                line.lock_type,
-            );
-            if seen.insert(shape) {
-                found.push(Found {
-                    line,
-                    pid: f.pid,
-                    fd: f.fd,
-                    desc,
-                });
-            }
-        }
-    }
-    // stat() gives btrfs files their subvolume's device, locks the superblock's: know
-    // each file by both (fdinfo lock lines carry the latter).
-    let inodes: HashSet<(KernelDev, u64)> = fds
-        .iter()
-        .map(|f| (f.dev, f.ino))
-        .chain(
-            fds.iter()
-                .filter_map(|f| f.kernel.map(|k| (k.s_dev, f.ino))),
-        )
-        .chain(
-            fds.iter()
-                .flat_map(|f| f.info.locks.iter().map(|l| (l.dev, l.ino))),
-        )
-        .collect();
-
+    hz: u32,
+) -> Collected {
     let mut out = Collected {
         locks: Vec::new(),
         leases: Vec::new(),
         waiters: Vec::new(),
     };
-    let agent_locks: Vec<(KernelDev, u64, HeldLock)> = agent
-        .map(|a| {
-            a.snapshot
-                .locks
-                .iter()
-                .filter_map(|(k, r)| held_of(k, r).map(|l| (KernelDev(k.dev), k.ino, l)))
-                .filter(|(d, i, _)| inodes.contains(&(*d, *i)))
-                .collect()
-        })
-        .unwrap_or_default();
-    let mut matched = vec![false; agent_locks.len()];
-    // Candidates by inode, so matching is linear in the number of locks.
-    let mut by_inode: HashMap<(KernelDev, u64), Vec<usize>> = HashMap::new();
-    for (j, (d, ino, _)) in agent_locks.iter().enumerate() {
-        by_inode.entry((*d, *ino)).or_default().push(j);
-    }
-    // Kernel owner (struct file) of each description, learnt from OFD/flock matches.
-    let mut owner_desc = owners;
-
-    for fl in found.iter() {
-        let line = fl.line;
-        let ProcKind::Lock(kind) = line.kind else {
-            continue;
-        };
-        let Some(lock_type) = line.lock_type else {
-            continue;
-        };
-        let dev = line.dev;
-        let mut pid = if kind == KLockKind::Posix {
-            fl.pid
+    // Every lock once: one kernel object (by address), or one fdinfo line shape per
+    // (kind, owner, range, type).
+    let mut seen_addr = HashSet::new();
+    let mut seen_shape = HashSet::new();
+    for (i, f) in fds.iter().enumerate() {
+        let desc = desc_of[i];
+        let entries: Vec<Entry> = if f.lines.is_empty() {
+            f.info.locks.iter().filter_map(from_fdinfo).collect()
         } else {
-            line.pid.max(0) as u32
+            f.lines
+                .iter()
+                .filter(|l| l.blocker == 0)
+                .filter_map(|l| from_line(f, l))
+                .collect()
         };
-        if agent.is_some() {
-            let candidates = by_inode
-                .get(&(dev, line.ino))
-                .map(Vec::as_slice)
-                .unwrap_or(&[]);
-            let hit = candidates.iter().copied().find(|&j| {
-                let l = &agent_locks[j].2;
-                !matched[j]
-                    && l.kind == kind
-                    && l.start == line.start
-                    && l.end == line.end
-                    && l.lock_type == lock_type
-                    && match kind {
-                        KLockKind::Posix => l.pid == fl.pid,
-                        _ => {
-                            is_synthetic(l.owner)
-                                || owner_desc.get(&l.owner).is_none_or(|d| *d == fl.desc)
-                        }
-                    }
-            });
-            let Some(j) = hit else {
-                bail!(
-                    "lock disagreement on {dev}:{}: /proc/{}/fdinfo/{} shows {} but the agent's table does not",
-                    line.ino,
-                    fl.pid,
-                    fl.fd,
-                    describe(line)
-                );
-            };
-            matched[j] = true;
-            let l = &agent_locks[j].2;
-            if kind != KLockKind::Posix {
-                if !is_synthetic(l.owner) {
-                    owner_desc.insert(l.owner, fl.desc);
+        for e in entries {
+            let fresh = match e.addr {
+                Some(a) => seen_addr.insert(a),
+                None => {
+                    let owner = match e.kind {
+                        HeldKind::Lock(KLockKind::Posix) => (0, f.pid, desc),
+                        _ => (1, 0, desc),
+                    };
+                    seen_shape.insert((e.kind, owner, e.start, e.end, e.lock_type.map(|t| t == LockType::Write)))
                 }
-                pid = l.pid;
+            };
+            if !fresh {
+                continue;
+            }
+            match e.kind {
+                HeldKind::Lock(k) => {
+                    let Some(lock_type) = e.lock_type else { continue };
+                    out.locks.push(Lock {
+                        kind: kind_of(k),
+                        lock_type,
+                        start: e.start,
+                        end: e.end,
+                        // A POSIX lock belongs to its process; OFD and flock locks
+                        // name their creator (fdinfo hides an OFD lock's: the holder).
+                        pid: if k == KLockKind::Posix || e.pid <= 0 {
+                            f.pid
+                        } else {
+                            e.pid as u32
+                        },
+                        file: desc,
+                        dev: e.dev.to_string(),
+                        ino: e.ino,
+                    });
+                }
+                HeldKind::Lease => out.leases.push(lease(&e, f, desc, history, frozen_ns, hz)),
             }
         }
-        out.locks.push(Lock {
-            kind: kind_of(kind),
-            lock_type: ty(lock_type),
-            start: line.start,
-            end: line.end,
-            pid,
-            file: fl.desc,
-            dev: dev.to_string(),
-            ino: line.ino,
+    }
+    for w in blocked.iter().filter(|w| w.pid > 0 && pids.contains(&(w.pid as u32))) {
+        let Some(lock_type) = fl_ty(w.lock_type) else {
+            continue;
+        };
+        let wait = w.addr.and_then(|a| history?.waits.get(&a));
+        out.waiters.push(Waiter {
+            pid: w.pid as u32,
+            tid: wait.map_or(w.pid as u32, |(tid, _)| *tid),
+            kind: match w.kind {
+                HeldKind::Lock(KLockKind::Posix) => "posix",
+                HeldKind::Lock(KLockKind::Ofd) => "ofd",
+                HeldKind::Lock(KLockKind::Flock) => "flock",
+                HeldKind::Lease => "lease",
+            }
+            .into(),
+            lock_type,
+            start: w.start,
+            end: w.end,
+            dev: w.dev.to_string(),
+            ino: w.ino,
+            waited_ns: wait.map(|(_, s)| frozen_ns.saturating_sub(s.since_ns)),
         });
     }
-    // Locks the agent attributes to a dumped process or description must have been seen.
-    for (j, (d, ino, l)) in agent_locks.iter().enumerate() {
-        let ours = match l.kind {
-            KLockKind::Posix => pids.contains(&l.pid),
-            _ => owner_desc.contains_key(&l.owner),
-        };
-        if !matched[j] && ours {
-            let end = if l.end == i64::MAX {
-                "EOF".to_string()
-            } else {
-                l.end.to_string()
-            };
-            bail!(
-                "lock disagreement on {d}:{ino}: the agent has {:?} {:?} {}-{end} of pid {} but /proc/*/fdinfo does not",
-                l.kind,
-                l.lock_type,
-                l.start,
-                l.pid
-            );
-        }
-    }
-
-    // 2. Leases.
-    let mut lease_matched = HashSet::new();
-    for fl in found
-        .iter()
-        .filter(|f| f.line.kind == ProcKind::Lease && f.line.state != "BREAKER")
-    {
-        let line = fl.line;
-        let breaking = line.state == "BREAKING";
-        let target = line.lock_type.map(ty);
-        let lease = match agent {
-            None => Lease {
-                file: fl.desc,
-                pid: line.pid.max(0) as u32,
-                lease_type: if breaking { None } else { target },
-                breaking,
-                target_type: target,
-                remaining_ns: None,
-                lease_break_time_s: None,
-                notified: false,
-                signal: None,
-                breakers: Vec::new(),
-            },
-            Some(a) => {
-                let hit = a.snapshot.leases.iter().find(|(k, r)| {
-                    !lease_matched.contains(k)
-                        && k.dev == line.dev.0
-                        && k.ino == line.ino
-                        && r.pid as i64 == line.pid
-                        && (is_synthetic(k.owner)
-                            || owner_desc.get(&k.owner).is_none_or(|d| *d == fl.desc))
-                });
-                let Some((k, r)) = hit else {
-                    bail!(
-                        "lease disagreement on {}:{}: /proc/{}/fdinfo/{} shows a {} lease the agent has no record of",
-                        line.dev,
-                        line.ino,
-                        fl.pid,
-                        fl.fd,
-                        line.state.to_lowercase()
-                    );
-                };
-                lease_matched.insert(*k);
-                if (r.state == LeaseState::Breaking as u8) != breaking {
-                    bail!(
-                        "lease disagreement on {}:{}: /proc says {} but the agent says {}",
-                        line.dev,
-                        line.ino,
-                        line.state,
-                        if breaking { "active" } else { "breaking" }
-                    );
-                }
-                lease_from_agent(fl.desc, r, frozen_ns)
-            }
-        };
-        out.leases.push(lease);
-    }
-
-    // 3. Waiters, as they were just before the freeze.
-    match agent {
-        Some(a) => {
-            for w in a.waiters.iter().filter(|w| pids.contains(&w.tgid)) {
-                let Some(lock_type) = fl_ty(w.lock_type) else {
-                    continue;
-                };
-                let kind = if w.flags & fl_flags::FL_LEASE != 0 {
-                    "lease"
-                } else {
-                    match KLockKind::from_fl_flags(w.flags) {
-                        Some(KLockKind::Posix) => "posix",
-                        Some(KLockKind::Ofd) => "ofd",
-                        Some(KLockKind::Flock) => "flock",
-                        None => continue,
-                    }
-                };
-                out.waiters.push(Waiter {
-                    pid: w.tgid,
-                    tid: w.tid,
-                    kind: kind.into(),
-                    lock_type,
-                    start: w.start,
-                    end: w.end,
-                    dev: KernelDev(w.dev).to_string(),
-                    ino: w.ino,
-                    waited_ns: Some(frozen_ns.saturating_sub(w.since_ns)),
-                });
-            }
-        }
-        None => {
-            for p in proc_waiters
-                .iter()
-                .filter(|p| p.blocked && p.pid > 0 && pids.contains(&(p.pid as u32)))
-            {
-                let Some(lock_type) = p.lock_type.map(ty) else {
-                    continue;
-                };
-                let kind = match p.kind {
-                    ProcKind::Lock(KLockKind::Posix) => "posix",
-                    ProcKind::Lock(KLockKind::Ofd) => "ofd",
-                    ProcKind::Lock(KLockKind::Flock) => "flock",
-                    ProcKind::Lease => "lease",
-                    ProcKind::Other => continue,
-                };
-                out.waiters.push(Waiter {
-                    pid: p.pid as u32,
-                    tid: p.pid as u32,
-                    kind: kind.into(),
-                    lock_type,
-                    start: p.start,
-                    end: p.end,
-                    dev: p.dev.to_string(),
-                    ino: p.ino,
-                    waited_ns: None,
-                });
-            }
-        }
-    }
-    Ok(out)
+    out
 }
 
-fn lease_from_agent(file: u32, r: &LeaseRecord, frozen_ns: u64) -> Lease {
-    let breaking = r.state == LeaseState::Breaking as u8;
+fn lease(
+    e: &Entry,
+    f: &FoundFd,
+    desc: u32,
+    history: Option<&History>,
+    frozen_ns: u64,
+    hz: u32,
+) -> Lease {
+    let breaking = BreakState::breaking(e.flags);
+    let deadline = BreakState::of(e.flags, e.clock.as_ref(), hz).primary;
+    let as_klock = KLock {
+        kind: e.kind,
+        lock_type: e.lock_type.map_or(fl_type::F_UNLCK, |t| match t {
+            LockType::Read => fl_type::F_RDLCK,
+            LockType::Write => fl_type::F_WRLCK,
+        }),
+        flags: e.flags,
+        pid: e.pid,
+        start: e.start,
+        end: e.end,
+        dev: e.dev,
+        ino: e.ino,
+        owner: e.owner,
+        addr: e.addr,
+        blocker: None,
+        lease: e.clock,
+        holder: Default::default(),
+    };
+    let record = e
+        .addr
+        .and_then(|a| history?.breaks.get(&a))
+        .filter(|r| leases::record_matches(r, &as_klock));
+    let target = if breaking {
+        fl_ty(leases::target_type(&as_klock))
+    } else {
+        e.lock_type
+    };
     Lease {
-        file,
-        pid: r.pid,
-        lease_type: if r.lease_type == TYPE_UNKNOWN {
-            None
-        } else {
-            fl_ty(r.lease_type)
-        },
+        file: desc,
+        pid: if e.pid > 0 { e.pid as u32 } else { f.pid },
+        lease_type: e.lock_type,
         breaking,
-        target_type: if breaking {
-            fl_ty(r.target_type)
-        } else {
-            fl_ty(r.lease_type)
-        },
-        remaining_ns: (breaking && r.deadline_ns > 0)
-            .then(|| r.deadline_ns as i64 - frozen_ns as i64),
-        lease_break_time_s: (breaking && r.break_started_ns > 0).then_some(r.lease_break_time_s),
-        notified: r.notified != 0,
-        signal: (r.signal != 0).then_some(r.signal),
-        breakers: r.breakers[..r.n_breakers as usize]
-            .iter()
-            .map(|b| Breaker {
-                pid: b.pid,
-                tid: b.tid,
-                write: b.breaker_type == fl_type::F_WRLCK,
-                nonblock: b.nonblock != 0,
+        target_type: target,
+        remaining_ns: deadline.map(|d| d.monotonic_ns as i64 - frozen_ns as i64),
+        lease_break_time_s: record.zip(deadline).map(|(r, d)| leases::break_time_s(r, d.jiffies, hz)),
+        notified: record.is_some_and(|r| r.notified != 0),
+        signal: record.and_then(|r| (r.signal != 0).then_some(r.signal)),
+        breakers: record
+            .map(|r| {
+                r.breakers[..usize::from(r.n_breakers).min(r.breakers.len())]
+                    .iter()
+                    .map(|b| Breaker {
+                        pid: b.pid,
+                        tid: b.tid,
+                        write: b.breaker_type == fl_type::F_WRLCK,
+                        nonblock: b.nonblock != 0,
+                    })
+                    .collect()
             })
-            .collect(),
+            .unwrap_or_default(),
     }
 }

@@ -57,6 +57,9 @@ pub struct FoundFd {
     /// From the iterator: the kernel's open file description and fd table, and the
     /// superblock's device (which locks carry; stat() differs on btrfs).
     pub kernel: Option<KernelIds>,
+    /// From the iterator: the held locks and leases as the kernel's lists have them
+    /// (empty when `info.locks` came from fdinfo instead).
+    pub lines: Vec<LockLine>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -137,6 +140,7 @@ pub fn scan(pid: u32) -> Result<Vec<FoundFd>> {
             sig: fown::signal(&dup),
             handle: pidfd::file_handle(&dup),
             kernel: None,
+            lines: Vec::new(),
         });
     }
     out.sort_by_key(|f| (f.pid, f.fd));
@@ -414,9 +418,13 @@ pub fn assemble<'a>(
             .or_else(|| late.paths.get(&(pid, r.fd)).map(String::as_str))
             .or_else(|| pre.paths.get(&r.file).map(|(_, p)| p.as_str()))
             .unwrap_or_default();
-        let locks = match late.locks.get(&(pid, r.fd)) {
-            Some(l) => l.clone(),
-            None => e.locks.iter().map(|l| proc_lock_of(r, l)).collect(),
+        let held = || e.locks.iter().filter(|l| l.blocker == 0);
+        let (locks, lines) = match late.locks.get(&(pid, r.fd)) {
+            Some(l) => (l.clone(), Vec::new()),
+            None => (
+                held().map(|l| proc_lock_of(r, l)).collect(),
+                held().copied().collect(),
+            ),
         };
         let (path, unlinked) = split_deleted(link);
         out.push(FoundFd {
@@ -446,6 +454,7 @@ pub fn assemble<'a>(
                 files: r.files,
                 s_dev: KernelDev(r.s_dev),
             }),
+            lines,
         });
     }
     out.sort_by_key(|f| (f.pid, f.fd));

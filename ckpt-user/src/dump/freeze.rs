@@ -123,7 +123,7 @@ impl Frozen {
         }
         frozen.since = Instant::now();
         frozen.freezing = start.elapsed();
-        frozen.monotonic_ns = crate::view::live::monotonic_ns();
+        frozen.monotonic_ns = crate::sys::monotonic_ns();
         Ok(frozen)
     }
 

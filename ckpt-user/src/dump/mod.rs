@@ -30,14 +30,17 @@ use crate::{
         writer::ImageWriter,
     },
     locks::{
-        proc_locks::{self, ProcKind},
+        kernel::{self, HeldKind, KLock},
+        proc_locks::{self, ProcKind, ProcLock},
         KernelDev,
     },
-    tracer::pins::PinDir,
-    view::live::LiveMaps,
+    tracer::{
+        iters::{unavailable_hint, Iters, Prog},
+        pins::PinDir,
+    },
+    view::history::History,
 };
 use fd_table::FdTable;
-use file_locks::AgentView;
 use files::FoundFd;
 use freeze::{Freezer, Frozen};
 
@@ -67,13 +70,6 @@ impl Phases {
     fn say(&self, what: &str) {
         if self.on {
             eprintln!("ckpt-user:   {what}");
-        }
-    }
-
-    /// Reports a part that ran alongside others (not a phase of its own).
-    fn note(&self, what: &str, took: Duration) {
-        if self.on {
-            eprintln!("ckpt-user:   {what}: {:.2} ms", took.as_secs_f64() * 1e3);
         }
     }
 
@@ -109,8 +105,8 @@ pub struct Report {
     pub image: String,
     pub id: String,
     pub source: String,
-    /// Where the fd tables came from: "iterator" (the agent's task_file iterator) or
-    /// "proc" (/proc/PID/fd and fdinfo, one fd at a time).
+    /// Where the fd tables came from: "iterator" (the task_file iterator) or "proc"
+    /// (/proc/PID/fd and fdinfo, one fd at a time).
     pub fd_tables: String,
     /// From every task frozen until the thaw.
     pub frozen_ms: f64,
@@ -127,13 +123,42 @@ pub struct Report {
     pub missing: Vec<String>,
 }
 
-/// What a dump without an agent cannot know.
-const MISSING_WITHOUT_AGENT: &[&str] = &[
+/// What a dump cannot know without the iterators (not root, or Linux before 6.1).
+const MISSING_WITHOUT_ITERATORS: &[&str] = &[
     "lease break deadlines (remaining time)",
     "lease types before a break",
-    "whether lease holders were signalled, and lease breakers",
+];
+
+/// What a dump cannot know without ckpt-agent's records (the kernel forgets it).
+const MISSING_WITHOUT_AGENT: &[&str] = &[
+    "when lease breaks started and the lease-break-time in force",
+    "whether lease holders were signalled, and breakers that did not block",
     "when waiters started waiting",
 ];
+
+/// A "->" line of /proc/locks as a blocked request (the dump without iterators).
+fn blocked_from_proc(p: &ProcLock) -> Option<KLock> {
+    let kind = match p.kind {
+        ProcKind::Lock(k) => HeldKind::Lock(k),
+        ProcKind::Lease => HeldKind::Lease,
+        ProcKind::Other => return None,
+    };
+    Some(KLock {
+        kind,
+        lock_type: p.lock_type?.to_fl_type(),
+        flags: 0,
+        pid: p.pid as i32,
+        start: p.start,
+        end: p.end,
+        dev: p.dev,
+        ino: p.ino,
+        owner: None,
+        addr: None,
+        blocker: None,
+        lease: None,
+        holder: Default::default(),
+    })
+}
 
 fn image_id() -> String {
     let t = std::time::SystemTime::now()
@@ -166,20 +191,24 @@ pub fn run(opts: &Options) -> Result<Report> {
         bail!("cgroup {} is empty: nothing to dump", dir.display());
     }
     let freezer = Freezer::for_cgroup(&dir)?;
-    let live = match LiveMaps::open(&opts.pins) {
-        Ok(l) => Some(l),
-        Err(why) => {
+    let hz = crate::sys::hz::kernel_hz().context("finding the kernel's HZ")?;
+    // The iterators read the fd tables, lock lists and blocked requests: loaded here,
+    // agent or not.
+    let iters = match Iters::load(&[Prog::TaskFiles, Prog::TaskFilesPaths, Prog::LockTable]) {
+        Ok(i) => Some(i),
+        Err(e) => {
             eprintln!(
-                "ckpt-user: {why}; dumping from /proc alone: the image will lack {}",
-                MISSING_WITHOUT_AGENT.join(", ")
+                "ckpt-user: {}; dumping from /proc alone: the image will lack {}",
+                unavailable_hint(&e),
+                MISSING_WITHOUT_ITERATORS.join(", ")
             );
             None
         }
     };
-    // With an agent, the fd tables come from its task_file iterator: learn what it
-    // cannot tell (stat device, file handles) now, before freezing.
-    let mut table = match &live {
-        Some(_) => match FdTable::open(&opts.pins) {
+    // Learn what the fd-table iterator cannot tell (stat device, file handles) now,
+    // before freezing.
+    let mut table = match &iters {
+        Some(i) => match FdTable::open(i) {
             Ok(t) => Some(t),
             Err(why) => {
                 eprintln!("ckpt-user: {why:#}; reading fd tables from /proc");
@@ -195,30 +224,26 @@ pub fn run(opts: &Options) -> Result<Report> {
     };
 
     // Freezing interrupts blocked lock calls (they restart after the thaw): record the
-    // waiters as they are just before (after the prescan, which takes a while). The
-    // agent's tables too: inside the window they are read again only if the agent
-    // changed them since (a quiet host spares the window ~2 ms per 5,000 locks).
-    let (pre_waiters, proc_waiters, early) = match &live {
-        Some(l) => {
-            l.barrier(Duration::from_secs(2))?;
-            (
-                l.waiters
-                    .iter()
-                    .filter_map(|e| e.ok().map(|(_, w)| w))
-                    .collect(),
-                Vec::new(),
-                Some(l.snapshot_once()?),
-            )
-        }
-        None => (
-            Vec::new(),
-            proc_locks::read()?
-                .into_iter()
-                .filter(|p| p.blocked)
-                .collect(),
-            None,
-        ),
+    // waiters as the kernel's trees hold them just before (after the prescan, which
+    // takes a while), then the agent's records, which name every request just read.
+    let blocked: Vec<KLock> = match &iters {
+        Some(i) => kernel::read(i)?.blocked,
+        None => proc_locks::read()?
+            .iter()
+            .filter(|p| p.blocked)
+            .filter_map(blocked_from_proc)
+            .collect(),
     };
+    let history = History::read(&opts.pins).unwrap_or_else(|e| {
+        eprintln!("ckpt-user: warning: ckpt-agent's records cannot be read ({e:#})");
+        None
+    });
+    if history.is_none() {
+        eprintln!(
+            "ckpt-user: ckpt-agent is not running: the image will lack {}",
+            MISSING_WITHOUT_AGENT.join(", ")
+        );
+    }
 
     let id = image_id();
     let mut writer = ImageWriter::create(&opts.output)?;
@@ -256,41 +281,16 @@ pub fn run(opts: &Options) -> Result<Report> {
     if let Some(t) = &mut table {
         t.prepare(pids.difference(&before).copied(), true)?;
     }
-    // The agent's tables (on this thread) and the fd tables (one reader per CPU, each
-    // also doing its processes' late reads) side by side: both are kernel work.
-    let agent_part = || -> Result<Option<AgentView>> {
-        let (Some(l), Some(early)) = (&live, early) else {
-            return Ok(None);
-        };
-        let t0 = Instant::now();
-        l.barrier(Duration::from_secs(2))?;
-        let reused = l.still_current(&early)?;
-        let snapshot = if reused { early } else { l.snapshot_once()? };
-        phase.note(
-            if reused {
-                "agent tables (unchanged since read before freezing)"
-            } else {
-                "agent tables"
-            },
-            t0.elapsed(),
-        );
-        Ok(Some(AgentView {
-            snapshot,
-            waiters: pre_waiters,
-        }))
-    };
-    let (agent, table_read) = match &table {
+    // The fd tables, one reader per CPU, each also doing its processes' late reads.
+    let table_read = match &table {
         Some(t) => {
-            let (read, lates, agent) = t.read_then(
-                &wanted,
-                |p| files::late_reads(&p.fds, &pids, &pre),
-                agent_part,
-            )?;
-            (agent?, Some((read, lates)))
+            let (read, lates, ()) =
+                t.read_then(&wanted, |p| files::late_reads(&p.fds, &pids, &pre), || ())?;
+            Some((read, lates))
         }
-        None => (agent_part()?, None),
+        None => None,
     };
-    phase.mark("agent and fd tables, side by side");
+    phase.mark("fd tables");
     let mut processes = Vec::new();
     let read = match table_read {
         Some((read, lates)) => {
@@ -424,21 +424,16 @@ pub fn run(opts: &Options) -> Result<Report> {
     if let Some(p) = progress {
         p.finish_and_clear();
     }
-    let (all_fds, desc_of, files, owners) = match read {
+    let (all_fds, desc_of, files) = match read {
         FdsRead::Proc {
             fds,
             desc_of,
             files,
-        } => (fds, desc_of, files, HashMap::new()),
+        } => (fds, desc_of, files),
         FdsRead::Iter { table, late } => {
             let fds = files::assemble(table.fds(), &pids, &pre, &late);
             let (desc_of, files) = files::descriptions_by_file(&fds);
-            let owners = fds
-                .iter()
-                .zip(&desc_of)
-                .filter_map(|(f, d)| f.kernel.map(|k| (k.file, *d)))
-                .collect();
-            (fds, desc_of, files, owners)
+            (fds, desc_of, files)
         }
     };
     // Index, not a search per fd.
@@ -459,11 +454,11 @@ pub fn run(opts: &Options) -> Result<Report> {
         &all_fds,
         &desc_of,
         &pids,
-        agent.as_ref(),
-        &proc_waiters,
+        &blocked,
+        history.as_ref(),
         frozen_ns,
-        owners,
-    )?;
+        hz,
+    );
 
     // Fingerprints of regular files, as they were at the freeze.
     let mut fingerprints = Vec::new();
@@ -502,15 +497,15 @@ pub fn run(opts: &Options) -> Result<Report> {
         cgroup: dir.display().to_string(),
         frozen_monotonic_ns: frozen_ns,
         frozen_ns: frozen_for.as_nanos() as u64,
-        source: if live.is_some() { "agent" } else { "proc" }.into(),
-        missing: if live.is_some() {
-            Vec::new()
-        } else {
-            MISSING_WITHOUT_AGENT
-                .iter()
-                .map(|s| s.to_string())
-                .collect()
-        },
+        source: if iters.is_some() { "kernel" } else { "proc" }.into(),
+        missing: iters
+            .is_none()
+            .then_some(MISSING_WITHOUT_ITERATORS)
+            .into_iter()
+            .chain(history.is_none().then_some(MISSING_WITHOUT_AGENT))
+            .flatten()
+            .map(|s| s.to_string())
+            .collect(),
         processes,
         files,
         locks: collected.locks,

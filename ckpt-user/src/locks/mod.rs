@@ -1,9 +1,9 @@
-//! File locks as ckpt models them: the kernel's merge rules (`model`), the /proc/locks
-//! text format (`proc_locks`) and plain value types shared by the agent and readers.
+//! File locks: the kernel's table as its lists hold it (`kernel`), the /proc/locks
+//! text format (`proc_locks`, the fallback and what tests compare with) and plain
+//! value types shared by the readers.
 
-pub mod model;
+pub mod kernel;
 pub mod proc_locks;
-pub mod record;
 
 use ckpt_common::lock::{fl_type, LockKind};
 use serde::Serialize;

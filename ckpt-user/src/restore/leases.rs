@@ -29,7 +29,7 @@ use crate::{
     image::format::{Image, LockType},
     sys::{fown, realtime::Fifo},
     tracer::pins::PinDir,
-    view::live::monotonic_ns,
+    sys::monotonic_ns,
 };
 
 const SYSCTL: &str = "/proc/sys/fs/lease-break-time";
@@ -164,8 +164,8 @@ fn start_break(fd: RawFd, target: Option<LockType>) -> Result<()> {
     Ok(())
 }
 
-/// How long the tracer may take to show a break (its event is in the ring when the
-/// breaking call returns, so this is a safety net); the first break leaves
+/// How long the kernel may take to show a break (the lease is marked breaking before
+/// the breaking call returns, so this is a safety net); the first break leaves
 /// `schedule::SLACK` for it before the release.
 const TRACER_WAIT: Duration = Duration::from_millis(40);
 
@@ -184,7 +184,7 @@ struct Timed {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DeadlineSource {
-    /// The kernel's deadline, read back through ckpt-agent.
+    /// The kernel's deadline, read back from the lease.
     Tracer,
     /// The middle of the breaking syscall plus the sysctl.
     SyscallTiming,
@@ -205,7 +205,7 @@ fn deadline_of(
         timed.before + window / 2 + u64::from(timed.sysctl_s) * 1_000_000_000 + half_tick;
     match seen {
         Some(Ok(seen)) => {
-            if seen.started_ns < timed.before {
+            if seen.started_ns.is_some_and(|s| s < timed.before) {
                 warnings.push(format!(
                     "lease on {path}: already being broken (by pids {:?}) before the restore broke it; the kernel keeps that break's deadline",
                     seen.breakers
@@ -223,7 +223,7 @@ fn deadline_of(
         None => {
             if window > LATE_NS {
                 warnings.push(format!(
-                    "lease on {path}: breaking it took {:.1} ms, so its deadline may be off by up to half that (ckpt-agent, when running, reads the kernel's own)",
+                    "lease on {path}: breaking it took {:.1} ms, so its deadline may be off by up to half that (as root on Linux 6.1+, ckpt reads the kernel's own)",
                     window as f64 / 1e6
                 ));
             }
@@ -447,7 +447,7 @@ mod tests {
         // Preempted for 1.6 s inside the call; the kernel broke it at its start.
         let seen = SeenBreak {
             deadline_ns: 3_000_000_000 + 1_000,
-            started_ns: 1_000,
+            started_ns: Some(1_000),
             breakers: vec![],
         };
         let (d, src) = deadline_of("f", timed(1_000, 1_600_001_000), Some(Ok(seen)), &mut w);
@@ -467,7 +467,7 @@ mod tests {
         assert!(w.is_empty());
         let seen = SeenBreak {
             deadline_ns: 2_500_000_000,
-            started_ns: 500,
+            started_ns: Some(500),
             breakers: vec![42],
         };
         let (d, _) = deadline_of("f", timed(1_000, 21_000), Some(Ok(seen)), &mut w);

@@ -65,6 +65,14 @@ pub fn link_for_process(prog: BorrowedFd<'_>, pid: u32) -> std::io::Result<Owned
     bpf(BPF_LINK_CREATE, &mut attr)
 }
 
+/// A link running iterator program `prog` over every process.
+pub fn link_all(prog: BorrowedFd<'_>) -> std::io::Result<OwnedFd> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, prog.as_raw_fd() as u32) // prog_fd
+        .put_u32(8, BPF_TRACE_ITER); // attach_type
+    bpf(BPF_LINK_CREATE, &mut attr)
+}
+
 /// Runs the iterator of `link` once, appending its output to `out`.
 pub fn read_into(link: BorrowedFd<'_>, out: &mut Vec<u8>) -> std::io::Result<()> {
     let mut attr = Attr::new();

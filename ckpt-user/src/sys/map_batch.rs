@@ -1,6 +1,6 @@
 //! Reading a whole BPF hash map with BPF_MAP_LOOKUP_BATCH (5.6+): a few syscalls for
 //! thousands of entries, where aya's iterator makes two per entry (get_next_key, then
-//! lookup). The dump reads the lock table inside the frozen window, so this matters.
+//! lookup).
 
 use std::os::fd::{AsRawFd as _, BorrowedFd};
 
@@ -22,8 +22,9 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// Every (key, value) of a hash map. Not atomic: callers that need one instant use
-/// the agent's seqlock around it (`view::live`).
+/// Every (key, value) of a hash map. Not atomic: an entry changed during the read may
+/// be missed or seen twice; the readers here use entries only for what the kernel's
+/// own lists confirm.
 pub fn dump<K: aya::Pod, V: aya::Pod>(map: BorrowedFd<'_>) -> Result<Vec<(K, V)>> {
     let mut chunk = 4096usize;
     let mut out = Vec::new();

@@ -1,4 +1,4 @@
-//! Small wrappers over the kernel interfaces the agent needs mounted.
+//! Small wrappers over kernel interfaces (shared plumbing).
 
 pub mod bpf_iter;
 pub mod fown;
@@ -18,4 +18,10 @@ pub fn raise_open_file_limit() {
             let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
         }
     }
+}
+
+/// CLOCK_MONOTONIC now, in ns (the clock bpf_ktime_get_ns uses).
+pub fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }

@@ -7,10 +7,10 @@
 use std::collections::HashMap;
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use ckpt_common::files::{LOCK_CTX_SPAN, LOCK_SPAN};
+use ckpt_common::files::LOCK_SPAN;
 use ckpt_common::offsets::{
-    AddLeaseTpOffsets, BreakTpOffsets, DeletedTpOffsets, FileIterOffsets, KernelLayout,
-    LeaseStructOffsets, LeaseTpOffsets, LockListOffsets, SyscallTpOffsets, TaskIterOffsets,
+    BreakTpOffsets, DeletedTpOffsets, FileIterOffsets, KernelLayout, LeaseStructOffsets,
+    LeaseTpOffsets, LockListOffsets, TaskIterOffsets,
 };
 
 use super::btf::Btf;
@@ -137,7 +137,7 @@ pub fn lease_struct_offsets(btf: &Btf) -> Result<LeaseStructOffsets> {
 
 /// Offsets of an inode's lock lists and of the fields every lock has, from BTF: 6.9+
 /// keeps them in `c` (struct file_lock_core), 6.1 in struct file_lock as `fl_*`.
-pub fn lock_list_offsets(btf: &Btf) -> Result<LockListOffsets> {
+pub fn lock_list_offsets(btf: &Btf, lease: &LeaseStructOffsets) -> Result<LockListOffsets> {
     let common = |name: &str| -> Result<u32> {
         if btf.has_struct("file_lock_core") {
             btf.offset_of("file_lock", &format!("c.flc_{name}"))
@@ -157,19 +157,25 @@ pub fn lock_list_offsets(btf: &Btf) -> Result<LockListOffsets> {
         lock_type: common("type")?,
         pid: common("pid")?,
         blocker: common("blocker")?,
+        blocked_requests: common("blocked_requests")?,
+        blocked_member: common("blocked_member")?,
         start: btf.offset_of("file_lock", "fl_start")?,
         end: btf.offset_of("file_lock", "fl_end")?,
     };
-    check_spans(&o)?;
+    check_spans(&o, lease)?;
     Ok(o)
 }
 
-/// The iterator (and flock_lock_inode's look at the flock list) reads a lock's first
-/// `LOCK_SPAN` bytes and a context's first `LOCK_CTX_SPAN` at once, and takes the
-/// fields from that copy.
-fn check_spans(o: &LockListOffsets) -> Result<()> {
+/// The lock walks read a lock's first `LOCK_SPAN` bytes at once and take the fields
+/// from that copy.
+fn check_spans(o: &LockListOffsets, lease: &LeaseStructOffsets) -> Result<()> {
     let lock_end = [
-        (o.list, 8),
+        (o.list, 16),
+        (o.blocker, 8),
+        (o.blocked_requests, 16),
+        (o.blocked_member, 16),
+        (lease.break_time, 8),
+        (lease.downgrade_time, 8),
         (o.file, 8),
         (o.owner, 8),
         (o.flags, 4),
@@ -182,16 +188,10 @@ fn check_spans(o: &LockListOffsets) -> Result<()> {
     .map(|(off, size)| off + size)
     .max()
     .unwrap_or(0);
-    let ctx_end = [o.ctx_posix, o.ctx_flock, o.ctx_lease]
-        .iter()
-        .map(|off| off + 8)
-        .max()
-        .unwrap_or(0);
-    if lock_end as usize > LOCK_SPAN || ctx_end as usize > LOCK_CTX_SPAN {
+    if lock_end as usize > LOCK_SPAN {
         bail!(
-            "struct file_lock fields end at byte {lock_end} (> {LOCK_SPAN}) or \
-             file_lock_context lists at {ctx_end} (> {LOCK_CTX_SPAN}): raise the spans in \
-             ckpt-common/src/files.rs"
+            "struct file_lock fields end at byte {lock_end} (> {LOCK_SPAN}): raise \
+             LOCK_SPAN in ckpt-common/src/files.rs"
         );
     }
     Ok(())
@@ -293,6 +293,7 @@ pub const DELETED_EXITS: &[&str] = &[
     "sys_exit_dup3",
     "sys_exit_close_range",
     "sys_exit_munmap",
+    "sys_exit_fcntl",
 ];
 
 /// Offsets for the deleted-file triggers and scans. Optional syscalls (no `open` on
@@ -338,9 +339,6 @@ pub fn deleted_offsets(btf: &Btf) -> Result<DeletedTpOffsets> {
 
 /// Reads this kernel's format files and BTF and builds the layout the programs need.
 pub fn resolve_layout() -> Result<KernelLayout> {
-    let fcntl = Format::read("syscalls", "sys_enter_fcntl")?;
-    let fcntl_exit = Format::read("syscalls", "sys_exit_fcntl")?;
-    let flock_sys = Format::read("syscalls", "sys_enter_flock")?;
     let mut lease = None;
     for name in LEASE_CLASS {
         let o = lease_offsets(&Format::read("filelock", name)?)
@@ -353,26 +351,13 @@ pub fn resolve_layout() -> Result<KernelLayout> {
             _ => {}
         }
     }
-    let add = Format::read("filelock", "generic_add_lease")?;
     let conflict = Format::read("filelock", "leases_conflict")?;
     let signal = Format::read("signal", "signal_generate")?;
+    let deliver = Format::read("signal", "signal_deliver")?;
     let btf = Btf::from_sys_fs()?;
+    let lease_struct = lease_struct_offsets(&btf).context("lease struct offsets from BTF")?;
     Ok(KernelLayout {
-        syscalls: SyscallTpOffsets {
-            fcntl_fd: fcntl.offset(&["fd"], 8)?,
-            fcntl_cmd: fcntl.offset(&["cmd"], 8)?,
-            fcntl_arg: fcntl.offset(&["arg"], 8)?,
-            flock_fd: flock_sys.offset(&["fd"], 8)?,
-            fcntl_ret: fcntl_exit.offset(&["ret"], 8)?,
-        },
         lease: lease.expect("LEASE_CLASS is not empty"),
-        add_lease: AddLeaseTpOffsets {
-            i_ino: add.offset(&["i_ino"], 8)?,
-            s_dev: add.offset(&["s_dev"], 4)?,
-            owner: add.offset(&["owner", "fl_owner"], 8)?,
-            flags: add.offset(&["flags", "fl_flags"], 4)?,
-            lease_type: add.offset(&["type", "fl_type"], 1)?,
-        },
         brk: BreakTpOffsets {
             conflict_lease: conflict.offset(&["lease"], 8)?,
             conflict_breaker: conflict.offset(&["breaker"], 8)?,
@@ -381,12 +366,15 @@ pub fn resolve_layout() -> Result<KernelLayout> {
             signal_sig: signal.offset(&["sig"], 4)?,
             signal_pid: signal.offset(&["pid"], 4)?,
             signal_result: signal.offset(&["result"], 4)?,
+            deliver_handler: deliver.offset(&["sa_handler"], 8)?,
+            deliver_flags: deliver.offset(&["sa_flags"], 8)?,
         },
-        lease_struct: lease_struct_offsets(&btf).context("lease struct offsets from BTF")?,
-        lock_lists: lock_list_offsets(&btf).context("lock list offsets from BTF")?,
+        lease_struct,
+        lock_lists: lock_list_offsets(&btf, &lease_struct).context("lock list offsets from BTF")?,
         files: file_iter_offsets(&btf).context("file offsets from BTF")?,
         tasks: task_iter_offsets(&btf).context("task offsets from BTF")?,
         deleted: deleted_offsets(&btf).context("deleted-file trigger offsets")?,
+        hold_times: 0,
         valid: 1,
     })
 }

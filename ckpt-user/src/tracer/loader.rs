@@ -1,21 +1,21 @@
-//! Loads the eBPF object with this kernel's layout, attaches every program to its
-//! tracepoint and pins programs, links and maps.
+//! Loads the tracepoint object (ckpt-ebpf/src/main.rs) with this kernel's layout,
+//! attaches its programs and pins programs, links and maps for `ckpt-agent`.
 //!
-//! The two lock tracepoints, which fire on every lock call, are attached as BTF
-//! tracepoints (cheapest to run; see ckpt-ebpf/src/locks.rs); the rest are classic
-//! tracepoints.
+//! By default only rare events are traced: the two lock tracepoints (attached as BTF
+//! tracepoints, which cost an uncontended lock call one test of its result), the
+//! lease-break tracepoints, signal delivery and thread exit. No syscall tracepoint:
+//! any one of them puts every task's syscalls on the slow path. `--exact-deleted`
+//! adds the deleted-file triggers, which are syscall tracepoints.
 //!
-//! Restart without loss: maps are pinned by name, so a new agent's object reuses the
-//! old maps (LOCK_EVENTS still holds what happened while no agent ran). The new
-//! programs are attached *before* the old links are unpinned, so no event is missed;
-//! during that instant an event may be seen twice, which is harmless because replaying
-//! a lock request is idempotent (see `locks::model`).
+//! Restart: maps are pinned by name, so a new agent's object reuses the old maps (the
+//! wait and break records survive). The new programs are attached *before* the old
+//! links are unpinned, so no wait start is missed.
 
-use std::fs;
+use std::{collections::HashSet, fs};
 
 use anyhow::{Context as _, Result};
 use aya::{
-    programs::{links::FdLink, BtfTracePoint, Iter, TracePoint},
+    programs::{links::FdLink, BtfTracePoint, TracePoint},
     Ebpf, EbpfLoader,
 };
 use tracing::{debug, info};
@@ -25,7 +25,7 @@ use ckpt_common::names;
 use super::{format::resolve_layout, pins::PinDir};
 use crate::sys::mounts;
 
-/// The eBPF object built by build.rs.
+/// The tracepoint object built by build.rs.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/ckpt"));
 
 /// (program, BTF tracepoint): `btf_trace_<name>` in the kernel's BTF.
@@ -34,31 +34,30 @@ pub const BTF_PROGRAMS: &[(&str, &str)] = &[
     ("flock_lock_inode", "flock_lock_inode"),
 ];
 
-/// (program, tracepoint category, tracepoint name)
+/// (program, tracepoint category, tracepoint name): rare events only.
 pub const PROGRAMS: &[(&str, &str, &str)] = &[
-    ("sys_enter_fcntl", "syscalls", "sys_enter_fcntl"),
-    ("sys_enter_flock", "syscalls", "sys_enter_flock"),
-    ("sys_exit_fcntl", "syscalls", "sys_exit_fcntl"),
-    ("sys_exit_flock", "syscalls", "sys_exit_flock"),
-    ("sched_process_exit", "sched", "sched_process_exit"),
-    ("generic_add_lease", "filelock", "generic_add_lease"),
-    ("generic_delete_lease", "filelock", "generic_delete_lease"),
     ("leases_conflict", "filelock", "leases_conflict"),
     ("signal_generate", "signal", "signal_generate"),
+    ("signal_deliver", "signal", "signal_deliver"),
     ("break_lease_noblock", "filelock", "break_lease_noblock"),
     ("break_lease_block", "filelock", "break_lease_block"),
     ("break_lease_unblock", "filelock", "break_lease_unblock"),
-    ("time_out_leases", "filelock", "time_out_leases"),
-    // Deleted-file triggers (ckpt-ebpf/src/deleted.rs).
+    ("sched_process_exit", "sched", "sched_process_exit"),
+];
+
+/// `--exact-deleted`: the deleted-file triggers (ckpt-ebpf/src/deleted.rs).
+pub const DELETED_PROGRAMS: &[(&str, &str, &str)] = &[
     ("sys_enter_openat", "syscalls", "sys_enter_openat"),
     ("sys_enter_close", "syscalls", "sys_enter_close"),
+    ("sys_enter_fcntl", "syscalls", "sys_enter_fcntl"),
     ("sched_process_fork", "sched", "sched_process_fork"),
     ("sched_process_exec", "sched", "sched_process_exec"),
+    ("deleted_exit", "sched", "sched_process_exit"),
 ];
 
 /// Triggers for syscalls some architectures lack (x86-64 has them all): attached when
 /// the tracepoint exists. With the exits in `format::DELETED_EXITS`.
-pub const OPTIONAL_PROGRAMS: &[(&str, &str, &str)] = &[
+pub const OPTIONAL_DELETED_PROGRAMS: &[(&str, &str, &str)] = &[
     ("sys_enter_open", "syscalls", "sys_enter_open"),
     ("sys_enter_openat2", "syscalls", "sys_enter_openat2"),
     ("sys_enter_dup", "syscalls", "sys_enter_dup"),
@@ -68,37 +67,48 @@ pub const OPTIONAL_PROGRAMS: &[(&str, &str, &str)] = &[
     ("sys_enter_munmap", "syscalls", "sys_enter_munmap"),
 ];
 
+/// What to trace beyond the rare events.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tracing {
+    /// Note when every lock is taken (a list walk on every granted lock call).
+    pub hold_times: bool,
+    /// Exact deleted-file tracking (syscall tracepoints on every task).
+    pub exact_deleted: bool,
+}
+
 pub struct Loaded {
     pub ebpf: Ebpf,
     /// True when pinned maps from an earlier agent were reused.
     pub adopted: bool,
 }
 
-/// Loads, attaches and pins everything under `pins`. `max_locks` overrides the lock
-/// table's capacity when the maps are created (not when re-adopted).
-pub fn load_and_attach(pins: &PinDir, max_locks: Option<u32>) -> Result<Loaded> {
+/// Loads, attaches and pins everything under `pins`.
+pub fn load_and_attach(pins: &PinDir, tracing: Tracing) -> Result<Loaded> {
     if mounts::ensure_tracefs()? {
         info!("mounted tracefs at {}", mounts::TRACEFS);
     }
     if mounts::ensure_bpffs()? {
         info!("mounted bpffs at {}", mounts::BPFFS);
     }
-    let layout = resolve_layout().context("resolving tracepoint layout")?;
+    let mut layout = resolve_layout().context("resolving tracepoint layout")?;
+    layout.hold_times = tracing.hold_times as u32;
     debug!(?layout, "tracepoint layout");
 
-    let adopted = pins.has_state();
     for dir in [pins.maps_dir(), pins.progs_dir(), pins.links_dir()] {
         fs::create_dir_all(&dir).with_context(|| format!("creating {dir:?}"))?;
     }
-    let mut loader = EbpfLoader::new();
-    loader
-        .default_map_pin_directory(pins.maps_dir())
-        .override_global("LAYOUT", &layout, true);
-    if let Some(n) = max_locks {
-        loader.map_max_entries(names::LOCKS, n);
+    // Maps of agents before the kernel-is-the-table design: nothing reads them.
+    for stale in names::STALE {
+        let _ = fs::remove_file(pins.map(stale));
     }
-    let mut ebpf = loader.load(OBJECT).context("loading the eBPF object")?;
+    let adopted = pins.has_state();
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(pins.maps_dir())
+        .override_global("LAYOUT", &layout, true)
+        .load(OBJECT)
+        .context("loading the eBPF object")?;
     let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+    let mut attached: HashSet<&str> = HashSet::new();
 
     for (prog_name, tp) in BTF_PROGRAMS {
         let prog: &mut BtfTracePoint = ebpf
@@ -112,19 +122,24 @@ pub fn load_and_attach(pins: &PinDir, max_locks: Option<u32>) -> Result<Loaded> 
             .with_context(|| format!("attaching {prog_name} to BTF tracepoint {tp}"))?;
         let link: FdLink = prog.take_link(link_id)?.into();
         replace_pins(pins, prog_name, link, |p| prog.pin(p))?;
+        attached.insert(prog_name);
     }
 
-    let exits: Vec<(&str, &str, &str)> = super::format::DELETED_EXITS
-        .iter()
-        .map(|e| (*e, "syscalls", *e))
-        .collect();
-    let optional: Vec<(&str, &str, &str)> = OPTIONAL_PROGRAMS
-        .iter()
-        .copied()
-        .chain(exits)
-        .filter(|(_, category, tp)| mounts::event_dir(category, tp).exists())
-        .collect();
-    for (prog_name, category, tp) in PROGRAMS.iter().chain(optional.iter()) {
+    let mut classic: Vec<(&str, &str, &str)> = PROGRAMS.to_vec();
+    if tracing.exact_deleted {
+        let exits = super::format::DELETED_EXITS
+            .iter()
+            .map(|e| (*e, "syscalls", *e));
+        classic.extend(DELETED_PROGRAMS.iter().copied());
+        classic.extend(
+            OPTIONAL_DELETED_PROGRAMS
+                .iter()
+                .copied()
+                .chain(exits)
+                .filter(|(_, category, tp)| mounts::event_dir(category, tp).exists()),
+        );
+    }
+    for (prog_name, category, tp) in classic {
         let prog: &mut TracePoint = ebpf
             .program_mut(prog_name)
             .with_context(|| format!("program {prog_name} missing from object"))?
@@ -136,46 +151,18 @@ pub fn load_and_attach(pins: &PinDir, max_locks: Option<u32>) -> Result<Loaded> 
             .with_context(|| format!("attaching {prog_name} to {category}:{tp}"))?;
         let link: FdLink = prog.take_link(link_id)?.try_into()?;
         replace_pins(pins, prog_name, link, |p| prog.pin(p))?;
+        attached.insert(prog_name);
     }
 
-    // The fd-table iterators are only loaded and pinned: `ckpt-user dump` aims a link
-    // at each process it reads (`dump::fd_table`).
-    for name in [names::TASK_FILES, names::TASK_FILES_PATHS] {
-        let prog: &mut Iter = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from object"))?
-            .try_into()?;
-        prog.load("task_file", &btf)
-            .with_context(|| format!("loading the {name} iterator"))?;
-        let pin = pins.progs_dir().join(name);
-        if pin.exists() {
-            fs::remove_file(&pin).with_context(|| format!("removing old pin {pin:?}"))?;
-        }
-        prog.pin(&pin)
-            .with_context(|| format!("pinning program {pin:?}"))?;
-    }
-    // The deleted-file scans run over every process: plain links, pinned.
-    for (name, target) in [
-        (names::DELETED_FDS, "task_file"),
-        (names::DELETED_MAPS, "task_vma"),
-    ] {
-        let prog: &mut Iter = ebpf
-            .program_mut(name)
-            .with_context(|| format!("program {name} missing from object"))?
-            .try_into()?;
-        prog.load(target, &btf)
-            .with_context(|| format!("loading the {name} iterator"))?;
-        let link_id = prog.attach().with_context(|| format!("attaching {name}"))?;
-        let link: FdLink = prog.take_link(link_id)?.try_into()?;
-        replace_pins(pins, name, link, |p| prog.pin(p))?;
-    }
-    // An older agent's one-for-all iterator link and its process filter.
-    for stale in [
-        pins.links_dir().join(names::TASK_FILES),
-        pins.maps_dir().join("FD_FILTER"),
-    ] {
-        if stale.exists() {
-            fs::remove_file(&stale).with_context(|| format!("removing stale pin {stale:?}"))?;
+    // Now that everything is attached: detach what an earlier agent attached and this
+    // one does not (older programs, or an earlier --exact-deleted).
+    for dir in [pins.links_dir(), pins.progs_dir()] {
+        for entry in fs::read_dir(&dir).with_context(|| format!("listing {dir:?}"))?.flatten() {
+            let name = entry.file_name();
+            if !attached.contains(name.to_string_lossy().as_ref()) {
+                fs::remove_file(entry.path())
+                    .with_context(|| format!("removing stale pin {:?}", entry.path()))?;
+            }
         }
     }
     Ok(Loaded { ebpf, adopted })

@@ -1,9 +1,9 @@
-//! The kernel side of ckpt, seen from userspace: which tracepoints exist and where
-//! their fields are (`format`), and loading, attaching and pinning the programs
-//! (`loader`, `pins`), and reading the event ring (`ring`).
+//! The kernel side of ckpt, seen from userspace: where kernel fields are on this
+//! kernel (`btf`, `format`), the iterator programs every reader loads itself
+//! (`iters`), and the agent's tracepoint programs and their pins (`loader`, `pins`).
 
 pub mod btf;
 pub mod format;
+pub mod iters;
 pub mod loader;
 pub mod pins;
-pub mod ring;

@@ -1,7 +1,7 @@
 //! Where the agent pins its programs, links and maps in bpffs.
 //!
 //! ```text
-//! <root>/maps/<MAP>      state shared with readers (LOCKS, WAITERS, ...)
+//! <root>/maps/<MAP>      what the tracer records for readers (WAITS, BREAKS, ...)
 //! <root>/progs/<prog>    the loaded programs
 //! <root>/links/<prog>    their tracepoint attachments: tracing goes on while no agent runs
 //! ```
@@ -66,7 +66,7 @@ impl PinDir {
 
     /// Whether an agent has ever pinned state here.
     pub fn has_state(&self) -> bool {
-        self.map(ckpt_common::names::LOCKS).exists()
+        self.map(ckpt_common::names::WAITS).exists()
     }
 
     /// Removes every pin (programs detach once nothing else holds them).

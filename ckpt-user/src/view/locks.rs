@@ -1,42 +1,38 @@
 //! `ckpt-user locks`: the live lock and lease table with waiters, as a table or JSON.
 //!
-//! Two sources produce the same rows: the agent's maps (exact, with owners, ages,
-//! waiting times and lease deadlines) and, when no agent runs, /proc/locks (marked
-//! `source: "proc"`).
+//! Rows come from the kernel's own lists (`locks::kernel`), read at the call: exact
+//! with or without an agent. The agent's maps add what the kernel forgets (waiting
+//! times, break starts and breakers, hold times). When the iterators cannot be loaded
+//! (not root, a kernel before 6.1), rows come from /proc/locks (`source: "proc"`).
 
-use std::{collections::BTreeSet, time::Duration};
+use std::collections::{BTreeSet, HashMap};
 
-use anyhow::Result;
-use ckpt_common::{
-    lease::{LeaseKey, LeaseRecord, LeaseState},
-    lock::{fl_flags, fl_type, LockKind, Origin, Waiter},
-};
+use anyhow::{Context as _, Result};
+use ckpt_common::lock::{fl_type, LockKind};
 use serde::Serialize;
 
-use super::live::{monotonic_ns, LiveMaps};
+use super::history::History;
 use crate::{
-    leases::model::{is_synthetic, TYPE_UNKNOWN},
+    tracer::{
+        iters::{unavailable_hint, Iters, Prog},
+        pins::PinDir,
+    },
+    leases::{self, BreakState},
     locks::{
+        kernel::{self, conflicts, HeldKind, KLock, KernelLocks},
+        proc_locks,
         kind_json, kind_label,
-        proc_locks::{self, ProcKind, ProcLock},
-        record::held_of,
+        proc_locks::{ProcKind, ProcLock},
         KernelDev, LockType, OFFSET_MAX,
     },
     procinfo::{command, Commands, PathResolver},
 };
 
-/// What a row describes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum RowKind {
-    Lock(LockKind),
-    Lease,
-}
-
 /// A task blocked on a lock or lease.
 #[derive(Clone, Debug, Serialize)]
 pub struct WaiterRow {
     pub pid: u32,
-    /// Thread id (agent only).
+    /// Thread id (from the agent's record of the wait).
     pub tid: Option<u32>,
     pub command: Option<String>,
     /// "posix", "ofd", "flock", or "lease" for an open() blocked by a lease break.
@@ -55,15 +51,15 @@ pub struct WaiterRow {
 #[derive(Clone, Debug, Serialize)]
 pub struct BreakerRow {
     pub pid: u32,
-    pub tid: u32,
+    pub tid: Option<u32>,
     pub command: Option<String>,
     /// "write" (open for writing or truncate) or "read".
     #[serde(rename = "type")]
     pub lock_type: LockType,
     /// Opened with O_NONBLOCK: got EWOULDBLOCK instead of waiting.
     pub nonblock: bool,
-    /// CLOCK_MONOTONIC ns when it started breaking the lease.
-    pub since_monotonic_ns: u64,
+    /// CLOCK_MONOTONIC ns when it started breaking the lease (agent only).
+    pub since_monotonic_ns: Option<u64>,
 }
 
 /// Lease-only fields of a row.
@@ -77,13 +73,20 @@ pub struct LeaseInfo {
     /// Time left before the kernel revokes or downgrades the lease (breaking only;
     /// negative once the deadline passed and the kernel has not acted yet).
     pub remaining_ms: Option<i64>,
+    /// The deadline passed; the kernel acts at its next lease check.
+    pub overdue: bool,
     pub break_deadline_monotonic_ns: Option<u64>,
     /// The kernel's own deadline (fl_break_time / fl_downgrade_time), in jiffies.
     pub break_deadline_jiffies: Option<u64>,
+    /// A writer broke a lease that was being downgraded: the downgrade deadline, still
+    /// pending beside the unlock one.
+    pub downgrade_deadline_jiffies: Option<u64>,
+    pub downgrade_remaining_ms: Option<i64>,
+    /// When the break started (agent only).
     pub break_started_monotonic_ns: Option<u64>,
-    /// /proc/sys/fs/lease-break-time in force when the break started.
+    /// /proc/sys/fs/lease-break-time in force when the break started (agent only).
     pub lease_break_time_s: Option<u32>,
-    /// Whether the holder was sent its break signal.
+    /// Whether the holder was sent its break signal (agent only).
     pub notified: bool,
     /// That signal (SIGIO unless the holder chose another with F_SETSIG).
     pub signal: Option<i32>,
@@ -96,8 +99,8 @@ pub struct LeaseInfo {
 #[derive(Clone, Debug, Serialize)]
 pub struct LockRow {
     pub kind: &'static str,
-    /// For a lease being broken: the type it had before the break (null if unknown,
-    /// for a lease already breaking when tracing started).
+    /// For a lease being broken: the type it had before the break (null when only
+    /// /proc could be read, which shows the target).
     #[serde(rename = "type")]
     pub lock_type: Option<LockType>,
     /// Creator's pid (None for OFD locks read from /proc, which the kernel hides).
@@ -114,45 +117,28 @@ pub struct LockRow {
     /// Opaque owner identity: equal for locks of one POSIX process or one open file
     /// description (fork-shared descriptions included). None when unknown.
     pub owner: Option<String>,
-    /// fd the lock was taken through, if known.
+    /// fd the lock is held through (the lowest-numbered one the walk met first).
     pub fd: Option<i32>,
-    /// "traced" (seen by the tracer), "reconciled" (existed before tracing started:
-    /// age unknown) or "proc" (read from /proc/locks).
+    /// Held only through a memory mapping ("start-end", hex).
+    pub mapping: Option<String>,
+    /// "kernel" (read from the inode's lists), "fdinfo" (those lists changed under
+    /// the walk: from /proc/PID/fdinfo) or "proc" (read from /proc/locks).
     pub origin: &'static str,
-    /// How long the lock has been held, when known.
+    /// How long the lock has been held (`ckpt-agent --hold-times` only).
     pub held_ms: Option<u64>,
     pub waiters: Vec<WaiterRow>,
-    /// "agent" or "proc".
+    /// "kernel" or "proc".
     pub source: &'static str,
     #[serde(flatten)]
     pub lease: Option<LeaseInfo>,
     #[serde(skip)]
-    pub row_kind: RowKind,
-    #[serde(skip)]
-    owner_id: Option<u64>,
+    pub row_kind: HeldKind,
     #[serde(skip)]
     dev_id: KernelDev,
 }
 
 /// Restricts rows to some processes (from --pid or --cgroup).
 pub type PidFilter = Option<BTreeSet<u32>>;
-
-fn overlaps(a: (i64, i64), b: (i64, i64)) -> bool {
-    a.0 <= b.1 && b.0 <= a.1
-}
-
-/// POSIX and OFD locks live in one list and conflict with each other; flock apart.
-fn same_family(a: LockKind, b: LockKind) -> bool {
-    (a == LockKind::Flock) == (b == LockKind::Flock)
-}
-
-fn origin_label(origin: u8) -> &'static str {
-    if origin == Origin::Reconciled as u8 {
-        "reconciled"
-    } else {
-        "traced"
-    }
-}
 
 fn target_label(t: u8) -> &'static str {
     match t {
@@ -162,182 +148,220 @@ fn target_label(t: u8) -> &'static str {
     }
 }
 
-fn age_ms(now: u64, since: u64) -> Option<u64> {
-    (since > 0).then(|| now.saturating_sub(since) / 1_000_000)
+fn kind_name(k: HeldKind) -> &'static str {
+    match k {
+        HeldKind::Lock(k) => kind_json(k),
+        HeldKind::Lease => "lease",
+    }
 }
 
-/// Rows from the agent's live maps.
-pub fn from_agent(live: &LiveMaps) -> Result<Vec<LockRow>> {
-    live.barrier(Duration::from_secs(2))?;
-    let snap = live.snapshot()?;
-    // Leases vanish at their last close without any tracepoint: keep only those
-    // /proc/locks still lists (the agent catches up at its next /proc/locks check:
-    // half a second, longer with very many locks). Read only when there are leases:
-    // reading it costs O(locks²) in the kernel (5 s of CPU at 100,000 locks).
-    let kernel = if snap.leases.is_empty() {
-        Vec::new()
-    } else {
-        proc_locks::read()?
+fn ms_between(later: u64, earlier: u64) -> i64 {
+    (later as i64 - earlier as i64) / 1_000_000
+}
+
+/// What the rows are built from besides the kernel's lists.
+pub struct Context<'a> {
+    pub history: Option<&'a History>,
+    pub hz: u32,
+    pub now_ns: u64,
+}
+
+/// `ckpt-user locks`: the rows at this instant, and what the reader should be told
+/// about them (one line each). From the kernel's lists when the iterators load,
+/// else from /proc/locks.
+pub fn live_rows(pins: &PinDir) -> Result<(Vec<LockRow>, Vec<String>)> {
+    let iters = match Iters::load(&[Prog::LockTable, Prog::LockTableMaps]) {
+        Ok(i) => i,
+        Err(e) => {
+            let note = format!(
+                "cannot read the kernel's lock lists ({}); falling back to /proc/locks (no owners, lease deadlines or waiting times)",
+                unavailable_hint(&e)
+            );
+            let rows = from_proc(&proc_locks::read().context("reading /proc/locks")?);
+            return Ok((rows, vec![note]));
+        }
     };
-    let now = monotonic_ns();
-    let mut paths = PathResolver::default();
-    let mut commands = Commands::default();
-    let mut rows = Vec::new();
-    for (k, r) in snap.locks {
-        let Some(l) = held_of(&k, &r) else { continue };
-        let dev = KernelDev(k.dev);
-        let known_owner = l.owner > u32::MAX as u64;
-        rows.push(LockRow {
-            kind: kind_json(l.kind),
-            lock_type: Some(l.lock_type),
-            pid: Some(l.pid),
-            command: commands.of(l.pid),
-            path: paths.path(l.pid, l.fd, dev, k.ino),
-            dev: dev.to_string(),
-            inode: k.ino,
-            start: l.start,
-            end: l.end,
-            eof: l.end == OFFSET_MAX,
-            owner: known_owner.then(|| format!("{:x}", l.owner)),
-            fd: (l.fd >= 0).then_some(l.fd),
-            origin: origin_label(l.origin as u8),
-            held_ms: age_ms(now, l.since_ns),
-            waiters: Vec::new(),
-            source: "agent",
-            lease: None,
-            row_kind: RowKind::Lock(l.kind),
-            owner_id: known_owner.then_some(l.owner),
-            dev_id: dev,
-        });
+    let table = kernel::read(&iters)?;
+    // After the table: the tracer writes a wait's start just after the kernel queues
+    // the request, so every request just read has its record by now.
+    let mut notes = Vec::new();
+    let history = History::read(pins).unwrap_or_else(|e| {
+        notes.push(format!("ckpt-agent's records cannot be read ({e:#}): no waiting times or break starts"));
+        None
+    });
+    let cx = Context {
+        history: history.as_ref(),
+        hz: crate::sys::hz::kernel_hz()?,
+        now_ns: crate::sys::monotonic_ns(),
+    };
+    notes.extend(gaps(&table, cx.history));
+    Ok((from_kernel(&table, &cx), notes))
+}
+
+/// What the rows lack now, said in the present tense.
+fn gaps(table: &KernelLocks, history: Option<&History>) -> Vec<String> {
+    let mut notes = Vec::new();
+    if !table.from_fdinfo.is_empty() {
+        notes.push(format!(
+            "{} fds' lock lists changed during the read: their locks come from fdinfo (without waiters or lease deadlines)",
+            table.from_fdinfo.len()
+        ));
     }
-    let mut listed: Vec<&ProcLock> = kernel
-        .iter()
-        .filter(|p| p.kind == ProcKind::Lease && !p.blocked && p.state != "BREAKER")
-        .collect();
-    for (k, r) in snap.leases {
-        let Some(i) = listed
+    if table.unread_mappings > 0 {
+        notes.push(format!(
+            "{} mappings' lock lists changed during the read and are not shown",
+            table.unread_mappings
+        ));
+    }
+    if let Some(h) = history {
+        let unknown = table
+            .blocked
             .iter()
-            .position(|p| p.dev.0 == k.dev && p.ino == k.ino && p.pid == r.pid as i64)
-        else {
+            .filter(|w| w.addr.is_none_or(|a| !h.waits.contains_key(&a)))
+            .count();
+        if unknown > 0 {
+            notes.push(format!(
+                "{unknown} waiters have no start time (they began to wait before ckpt-agent ran, or its WAITS map was full)"
+            ));
+        }
+    }
+    notes
+}
+
+/// Rows from the kernel's lists: one per held lock or lease, in `table.held` order
+/// until sorted, with the blocked requests that conflict with it.
+pub fn from_kernel(table: &KernelLocks, cx: &Context) -> Vec<LockRow> {
+    let mut commands = Commands::default();
+    let mut comm = |pid: u32| table.comms.get(&pid).cloned().or_else(|| commands.of(pid));
+    let mut rows: Vec<LockRow> = table.held.iter().map(|l| row(l, &mut comm, cx)).collect();
+    let mut by_inode: HashMap<(KernelDev, u64), Vec<usize>> = HashMap::new();
+    for (i, l) in table.held.iter().enumerate() {
+        by_inode.entry((l.dev, l.ino)).or_default().push(i);
+    }
+    for w in &table.blocked {
+        let Some(lock_type) = LockType::from_fl_type(w.lock_type) else {
             continue;
         };
-        listed.remove(i);
-        rows.push(lease_row(&k, &r, now, &mut paths));
-    }
-    let waiters: Vec<Waiter> = live
-        .waiters
-        .iter()
-        .filter_map(|e| e.ok().map(|(_, w)| w))
-        .collect();
-    for w in waiters {
-        attach_waiter(&mut rows, &w, now);
+        let wait = w.addr.and_then(|a| cx.history.and_then(|h| h.waits.get(&a)));
+        let pid = wait.map(|(_, s)| s.tgid).unwrap_or(w.pid.max(0) as u32);
+        let waiter = WaiterRow {
+            pid,
+            tid: wait.map(|(tid, _)| *tid),
+            command: comm(pid),
+            kind: kind_name(w.kind),
+            lock_type,
+            start: w.start,
+            end: w.end,
+            waiting_ms: wait.map(|(_, s)| cx.now_ns.saturating_sub(s.since_ns) / 1_000_000),
+            since_monotonic_ns: wait.map(|(_, s)| s.since_ns),
+        };
+        for &i in by_inode.get(&(w.dev, w.ino)).map(Vec::as_slice).unwrap_or(&[]) {
+            if conflicts(&table.held[i], w) {
+                if let Some(lease) = rows[i].lease.as_mut() {
+                    add_blocked_breaker(lease, &waiter);
+                }
+                rows[i].waiters.push(waiter.clone());
+            }
+        }
     }
     sort(&mut rows);
-    Ok(rows)
+    rows
 }
 
-fn lease_row(k: &LeaseKey, r: &LeaseRecord, now: u64, paths: &mut PathResolver) -> LockRow {
-    let dev = KernelDev(k.dev);
-    let breaking = r.state == LeaseState::Breaking as u8;
-    let deadline = (breaking && r.deadline_ns > 0).then_some(r.deadline_ns);
-    let breakers = r.breakers[..r.n_breakers as usize]
-        .iter()
-        .map(|b| BreakerRow {
-            pid: b.pid,
-            tid: b.tid,
-            command: command(b.pid),
-            lock_type: LockType::from_fl_type(b.breaker_type).unwrap_or(LockType::Read),
-            nonblock: b.nonblock != 0,
-            since_monotonic_ns: b.since_ns,
-        })
-        .collect();
-    let known_owner = !is_synthetic(k.owner);
+/// A breaker blocked in open()/truncate() is in the kernel's tree: listed even when no
+/// record of the break exists (no agent, or the break began before it).
+fn add_blocked_breaker(lease: &mut LeaseInfo, w: &WaiterRow) {
+    if lease.breakers.iter().any(|b| b.pid == w.pid && !b.nonblock) {
+        return;
+    }
+    lease.breakers.push(BreakerRow {
+        pid: w.pid,
+        tid: w.tid,
+        command: w.command.clone(),
+        lock_type: w.lock_type,
+        nonblock: false,
+        since_monotonic_ns: w.since_monotonic_ns,
+    });
+    lease.breakers_total = lease.breakers_total.max(lease.breakers.len() as u32);
+}
+
+fn row(l: &KLock, comm: &mut impl FnMut(u32) -> Option<String>, cx: &Context) -> LockRow {
+    let pid = match l.kind {
+        // A POSIX lock's pid is its owner process; the others name their creator.
+        HeldKind::Lock(LockKind::Posix) => l.holder.pid,
+        _ => l.pid.max(0) as u32,
+    };
+    let held_since = l.addr.and_then(|a| {
+        let h = cx.history?.holds.get(&a)?;
+        (Some(h.owner) == l.owner).then_some(h.since_ns)
+    });
     LockRow {
-        kind: "lease",
-        lock_type: if r.lease_type == TYPE_UNKNOWN {
-            None
-        } else {
-            LockType::from_fl_type(r.lease_type)
-        },
-        pid: Some(r.pid),
-        command: command(r.pid),
-        path: paths.path(r.pid, r.fd, dev, k.ino),
-        dev: dev.to_string(),
-        inode: k.ino,
-        start: 0,
-        end: OFFSET_MAX,
-        eof: true,
-        owner: known_owner.then(|| format!("{:x}", k.owner)),
-        fd: (r.fd >= 0).then_some(r.fd),
-        origin: origin_label(r.origin),
-        held_ms: age_ms(now, r.granted_ns),
+        kind: kind_name(l.kind),
+        lock_type: LockType::from_fl_type(l.lock_type),
+        pid: Some(pid),
+        command: comm(pid),
+        path: l.holder.path.clone(),
+        dev: l.dev.to_string(),
+        inode: l.ino,
+        start: l.start,
+        end: l.end,
+        eof: l.end == OFFSET_MAX,
+        owner: l.owner.map(|o| format!("{o:x}")),
+        fd: l.holder.fd,
+        mapping: l.holder.mapping.map(|(a, b)| format!("{a:x}-{b:x}")),
+        origin: if l.addr.is_some() { "kernel" } else { "fdinfo" },
+        held_ms: held_since.map(|t| cx.now_ns.saturating_sub(t) / 1_000_000),
         waiters: Vec::new(),
-        source: "agent",
-        lease: Some(LeaseInfo {
-            state: if breaking { "breaking" } else { "active" },
-            target_type: target_label(r.target_type),
-            remaining_ms: deadline.map(|d| (d as i64 - now as i64) / 1_000_000),
-            break_deadline_monotonic_ns: deadline,
-            break_deadline_jiffies: (breaking && r.deadline_jiffies > 0)
-                .then_some(r.deadline_jiffies),
-            break_started_monotonic_ns: (breaking && r.break_started_ns > 0)
-                .then_some(r.break_started_ns),
-            lease_break_time_s: (breaking && r.break_started_ns > 0)
-                .then_some(r.lease_break_time_s),
-            notified: r.notified != 0,
-            signal: (r.signal != 0).then_some(r.signal),
-            breakers,
-            breakers_total: r.breakers_total as u32,
-        }),
-        row_kind: RowKind::Lease,
-        owner_id: known_owner.then_some(k.owner),
-        dev_id: dev,
+        source: "kernel",
+        lease: (l.kind == HeldKind::Lease).then(|| lease_info(l, comm, cx)),
+        row_kind: l.kind,
+        dev_id: l.dev,
     }
 }
 
-/// A waiter waits on every lock (or lease) that conflicts with its request.
-fn attach_waiter(rows: &mut [LockRow], w: &Waiter, now: u64) {
-    let Some(lock_type) = LockType::from_fl_type(w.lock_type) else {
-        return;
-    };
-    let is_lease = w.flags & fl_flags::FL_LEASE != 0;
-    let kind = if is_lease {
-        None
-    } else {
-        match LockKind::from_fl_flags(w.flags) {
-            Some(k) => Some(k),
-            None => return,
-        }
-    };
-    let row = WaiterRow {
-        pid: w.tgid,
-        tid: Some(w.tid),
-        command: command(w.tgid),
-        kind: kind.map(kind_json).unwrap_or("lease"),
-        lock_type,
-        start: w.start,
-        end: w.end,
-        waiting_ms: Some(now.saturating_sub(w.since_ns) / 1_000_000),
-        since_monotonic_ns: Some(w.since_ns),
-    };
-    for lock in rows.iter_mut() {
-        if lock.dev_id.0 != w.dev || lock.inode != w.ino {
-            continue;
-        }
-        let conflicts = lock.lock_type != Some(LockType::Read) || lock_type == LockType::Write;
-        let applies = match (lock.row_kind, kind) {
-            (RowKind::Lease, None) => conflicts,
-            (RowKind::Lock(lk), Some(k)) => {
-                same_family(lk, k)
-                    && lock.owner_id != Some(w.owner)
-                    && overlaps((lock.start, lock.end), (w.start, w.end))
-                    && conflicts
-            }
-            _ => false,
-        };
-        if applies {
-            lock.waiters.push(row.clone());
-        }
+fn lease_info(l: &KLock, comm: &mut impl FnMut(u32) -> Option<String>, cx: &Context) -> LeaseInfo {
+    let breaking = BreakState::breaking(l.flags);
+    let state = BreakState::of(l.flags, l.lease.as_ref(), cx.hz);
+    let record = l
+        .addr
+        .and_then(|a| cx.history?.breaks.get(&a))
+        .filter(|r| leases::record_matches(r, l));
+    let remaining = |d: &leases::Deadline| ms_between(d.monotonic_ns, cx.now_ns);
+    let breakers: Vec<BreakerRow> = record
+        .map(|r| {
+            r.breakers[..usize::from(r.n_breakers).min(r.breakers.len())]
+                .iter()
+                .map(|b| BreakerRow {
+                    pid: b.pid,
+                    tid: Some(b.tid),
+                    command: comm(b.pid),
+                    lock_type: LockType::from_fl_type(b.breaker_type).unwrap_or(LockType::Read),
+                    nonblock: b.nonblock != 0,
+                    since_monotonic_ns: Some(b.since_ns),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    LeaseInfo {
+        state: if breaking { "breaking" } else { "active" },
+        target_type: target_label(leases::target_type(l)),
+        remaining_ms: state.primary.as_ref().map(remaining),
+        overdue: state
+            .primary
+            .as_ref()
+            .is_some_and(|d| d.monotonic_ns <= cx.now_ns),
+        break_deadline_monotonic_ns: state.primary.map(|d| d.monotonic_ns),
+        break_deadline_jiffies: state.primary.map(|d| d.jiffies),
+        downgrade_deadline_jiffies: state.downgrade.map(|d| d.jiffies),
+        downgrade_remaining_ms: state.downgrade.as_ref().map(remaining),
+        break_started_monotonic_ns: record.map(|r| r.started_ns),
+        lease_break_time_s: record
+            .zip(state.primary)
+            .map(|(r, d)| leases::break_time_s(r, d.jiffies, cx.hz)),
+        notified: record.is_some_and(|r| r.notified != 0),
+        signal: record.and_then(|r| (r.signal != 0).then_some(r.signal)),
+        breakers_total: record.map_or(breakers.len() as u32, |r| u32::from(r.breakers_total)),
+        breakers,
     }
 }
 
@@ -348,7 +372,7 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
     let mut rows: Vec<(u64, LockRow)> = Vec::new();
     for p in procs.iter().filter(|p| !p.blocked) {
         let (row_kind, lease) = match p.kind {
-            ProcKind::Lock(k) => (RowKind::Lock(k), None),
+            ProcKind::Lock(k) => (HeldKind::Lock(k), None),
             ProcKind::Lease if p.state != "BREAKER" => {
                 let breaking = p.state == "BREAKING";
                 let target = p
@@ -356,13 +380,16 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
                     .map(|t| t.to_fl_type())
                     .unwrap_or(fl_type::F_UNLCK);
                 (
-                    RowKind::Lease,
+                    HeldKind::Lease,
                     Some(LeaseInfo {
                         state: if breaking { "breaking" } else { "active" },
                         target_type: target_label(target),
                         remaining_ms: None,
+                        overdue: false,
                         break_deadline_monotonic_ns: None,
                         break_deadline_jiffies: None,
+                        downgrade_deadline_jiffies: None,
+                        downgrade_remaining_ms: None,
                         break_started_monotonic_ns: None,
                         lease_break_time_s: None,
                         notified: false,
@@ -379,10 +406,7 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
         rows.push((
             p.id,
             LockRow {
-                kind: match row_kind {
-                    RowKind::Lock(k) => kind_json(k),
-                    RowKind::Lease => "lease",
-                },
+                kind: kind_name(row_kind),
                 // /proc shows a breaking lease's target, not its own type.
                 lock_type: if breaking { None } else { p.lock_type },
                 pid,
@@ -395,13 +419,13 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
                 eof: p.end == OFFSET_MAX,
                 owner: None,
                 fd: None,
+                mapping: None,
                 origin: "proc",
                 held_ms: None,
                 waiters: Vec::new(),
                 source: "proc",
                 lease,
                 row_kind,
-                owner_id: None,
                 dev_id: p.dev,
             },
         ));
@@ -477,8 +501,13 @@ fn state_cell(r: &LockRow) -> String {
         return "ACTIVE".into();
     }
     let mut s = format!("BREAKING->{}", l.target_type.to_uppercase());
-    if let Some(ms) = l.remaining_ms {
-        s.push_str(&format!(" {ms}ms left"));
+    match l.remaining_ms {
+        Some(ms) if l.overdue => s.push_str(&format!(" overdue by {}ms", -ms)),
+        Some(ms) => s.push_str(&format!(" {ms}ms left")),
+        None => {}
+    }
+    if let Some(ms) = l.downgrade_remaining_ms {
+        s.push_str(&format!(" (downgrade {ms}ms)"));
     }
     match (l.notified, l.signal) {
         (true, Some(sig)) => s.push_str(&format!(" notified(sig {sig})")),
@@ -522,8 +551,8 @@ pub fn render_table(rows: &[LockRow]) -> String {
             r.command.clone().unwrap_or_else(|| "?".into()),
             r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             match r.row_kind {
-                RowKind::Lock(k) => kind_label(k).to_string(),
-                RowKind::Lease => "LEASE".to_string(),
+                HeldKind::Lock(k) => kind_label(k).to_string(),
+                HeldKind::Lease => "LEASE".to_string(),
             },
             type_label(r.lock_type).to_string(),
             r.start.to_string(),

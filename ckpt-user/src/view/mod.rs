@@ -1,6 +1,6 @@
-//! What readers (`ckpt-user`) see: the agent's pinned maps (`live`), and the tables and
-//! JSON built from them (`locks`).
+//! What readers (`ckpt-user`) show: the lock table (`locks`) from the kernel's lists
+//! and the tracer's records (`history`), and deleted-but-open files (`deleted`).
 
 pub mod deleted;
-pub mod live;
+pub mod history;
 pub mod locks;

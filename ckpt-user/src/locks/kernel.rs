@@ -1,0 +1,466 @@
+//! The lock table as the kernel holds it, read with the lock-table iterators
+//! (ckpt-ebpf/src/lock_table.rs): every held lock and lease once, with the fd (or
+//! mapping) it is held through, and every blocked request with what it waits behind.
+//!
+//! One kernel lock object is one row however many fds reach it (dup, fork): rows are
+//! keyed by the object's address. Where the kernel walk could not vouch for a list
+//! (it changed under the walk, or was too long), that fd is read again by itself, and
+//! if it still cannot be walked, its held locks come from fdinfo, which the kernel
+//! prints under the inode's `flc_lock` (without blocked requests or lease deadlines).
+
+use std::collections::{HashMap, HashSet};
+
+use anyhow::{bail, Result};
+use ckpt_common::{
+    files::{list, tag, FdRecord, LockLine, TaskRecord, FD_RECORD_SIZE, LOCK_LINE_SIZE, MAPPING_FD, TASK_RECORD_SIZE},
+    lock::{fl_flags, LockKind},
+};
+
+use super::{
+    proc_locks::{ProcKind, ProcLock},
+    KernelDev, OFFSET_MAX,
+};
+use crate::{
+    procinfo::parse_fdinfo,
+    tracer::iters::{Iters, Prog},
+};
+
+/// What a row of the table is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HeldKind {
+    Lock(LockKind),
+    Lease,
+}
+
+impl HeldKind {
+    /// From the list a line came from and its flags; None for delegations (NFS),
+    /// which ckpt does not show, and markers.
+    pub fn of(list_id: u32, flags: u32) -> Option<HeldKind> {
+        match list_id {
+            list::POSIX if flags & fl_flags::FL_OFDLCK != 0 => Some(HeldKind::Lock(LockKind::Ofd)),
+            list::POSIX => Some(HeldKind::Lock(LockKind::Posix)),
+            list::FLOCK => Some(HeldKind::Lock(LockKind::Flock)),
+            list::LEASE if flags & fl_flags::FL_DELEG == 0 => Some(HeldKind::Lease),
+            _ => None,
+        }
+    }
+}
+
+/// Through what a process holds a lock.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Holder {
+    pub pid: u32,
+    /// None when held through a mapping.
+    pub fd: Option<i32>,
+    /// The mapping's start and end.
+    pub mapping: Option<(u64, u64)>,
+    pub path: Option<String>,
+}
+
+/// A lease's deadlines, as the kernel had them when the line was read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LeaseClock {
+    pub break_time: u64,
+    pub downgrade_time: u64,
+    /// jiffies and CLOCK_MONOTONIC ns, read together with the line.
+    pub jiffies: u64,
+    pub now_ns: u64,
+}
+
+/// A held lock or lease, or a blocked request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KLock {
+    pub kind: HeldKind,
+    /// fl_type: for a lease being broken, the type it had before the break.
+    pub lock_type: u8,
+    pub flags: u32,
+    /// fl_pid: the creator (the requester, for a blocked request).
+    pub pid: i32,
+    pub start: i64,
+    pub end: i64,
+    pub dev: KernelDev,
+    pub ino: u64,
+    /// The kernel's owner identity (None from fdinfo).
+    pub owner: Option<u64>,
+    /// The object's address (None from fdinfo).
+    pub addr: Option<u64>,
+    /// For a blocked request: the address of what it waits behind.
+    pub blocker: Option<u64>,
+    pub lease: Option<LeaseClock>,
+    /// Held: the first fd (or mapping) seen holding it. Blocked: the requester's pid.
+    pub holder: Holder,
+}
+
+/// The whole table.
+#[derive(Debug, Default)]
+pub struct KernelLocks {
+    pub held: Vec<KLock>,
+    pub blocked: Vec<KLock>,
+    /// Command names from the iterator's process records.
+    pub comms: HashMap<u32, String>,
+    /// (pid, fd) whose held locks came from fdinfo, and mappings that could not be
+    /// read: say so.
+    pub from_fdinfo: Vec<(u32, i32)>,
+    pub unread_mappings: usize,
+}
+
+fn read_tag(buf: &[u8]) -> Option<u32> {
+    Some(u32::from_ne_bytes(buf.get(..4)?.try_into().ok()?))
+}
+
+/// Reads a plain-data record at the start of `buf`.
+fn record<T: Copy>(buf: &[u8]) -> T {
+    assert!(buf.len() >= std::mem::size_of::<T>());
+    // SAFETY: T is plain data (#[repr(C)] integers) of at most buf.len() bytes; any
+    // bit pattern is a valid value.
+    unsafe { std::ptr::read_unaligned(buf.as_ptr() as *const T) }
+}
+
+fn comm_of(t: &TaskRecord) -> String {
+    let end = t.comm.iter().position(|&b| b == 0).unwrap_or(t.comm.len());
+    String::from_utf8_lossy(&t.comm[..end]).into_owned()
+}
+
+/// One fd (or mapping) record's lines, as parsed.
+#[derive(Debug)]
+struct FdLines {
+    rec: FdRecord,
+    path: Option<String>,
+    lines: Vec<LockLine>,
+    /// The walk was cut short (list changed under it, or too long).
+    cut: bool,
+}
+
+/// Splits a lock-table iterator's output into process names and fds with lines (an
+/// fd's lines come before its record).
+fn parse(mut buf: &[u8], comms: &mut HashMap<u32, String>) -> Result<Vec<FdLines>> {
+    let mut out: Vec<FdLines> = Vec::new();
+    let mut lines = Vec::new();
+    let mut cut = false;
+    while !buf.is_empty() {
+        match read_tag(buf) {
+            Some(tag::TASK) if buf.len() >= TASK_RECORD_SIZE => {
+                let t: TaskRecord = record(buf);
+                comms.insert(t.tgid, comm_of(&t));
+                buf = &buf[TASK_RECORD_SIZE..];
+            }
+            Some(tag::FD) if buf.len() >= FD_RECORD_SIZE => {
+                let rec: FdRecord = record(buf);
+                let len = rec.path_len as usize;
+                let Some(raw) = buf.get(FD_RECORD_SIZE..FD_RECORD_SIZE + len) else {
+                    bail!("lock-table iterator output truncated in a path");
+                };
+                let path = (len > 0).then(|| {
+                    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+                    String::from_utf8_lossy(&raw[..end]).into_owned()
+                });
+                out.push(FdLines {
+                    rec,
+                    path,
+                    lines: std::mem::take(&mut lines),
+                    cut: std::mem::take(&mut cut),
+                });
+                buf = &buf[FD_RECORD_SIZE + len..];
+            }
+            Some(tag::LOCK) if buf.len() >= LOCK_LINE_SIZE => {
+                let line: LockLine = record(buf);
+                match line.list {
+                    list::TRUNCATED | list::UNSTABLE => cut = true,
+                    _ => lines.push(line),
+                }
+                buf = &buf[LOCK_LINE_SIZE..];
+            }
+            _ => bail!("lock-table iterator output truncated or garbled"),
+        }
+    }
+    if !lines.is_empty() || cut {
+        bail!("lock-table iterator output: lock lines without their fd");
+    }
+    Ok(out)
+}
+
+/// A line as a lock of the table (None for what ckpt does not show).
+fn klock(fd: &FdLines, line: &LockLine) -> Option<KLock> {
+    let kind = HeldKind::of(line.list, line.flags)?;
+    let r = &fd.rec;
+    let holder = if r.fd == MAPPING_FD {
+        Holder {
+            pid: r.tgid,
+            fd: None,
+            mapping: Some((r.pos as u64, r.size as u64)),
+            path: std::fs::read_link(format!("/proc/{}/map_files/{:x}-{:x}", r.tgid, r.pos, r.size))
+                .ok()
+                .map(|p| p.display().to_string()),
+        }
+    } else {
+        Holder {
+            pid: r.tgid,
+            fd: Some(r.fd as i32),
+            mapping: None,
+            path: fd.path.clone(),
+        }
+    };
+    Some(KLock {
+        kind,
+        lock_type: line.lock_type as u8,
+        flags: line.flags,
+        pid: line.pid,
+        start: line.start,
+        end: line.end,
+        dev: KernelDev(r.s_dev),
+        ino: r.ino,
+        owner: Some(line.owner),
+        addr: Some(line.lock),
+        blocker: (line.blocker != 0).then_some(line.blocker),
+        lease: (kind == HeldKind::Lease).then_some(LeaseClock {
+            break_time: line.break_time,
+            downgrade_time: line.downgrade_time,
+            jiffies: line.jiffies,
+            now_ns: line.now_ns,
+        }),
+        holder,
+    })
+}
+
+/// A held lock from an fdinfo `lock:` line.
+fn from_fdinfo(pid: u32, fd: i32, path: Option<String>, p: &ProcLock) -> Option<KLock> {
+    use ckpt_common::lock::fl_type;
+    let kind = match p.kind {
+        ProcKind::Lock(k) => HeldKind::Lock(k),
+        ProcKind::Lease => HeldKind::Lease,
+        ProcKind::Other => return None,
+    };
+    let breaking = p.state == "BREAKING";
+    Some(KLock {
+        kind,
+        lock_type: p.lock_type.map(|t| t.to_fl_type()).unwrap_or(fl_type::F_UNLCK),
+        flags: if breaking { fl_flags::FL_UNLOCK_PENDING } else { 0 },
+        pid: if p.pid < 0 { pid as i32 } else { p.pid as i32 },
+        start: p.start,
+        end: p.end,
+        dev: p.dev,
+        ino: p.ino,
+        owner: None,
+        addr: None,
+        blocker: None,
+        lease: None,
+        holder: Holder {
+            pid,
+            fd: Some(fd),
+            mapping: None,
+            path,
+        },
+    })
+}
+
+/// How many times a process whose lists changed under the walk is read again by
+/// itself before its fdinfo is taken instead.
+const REREADS: usize = 2;
+
+/// Reads the whole table.
+pub fn read(iters: &Iters) -> Result<KernelLocks> {
+    let mut out = KernelLocks::default();
+    let mut fds = parse(&iters.read_all(Prog::LockTable)?, &mut out.comms)?;
+    fds.extend(parse(&iters.read_all(Prog::LockTableMaps)?, &mut out.comms)?);
+    collect(iters, fds, out)
+}
+
+/// The locks held through process `pid`'s fds (not its mappings), and the requests
+/// blocked on them.
+pub fn read_process(iters: &Iters, pid: u32) -> Result<KernelLocks> {
+    let mut out = KernelLocks::default();
+    let fds = parse(&iters.read_process(Prog::LockTable, pid)?, &mut out.comms)?;
+    collect(iters, fds, out)
+}
+
+/// Re-reads processes whose walk was cut, takes fdinfo where it still is, and keeps
+/// each kernel object once.
+fn collect(iters: &Iters, mut fds: Vec<FdLines>, mut out: KernelLocks) -> Result<KernelLocks> {
+    // Processes with a cut walk, read again alone (their other fds too: the lines of
+    // one read are consistent with each other).
+    let mut cut: Vec<u32> = fds.iter().filter(|f| f.cut).map(|f| f.rec.tgid).collect();
+    cut.sort_unstable();
+    cut.dedup();
+    if !cut.is_empty() {
+        let redo: HashSet<u32> = cut.iter().copied().collect();
+        fds.retain(|f| !redo.contains(&f.rec.tgid));
+        for pid in cut {
+            let mut again = Vec::new();
+            for _ in 0..REREADS {
+                again = parse(&iters.read_process(Prog::LockTable, pid)?, &mut out.comms)?;
+                if !again.iter().any(|f| f.cut) {
+                    break;
+                }
+            }
+            fds.extend(again);
+        }
+    }
+    let mut seen: HashSet<u64> = HashSet::new();
+    let mut seen_fdinfo: HashSet<(HeldKind, KernelDev, u64, i64, i64, i32, u8)> = HashSet::new();
+    for f in &fds {
+        if f.cut {
+            if f.rec.fd == MAPPING_FD {
+                out.unread_mappings += 1;
+                continue;
+            }
+            let (pid, fd) = (f.rec.tgid, f.rec.fd as i32);
+            // Gone meanwhile: nothing to report.
+            let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")) else {
+                continue;
+            };
+            out.from_fdinfo.push((pid, fd));
+            for p in parse_fdinfo(&text).locks {
+                if let Some(k) = from_fdinfo(pid, fd, f.path.clone(), &p) {
+                    if seen_fdinfo.insert((k.kind, k.dev, k.ino, k.start, k.end, k.pid, k.lock_type)) {
+                        out.held.push(k);
+                    }
+                }
+            }
+            continue;
+        }
+        for line in &f.lines {
+            if !seen.insert(line.lock) {
+                continue;
+            }
+            let Some(k) = klock(f, line) else { continue };
+            if k.blocker.is_some() {
+                out.blocked.push(k);
+            } else {
+                out.held.push(k);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether blocked request `w` conflicts with held lock or lease `l` (the kernel's
+/// rules: the same inode and lock list — POSIX and OFD locks share one, flock locks
+/// have their own, leases theirs — overlapping ranges, another owner, and a write on
+/// either side).
+pub fn conflicts(l: &KLock, w: &KLock) -> bool {
+    use ckpt_common::lock::fl_type::F_WRLCK;
+    if l.dev != w.dev || l.ino != w.ino {
+        return false;
+    }
+    let family = |k: HeldKind| match k {
+        HeldKind::Lock(LockKind::Flock) => 1,
+        HeldKind::Lock(_) => 0,
+        HeldKind::Lease => 2,
+    };
+    if family(l.kind) != family(w.kind) {
+        return false;
+    }
+    let write = l.lock_type == F_WRLCK || w.lock_type == F_WRLCK;
+    if l.kind == HeldKind::Lease {
+        // A breaker conflicts with a write lease, or wants to write.
+        return write;
+    }
+    let overlap = l.start <= w.end && w.start <= l.end;
+    let other = l.owner.is_none() || l.owner != w.owner;
+    overlap && other && write
+}
+
+/// Whether a range ends at end of file.
+pub fn to_eof(end: i64) -> bool {
+    end == OFFSET_MAX
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ckpt_common::lock::fl_type::{F_RDLCK, F_WRLCK};
+
+    fn bytes<T>(rec: &T) -> Vec<u8> {
+        // SAFETY: reading a plain-data struct as bytes.
+        unsafe { std::slice::from_raw_parts(rec as *const T as *const u8, std::mem::size_of::<T>()) }
+            .to_vec()
+    }
+
+    fn lock(kind: HeldKind, t: u8, owner: u64, start: i64, end: i64) -> KLock {
+        KLock {
+            kind,
+            lock_type: t,
+            flags: 0,
+            pid: 1,
+            start,
+            end,
+            dev: KernelDev(8),
+            ino: 5,
+            owner: Some(owner),
+            addr: Some(owner * 16),
+            blocker: None,
+            lease: None,
+            holder: Holder::default(),
+        }
+    }
+
+    #[test]
+    fn parses_records_and_drops_markers() {
+        let task = TaskRecord {
+            tag: tag::TASK,
+            tgid: 7,
+            comm: *b"locker\0\0\0\0\0\0\0\0\0\0",
+            ..Default::default()
+        };
+        let fd = FdRecord {
+            tag: tag::FD,
+            tgid: 7,
+            fd: 3,
+            path_len: 7,
+            ino: 5,
+            ..Default::default()
+        };
+        let held = LockLine {
+            tag: tag::LOCK,
+            list: list::POSIX,
+            lock: 0x100,
+            ..Default::default()
+        };
+        let cut = LockLine {
+            tag: tag::LOCK,
+            list: list::UNSTABLE,
+            ..Default::default()
+        };
+        let mut buf = bytes(&held);
+        buf.extend(bytes(&cut));
+        buf.extend(bytes(&task));
+        buf.extend(bytes(&fd));
+        buf.extend(b"/tmp/a\0");
+        let mut comms = HashMap::new();
+        let got = parse(&buf, &mut comms).unwrap();
+        assert_eq!(comms[&7], "locker");
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].path.as_deref(), Some("/tmp/a"));
+        assert_eq!(got[0].lines, vec![held]);
+        assert!(got[0].cut);
+        // Any prefix that cuts a record is an error, never a panic.
+        for n in 1..buf.len() {
+            let _ = parse(&buf[..n], &mut comms);
+        }
+        assert!(parse(&bytes(&held), &mut comms).is_err());
+    }
+
+    #[test]
+    fn conflicts_follow_the_kernel_rules() {
+        let posix = HeldKind::Lock(LockKind::Posix);
+        let ofd = HeldKind::Lock(LockKind::Ofd);
+        let flock = HeldKind::Lock(LockKind::Flock);
+        let held = lock(posix, F_WRLCK, 1, 0, 9);
+        assert!(conflicts(&held, &lock(ofd, F_RDLCK, 2, 5, 20)));
+        assert!(!conflicts(&held, &lock(posix, F_RDLCK, 1, 5, 20)), "same owner");
+        assert!(!conflicts(&held, &lock(posix, F_RDLCK, 2, 10, 20)), "disjoint");
+        assert!(!conflicts(&held, &lock(flock, F_WRLCK, 2, 0, OFFSET_MAX)), "flock apart");
+        assert!(!conflicts(&lock(posix, F_RDLCK, 1, 0, 9), &lock(posix, F_RDLCK, 2, 0, 9)));
+        let lease = lock(HeldKind::Lease, F_RDLCK, 1, 0, OFFSET_MAX);
+        assert!(conflicts(&lease, &lock(HeldKind::Lease, F_WRLCK, 2, 0, OFFSET_MAX)));
+        assert!(!conflicts(&lease, &lock(HeldKind::Lease, F_RDLCK, 2, 0, OFFSET_MAX)));
+    }
+
+    #[test]
+    fn kinds_from_lists() {
+        assert_eq!(HeldKind::of(list::POSIX, fl_flags::FL_OFDLCK), Some(HeldKind::Lock(LockKind::Ofd)));
+        assert_eq!(HeldKind::of(list::LEASE, fl_flags::FL_LEASE), Some(HeldKind::Lease));
+        assert_eq!(HeldKind::of(list::LEASE, fl_flags::FL_DELEG), None);
+        assert_eq!(HeldKind::of(list::UNSTABLE, 0), None);
+    }
+}
