@@ -52,7 +52,6 @@ pub static DELETED: HashMap<DeletedKey, DeletedValue> = HashMap::pinned(capacity
 #[map]
 pub static DELETED_SCANS: Array<u64> = Array::pinned(scan::COUNT, 0);
 
-
 const O_TMPFILE_BIT: u64 = 0o20000000;
 const S_IFMT: u32 = 0o170000;
 const S_IFREG: u32 = 0o100000;
@@ -257,4 +256,3 @@ pub fn deleted_exit(_ctx: TracePointContext) -> u32 {
     }
     0
 }
-

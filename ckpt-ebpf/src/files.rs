@@ -17,8 +17,8 @@ use aya_ebpf::{helpers::generated::bpf_seq_write, macros::map, maps::PerCpuArray
 use ckpt_common::files::{tag, FdScratch, FD_RECORD_SIZE, PATH_MAX, TASK_RECORD_SIZE};
 
 use crate::{
-    iter::IterMeta,
     helpers::{field, file_path, kread, layout, ready},
+    iter::IterMeta,
 };
 
 const O_CLOEXEC: u32 = 0o2000000;
@@ -67,7 +67,12 @@ pub fn write(seq: *mut c_void, data: *const c_void, len: u32) {
 
 /// The process's own record, read with probe reads: once per process, not per fd.
 #[inline(always)]
-pub fn emit_task(seq: *mut c_void, scratch: *mut FdScratch, task: u64, tgid: u32) -> Result<(), i32> {
+pub fn emit_task(
+    seq: *mut c_void,
+    scratch: *mut FdScratch,
+    task: u64,
+    tgid: u32,
+) -> Result<(), i32> {
     // SAFETY: per-CPU slot, exclusively ours for this call.
     let t = unsafe { &mut (*scratch).task };
     t.tag = tag::TASK;

@@ -19,8 +19,8 @@ use ckpt_common::{
 };
 
 use crate::{
-    locks::{end_wait, note_wait},
     helpers::{current_ids, jiffies, kread, layout, now_ns, ready},
+    locks::{end_wait, note_wait},
     maps::{count, BREAKS, BREAK_CTX, WAITING, WAITS},
 };
 
@@ -300,7 +300,10 @@ pub fn signal_deliver(ctx: TracePointContext) -> u32 {
         return 0;
     }
     let o = layout!(brk);
-    let (Ok(handler), Ok(flags)) = (tp::<u64>(&ctx, o.deliver_handler), tp::<u64>(&ctx, o.deliver_flags)) else {
+    let (Ok(handler), Ok(flags)) = (
+        tp::<u64>(&ctx, o.deliver_handler),
+        tp::<u64>(&ctx, o.deliver_flags),
+    ) else {
         return 0;
     };
     if handler > SIG_IGN && flags & SA_RESTART == 0 {

@@ -13,13 +13,13 @@
 use core::ptr::read_volatile;
 
 use aya_ebpf::{macros::map, maps::PerCpuArray};
-use ckpt_common::files::{tag, FdScratch, MAPPING_FD, FD_RECORD_SIZE, PATH_MAX};
+use ckpt_common::files::{tag, FdScratch, FD_RECORD_SIZE, MAPPING_FD, PATH_MAX};
 
 use crate::{
     files::{emit_task, write, TaskFileCtx, FD_SCRATCH},
+    helpers::{field, file_path, layout, ready},
     iter::IterMeta,
     lock_walk::walk,
-    helpers::{field, file_path, layout, ready},
 };
 
 /// The last process whose record this CPU emitted in a session (per CPU: a program
@@ -89,7 +89,12 @@ fn emit(meta: *const IterMeta, task: u64, fd: u32, file: u64, vma: u64) -> Resul
     let scratch: *mut FdScratch = FD_SCRATCH.get_ptr_mut(0).ok_or(-1i32)?;
     let last = LAST_TASK.get_ptr_mut(0).ok_or(-1i32)?;
     // SAFETY: meta and seq are the kernel's for this session.
-    let (seq, first) = unsafe { (read_volatile(&(*meta).seq), read_volatile(&(*meta).seq_num) == 0) };
+    let (seq, first) = unsafe {
+        (
+            read_volatile(&(*meta).seq),
+            read_volatile(&(*meta).seq_num) == 0,
+        )
+    };
     if first {
         // SAFETY: this CPU's slot.
         unsafe { *last = 0 };
@@ -133,7 +138,8 @@ fn emit(meta: *const IterMeta, task: u64, fd: u32, file: u64, vma: u64) -> Resul
         }
         // Read back and masked so that older verifiers see the bound (see files.rs).
         // SAFETY: our own scratch.
-        let len = FD_RECORD_SIZE as u32 + (unsafe { read_volatile(&r.path_len) } & (PATH_MAX as u32 - 1));
+        let len =
+            FD_RECORD_SIZE as u32 + (unsafe { read_volatile(&r.path_len) } & (PATH_MAX as u32 - 1));
         write(seq, scratch as *const core::ffi::c_void, len);
     }
     Ok(())

@@ -19,7 +19,9 @@
 use core::ffi::c_void;
 
 use aya_ebpf::helpers::generated::{bpf_loop, bpf_seq_write};
-use ckpt_common::files::{list, tag, FdScratch, WalkState, LOCK_LINE_SIZE, LOCK_SPAN, LOCK_WALK_STEPS};
+use ckpt_common::files::{
+    list, tag, FdScratch, WalkState, LOCK_LINE_SIZE, LOCK_SPAN, LOCK_WALK_STEPS,
+};
 
 use crate::helpers::{at, field, jiffies, kcopy, kread, layout, now_ns};
 
@@ -266,7 +268,13 @@ fn step(seq: *mut c_void, scratch: *mut FdScratch, w: &mut WalkState) -> Result<
 /// (POSIX locks: of fd table `files`), each followed by its blocked requests, and a
 /// marker line if the walk was cut. Returns whether it wrote any line.
 #[inline(always)]
-pub fn walk(seq: *mut c_void, scratch: *mut FdScratch, inode: u64, f: u64, files: u64) -> Result<bool, i32> {
+pub fn walk(
+    seq: *mut c_void,
+    scratch: *mut FdScratch,
+    inode: u64,
+    f: u64,
+    files: u64,
+) -> Result<bool, i32> {
     let flctx: u64 = field(inode, layout!(lock_lists.inode_flctx));
     if flctx == 0 {
         return Ok(false);

@@ -141,6 +141,29 @@ pub fn build(
     out
 }
 
+/// The file a mapping shows, from /proc's map_files (" (deleted)" removed).
+pub fn map_path(pid: u32, start: u64, end: u64) -> Option<String> {
+    let link = std::fs::read_link(format!("/proc/{pid}/map_files/{start:x}-{end:x}")).ok()?;
+    Some(split_deleted(&link.display().to_string()).0)
+}
+
+/// The deleted-but-open files now: one scan of every fd and mapping (the two walks
+/// side by side), as the agent's table would hold them, without times.
+pub fn scan_now(iters: &Iters) -> Result<HashMap<DeletedKey, DeletedValue>> {
+    let (fds, maps) = std::thread::scope(|s| {
+        let maps = s.spawn(|| iters.read_all(Prog::DeletedMaps));
+        let fds = iters.read_all(Prog::DeletedFds);
+        (fds, maps.join().expect("scan thread panicked"))
+    });
+    let mut seen = parse(&fds?)?;
+    seen.extend(parse(&maps?)?);
+    let clock = ScanClock {
+        unlink_ns: 0,
+        now_ns: 0,
+    };
+    Ok(build(&seen, &HashMap::new(), &clock, map_path))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -249,27 +272,4 @@ mod tests {
         set_path(&mut v, &"x".repeat(300));
         assert_eq!((path_of(&v).len(), v.path_cut), (DELETED_PATH_MAX - 1, 1));
     }
-}
-
-/// The file a mapping shows, from /proc's map_files (" (deleted)" removed).
-pub fn map_path(pid: u32, start: u64, end: u64) -> Option<String> {
-    let link = std::fs::read_link(format!("/proc/{pid}/map_files/{start:x}-{end:x}")).ok()?;
-    Some(split_deleted(&link.display().to_string()).0)
-}
-
-/// The deleted-but-open files now: one scan of every fd and mapping (the two walks
-/// side by side), as the agent's table would hold them, without times.
-pub fn scan_now(iters: &Iters) -> Result<HashMap<DeletedKey, DeletedValue>> {
-    let (fds, maps) = std::thread::scope(|s| {
-        let maps = s.spawn(|| iters.read_all(Prog::DeletedMaps));
-        let fds = iters.read_all(Prog::DeletedFds);
-        (fds, maps.join().expect("scan thread panicked"))
-    });
-    let mut seen = parse(&fds?)?;
-    seen.extend(parse(&maps?)?);
-    let clock = ScanClock {
-        unlink_ns: 0,
-        now_ns: 0,
-    };
-    Ok(build(&seen, &HashMap::new(), &clock, map_path))
 }

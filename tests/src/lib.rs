@@ -138,14 +138,8 @@ impl Agent {
             }
             agent
                 .log_text()
-                .contains("reconciled with /proc/locks")
+                .contains("deleted-but-open files scanned")
                 .then_some(())
-                .or_else(|| {
-                    agent
-                        .log_text()
-                        .contains("re-adopted lock table")
-                        .then_some(())
-                })
         });
         agent
     }
@@ -325,13 +319,17 @@ impl Drop for Locker {
 /// (kind, type, pid or None for OFD, dev, inode, start, end).
 pub type Shape = (String, String, Option<i64>, String, u64, i64, i64);
 
-/// Independent reading of /proc/locks (held locks only, not "->" waiters).
-pub fn proc_shapes() -> Vec<Shape> {
+/// Independent reading of /proc/locks: held locks, or with `blocked` the "->" rows.
+fn proc_rows(blocked: bool) -> Vec<Shape> {
     let text = std::fs::read_to_string("/proc/locks").unwrap();
     let mut out = Vec::new();
     for line in text.lines() {
-        let t: Vec<&str> = line.split_whitespace().collect();
-        if t.len() < 8 || t[1] == "->" {
+        let mut t: Vec<&str> = line.split_whitespace().collect();
+        let is_blocked = t.get(1) == Some(&"->");
+        if is_blocked {
+            t.remove(1);
+        }
+        if t.len() < 8 || is_blocked != blocked {
             continue;
         }
         let kind = match t[1] {
@@ -370,7 +368,58 @@ pub fn proc_shapes() -> Vec<Shape> {
         ));
     }
     out.sort();
+    if blocked {
+        // One request may show once per lock it hangs under only in our view: compare
+        // the sets.
+        out.dedup();
+    }
     out
+}
+
+/// Held POSIX, OFD and flock locks in /proc/locks.
+pub fn proc_shapes() -> Vec<Shape> {
+    proc_rows(false)
+}
+
+/// Blocked requests in /proc/locks (the "->" rows), as a set.
+pub fn proc_waiter_shapes() -> Vec<Shape> {
+    proc_rows(true)
+}
+
+/// The blocked requests of `rows` (each waiter is listed under every lock it
+/// conflicts with), as a set of shapes on their lock's file.
+pub fn waiter_shapes(rows: &[Value]) -> Vec<Shape> {
+    let mut v: Vec<Shape> = rows
+        .iter()
+        .flat_map(|r| {
+            r["waiters"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|w| {
+                    let kind = w["kind"].as_str()?.to_string();
+                    (kind != "lease").then(|| {
+                        (
+                            kind.clone(),
+                            w["type"].as_str().unwrap().to_string(),
+                            if kind == "ofd" {
+                                None
+                            } else {
+                                w["pid"].as_i64()
+                            },
+                            r["dev"].as_str().unwrap().to_string(),
+                            r["inode"].as_u64().unwrap(),
+                            w["start"].as_i64().unwrap(),
+                            w["end"].as_i64().unwrap(),
+                        )
+                    })
+                })
+        })
+        .collect();
+    v.sort();
+    v.dedup();
+    v
 }
 
 pub fn row_shape(r: &Value) -> Shape {
@@ -421,14 +470,23 @@ pub fn assert_agrees(agent: &Agent, files: Option<&FileIds>) {
     })
 }
 
-/// Like `assert_agrees`, for the locks `keep` selects.
+/// Like `assert_agrees`, for the locks `keep` selects: the held locks (kind, type,
+/// range, inode, pid; OFD locks show pid -1 in /proc/locks) and the set of blocked
+/// requests (the "->" rows, whatever their place in a tree) must be equal.
 pub fn assert_agrees_on(agent: &Agent, keep: impl Fn(&Shape) -> bool) {
+    assert_agrees_at(&agent.pin_dir, keep)
+}
+
+/// `assert_agrees_on` for `ckpt-user locks` with pin directory `pins` (an agent's, or
+/// one where none runs).
+pub fn assert_agrees_at(pins: &Path, keep: impl Fn(&Shape) -> bool) {
     let pick = |v: Vec<Shape>| v.into_iter().filter(|s| keep(s)).collect::<Vec<_>>();
     let mut last = None;
     for _ in 0..20 {
-        let before = pick(proc_shapes());
-        let ours = pick(shapes(&agent.locks(&[])));
-        let after = pick(proc_shapes());
+        let before = (pick(proc_shapes()), pick(proc_waiter_shapes()));
+        let rows = ckpt_locks(pins, &[]).0;
+        let ours = (pick(shapes(&rows)), pick(waiter_shapes(&rows)));
+        let after = (pick(proc_shapes()), pick(proc_waiter_shapes()));
         if before != after {
             continue;
         }
@@ -439,9 +497,16 @@ pub fn assert_agrees_on(agent: &Agent, keep: impl Fn(&Shape) -> bool) {
         std::thread::sleep(Duration::from_millis(50));
     }
     let (ours, kernel) = last.expect("kernel lock state never settled");
-    let missing: Vec<_> = kernel.iter().filter(|s| !ours.contains(s)).collect();
-    let extra: Vec<_> = ours.iter().filter(|s| !kernel.contains(s)).collect();
-    panic!("agent disagrees with /proc/locks\nmissing from agent: {missing:#?}\nonly in agent: {extra:#?}");
+    let diff = |a: &[Shape], b: &[Shape]| -> Vec<Shape> {
+        a.iter().filter(|s| !b.contains(s)).cloned().collect()
+    };
+    panic!(
+        "ckpt-user locks disagrees with /proc/locks\nheld, missing: {:#?}\nheld, only ours: {:#?}\nwaiters, missing: {:#?}\nwaiters, only ours: {:#?}",
+        diff(&kernel.0, &ours.0),
+        diff(&ours.0, &kernel.0),
+        diff(&kernel.1, &ours.1),
+        diff(&ours.1, &kernel.1)
+    );
 }
 
 /// Sets /proc/sys/fs/lease-break-time for one test and restores it afterwards. Tests
@@ -607,7 +672,16 @@ impl Drop for Cgroup {
 
 /// Runs `ckpt-user ARGS` and returns (exit code, stdout, stderr).
 pub fn ckpt_user(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin("ckpt-user")).args(args).output().unwrap();
+    ckpt_user_env(args, &[])
+}
+
+/// `ckpt_user` with extra environment variables.
+pub fn ckpt_user_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let out = Command::new(bin("ckpt-user"))
+        .args(args)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -5,6 +5,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     os::unix::fs::MetadataExt as _,
+    time::Duration,
 };
 
 use ckpt_tests::*;
@@ -114,10 +115,8 @@ fn deleted_files_on_every_filesystem() {
         assert_eq!(r["path"], at("a"), "{fs}");
         assert_eq!(r["size"], 5, "{fs}");
         assert_eq!(r["nlink"], 0, "{fs}");
-        assert!(
-            r["unlinked_at"].as_f64().is_some(),
-            "{fs}: unlinked while traced"
-        );
+        // Without --exact-deleted no syscall is traced: the unlink time is unknown.
+        assert!(r["unlinked_at"].is_null(), "{fs}: {r}");
         assert_eq!(
             r["holders"],
             json!([{"pid": pid, "fd": fd_a.parse::<u32>().unwrap()}]),
@@ -347,4 +346,54 @@ fn the_table_agrees_with_a_proc_scan_under_a_workload() {
         .filter(|h| h.contains("mapping"))
         .count();
     assert!(maps > 0);
+}
+
+/// `ckpt-agent --exact-deleted` traces the syscalls that change the set: its table
+/// (`deleted --max-age`) knows when a file was unlinked; without it, when the agent
+/// first saw it.
+#[test]
+fn exact_mode_knows_the_unlink_time_and_the_default_the_first_sighting() {
+    for (extra, field) in [
+        (&["--exact-deleted"][..], "unlinked_at"),
+        (&[][..], "first_seen"),
+    ] {
+        let pin = std::path::PathBuf::from("/sys/fs/bpf").join(unique("ckpt-exact"));
+        let agent = Agent::start_on(&pin, extra);
+        let dir = Scratch::new();
+        let f = dir.file("gone");
+        let mut p = Locker::spawn();
+        let fd = p.cmd(&format!("open a {f}"));
+        let fd_a = fd.split_whitespace().nth(1).unwrap().to_string();
+        let ino = ino_of(p.pid(), &fd_a);
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs_f64();
+        p.cmd(&format!("unlink {f}"));
+        let pin_s = pin.display().to_string();
+        let r = wait_for(Duration::from_secs(10), field, || {
+            let (code, out, err) = ckpt_user(&[
+                "--pin-dir",
+                &pin_s,
+                "deleted",
+                "--json",
+                "--max-age",
+                "60000",
+            ]);
+            assert_eq!(code, 0, "{err}");
+            let rows: Vec<Value> = serde_json::from_str(&out).unwrap();
+            row(&rows, ino)
+                .filter(|r| r[field].as_f64().is_some())
+                .cloned()
+        });
+        let t = r[field].as_f64().unwrap();
+        assert!(
+            t >= before - 1.0 && t <= before + 5.0,
+            "{field} {t} vs {before}: {r}"
+        );
+        if field == "first_seen" {
+            assert!(r["unlinked_at"].is_null(), "{r}");
+        }
+        drop(agent);
+    }
 }

@@ -129,7 +129,7 @@ fn image_matches_the_kernel_field_by_field() {
     assert_eq!(std::fs::metadata(&img).unwrap().mode() & 0o777, 0o600);
 
     let image = inspect_json(&img);
-    assert_eq!(image["source"], "agent");
+    assert_eq!(image["source"], "kernel");
     assert!(image["missing"].as_array().unwrap().is_empty());
     let pids: BTreeSet<u64> = image["processes"]
         .as_array()
@@ -292,15 +292,18 @@ fn image_matches_the_kernel_field_by_field() {
     assert_eq!(report["fd_tables"], "iterator", "{out}");
     let slow = dir.0.join("slow").display().to_string();
     let nowhere = format!("/sys/fs/bpf/{}", unique("none"));
-    let (code, out, err) = ckpt_user(&[
-        "--pin-dir",
-        &nowhere,
-        "dump",
-        cg.path.to_str().unwrap(),
-        "-o",
-        &slow,
-        "--json",
-    ]);
+    let (code, out, err) = ckpt_user_env(
+        &[
+            "--pin-dir",
+            &nowhere,
+            "dump",
+            cg.path.to_str().unwrap(),
+            "-o",
+            &slow,
+            "--json",
+        ],
+        &[("CKPT_PROC_ONLY", "1")],
+    );
     assert_eq!(code, 0, "{err}");
     let slow_report: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(slow_report["fd_tables"], "proc");
@@ -402,7 +405,11 @@ fn without_an_agent_the_image_says_what_it_lacks() {
     p.cmd("posix a r 0 0");
     let img = dir.0.join("img").display().to_string();
     let nowhere = format!("/sys/fs/bpf/{}", unique("none"));
-    let (code, _, err) = ckpt_user(&["--pin-dir", &nowhere, "dump", &cg.name, "-o", &img]);
+    // What a kernel before 6.1, or a dump without root, gets.
+    let (code, _, err) = ckpt_user_env(
+        &["--pin-dir", &nowhere, "dump", &cg.name, "-o", &img],
+        &[("CKPT_PROC_ONLY", "1")],
+    );
     assert_eq!(code, 0, "{err}");
     assert!(
         err.contains("not running") && err.contains("lease break deadlines"),
@@ -416,9 +423,8 @@ fn without_an_agent_the_image_says_what_it_lacks() {
     assert!(summary.contains("missing (no agent)"), "{summary}");
 }
 
-/// Another process keeps the agent busy (a lock every millisecond), so the tables it
-/// read before freezing are stale and are read again inside the window, while it is
-/// still writing: the dumped processes' own locks must come out exact, every time.
+/// Another process takes a lock every millisecond while the dump reads the kernel's
+/// lists: the dumped processes' own locks must come out exact, every time.
 #[test]
 fn lock_traffic_elsewhere_does_not_disturb_the_dump() {
     let agent = Agent::start();
@@ -434,15 +440,11 @@ fn lock_traffic_elsewhere_does_not_disturb_the_dump() {
     }
     p.cmd(&format!("open g {}", dir.file("g")));
     p.cmd("flock g sh");
-    let mut reread = 0;
     for run in 0..3 {
         let img = dir.0.join(format!("img{run}")).display().to_string();
         let (code, _, err) = agent.dump(&cg.path, &img, &["--timings"]);
         assert_eq!(code, 0, "{err}");
         assert!(!cg.frozen());
-        if err.contains("agent tables:") {
-            reread += 1;
-        }
         let image = inspect_json(&img);
         let mut got: Vec<(String, String, i64)> = image["locks"]
             .as_array()
@@ -465,10 +467,6 @@ fn lock_traffic_elsewhere_does_not_disturb_the_dump() {
             "{got:?}"
         );
     }
-    assert!(
-        reread > 0,
-        "with a lock taken every millisecond elsewhere, the agent's tables must have changed since the early read"
-    );
 }
 
 /// More locks on one inode than the iterator walks in the kernel: that fd's lock lines
@@ -479,8 +477,8 @@ fn long_lock_lists_are_read_from_fdinfo() {
     let cg = Cgroup::new(false);
     let dir = Scratch::new();
     let mut p = cg.locker();
-    // 60 separate POSIX locks on one file (the iterator walks 48 per list).
-    p.cmd(&format!("bulk {} 1 60", dir.0.display()));
+    // 100 separate POSIX locks on one file (the iterator walks 64 per list).
+    p.cmd(&format!("bulk {} 1 100", dir.0.display()));
     let img = dir.0.join("img").display().to_string();
     let (code, out, err) = agent.dump(&cg.path, &img, &["--timings", "--json"]);
     assert_eq!(code, 0, "{err}");
@@ -492,9 +490,9 @@ fn long_lock_lists_are_read_from_fdinfo() {
     );
     let image = inspect_json(&img);
     let locks = image["locks"].as_array().unwrap();
-    assert_eq!(locks.len(), 60, "{image}");
+    assert_eq!(locks.len(), 100, "{image}");
     let starts: BTreeSet<i64> = locks.iter().map(|l| l["start"].as_i64().unwrap()).collect();
-    assert_eq!(starts, (0..60).map(|i| i * 2).collect());
+    assert_eq!(starts, (0..100).map(|i| i * 2).collect());
 }
 
 /// Files opened between the prescan and the freeze are looked at inside the window:

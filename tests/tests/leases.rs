@@ -52,7 +52,7 @@ fn write_lease_broken_by_writer_deadline_is_the_kernels_and_revocation_hits_it()
     assert_eq!(active["type"], "write");
     assert_eq!(active["target_type"], "write");
     assert!(active["remaining_ms"].is_null());
-    assert_eq!(active["origin"], "traced");
+    assert_eq!(active["origin"], "kernel");
 
     let mut breaker = Locker::spawn();
     breaker.send(&format!("openmode y {f} w"));
@@ -284,13 +284,13 @@ fn f_setsig_signal_is_reported() {
 }
 
 #[test]
-fn leases_taken_before_the_agent_are_reconciled() {
+fn leases_taken_before_the_agent_are_read_from_the_kernel() {
     let _sysctl = LeaseBreakTime::set(5);
     let dir = Scratch::new();
     let (mut h, f) = holder(&dir, "before", "r");
     let agent = Agent::start();
     let row = wait_state(&agent, &f, "active");
-    assert_eq!(row["origin"], "reconciled");
+    assert_eq!(row["origin"], "kernel");
     assert_eq!(row["type"], "read");
     h.cmd("lease x u");
     wait_for(Duration::from_secs(3), "lease gone", || {

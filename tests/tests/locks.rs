@@ -80,8 +80,8 @@ fn posix_split_merge_upgrade_downgrade() {
     assert_eq!(r["pid"], p.pid());
     assert_eq!(r["command"], "locker");
     assert_eq!(r["path"], f.as_str());
-    assert_eq!(r["origin"], "traced");
-    assert_eq!(r["source"], "agent");
+    assert_eq!(r["origin"], "kernel");
+    assert_eq!(r["source"], "kernel");
     assert!(r["owner"].is_string());
     assert!(r["fd"].is_number());
     assert_eq!(r["eof"], false);
@@ -412,4 +412,48 @@ fn cgroup_filter_v2_and_v1() {
         err.contains("no-such-cgroup-xyz") && err.lines().count() == 1,
         "{err}"
     );
+}
+
+/// The kernel restarts a wait interrupted by a stop (or a freeze) on a new request:
+/// the wait keeps its start time. A wait abandoned on a signal (EINTR) ends, and the
+/// next one of the same request starts afresh.
+#[test]
+fn a_restarted_wait_keeps_its_start_and_an_abandoned_one_ends() {
+    let agent = Agent::start();
+    let dir = Scratch::new();
+    let f = dir.file("restart");
+    let mut holder = Locker::spawn();
+    holder.cmd(&format!("open x {f}"));
+    holder.cmd("posix x w 0 0");
+    let mut waiter = Locker::spawn();
+    waiter.cmd(&format!("open x {f}"));
+    let waiting = |agent: &Agent, pid: u32| -> u64 {
+        waited_on(agent, &f, pid)["waiters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|w| w["pid"] == pid)
+            .unwrap()["waiting_ms"]
+            .as_u64()
+            .expect("the agent knows when the wait began")
+    };
+    waiter.send("posix x w 0 1 wait");
+    waiting(&agent, waiter.pid());
+    std::thread::sleep(Duration::from_millis(300));
+    waiter.signal(libc::SIGSTOP);
+    std::thread::sleep(Duration::from_millis(300));
+    waiter.signal(libc::SIGCONT);
+    let after = waiting(&agent, waiter.pid());
+    assert!(
+        after >= 550,
+        "the restarted wait kept its start: {after} ms"
+    );
+
+    waiter.signal(libc::SIGUSR1);
+    assert_eq!(waiter.reply(), format!("err {}", libc::EINTR));
+    waiter.send("posix x w 0 1 wait");
+    let fresh = waiting(&agent, waiter.pid());
+    assert!(fresh < 250, "a new wait starts afresh: {fresh} ms");
+    holder.cmd("posix x u 0 0");
+    assert_eq!(waiter.reply(), "ok");
 }

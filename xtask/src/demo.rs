@@ -116,7 +116,7 @@ pub fn run() -> Result<()> {
             .spawn()?,
     );
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !std::fs::read_to_string(&log)?.contains("reconciled with /proc/locks") {
+    while !std::fs::read_to_string(&log)?.contains("deleted-but-open files scanned") {
         if Instant::now() > deadline {
             bail!(
                 "ckpt-agent did not start: {}",

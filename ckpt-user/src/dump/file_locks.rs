@@ -162,7 +162,13 @@ pub fn collect(
                         HeldKind::Lock(KLockKind::Posix) => (0, f.pid, desc),
                         _ => (1, 0, desc),
                     };
-                    seen_shape.insert((e.kind, owner, e.start, e.end, e.lock_type.map(|t| t == LockType::Write)))
+                    seen_shape.insert((
+                        e.kind,
+                        owner,
+                        e.start,
+                        e.end,
+                        e.lock_type.map(|t| t == LockType::Write),
+                    ))
                 }
             };
             if !fresh {
@@ -170,7 +176,9 @@ pub fn collect(
             }
             match e.kind {
                 HeldKind::Lock(k) => {
-                    let Some(lock_type) = e.lock_type else { continue };
+                    let Some(lock_type) = e.lock_type else {
+                        continue;
+                    };
                     out.locks.push(Lock {
                         kind: kind_of(k),
                         lock_type,
@@ -192,7 +200,10 @@ pub fn collect(
             }
         }
     }
-    for w in blocked.iter().filter(|w| w.pid > 0 && pids.contains(&(w.pid as u32))) {
+    for w in blocked
+        .iter()
+        .filter(|w| w.pid > 0 && pids.contains(&(w.pid as u32)))
+    {
         let Some(lock_type) = fl_ty(w.lock_type) else {
             continue;
         };
@@ -262,7 +273,9 @@ fn lease(
         breaking,
         target_type: target,
         remaining_ns: deadline.map(|d| d.monotonic_ns as i64 - frozen_ns as i64),
-        lease_break_time_s: record.zip(deadline).map(|(r, d)| leases::break_time_s(r, d.jiffies, hz)),
+        lease_break_time_s: record
+            .zip(deadline)
+            .map(|(r, d)| leases::break_time_s(r, d.jiffies, hz)),
         notified: record.is_some_and(|r| r.notified != 0),
         signal: record.and_then(|r| (r.signal != 0).then_some(r.signal)),
         breakers: record

@@ -194,7 +194,18 @@ pub fn run(opts: &Options) -> Result<Report> {
     let hz = crate::sys::hz::kernel_hz().context("finding the kernel's HZ")?;
     // The iterators read the fd tables, lock lists and blocked requests: loaded here,
     // agent or not.
-    let iters = match Iters::load(&[Prog::TaskFiles, Prog::TaskFilesPaths, Prog::LockTable]) {
+    // CKPT_PROC_ONLY=1 takes the path of a kernel before 6.1 or a caller without root.
+    let loaded = if std::env::var_os("CKPT_PROC_ONLY").is_some() {
+        Err(anyhow::anyhow!("CKPT_PROC_ONLY is set"))
+    } else {
+        Iters::load(&[
+            Prog::TaskFiles,
+            Prog::TaskFilesPaths,
+            Prog::LockTable,
+            Prog::LockTableMaps,
+        ])
+    };
+    let iters = match loaded {
         Ok(i) => Some(i),
         Err(e) => {
             eprintln!(

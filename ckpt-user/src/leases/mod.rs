@@ -38,7 +38,9 @@ pub struct BreakState {
 pub fn to_monotonic(jiffies: u64, clock: &LeaseClock, hz: u32) -> u64 {
     let ns_per_tick = 1_000_000_000 / i64::from(hz.max(1));
     let ticks = jiffies.wrapping_sub(clock.jiffies) as i64;
-    (clock.now_ns as i64).saturating_add(ticks.saturating_mul(ns_per_tick)).max(0) as u64
+    (clock.now_ns as i64)
+        .saturating_add(ticks.saturating_mul(ns_per_tick))
+        .max(0) as u64
 }
 
 impl BreakState {

@@ -12,7 +12,10 @@ use std::collections::{HashMap, HashSet};
 
 use anyhow::{bail, Result};
 use ckpt_common::{
-    files::{list, tag, FdRecord, LockLine, TaskRecord, FD_RECORD_SIZE, LOCK_LINE_SIZE, MAPPING_FD, TASK_RECORD_SIZE},
+    files::{
+        list, tag, FdRecord, LockLine, TaskRecord, FD_RECORD_SIZE, LOCK_LINE_SIZE, MAPPING_FD,
+        TASK_RECORD_SIZE,
+    },
     lock::{fl_flags, LockKind},
 };
 
@@ -188,9 +191,12 @@ fn klock(fd: &FdLines, line: &LockLine) -> Option<KLock> {
             pid: r.tgid,
             fd: None,
             mapping: Some((r.pos as u64, r.size as u64)),
-            path: std::fs::read_link(format!("/proc/{}/map_files/{:x}-{:x}", r.tgid, r.pos, r.size))
-                .ok()
-                .map(|p| p.display().to_string()),
+            path: std::fs::read_link(format!(
+                "/proc/{}/map_files/{:x}-{:x}",
+                r.tgid, r.pos, r.size
+            ))
+            .ok()
+            .map(|p| p.display().to_string()),
         }
     } else {
         Holder {
@@ -233,8 +239,15 @@ fn from_fdinfo(pid: u32, fd: i32, path: Option<String>, p: &ProcLock) -> Option<
     let breaking = p.state == "BREAKING";
     Some(KLock {
         kind,
-        lock_type: p.lock_type.map(|t| t.to_fl_type()).unwrap_or(fl_type::F_UNLCK),
-        flags: if breaking { fl_flags::FL_UNLOCK_PENDING } else { 0 },
+        lock_type: p
+            .lock_type
+            .map(|t| t.to_fl_type())
+            .unwrap_or(fl_type::F_UNLCK),
+        flags: if breaking {
+            fl_flags::FL_UNLOCK_PENDING
+        } else {
+            0
+        },
         pid: if p.pid < 0 { pid as i32 } else { p.pid as i32 },
         start: p.start,
         end: p.end,
@@ -261,7 +274,10 @@ const REREADS: usize = 2;
 pub fn read(iters: &Iters) -> Result<KernelLocks> {
     let mut out = KernelLocks::default();
     let mut fds = parse(&iters.read_all(Prog::LockTable)?, &mut out.comms)?;
-    fds.extend(parse(&iters.read_all(Prog::LockTableMaps)?, &mut out.comms)?);
+    fds.extend(parse(
+        &iters.read_all(Prog::LockTableMaps)?,
+        &mut out.comms,
+    )?);
     collect(iters, fds, out)
 }
 
@@ -311,7 +327,15 @@ fn collect(iters: &Iters, mut fds: Vec<FdLines>, mut out: KernelLocks) -> Result
             out.from_fdinfo.push((pid, fd));
             for p in parse_fdinfo(&text).locks {
                 if let Some(k) = from_fdinfo(pid, fd, f.path.clone(), &p) {
-                    if seen_fdinfo.insert((k.kind, k.dev, k.ino, k.start, k.end, k.pid, k.lock_type)) {
+                    if seen_fdinfo.insert((
+                        k.kind,
+                        k.dev,
+                        k.ino,
+                        k.start,
+                        k.end,
+                        k.pid,
+                        k.lock_type,
+                    )) {
                         out.held.push(k);
                     }
                 }
@@ -372,8 +396,10 @@ mod tests {
 
     fn bytes<T>(rec: &T) -> Vec<u8> {
         // SAFETY: reading a plain-data struct as bytes.
-        unsafe { std::slice::from_raw_parts(rec as *const T as *const u8, std::mem::size_of::<T>()) }
-            .to_vec()
+        unsafe {
+            std::slice::from_raw_parts(rec as *const T as *const u8, std::mem::size_of::<T>())
+        }
+        .to_vec()
     }
 
     fn lock(kind: HeldKind, t: u8, owner: u64, start: i64, end: i64) -> KLock {
@@ -447,19 +473,43 @@ mod tests {
         let flock = HeldKind::Lock(LockKind::Flock);
         let held = lock(posix, F_WRLCK, 1, 0, 9);
         assert!(conflicts(&held, &lock(ofd, F_RDLCK, 2, 5, 20)));
-        assert!(!conflicts(&held, &lock(posix, F_RDLCK, 1, 5, 20)), "same owner");
-        assert!(!conflicts(&held, &lock(posix, F_RDLCK, 2, 10, 20)), "disjoint");
-        assert!(!conflicts(&held, &lock(flock, F_WRLCK, 2, 0, OFFSET_MAX)), "flock apart");
-        assert!(!conflicts(&lock(posix, F_RDLCK, 1, 0, 9), &lock(posix, F_RDLCK, 2, 0, 9)));
+        assert!(
+            !conflicts(&held, &lock(posix, F_RDLCK, 1, 5, 20)),
+            "same owner"
+        );
+        assert!(
+            !conflicts(&held, &lock(posix, F_RDLCK, 2, 10, 20)),
+            "disjoint"
+        );
+        assert!(
+            !conflicts(&held, &lock(flock, F_WRLCK, 2, 0, OFFSET_MAX)),
+            "flock apart"
+        );
+        assert!(!conflicts(
+            &lock(posix, F_RDLCK, 1, 0, 9),
+            &lock(posix, F_RDLCK, 2, 0, 9)
+        ));
         let lease = lock(HeldKind::Lease, F_RDLCK, 1, 0, OFFSET_MAX);
-        assert!(conflicts(&lease, &lock(HeldKind::Lease, F_WRLCK, 2, 0, OFFSET_MAX)));
-        assert!(!conflicts(&lease, &lock(HeldKind::Lease, F_RDLCK, 2, 0, OFFSET_MAX)));
+        assert!(conflicts(
+            &lease,
+            &lock(HeldKind::Lease, F_WRLCK, 2, 0, OFFSET_MAX)
+        ));
+        assert!(!conflicts(
+            &lease,
+            &lock(HeldKind::Lease, F_RDLCK, 2, 0, OFFSET_MAX)
+        ));
     }
 
     #[test]
     fn kinds_from_lists() {
-        assert_eq!(HeldKind::of(list::POSIX, fl_flags::FL_OFDLCK), Some(HeldKind::Lock(LockKind::Ofd)));
-        assert_eq!(HeldKind::of(list::LEASE, fl_flags::FL_LEASE), Some(HeldKind::Lease));
+        assert_eq!(
+            HeldKind::of(list::POSIX, fl_flags::FL_OFDLCK),
+            Some(HeldKind::Lock(LockKind::Ofd))
+        );
+        assert_eq!(
+            HeldKind::of(list::LEASE, fl_flags::FL_LEASE),
+            Some(HeldKind::Lease)
+        );
         assert_eq!(HeldKind::of(list::LEASE, fl_flags::FL_DELEG), None);
         assert_eq!(HeldKind::of(list::UNSTABLE, 0), None);
     }

@@ -67,12 +67,15 @@ impl Tracer {
 
     fn read(&self, ino: u64, holder: u32) -> Result<Option<SeenBreak>> {
         let table = kernel::read_process(&self.iters, holder)?;
-        let Some(lease) = table.held.iter().find(|l| {
-            l.kind == HeldKind::Lease && l.ino == ino && BreakState::breaking(l.flags)
-        }) else {
+        let Some(lease) = table
+            .held
+            .iter()
+            .find(|l| l.kind == HeldKind::Lease && l.ino == ino && BreakState::breaking(l.flags))
+        else {
             return Ok(None);
         };
-        let Some(deadline) = BreakState::of(lease.flags, lease.lease.as_ref(), self.hz).primary else {
+        let Some(deadline) = BreakState::of(lease.flags, lease.lease.as_ref(), self.hz).primary
+        else {
             return Ok(None);
         };
         let history = History::read(&self.pins).ok().flatten();

@@ -27,9 +27,9 @@ use super::{
 };
 use crate::{
     image::format::{Image, LockType},
+    sys::monotonic_ns,
     sys::{fown, realtime::Fifo},
     tracer::pins::PinDir,
-    sys::monotonic_ns,
 };
 
 const SYSCTL: &str = "/proc/sys/fs/lease-break-time";

@@ -67,7 +67,9 @@ pub fn unavailable_hint(e: &anyhow::Error) -> String {
     if nix::unistd::geteuid().is_root() {
         text
     } else {
-        format!("{text} (loading BPF iterators needs root: CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)")
+        format!(
+            "{text} (loading BPF iterators needs root: CAP_BPF and CAP_PERFMON, or CAP_SYS_ADMIN)"
+        )
     }
 }
 
@@ -90,7 +92,11 @@ impl Iters {
             prog.load(p.target(), &btf)
                 .with_context(|| format!("loading the {} iterator", p.name()))?;
             if std::env::var_os("CKPT_VERIFIER_STATS").is_some() {
-                eprintln!("{}: {:?} verified insns", p.name(), prog.info()?.verified_instruction_count());
+                eprintln!(
+                    "{}: {:?} verified insns",
+                    p.name(),
+                    prog.info()?.verified_instruction_count()
+                );
             }
             let fd = prog.fd()?.as_fd().try_clone_to_owned()?;
             fds.insert(p, fd);

@@ -157,7 +157,10 @@ pub fn load_and_attach(pins: &PinDir, tracing: Tracing) -> Result<Loaded> {
     // Now that everything is attached: detach what an earlier agent attached and this
     // one does not (older programs, or an earlier --exact-deleted).
     for dir in [pins.links_dir(), pins.progs_dir()] {
-        for entry in fs::read_dir(&dir).with_context(|| format!("listing {dir:?}"))?.flatten() {
+        for entry in fs::read_dir(&dir)
+            .with_context(|| format!("listing {dir:?}"))?
+            .flatten()
+        {
             let name = entry.file_name();
             if !attached.contains(name.to_string_lossy().as_ref()) {
                 fs::remove_file(entry.path())

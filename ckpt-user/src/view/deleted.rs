@@ -72,6 +72,9 @@ pub struct DeletedFile {
     pub holders: Vec<Holder>,
 }
 
+/// Holders of deleted files, as the table keeps them.
+pub type Entries = Vec<(DeletedKey, DeletedValue)>;
+
 /// ckpt-agent's table, when an agent runs.
 pub struct AgentTable {
     scanned: Array<MapData, u64>,
@@ -109,16 +112,30 @@ impl AgentTable {
 /// The entries `ckpt-user deleted` shows, and what to tell the reader (one line
 /// each): the agent's table if it is at most `max_age` old, else a scan now, with
 /// the agent's times for the files it knows.
-pub fn entries(pins: &PinDir, max_age: Option<Duration>) -> Result<(Vec<(DeletedKey, DeletedValue)>, Vec<String>)> {
+pub fn entries(pins: &PinDir, max_age: Option<Duration>) -> Result<(Entries, Vec<String>)> {
     let mut notes = Vec::new();
     let agent = AgentTable::open(pins).unwrap_or_else(|e| {
-        notes.push(format!("ckpt-agent's table cannot be read ({e:#}): no first-seen times"));
+        notes.push(format!(
+            "ckpt-agent's table cannot be read ({e:#}): no first-seen times"
+        ));
         None
     });
     if let Some(max) = max_age {
         match agent.as_ref().map(AgentTable::age).transpose()?.flatten() {
-            Some(age) if age <= max => return Ok((agent.as_ref().map(AgentTable::read).transpose()?.unwrap_or_default(), notes)),
-            Some(age) => notes.push(format!("ckpt-agent's table is {} ms old (> --max-age): scanning now", age.as_millis())),
+            Some(age) if age <= max => {
+                return Ok((
+                    agent
+                        .as_ref()
+                        .map(AgentTable::read)
+                        .transpose()?
+                        .unwrap_or_default(),
+                    notes,
+                ))
+            }
+            Some(age) => notes.push(format!(
+                "ckpt-agent's table is {} ms old (> --max-age): scanning now",
+                age.as_millis()
+            )),
             None => notes.push("no ckpt-agent table to use (--max-age): scanning now".into()),
         }
     }

@@ -44,7 +44,10 @@ impl History {
             map_batch::dump(open(pins, names::BREAKS)?.fd().as_fd())?;
         let holds: Vec<(u64, HoldStart)> = map_batch::dump(open(pins, names::HOLDS)?.fd().as_fd())?;
         Ok(Some(History {
-            waits: waits.into_iter().map(|(tid, w)| (w.request, (tid, w))).collect(),
+            waits: waits
+                .into_iter()
+                .map(|(tid, w)| (w.request, (tid, w)))
+                .collect(),
             breaks: breaks.into_iter().collect(),
             holds: holds.into_iter().collect(),
         }))

@@ -13,19 +13,18 @@ use serde::Serialize;
 
 use super::history::History;
 use crate::{
-    tracer::{
-        iters::{unavailable_hint, Iters, Prog},
-        pins::PinDir,
-    },
     leases::{self, BreakState},
     locks::{
         kernel::{self, conflicts, HeldKind, KLock, KernelLocks},
-        proc_locks,
-        kind_json, kind_label,
+        kind_json, kind_label, proc_locks,
         proc_locks::{ProcKind, ProcLock},
         KernelDev, LockType, OFFSET_MAX,
     },
     procinfo::{command, Commands, PathResolver},
+    tracer::{
+        iters::{unavailable_hint, Iters, Prog},
+        pins::PinDir,
+    },
 };
 
 /// A task blocked on a lock or lease.
@@ -186,7 +185,9 @@ pub fn live_rows(pins: &PinDir) -> Result<(Vec<LockRow>, Vec<String>)> {
     // the request, so every request just read has its record by now.
     let mut notes = Vec::new();
     let history = History::read(pins).unwrap_or_else(|e| {
-        notes.push(format!("ckpt-agent's records cannot be read ({e:#}): no waiting times or break starts"));
+        notes.push(format!(
+            "ckpt-agent's records cannot be read ({e:#}): no waiting times or break starts"
+        ));
         None
     });
     let cx = Context {
@@ -242,7 +243,9 @@ pub fn from_kernel(table: &KernelLocks, cx: &Context) -> Vec<LockRow> {
         let Some(lock_type) = LockType::from_fl_type(w.lock_type) else {
             continue;
         };
-        let wait = w.addr.and_then(|a| cx.history.and_then(|h| h.waits.get(&a)));
+        let wait = w
+            .addr
+            .and_then(|a| cx.history.and_then(|h| h.waits.get(&a)));
         let pid = wait.map(|(_, s)| s.tgid).unwrap_or(w.pid.max(0) as u32);
         let waiter = WaiterRow {
             pid,
@@ -255,7 +258,11 @@ pub fn from_kernel(table: &KernelLocks, cx: &Context) -> Vec<LockRow> {
             waiting_ms: wait.map(|(_, s)| cx.now_ns.saturating_sub(s.since_ns) / 1_000_000),
             since_monotonic_ns: wait.map(|(_, s)| s.since_ns),
         };
-        for &i in by_inode.get(&(w.dev, w.ino)).map(Vec::as_slice).unwrap_or(&[]) {
+        for &i in by_inode
+            .get(&(w.dev, w.ino))
+            .map(Vec::as_slice)
+            .unwrap_or(&[])
+        {
             if conflicts(&table.held[i], w) {
                 if let Some(lease) = rows[i].lease.as_mut() {
                     add_blocked_breaker(lease, &waiter);

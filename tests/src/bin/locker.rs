@@ -42,6 +42,8 @@
 //!                              file in DIR every MS ms
 //!   churn PATH MS              from now on, a thread takes and releases a POSIX lock
 //!                              on PATH every MS ms (lock traffic for benchmarks)
+//!   seqlock PATH               from now on, a thread moves a 1-byte POSIX write lock
+//!                              without pause over PID * 2^32 + 2, 4, 6 ... (churn test)
 //!   adopt NAME FD              names an fd the process already has (after a restore)
 //!   sigpending SIG             replies "ok 1" if SIG is pending (blocked), "ok 0" if not
 //!   sigcount                   how many SIGIOs the process has handled
@@ -498,6 +500,32 @@ fn serve(input: impl BufRead, mut out: impl Write) {
                             unsafe { libc::fcntl(f, libc::F_SETLK, &fl) };
                         }
                         std::thread::sleep(std::time::Duration::from_millis(ms));
+                    });
+                    "ok".into()
+                }
+            }
+            ["seqlock", path] => {
+                let p = CString::new(*path).unwrap();
+                let f = unsafe { libc::open(p.as_ptr(), libc::O_RDWR | libc::O_CREAT, 0o644) };
+                if f < 0 {
+                    format!("err {}", errno())
+                } else {
+                    let base = (std::process::id() as i64) << 32;
+                    std::thread::spawn(move || {
+                        let set = |t: i32, at: i64| {
+                            let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+                            fl.l_whence = libc::SEEK_SET as i16;
+                            fl.l_type = t as i16;
+                            fl.l_start = at;
+                            fl.l_len = 1;
+                            unsafe { libc::fcntl(f, libc::F_SETLK, &fl) };
+                        };
+                        let mut seq = 0i64;
+                        loop {
+                            seq = (seq + 2) & 0xffff_fffe;
+                            set(libc::F_WRLCK, base + seq);
+                            set(libc::F_UNLCK, base + ((seq - 2) & 0xffff_fffe));
+                        }
                     });
                     "ok".into()
                 }
