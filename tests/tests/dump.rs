@@ -691,7 +691,7 @@ fn killing_ckpt_user_mid_dump_thaws_the_cgroup() {
         p.cmd("posix a w 0 0");
         let img = dir.0.join("img");
         let nowhere = format!("/sys/fs/bpf/{}", unique("none"));
-        let mut dump = Command::new(bin("ckpt-user"))
+        let mut dump = ckpt_user_cmd()
             .args(["--pin-dir", &nowhere, "dump", &cg.name, "-o"])
             .arg(&img)
             .args(["--snapshot-cmd", "sleep 30"])

@@ -45,6 +45,8 @@ pub struct Options {
     pub cgroup: String,
     pub output: PathBuf,
     pub pins: PinDir,
+    /// The key that authenticates the image (created on first use).
+    pub key: PathBuf,
     /// Run while frozen, with CKPT_IMAGE_ID and CKPT_CGROUP set (e.g. a filesystem
     /// snapshot).
     pub snapshot_cmd: Option<String>,
@@ -166,6 +168,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         bail!("cgroup {} is empty: nothing to dump", dir.display());
     }
     let freezer = Freezer::for_cgroup(&dir)?;
+    let key = crate::image::key::HostKey::load_or_create(&opts.key)?;
     let live = match LiveMaps::open(&opts.pins) {
         Ok(l) => Some(l),
         Err(why) => {
@@ -221,7 +224,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     };
 
     let id = image_id();
-    let mut writer = ImageWriter::create(&opts.output)?;
+    let mut writer = ImageWriter::create(&opts.output, &key)?;
     let mut phase = Phases {
         on: opts.timings,
         last: Instant::now(),
