@@ -39,7 +39,7 @@ use crate::{
 use fd_table::FdTable;
 use file_locks::AgentView;
 use files::FoundFd;
-use freeze::{Freezer, Frozen};
+use freeze::{Freezer, Frozen, Watchdog};
 
 pub struct Options {
     pub cgroup: String,
@@ -164,9 +164,11 @@ pub fn run(opts: &Options) -> Result<Report> {
     }
     crate::sys::raise_open_file_limit();
     let dir = cgroup::resolve(&opts.cgroup)?;
-    if cgroup::pids(&dir)?.is_empty() {
+    let members = cgroup::pids(&dir)?;
+    if members.is_empty() {
         bail!("cgroup {} is empty: nothing to dump", dir.display());
     }
+    freeze::refuse_self_freeze(&dir, &members, None)?;
     let freezer = Freezer::for_cgroup(&dir)?;
     let key = crate::image::key::HostKey::load_or_create(&opts.key)?;
     let live = match LiveMaps::open(&opts.pins) {
@@ -224,12 +226,16 @@ pub fn run(opts: &Options) -> Result<Report> {
     };
 
     let id = image_id();
+    // The watchdog first, so that it covers the temporary image from its creation to
+    // its rename; declared before the writer and the freeze, it is dropped after them.
+    let mut watchdog = Watchdog::start(&freezer, &crate::image::writer::temp_path(&opts.output))?;
     let mut writer = ImageWriter::create(&opts.output, &key)?;
     let mut phase = Phases {
         on: opts.timings,
         last: Instant::now(),
     };
-    let frozen = Frozen::freeze(freezer, writer.temp(), opts.freeze_timeout)?;
+    freeze::refuse_self_freeze(&dir, &cgroup::pids(&dir)?, Some(watchdog.pid()))?;
+    let frozen = Frozen::freeze(freezer, opts.freeze_timeout)?;
     let frozen_ns = frozen.monotonic_ns;
     let freezing = frozen.freezing;
     phase.mark("freeze");
@@ -286,7 +292,12 @@ pub fn run(opts: &Options) -> Result<Report> {
         Some(t) => {
             let (read, lates, agent) = t.read_then(
                 &wanted,
-                |p| files::late_reads(&p.fds, &pids, &pre),
+                // After its read: a process killed since the freeze is refused
+                // (see `tasks::still_alive`), before its exit can tear what was read.
+                |p| {
+                    tasks::still_alive(p.pid)?;
+                    files::late_reads(&p.fds, &pids, &pre)
+                },
                 agent_part,
             )?;
             (agent?, Some((read, lates)))
@@ -419,6 +430,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     }
     phase.mark("deleted files and hashes");
     let frozen_for = frozen.thaw()?;
+    watchdog.thawed();
     // ---- thawed ----
 
     for s in sources.iter().filter(|s| s.cloned) {
@@ -523,6 +535,8 @@ pub fn run(opts: &Options) -> Result<Report> {
         fingerprints,
     };
     let path = writer.finish(&image)?;
+    // Only now: a kill before the rename leaves the watchdog to remove the temporary.
+    watchdog.done();
     Ok(Report {
         image: path.display().to_string(),
         id,
