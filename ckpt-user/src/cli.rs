@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     cgroup, dump,
-    image::{inspect, reader::ImageReader},
+    image::{
+        inspect,
+        key::{self, HostKey},
+        reader::ImageReader,
+    },
     restore::{self, schedule::LeaseTime},
     tracer::pins::{PinDir, DEFAULT_PIN_DIR},
     view::{
@@ -54,6 +58,10 @@ pub struct UserArgs {
     /// bpffs directory where ckpt-agent pinned its maps.
     #[arg(long, global = true, default_value = DEFAULT_PIN_DIR)]
     pub pin_dir: PathBuf,
+    /// Key that authenticates images (dump MACs with it, creating it on first use;
+    /// restore verifies with it). Default: $CKPT_IMAGE_KEY, else /var/lib/ckpt/image.key.
+    #[arg(long, global = true, value_name = "PATH")]
+    pub key: Option<PathBuf>,
     #[command(subcommand)]
     pub command: UserCommand,
 }
@@ -152,6 +160,11 @@ pub enum UserCommand {
         /// a full path).
         #[arg(long)]
         cgroup: Option<String>,
+        /// Restore an image even if its MAC does not verify with this host's key (an
+        /// image made elsewhere, or before images carried a MAC): restoring an image
+        /// runs its processes as their recorded users, so only for images you trust.
+        #[arg(long)]
+        trust_image: bool,
         /// Print the report as JSON.
         #[arg(long)]
         json: bool,
@@ -218,6 +231,7 @@ fn pid_filter(cgroup_arg: Option<&str>, pid: Option<u32>) -> Result<PidFilter> {
 
 pub fn run_user(args: UserArgs) -> Result<()> {
     let pins = PinDir::new(args.pin_dir);
+    let key_path = key::key_path(args.key.as_deref());
     match args.command {
         UserCommand::Deleted {
             select: Selection { cgroup, pid, json },
@@ -278,6 +292,7 @@ pub fn run_user(args: UserArgs) -> Result<()> {
                 cgroup,
                 output,
                 pins,
+                key: key_path,
                 snapshot_cmd,
                 ghost_limit,
                 hash,
@@ -319,6 +334,7 @@ pub fn run_user(args: UserArgs) -> Result<()> {
             skip_unsupported,
             keep_cloexec,
             cgroup,
+            trust_image,
             json,
         } => {
             let report = restore::run(&restore::Options {
@@ -331,6 +347,8 @@ pub fn run_user(args: UserArgs) -> Result<()> {
                 keep_cloexec,
                 cgroup,
                 pins,
+                key: key_path,
+                trust_image,
             })?;
             for w in &report.warnings {
                 eprintln!("ckpt-user: warning: {w}");
@@ -372,16 +390,24 @@ pub fn run_user(args: UserArgs) -> Result<()> {
             Ok(())
         }
         UserCommand::Inspect { image, json, tree } => {
-            let r = ImageReader::open(&image)?;
+            // The MAC is reported, never required: inspect reads any image, and a
+            // key it cannot read (not root, none yet) only means "not checked".
+            let host_key = HostKey::load(&key_path).ok();
+            let r = ImageReader::open(&image, host_key.as_ref())?;
+            let auth = format!("authentication: {}", r.auth.describe());
             // Buffered: pretty JSON of 10,000 rows was 180,000 line-sized writes.
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             if json {
+                // stdout stays one JSON document (the image's schema).
+                eprintln!("ckpt-user: {auth}");
                 serde_json::to_writer_pretty(&mut out, &r.image)?;
                 writeln!(out)?;
             } else if tree {
+                writeln!(out, "image/{auth}")?;
                 out.write_all(inspect::tree(&r.image).as_bytes())?;
             } else {
                 out.write_all(inspect::summary(&r.image).as_bytes())?;
+                writeln!(out, "{auth}")?;
             }
             out.flush()?;
             Ok(())

@@ -41,6 +41,20 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
+/// The image key the tests dump and restore with (`CKPT_IMAGE_KEY`): never a host's
+/// real key (/var/lib/ckpt/image.key), and created by the first dump, so the suite
+/// passes from a fresh clone where no key exists.
+pub fn test_key() -> PathBuf {
+    std::env::temp_dir().join("ckpt-tests").join("image.key")
+}
+
+/// `ckpt-user`, with the tests' image key.
+pub fn ckpt_user_cmd() -> Command {
+    let mut c = Command::new(bin("ckpt-user"));
+    c.env("CKPT_IMAGE_KEY", test_key());
+    c
+}
+
 pub fn require_root() {
     // SAFETY: getuid has no preconditions.
     assert_eq!(
@@ -217,7 +231,7 @@ pub fn remove_pins(pin_dir: &Path) {
 
 /// Runs `ckpt-user locks --json` and returns (rows, stderr).
 pub fn ckpt_locks(pin_dir: &Path, args: &[&str]) -> (Vec<Value>, String) {
-    let out = Command::new(bin("ckpt-user"))
+    let out = ckpt_user_cmd()
         .arg("--pin-dir")
         .arg(pin_dir)
         .arg("locks")
@@ -677,7 +691,7 @@ pub fn ckpt_user(args: &[&str]) -> (i32, String, String) {
 
 /// `ckpt_user` with extra environment variables.
 pub fn ckpt_user_env(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
-    let out = Command::new(bin("ckpt-user"))
+    let out = ckpt_user_cmd()
         .args(args)
         .envs(env.iter().copied())
         .output()
@@ -829,7 +843,7 @@ pub fn run_restore(args: &[&str]) -> (i32, String, String) {
     let dir = Scratch::new();
     let out = std::fs::File::create(dir.0.join("out")).unwrap();
     let err = std::fs::File::create(dir.0.join("err")).unwrap();
-    let status = Command::new(bin("ckpt-user"))
+    let status = ckpt_user_cmd()
         .arg("restore")
         .args(args)
         .stdin(Stdio::null())

@@ -689,7 +689,7 @@ fn killing_ckpt_user_mid_dump_thaws_the_cgroup() {
         p.cmd("posix a w 0 0");
         let img = dir.0.join("img");
         let nowhere = format!("/sys/fs/bpf/{}", unique("none"));
-        let mut dump = Command::new(bin("ckpt-user"))
+        let mut dump = ckpt_user_cmd()
             .args(["--pin-dir", &nowhere, "dump", &cg.name, "-o"])
             .arg(&img)
             .args(["--snapshot-cmd", "sleep 30"])
@@ -743,4 +743,218 @@ fn corrupt_images_are_refused() {
     expect_failure(&["inspect", &img], "checksum");
     std::fs::write(&img, &bytes[..bytes.len() / 3]).unwrap();
     expect_failure(&["inspect", &img], "image");
+}
+
+/// Temporary images (`.NAME.tmp-PID`) in `dir`.
+fn temporaries(dir: &Path) -> Vec<String> {
+    only(dir, &[])
+        .into_iter()
+        .filter(|n| n.contains(".tmp-"))
+        .collect()
+}
+
+/// Processes whose command line mentions `needle` (a dump's watchdog names its
+/// temporary image).
+fn processes_naming(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains(needle))
+                .unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Issue 16, defect 4 (and the fault test for dump): SIGKILL at moments spread over a
+/// whole dump — before the freeze, inside the window, after the thaw while the image is
+/// written, fsync'd and renamed. Afterwards nothing is left: no temporary image, no
+/// watchdog, the cgroup thawed and running; the image is either absent or whole.
+/// Before the fix the watchdog was told "done" at the thaw, so kills during the write
+/// left `.img.tmp-PID` behind.
+#[test]
+fn sigkill_at_any_moment_of_a_dump_leaves_nothing_behind() {
+    let cg = Cgroup::new(false);
+    let dir = Scratch::new();
+    let f = dir.file("x");
+    let mut p = cg.locker();
+    p.cmd(&format!("open a {f}"));
+    p.cmd("posix a w 0 0");
+    // A deleted file of 24 MiB: its contents make the write and fsync after the thaw
+    // last long enough for kills to land there.
+    let ghost = dir.0.join("ghost");
+    std::fs::write(
+        &ghost,
+        (0..24u32 << 20)
+            .map(|i| ((i * 7) >> 3) as u8)
+            .collect::<Vec<_>>(),
+    )
+    .unwrap();
+    p.cmd(&format!("open g {}", ghost.display()));
+    p.cmd(&format!("unlink {}", ghost.display()));
+    let img = dir.0.join("img");
+    let nowhere = format!("/sys/fs/bpf/{}", unique("none"));
+    let dump = || {
+        ckpt_user_cmd()
+            .args(["--pin-dir", &nowhere, "dump", &cg.name, "-o"])
+            .arg(&img)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let t = std::time::Instant::now();
+    assert!(dump().wait().unwrap().success());
+    let whole = t.elapsed();
+    std::fs::remove_file(&img).unwrap();
+    const KILLS: u32 = 24;
+    let mut complete = 0;
+    for i in 0..KILLS {
+        // Spread over the dump's whole length, a little past it.
+        let at = whole.mul_f64(f64::from(i) / f64::from(KILLS) * 1.1);
+        let mut d = dump();
+        std::thread::sleep(at);
+        // SAFETY: our child.
+        unsafe { libc::kill(d.id() as i32, libc::SIGKILL) };
+        let _ = d.wait();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let tmp = temporaries(&dir.0);
+            let watchdogs = processes_naming(".img.tmp-");
+            if tmp.is_empty() && watchdogs.is_empty() && !cg.frozen() {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "kill {i} ({at:?} into a {whole:?} dump): left behind: {tmp:?}, watchdogs {watchdogs:?}, frozen {}",
+                cg.frozen()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if img.exists() {
+            // Killed after the rename: the image is whole.
+            let (code, _, err) = ckpt_user(&["inspect", img.to_str().unwrap()]);
+            assert_eq!(
+                code, 0,
+                "kill {i}: a partial image under the final name: {err}"
+            );
+            complete += 1;
+            std::fs::remove_file(&img).unwrap();
+        }
+        assert_eq!(p.cmd("pid"), format!("ok {}", p.pid()), "the workload runs");
+    }
+    eprintln!("{KILLS} kills over {whole:?}: {complete} after the rename");
+}
+
+/// Issue 16, defect 5: a dump run from inside the cgroup it dumps (or from a process
+/// whose ancestor is inside) is refused with one line before anything is frozen or
+/// created. Before the fix the dump froze itself and its watchdog for good.
+#[test]
+fn a_dump_of_its_own_cgroup_is_refused() {
+    let cg = Cgroup::new(false);
+    let outside = Cgroup::new(false);
+    let dir = Scratch::new();
+    let f = dir.file("x");
+    let mut p = cg.locker();
+    p.cmd(&format!("open a {f}"));
+    let img = dir.0.join("img");
+    let user = bin("ckpt-user");
+    let procs = cg.path.join("cgroup.procs");
+    let away = outside.path.join("cgroup.procs");
+    for (what, script) in [
+        (
+            "this ckpt-user",
+            format!(
+                "echo $$ > {procs:?} && exec {user:?} dump {} -o {img:?}",
+                cg.name
+            ),
+        ),
+        (
+            // The shell stays in the cgroup; the dump itself runs outside it.
+            "its ancestor process",
+            format!(
+                "echo $$ > {procs:?} && sh -c 'echo $$ > {away:?} && exec {user:?} dump {} -o {img:?}'; exit $?",
+                cg.name
+            ),
+        ),
+    ] {
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(&script)
+            .env("CKPT_IMAGE_KEY", test_key())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break Some(s);
+            }
+            if std::time::Instant::now() > deadline {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let Some(status) = status else {
+            // It froze itself: thaw so that the test can clean up, then fail.
+            let _ = std::fs::write(cg.path.join("cgroup.freeze"), "0");
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: the dump froze itself (frozen: {})", cg.frozen());
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(!status.success(), "{what}: dumped its own cgroup");
+        assert!(
+            err.contains(&format!("contains {what}")) && err.contains("would freeze itself"),
+            "{what}: {err}"
+        );
+        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        assert!(!cg.frozen());
+        assert!(temporaries(&dir.0).is_empty() && !img.exists());
+    }
+    assert_eq!(p.cmd("pid"), format!("ok {}", p.pid()));
+}
+
+/// Issue 16 (`refusals_leave_the_cgroup_thawed_and_no_image` under load): a process
+/// killed inside the frozen window was alive at the freeze, but its exit can tear
+/// what the dump reads, so the dump refuses it — every time, whether the kernel has
+/// let it exit yet or not (a v1 freezer keeps a killed task until the thaw, which made
+/// the old check miss it every time), with the agent's iterator or from /proc.
+#[test]
+fn a_process_killed_while_frozen_is_refused_every_time() {
+    let agent = Agent::start();
+    let nowhere = format!("/sys/fs/bpf/{}", unique("none"));
+    for v1 in [true, false] {
+        for pins in [agent.pin_dir.to_str().unwrap(), nowhere.as_str()] {
+            for round in 0..3 {
+                let cg = Cgroup::new(v1);
+                let dir = Scratch::new();
+                let f = dir.file("x");
+                let mut p = cg.locker();
+                p.cmd(&format!("open a {f}"));
+                let victim = cg.locker();
+                let img = dir.0.join("img").display().to_string();
+                let kill = format!("kill -9 {}", victim.pid());
+                let (code, _, err) = ckpt_user(&[
+                    "--pin-dir",
+                    pins,
+                    "dump",
+                    &cg.name,
+                    "-o",
+                    &img,
+                    "--snapshot-cmd",
+                    &kill,
+                ]);
+                let case = format!("v1 {v1}, pins {pins}, round {round}");
+                assert_ne!(code, 0, "{case}: dumped a process killed while frozen");
+                assert!(err.contains("exited during the dump"), "{case}: {err}");
+                assert!(!cg.frozen(), "{case}");
+                assert_eq!(only(&dir.0, &["x"]), Vec::<String>::new(), "{case}");
+            }
+        }
+    }
 }

@@ -4,9 +4,11 @@
 //! - `test`: setup, then unit tests, the root-only integration tests on this kernel,
 //!   and the same tests in VMs on Debian's 6.1 and 6.12 kernels.
 //! - `demo`: setup, then the main job on a real workload.
+//! - `fuzz`: setup, then mutated images through every reader of an image.
 
 mod bench;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 mod util;
@@ -46,6 +48,18 @@ enum Cmd {
     },
     /// Trace a real workload in a cgroup and show its live lock table.
     Demo,
+    /// Fuzz every reader of an image (reader, inspect, restore's checks) in process;
+    /// prints inputs per second and totals, keeps crashing inputs as regression tests.
+    Fuzz {
+        /// How long to run.
+        #[arg(long, default_value_t = 60.0)]
+        seconds: f64,
+        /// Recompute the SHA-256 trailer of mutated images (and add structured,
+        /// MAC'd mutations), as anyone rewriting an image can: mutations reach the
+        /// metadata decoder and everything after it.
+        #[arg(long)]
+        recompute_checksum: bool,
+    },
     /// Measure dump speed (agent vs /proc only) and write BENCHMARKS.md.
     Bench {
         /// Runs per figure.
@@ -78,6 +92,10 @@ fn main() {
             })
         }),
         Cmd::Demo => setup::run().and_then(|_| demo::run()),
+        Cmd::Fuzz {
+            seconds,
+            recompute_checksum,
+        } => setup::run().and_then(|_| fuzz::run(seconds, recompute_checksum)),
         Cmd::Bench { runs, only } => setup::run()
             .and_then(|_| setup::apt(setup::BENCH_PACKAGES))
             .and_then(|_| bench::run(runs, only.as_deref())),

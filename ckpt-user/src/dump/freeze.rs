@@ -1,17 +1,21 @@
-//! Freezing a cgroup for the dump and — whatever happens — thawing it again.
+//! Freezing a cgroup for the dump and — whatever happens — thawing it again and
+//! leaving no temporary image behind.
 //!
 //! v2: `cgroup.freeze` and the `frozen` key of `cgroup.events`; v1: the freezer
-//! controller's `freezer.state`. Before freezing, a watchdog process is started outside
-//! the cgroup (`ckpt-user __watchdog`, its own process group so a terminal's Ctrl-C
-//! does not reach it). It waits on a pipe from us: "done" means we thawed; end of file
-//! without it means we died (SIGINT, SIGTERM, panic, even SIGKILL), and the watchdog
-//! thaws the cgroup and removes the half-written image.
+//! controller's `freezer.state`. Before anything is created (the temporary image
+//! included), a [`Watchdog`] process is started outside the cgroup (`ckpt-user
+//! __watchdog`, its own process group so a terminal's Ctrl-C does not reach it). It
+//! reads lines from a pipe: `thawed` (we thawed the cgroup ourselves), then `done` (the
+//! image was renamed into place, or we removed the temporary ourselves). End of file
+//! before `done` means we died (SIGINT, SIGTERM, panic, even SIGKILL): the watchdog
+//! thaws the cgroup unless told `thawed`, and removes the temporary image if it exists.
 
 use std::{
+    collections::BTreeSet,
     io::Write as _,
     os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Child, ChildStdin, Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -79,10 +83,122 @@ impl Freezer {
     }
 }
 
+/// The dump's guardian process (see the module's doc). Dropping it without
+/// [`Watchdog::done`] also says `done` (our own clean-up ran: drops run in reverse
+/// order, so declare it before the writer and the freeze); only a dumper that dies
+/// without unwinding leaves the watchdog to clean up.
+pub struct Watchdog {
+    child: Child,
+    pipe: Option<ChildStdin>,
+}
+
+impl Watchdog {
+    /// Starts the watchdog for `freezer`'s cgroup and the temporary image `temp`
+    /// (which need not exist yet).
+    pub fn start(freezer: &Freezer, temp: &Path) -> Result<Watchdog> {
+        let (file, _, thaw) = freezer.control();
+        let mut child = Command::new(std::env::current_exe()?)
+            .arg("__watchdog")
+            .arg(&file)
+            .arg(thaw)
+            .arg(temp)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .context("starting the thaw watchdog")?;
+        let pipe = child.stdin.take();
+        Ok(Watchdog { child, pipe })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn say(&mut self, what: &str) {
+        if let Some(p) = &mut self.pipe {
+            let _ = writeln!(p, "{what}");
+        }
+    }
+
+    /// We thawed the cgroup: the watchdog must not thaw it later (it may have been
+    /// frozen again by someone else by then).
+    pub fn thawed(&mut self) {
+        self.say("thawed");
+    }
+
+    /// The image is in place (or its temporary removed): nothing is left to clean.
+    pub fn done(mut self) {
+        self.finish();
+    }
+
+    fn finish(&mut self) {
+        self.say("done");
+        self.pipe = None;
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.finish();
+    }
+}
+
+/// The processes `pid` descends from (itself first), up to and including pid 1.
+pub fn lineage(pid: u32) -> Vec<u32> {
+    let mut out = vec![pid];
+    let mut at = pid;
+    while at > 1 && out.len() < 4096 {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{at}/stat")) else {
+            break;
+        };
+        // The ppid is the second field after the command, which may hold spaces and ')'.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok())
+            .unwrap_or(0);
+        if ppid == 0 {
+            break;
+        }
+        out.push(ppid);
+        at = ppid;
+    }
+    out
+}
+
+/// Refuses to freeze a cgroup that holds this dump, one of its ancestors (a frozen
+/// parent shell or sudo would hang the session that waits for it) or its watchdog.
+pub fn refuse_self_freeze(dir: &Path, pids: &BTreeSet<u32>, watchdog: Option<u32>) -> Result<()> {
+    let me = std::process::id();
+    for (i, pid) in lineage(me).into_iter().enumerate() {
+        if pids.contains(&pid) {
+            let who = if i == 0 {
+                format!("this ckpt-user (pid {pid})")
+            } else {
+                let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+                format!("its ancestor process {pid} ({})", comm.trim())
+            };
+            bail!(
+                "cgroup {} contains {who}: the dump would freeze itself; run ckpt-user dump from outside the cgroup",
+                dir.display()
+            );
+        }
+    }
+    if let Some(w) = watchdog.filter(|w| pids.contains(w)) {
+        bail!(
+            "cgroup {} contains the dump's watchdog (pid {w}); nothing was frozen",
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
 /// A frozen cgroup. Thawed by [`Frozen::thaw`], on drop, or by the watchdog.
 pub struct Frozen {
     freezer: Freezer,
-    watchdog: Option<Child>,
+    thawed: bool,
     pub since: Instant,
     /// CLOCK_MONOTONIC when the cgroup was frozen.
     pub monotonic_ns: u64,
@@ -92,23 +208,12 @@ pub struct Frozen {
 }
 
 impl Frozen {
-    /// Starts the watchdog, freezes, and waits until every task is frozen.
-    /// `temp_image` is removed by the watchdog if we die.
-    pub fn freeze(freezer: Freezer, temp_image: &Path, timeout: Duration) -> Result<Frozen> {
-        let (file, freeze, thaw) = freezer.control();
-        let watchdog = Command::new(std::env::current_exe()?)
-            .arg("__watchdog")
-            .arg(&file)
-            .arg(thaw)
-            .arg(temp_image)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .context("starting the thaw watchdog")?;
+    /// Freezes and waits until every task is frozen (a [`Watchdog`] must be running).
+    pub fn freeze(freezer: Freezer, timeout: Duration) -> Result<Frozen> {
+        let (file, freeze, _) = freezer.control();
         let mut frozen = Frozen {
             freezer,
-            watchdog: Some(watchdog),
+            thawed: false,
             since: Instant::now(),
             monotonic_ns: 0,
             freezing: Duration::ZERO,
@@ -130,28 +235,31 @@ impl Frozen {
     /// Thaws and returns how long the cgroup was frozen.
     pub fn thaw(mut self) -> Result<Duration> {
         let took = self.since.elapsed();
+        self.thawed = true;
         self.freezer.thaw()?;
-        self.release_watchdog();
         Ok(took)
-    }
-
-    fn release_watchdog(&mut self) {
-        if let Some(mut w) = self.watchdog.take() {
-            if let Some(mut stdin) = w.stdin.take() {
-                let _ = stdin.write_all(b"done\n");
-            }
-            let _ = w.wait();
-        }
     }
 }
 
 impl Drop for Frozen {
     fn drop(&mut self) {
-        if self.watchdog.is_some() {
+        if !self.thawed {
             let _ = self.freezer.thaw();
-            self.release_watchdog();
         }
     }
+}
+
+/// What the watchdog must still do when its pipe ends: (thaw, remove the temporary).
+pub fn watchdog_duties(lines: &str) -> (bool, bool) {
+    let mut thaw = true;
+    for l in lines.lines().map(str::trim) {
+        match l {
+            "thawed" => thaw = false,
+            "done" => return (false, false),
+            _ => {}
+        }
+    }
+    (thaw, true)
 }
 
 /// `ckpt-user __watchdog FILE THAW TEMP`: thaw and clean up unless told "done".
@@ -162,16 +270,47 @@ pub fn watchdog_main(file: &Path, thaw: &str, temp: &Path) -> ! {
             libc::signal(sig, libc::SIG_IGN);
         }
     }
+    let mut lines = String::new();
     let mut line = String::new();
-    let _ = std::io::stdin().read_line(&mut line);
-    if line.trim() != "done" {
-        let _ = std::fs::write(file, thaw);
-        let _ = std::fs::remove_file(temp);
-        eprintln!(
-            "ckpt-user: dump interrupted: thawed {} and removed {}",
-            file.display(),
-            temp.display()
-        );
+    while std::io::stdin().read_line(&mut line).is_ok_and(|n| n > 0) {
+        lines.push_str(&line);
+        if line.trim() == "done" {
+            break;
+        }
+        line.clear();
+    }
+    let (thaw_it, remove) = watchdog_duties(&lines);
+    let mut did = Vec::new();
+    if thaw_it && std::fs::write(file, thaw).is_ok() {
+        did.push(format!("thawed {}", file.display()));
+    }
+    if remove && std::fs::remove_file(temp).is_ok() {
+        did.push(format!("removed {}", temp.display()));
+    }
+    if !did.is_empty() {
+        eprintln!("ckpt-user: dump interrupted: {}", did.join(" and "));
     }
     std::process::exit(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_watchdog_cleans_up_unless_told_done() {
+        assert_eq!(watchdog_duties(""), (true, true));
+        // Killed after the thaw, while writing: only the temporary is left to remove.
+        assert_eq!(watchdog_duties("thawed\n"), (false, true));
+        assert_eq!(watchdog_duties("thawed\ndone\n"), (false, false));
+        assert_eq!(watchdog_duties("done\n"), (false, false));
+    }
+
+    #[test]
+    fn our_lineage_starts_with_us_and_ends_at_init() {
+        let l = lineage(std::process::id());
+        assert_eq!(l[0], std::process::id());
+        assert!(l.len() >= 2);
+        assert!(l.contains(&nix::unistd::getppid().as_raw().try_into().unwrap()));
+    }
 }

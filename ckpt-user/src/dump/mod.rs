@@ -42,12 +42,14 @@ use crate::{
 };
 use fd_table::FdTable;
 use files::FoundFd;
-use freeze::{Freezer, Frozen};
+use freeze::{Freezer, Frozen, Watchdog};
 
 pub struct Options {
     pub cgroup: String,
     pub output: PathBuf,
     pub pins: PinDir,
+    /// The key that authenticates the image (created on first use).
+    pub key: PathBuf,
     /// Run while frozen, with CKPT_IMAGE_ID and CKPT_CGROUP set (e.g. a filesystem
     /// snapshot).
     pub snapshot_cmd: Option<String>,
@@ -187,10 +189,13 @@ pub fn run(opts: &Options) -> Result<Report> {
     }
     crate::sys::raise_open_file_limit();
     let dir = cgroup::resolve(&opts.cgroup)?;
-    if cgroup::pids(&dir)?.is_empty() {
+    let members = cgroup::pids(&dir)?;
+    if members.is_empty() {
         bail!("cgroup {} is empty: nothing to dump", dir.display());
     }
+    freeze::refuse_self_freeze(&dir, &members, None)?;
     let freezer = Freezer::for_cgroup(&dir)?;
+    let key = crate::image::key::HostKey::load_or_create(&opts.key)?;
     let hz = crate::sys::hz::kernel_hz().context("finding the kernel's HZ")?;
     // The iterators read the fd tables, lock lists and blocked requests: loaded here,
     // agent or not.
@@ -257,12 +262,16 @@ pub fn run(opts: &Options) -> Result<Report> {
     }
 
     let id = image_id();
-    let mut writer = ImageWriter::create(&opts.output)?;
+    // The watchdog first, so that it covers the temporary image from its creation to
+    // its rename; declared before the writer and the freeze, it is dropped after them.
+    let mut watchdog = Watchdog::start(&freezer, &crate::image::writer::temp_path(&opts.output))?;
+    let mut writer = ImageWriter::create(&opts.output, &key)?;
     let mut phase = Phases {
         on: opts.timings,
         last: Instant::now(),
     };
-    let frozen = Frozen::freeze(freezer, writer.temp(), opts.freeze_timeout)?;
+    freeze::refuse_self_freeze(&dir, &cgroup::pids(&dir)?, Some(watchdog.pid()))?;
+    let frozen = Frozen::freeze(freezer, opts.freeze_timeout)?;
     let frozen_ns = frozen.monotonic_ns;
     let freezing = frozen.freezing;
     phase.mark("freeze");
@@ -295,8 +304,16 @@ pub fn run(opts: &Options) -> Result<Report> {
     // The fd tables, one reader per CPU, each also doing its processes' late reads.
     let table_read = match &table {
         Some(t) => {
-            let (read, lates, ()) =
-                t.read_then(&wanted, |p| files::late_reads(&p.fds, &pids, &pre), || ())?;
+            let (read, lates, ()) = t.read_then(
+                &wanted,
+                // After its read: a process killed since the freeze is refused
+                // (see `tasks::still_alive`), before its exit can tear what was read.
+                |p| {
+                    tasks::still_alive(p.pid)?;
+                    files::late_reads(&p.fds, &pids, &pre)
+                },
+                || (),
+            )?;
             Some((read, lates))
         }
         None => None,
@@ -427,6 +444,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     }
     phase.mark("deleted files and hashes");
     let frozen_for = frozen.thaw()?;
+    watchdog.thawed();
     // ---- thawed ----
 
     for s in sources.iter().filter(|s| s.cloned) {
@@ -526,6 +544,8 @@ pub fn run(opts: &Options) -> Result<Report> {
         fingerprints,
     };
     let path = writer.finish(&image)?;
+    // Only now: a kill before the rename leaves the watchdog to remove the temporary.
+    watchdog.done();
     Ok(Report {
         image: path.display().to_string(),
         id,

@@ -19,7 +19,14 @@ fn ids(status: &str, key: &str) -> Vec<u32> {
         .unwrap_or_default()
 }
 
-/// Fails if `pid` exited (or became a zombie) since it was read.
+/// Fails if `pid` exited, became a zombie or was killed since the freeze.
+///
+/// A process killed while frozen was alive at the freeze instant, but its exit may run
+/// while the window reads it (cgroup v2 lets a killed task leave the freeze to exit),
+/// tearing its fd table mid-read; and when the kill lands is a race. So a dump refuses
+/// it, deterministically: `kill(SIGKILL)` marks SIGKILL pending before it returns,
+/// so a kill made before this check (e.g. by --snapshot-cmd) is always seen here, and
+/// one made after it cannot have changed what was already read.
 pub fn still_alive(pid: u32) -> Result<()> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
         .with_context(|| format!("process {pid} exited during the dump"))?;
@@ -36,7 +43,21 @@ fn alive_in(pid: u32, status: &str) -> Result<()> {
     if state.starts_with('Z') || state.starts_with('X') {
         bail!("process {pid} exited during the dump");
     }
+    if killed(status) {
+        bail!("process {pid} exited during the dump (killed while frozen)");
+    }
     Ok(())
+}
+
+/// SIGKILL pending, for the thread or its process (`SigPnd:`/`ShdPnd:`, hex masks).
+fn killed(status: &str) -> bool {
+    let bit = 1u64 << (libc::SIGKILL - 1);
+    status.lines().any(|l| {
+        l.strip_prefix("SigPnd:")
+            .or_else(|| l.strip_prefix("ShdPnd:"))
+            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            .is_some_and(|m| m & bit != 0)
+    })
 }
 
 /// Reads everything but the fds.
@@ -165,6 +186,17 @@ mod tests {
         let mut dying = then;
         dying.flags |= PF_EXITING;
         assert!(from_record(me, Some(&dying), Some(&(then, before))).is_err());
+    }
+
+    #[test]
+    fn a_pending_sigkill_counts_as_exited() {
+        let s = |pnd: &str| {
+            format!("State:\tS (sleeping)\nSigPnd:\t0000000000000000\nShdPnd:\t{pnd}\n")
+        };
+        assert!(alive_in(1, &s("0000000000000000")).is_ok());
+        assert!(alive_in(1, &s("0000000000004000")).is_ok()); // SIGTERM: not fatal yet
+        let e = alive_in(1, &s("0000000000000100")).unwrap_err().to_string();
+        assert!(e.contains("killed while frozen"), "{e}");
     }
 
     #[test]

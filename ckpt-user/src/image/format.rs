@@ -6,18 +6,33 @@
 //! 8       format version (u32), reserved (u32)
 //! 16      contents of deleted files, back to back (referenced by offset and length)
 //! M       metadata: `Image` as MessagePack
-//! end-48  M (u64), metadata length (u64), SHA-256 of every byte before the hash
+//! end-88  M (u64), metadata length (u64),
+//!         key id (8 bytes), HMAC-SHA256 with the host key of every byte before it,
+//!         SHA-256 of every byte before it
 //! ```
-//! Contents come first so that they can be streamed in while the metadata is still
-//! being collected; the trailer makes the metadata easy to find and the whole file
-//! verifiable.
+//! Version 1 (still read, never written) has no key id and MAC: its trailer is 48
+//! bytes (M, length, SHA-256). Contents come first so that they can be streamed in
+//! while the metadata is still being collected; the trailer makes the metadata easy to
+//! find, the whole file verifiable (SHA-256) and its origin checkable (the MAC, see
+//! `key`).
 
 use serde::{Deserialize, Serialize};
 
 pub const MAGIC: &[u8; 8] = b"CKPTIMG\0";
-pub const VERSION: u32 = 1;
+/// The version written; versions 1 to this one are read.
+pub const VERSION: u32 = 2;
 pub const HEADER_LEN: u64 = 16;
-pub const TRAILER_LEN: u64 = 48;
+/// Trailer length of the version written.
+pub const TRAILER_LEN: u64 = 88;
+
+/// Trailer length of a format version (None: not a version this code knows).
+pub fn trailer_len(version: u32) -> Option<u64> {
+    match version {
+        1 => Some(48),
+        2 => Some(TRAILER_LEN),
+        _ => None,
+    }
+}
 
 /// A checkpoint of the file state of every process in a cgroup.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

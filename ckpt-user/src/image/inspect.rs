@@ -3,7 +3,19 @@
 
 use std::fmt::Write as _;
 
-use super::format::{Image, LockType};
+use super::format::{Image, LockType, OpenFile};
+
+/// The open file an index names; an image is input like any other, and a dangling
+/// index is shown, not trusted (restore refuses such an image, see `restore::plan`).
+fn file(img: &Image, i: u32) -> Result<&OpenFile, String> {
+    img.files
+        .get(i as usize)
+        .ok_or_else(|| format!("<file {i}: not in the image>"))
+}
+
+fn path_of(img: &Image, i: u32) -> String {
+    file(img, i).map_or_else(|e| e, |f| f.path.clone())
+}
 
 fn ty(t: Option<LockType>) -> &'static str {
     match t {
@@ -52,7 +64,6 @@ pub fn summary(img: &Image) -> String {
         );
     }
     for l in &img.leases {
-        let f = &img.files[l.file as usize];
         let state = if l.breaking {
             let left = l.remaining_ns.map(ms).unwrap_or_else(|| "? left".into());
             format!(
@@ -67,7 +78,7 @@ pub fn summary(img: &Image) -> String {
             s,
             "  lease {} on {} by {}: {state}",
             ty(l.lease_type),
-            f.path,
+            path_of(img, l.file),
             l.pid
         );
     }
@@ -90,13 +101,21 @@ pub fn tree(img: &Image) -> String {
         line(format!("{t}/cmdline"), p.cmdline.join(" "));
         line(format!("{t}/uid"), p.uid.to_string());
         for fd in &p.fds {
-            let f = &img.files[fd.file as usize];
             let d = format!("{t}/fds/{}", fd.fd);
-            line(format!("{d}/path"), f.path.clone());
-            line(format!("{d}/pos"), f.pos.to_string());
-            line(format!("{d}/flags"), format!("{:#o}", f.flags));
-            line(format!("{d}/cloexec"), fd.cloexec.to_string());
-            line(format!("{d}/file"), f.id.to_string());
+            match file(img, fd.file) {
+                Ok(f) => {
+                    line(format!("{d}/path"), f.path.clone());
+                    line(format!("{d}/pos"), f.pos.to_string());
+                    line(format!("{d}/flags"), format!("{:#o}", f.flags));
+                    line(format!("{d}/cloexec"), fd.cloexec.to_string());
+                    line(format!("{d}/file"), f.id.to_string());
+                }
+                Err(missing) => {
+                    line(format!("{d}/path"), missing);
+                    line(format!("{d}/cloexec"), fd.cloexec.to_string());
+                    line(format!("{d}/file"), fd.file.to_string());
+                }
+            }
         }
     }
     for f in &img.files {

@@ -1,7 +1,8 @@
 //! Writing an image atomically: a temporary file (mode 0600: it holds file contents)
-//! next to the target, contents streamed in, metadata and checksum appended, fsync,
-//! rename. Until `finish` renames it, nothing exists under the final name; dropping an
-//! unfinished writer removes the temporary file.
+//! next to the target, contents streamed in, metadata, MAC (with the host key) and
+//! checksum appended, fsync, rename. Until `finish` renames it, nothing exists under
+//! the final name; dropping an unfinished writer removes the temporary file (and the
+//! dump's watchdog removes it if the dumper is killed, see `dump::freeze`).
 
 use std::{
     fs::{File, OpenOptions},
@@ -11,15 +12,21 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use hmac::Mac as _;
 use sha2::{Digest, Sha256};
 
-use super::format::{Image, HEADER_LEN, MAGIC, VERSION};
+use super::{
+    format::{Image, HEADER_LEN, MAGIC, VERSION},
+    key::{HostKey, ImageMac},
+};
 
 pub struct ImageWriter {
     target: PathBuf,
     tmp: PathBuf,
     out: BufWriter<File>,
     hash: Sha256,
+    mac: ImageMac,
+    key_id: [u8; super::key::KEY_ID_LEN],
     pos: u64,
     done: bool,
 }
@@ -34,7 +41,7 @@ pub fn temp_path(target: &Path) -> PathBuf {
 }
 
 impl ImageWriter {
-    pub fn create(target: &Path) -> Result<ImageWriter> {
+    pub fn create(target: &Path, key: &HostKey) -> Result<ImageWriter> {
         let tmp = temp_path(target);
         let file = OpenOptions::new()
             .write(true)
@@ -47,6 +54,8 @@ impl ImageWriter {
             tmp,
             out: BufWriter::with_capacity(1 << 20, file),
             hash: Sha256::new(),
+            mac: key.mac(),
+            key_id: key.id(),
             pos: 0,
             done: false,
         };
@@ -72,6 +81,7 @@ impl ImageWriter {
             .write_all(bytes)
             .with_context(|| format!("writing {}", self.tmp.display()))?;
         self.hash.update(bytes);
+        self.mac.update(bytes);
         self.pos += bytes.len() as u64;
         Ok(())
     }
@@ -84,7 +94,10 @@ impl ImageWriter {
         let mut trailer = Vec::with_capacity(16);
         trailer.extend_from_slice(&meta_offset.to_le_bytes());
         trailer.extend_from_slice(&(meta.len() as u64).to_le_bytes());
+        trailer.extend_from_slice(&self.key_id);
         self.write(&trailer)?;
+        let tag = self.mac.clone().finalize().into_bytes();
+        self.write(&tag)?;
         let digest = std::mem::take(&mut self.hash).finalize();
         self.out
             .write_all(&digest)

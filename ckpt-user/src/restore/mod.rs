@@ -39,7 +39,14 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use serde::Serialize;
 
-use crate::{cgroup, image::reader::ImageReader, tracer::pins::PinDir};
+use crate::{
+    cgroup,
+    image::{
+        key::HostKey,
+        reader::{Auth, ImageReader},
+    },
+    tracer::pins::PinDir,
+};
 use leases::LeaseReport;
 use plan::{PlanOptions, Source};
 use schedule::LeaseTime;
@@ -58,6 +65,10 @@ pub struct Options {
     /// Where ckpt-agent pinned its maps: when it runs, lease deadlines are read back
     /// from the kernel (`kernel_deadline`).
     pub pins: PinDir,
+    /// The host key images must be MAC'd with.
+    pub key: PathBuf,
+    /// Restore an image that does not authenticate (with a warning).
+    pub trust_image: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -109,9 +120,47 @@ fn check_cancel() -> Result<()> {
     Ok(())
 }
 
+/// Opens the image and refuses it unless its MAC verifies with the host key (or
+/// `--trust-image`, which becomes a warning): restoring an image runs its processes as
+/// their recorded users, so only this host's (or a key-sharing host's) dumps are taken.
+fn open_authenticated(opts: &Options, warnings: &mut Vec<String>) -> Result<ImageReader> {
+    let name = opts.image.display();
+    let key = match HostKey::load(&opts.key) {
+        Ok(k) => Some(k),
+        Err(_) if opts.trust_image => None,
+        Err(e) => bail!(
+            "cannot authenticate {name}: {e:#}; nothing was restored (copy the dumping host's key there, see README \"Threat model\", or --trust-image)"
+        ),
+    };
+    let reader = ImageReader::open(&opts.image, key.as_ref())?;
+    let why = match &reader.auth {
+        Auth::Verified { .. } => return Ok(reader),
+        Auth::Unsigned => "it is a format 1 image, which carries no MAC".to_string(),
+        Auth::OtherKey {
+            image_key,
+            host_key,
+        } => format!(
+            "it was made with key {image_key}, and this host's key ({}) is {host_key}",
+            opts.key.display()
+        ),
+        Auth::Forged { .. } => {
+            "its MAC does not match this host's key: it was altered or forged".to_string()
+        }
+        Auth::NotChecked { .. } => "no host key could be read".to_string(),
+    };
+    if !opts.trust_image {
+        bail!("{name} is not authenticated: {why}; nothing was restored (--trust-image restores an image you trust)");
+    }
+    warnings.push(format!(
+        "--trust-image: {name} is not authenticated ({why}); restored as asked"
+    ));
+    Ok(reader)
+}
+
 pub fn run(opts: &Options) -> Result<Report> {
     let started = Instant::now();
-    let reader = ImageReader::open(&opts.image)?;
+    let mut trust_warnings = Vec::new();
+    let reader = open_authenticated(opts, &mut trust_warnings)?;
     let image = &reader.image;
     let plan = plan::build(
         image,
@@ -131,7 +180,8 @@ pub fn run(opts: &Options) -> Result<Report> {
         None => None,
     };
     let checked = validate::check(image, opts.force)?;
-    let mut warnings = checked.warnings;
+    let mut warnings = trust_warnings;
+    warnings.extend(checked.warnings);
     for (pid, fd, what) in &plan.skipped {
         warnings.push(format!(
             "process {pid} fd {fd} ({what}) left closed (--skip-unsupported)"

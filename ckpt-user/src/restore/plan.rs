@@ -371,6 +371,14 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
     for l in &image.locks {
         check_file("a lock", l.file)?;
         let path = &image.files[l.file as usize].path;
+        // Also keeps `LockOp::l_len` from overflowing.
+        if l.start < 0 || l.end < l.start {
+            bail!(
+                "image is corrupt: a lock on {path} has the range {}-{}",
+                l.start,
+                l.end
+            );
+        }
         let (proc, fd) = match l.kind {
             LockKind::Posix => {
                 let Some(&proc) = slot.get(&l.pid) else {
