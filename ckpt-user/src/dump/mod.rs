@@ -30,8 +30,8 @@ use crate::{
         writer::ImageWriter,
     },
     locks::{
-        kernel::{self, HeldKind, KLock},
-        proc_locks::{self, ProcKind, ProcLock},
+        kernel::{self, KLock},
+        proc_locks::{self, ProcKind},
         KernelDev,
     },
     tracer::{
@@ -138,30 +138,6 @@ const MISSING_WITHOUT_AGENT: &[&str] = &[
     "when waiters started waiting",
 ];
 
-/// A "->" line of /proc/locks as a blocked request (the dump without iterators).
-fn blocked_from_proc(p: &ProcLock) -> Option<KLock> {
-    let kind = match p.kind {
-        ProcKind::Lock(k) => HeldKind::Lock(k),
-        ProcKind::Lease => HeldKind::Lease,
-        ProcKind::Other => return None,
-    };
-    Some(KLock {
-        kind,
-        lock_type: p.lock_type?.to_fl_type(),
-        flags: 0,
-        pid: p.pid as i32,
-        start: p.start,
-        end: p.end,
-        dev: p.dev,
-        ino: p.ino,
-        owner: None,
-        addr: None,
-        blocker: None,
-        lease: None,
-        holder: Default::default(),
-    })
-}
-
 fn image_id() -> String {
     let t = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -246,8 +222,8 @@ pub fn run(opts: &Options) -> Result<Report> {
         Some(i) => kernel::read(i)?.blocked,
         None => proc_locks::read()?
             .iter()
-            .filter(|p| p.blocked)
-            .filter_map(blocked_from_proc)
+            .filter(|p| p.blocked && p.lock_type.is_some())
+            .filter_map(|p| kernel::from_proc_line(Default::default(), p))
             .collect(),
     };
     let history = History::read(&opts.pins).unwrap_or_else(|e| {

@@ -228,8 +228,10 @@ fn klock(fd: &FdLines, line: &LockLine) -> Option<KLock> {
     })
 }
 
-/// A held lock from an fdinfo `lock:` line.
-fn from_fdinfo(pid: u32, fd: i32, path: Option<String>, p: &ProcLock) -> Option<KLock> {
+/// A lock from a /proc/locks or fdinfo line, held through `holder` (its pid stands
+/// in for the -1 /proc shows for an OFD lock's creator). /proc shows a lease being
+/// broken with its target type: its own is lost.
+pub fn from_proc_line(holder: Holder, p: &ProcLock) -> Option<KLock> {
     use ckpt_common::lock::fl_type;
     let kind = match p.kind {
         ProcKind::Lock(k) => HeldKind::Lock(k),
@@ -248,7 +250,11 @@ fn from_fdinfo(pid: u32, fd: i32, path: Option<String>, p: &ProcLock) -> Option<
         } else {
             0
         },
-        pid: if p.pid < 0 { pid as i32 } else { p.pid as i32 },
+        pid: if p.pid < 0 {
+            holder.pid as i32
+        } else {
+            p.pid as i32
+        },
         start: p.start,
         end: p.end,
         dev: p.dev,
@@ -257,12 +263,7 @@ fn from_fdinfo(pid: u32, fd: i32, path: Option<String>, p: &ProcLock) -> Option<
         addr: None,
         blocker: None,
         lease: None,
-        holder: Holder {
-            pid,
-            fd: Some(fd),
-            mapping: None,
-            path,
-        },
+        holder,
     })
 }
 
@@ -326,7 +327,13 @@ fn collect(iters: &Iters, mut fds: Vec<FdLines>, mut out: KernelLocks) -> Result
             };
             out.from_fdinfo.push((pid, fd));
             for p in parse_fdinfo(&text).locks {
-                if let Some(k) = from_fdinfo(pid, fd, f.path.clone(), &p) {
+                let holder = Holder {
+                    pid,
+                    fd: Some(fd),
+                    mapping: None,
+                    path: f.path.clone(),
+                };
+                if let Some(k) = from_proc_line(holder, &p) {
                     if seen_fdinfo.insert((
                         k.kind,
                         k.dev,
