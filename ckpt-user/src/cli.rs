@@ -230,6 +230,13 @@ fn pid_filter(cgroup_arg: Option<&str>, pid: Option<u32>) -> Result<PidFilter> {
 }
 
 pub fn run_user(args: UserArgs) -> Result<()> {
+    // Whatever the command: a restore killed while it had changed fs.lease-break-time
+    // is repaired by the next ckpt command (unless a restore holds the lock now).
+    if !matches!(args.command, UserCommand::Watchdog { .. }) {
+        if let Some(w) = restore::leases::repair_lease_break_time() {
+            eprintln!("ckpt-user: warning: {w}");
+        }
+    }
     let pins = PinDir::new(args.pin_dir);
     let key_path = key::key_path(args.key.as_deref());
     match args.command {

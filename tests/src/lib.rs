@@ -533,11 +533,37 @@ pub struct LeaseBreakTime {
 static LEASE_SYSCTL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 const LEASE_BREAK_TIME: &str = "/proc/sys/fs/lease-break-time";
 
+/// The lock ckpt-user's restores take turns through to change the sysctl.
+pub const LEASE_BREAK_TIME_LOCK: &str = "/run/ckpt/lease-break-time.lock";
+
+/// Runs `f` holding the restores' lock, so that a test's change of the sysctl never
+/// lands inside another process's restore (which would take it for the host's value).
+fn with_restore_lock<T>(f: impl FnOnce() -> T) -> T {
+    let _ = std::fs::create_dir_all("/run/ckpt");
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(LEASE_BREAK_TIME_LOCK)
+        .ok();
+    // SAFETY: plain flock on our own fd; released when it is closed.
+    if let Some(l) = &lock {
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(l), libc::LOCK_EX) };
+    }
+    let r = f();
+    drop(lock);
+    r
+}
+
 impl LeaseBreakTime {
     pub fn set(secs: u32) -> LeaseBreakTime {
         let serial = LEASE_SYSCTL.lock().unwrap_or_else(|e| e.into_inner());
-        let old = std::fs::read_to_string(LEASE_BREAK_TIME).unwrap();
-        std::fs::write(LEASE_BREAK_TIME, secs.to_string()).unwrap();
+        let old = with_restore_lock(|| {
+            let old = std::fs::read_to_string(LEASE_BREAK_TIME).unwrap();
+            std::fs::write(LEASE_BREAK_TIME, secs.to_string()).unwrap();
+            old
+        });
         LeaseBreakTime {
             old,
             _serial: serial,
@@ -547,8 +573,19 @@ impl LeaseBreakTime {
 
 impl Drop for LeaseBreakTime {
     fn drop(&mut self) {
-        let _ = std::fs::write(LEASE_BREAK_TIME, self.old.trim());
+        with_restore_lock(|| {
+            let _ = std::fs::write(LEASE_BREAK_TIME, self.old.trim());
+        });
     }
+}
+
+/// fs.lease-break-time now.
+pub fn lease_break_time() -> u32 {
+    std::fs::read_to_string(LEASE_BREAK_TIME)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
 }
 
 /// A private tracefs instance with one event enabled: the kernel's own record of what

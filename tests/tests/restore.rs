@@ -856,3 +856,204 @@ fn the_recorded_command_line_runs_by_default_in_its_working_directory() {
         dir.0
     );
 }
+
+/// Issue 16, defect 6: what a restore killed while it had changed fs.lease-break-time
+/// leaves is repaired by any ckpt command (here `inspect` of a missing image) and by
+/// ckpt-agent at start, never while a restore holds the lock; a record that names a
+/// value the sysctl does not hold (killed before the change, or the host's setting
+/// changed since) repairs nothing and warns about nothing. Before the fix only a later
+/// restore that itself broke a lease repaired it.
+#[test]
+fn a_leftover_lease_break_time_is_repaired_by_any_command_but_not_under_a_restore() {
+    require_root();
+    let _host = LeaseBreakTime::set(30);
+    // A private lock file (CKPT_LEASE_BREAK_TIME_LOCK): no concurrent test's ckpt-user
+    // repairs the planted records before the command under test.
+    let dir = Scratch::new();
+    let lock_file = dir.0.join("lease-break-time.lock");
+    let record = |host: u32, a: u32, b: u32| format!("{host:>10} {a:>10} {b:>10}\n");
+    let plant = |r: String| std::fs::write(&lock_file, r).unwrap();
+    let set = |v: u32| std::fs::write("/proc/sys/fs/lease-break-time", v.to_string()).unwrap();
+    let any_command = || {
+        let out = ckpt_user_cmd()
+            .env("CKPT_LEASE_BREAK_TIME_LOCK", &lock_file)
+            .args(["inspect", "/nonexistent/ckpt-image"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
+    // A restore holds the lock (we do, as one would): left alone.
+    plant(record(30, 30, 9));
+    set(9);
+    let held = std::fs::File::open(&lock_file).unwrap();
+    // SAFETY: plain flock on our own fd.
+    assert_eq!(
+        unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX) },
+        0
+    );
+    let err = any_command();
+    assert_eq!(
+        lease_break_time(),
+        9,
+        "repaired under a running restore: {err}"
+    );
+    drop(held);
+    // The restore is gone: the next command repairs, once, and says so.
+    let err = any_command();
+    assert_eq!(lease_break_time(), 30, "{err}");
+    assert!(
+        err.contains("was killed") && err.contains("set it back to 30"),
+        "{err}"
+    );
+    assert!(std::fs::read_to_string(&lock_file)
+        .unwrap()
+        .trim()
+        .is_empty());
+    assert!(!any_command().contains("was killed"));
+
+    // Killed after writing the record, before changing the sysctl: no false warning.
+    plant(record(30, 30, 9));
+    let err = any_command();
+    assert!(!err.contains("was killed"), "{err}");
+    assert_eq!(lease_break_time(), 30);
+    // A stale record (the host's value changed since): the host's setting stays.
+    plant(record(45, 45, 46));
+    let err = any_command();
+    assert!(!err.contains("was killed"), "{err}");
+    assert_eq!(lease_break_time(), 30);
+
+    // ckpt-agent repairs at start (on a pin directory of its own).
+    plant(record(30, 30, 9));
+    set(9);
+    let pins = std::path::PathBuf::from(format!("/sys/fs/bpf/{}", unique("repair")));
+    let mut agent = std::process::Command::new(bin("ckpt-agent"))
+        .arg("--pin-dir")
+        .arg(&pins)
+        .env("CKPT_LEASE_BREAK_TIME_LOCK", &lock_file)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let repaired = (0..500).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        lease_break_time() == 30
+    });
+    let _ = agent.kill();
+    let _ = agent.wait();
+    remove_pins(&pins);
+    assert!(repaired, "ckpt-agent did not repair it at start");
+}
+
+/// Issue 16, fault test for restore (and the root of the flaky
+/// `lease_time_policies_holder_and_breaker`): SIGKILL at moments spread over restores
+/// of two breaking leases (the sysctl holds the first break's value for ~0.5 s until
+/// the second). After each kill the next command leaves fs.lease-break-time at the
+/// host's value, warns exactly when the sysctl had been left changed, no helper is
+/// left, and the lock file holds no record.
+#[test]
+fn sigkill_at_any_moment_of_a_restore_leaves_the_sysctl_right() {
+    let Scene { agent, dir, cg } = Scene::new();
+    let sysctl = LeaseBreakTime::set(7);
+    let (f1, f2) = (dir.file("l1"), dir.file("l2"));
+    let mut h = cg.locker();
+    h.cmd(&format!("openmode a {f1} r"));
+    h.cmd("lease a w");
+    h.cmd(&format!("openmode b {f2} r"));
+    h.cmd("lease b w");
+    let breaking = || {
+        std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .matches("BREAKING")
+            .count()
+    };
+    let mut b1 = cg.locker();
+    b1.send(&format!("openmode x {f1} w"));
+    wait_for(Duration::from_secs(5), "the first break", || {
+        (breaking() >= 1).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let mut b2 = cg.locker();
+    b2.send(&format!("openmode x {f2} w"));
+    wait_for(Duration::from_secs(5), "the second break", || {
+        (breaking() >= 2).then_some(())
+    });
+    let img = checkpoint(&agent, &cg, &dir);
+    let exec: Vec<String> = [h.pid(), b1.pid(), b2.pid()]
+        .into_iter()
+        .map(sleep_instead)
+        .collect();
+    drop((h, b1, b2));
+    drop(sysctl);
+    let _host = LeaseBreakTime::set(30);
+    let pins = agent.pin_dir.display().to_string();
+    // A private lock file: no concurrent test's ckpt-user repairs what a kill left
+    // before this test's own command does (the sysctl itself is serialised by `_host`).
+    let lock_file = dir.0.join("lease-break-time.lock");
+    const KILLS: u32 = 16;
+    let mut changed = 0;
+    for i in 0..KILLS {
+        let into = Cgroup::new(false);
+        let mut cmd = ckpt_user_cmd();
+        cmd.env("CKPT_LEASE_BREAK_TIME_LOCK", &lock_file);
+        cmd.args([
+            "--pin-dir",
+            &pins,
+            "restore",
+            &img,
+            "--skip-unsupported",
+            "--cgroup",
+        ])
+        .arg(&into.path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+        for e in &exec {
+            cmd.args(["--exec-cmd", e]);
+        }
+        let mut r = cmd.spawn().unwrap();
+        std::thread::sleep(Duration::from_millis(
+            u64::from(i) * 1000 / u64::from(KILLS),
+        ));
+        // SAFETY: our child.
+        unsafe { libc::kill(r.id() as i32, libc::SIGKILL) };
+        let _ = r.wait();
+        let left = lease_break_time();
+        let out = ckpt_user_cmd()
+            .env("CKPT_LEASE_BREAK_TIME_LOCK", &lock_file)
+            .args(["inspect", &img])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(lease_break_time(), 30, "kill {i}: left at {left}: {err}");
+        assert_eq!(
+            err.contains("was killed"),
+            left != 30,
+            "kill {i}: the sysctl was {left}; said: {err}"
+        );
+        changed += u32::from(left != 30);
+        assert!(
+            std::fs::read_to_string(&lock_file)
+                .unwrap_or_default()
+                .trim()
+                .is_empty(),
+            "kill {i}: a record is left"
+        );
+        wait_for(
+            Duration::from_secs(5),
+            "the restore's helpers to go",
+            || {
+                cgroup_pids(&into)
+                    .iter()
+                    .all(|p| {
+                        std::fs::read_to_string(format!("/proc/{p}/comm"))
+                            .map(|c| c.trim() != "ckpt-user")
+                            .unwrap_or(true)
+                    })
+                    .then_some(())
+            },
+        );
+    }
+    assert!(changed > 0, "no kill landed while the sysctl was changed");
+    eprintln!("{KILLS} kills, {changed} while the sysctl was changed");
+}

@@ -10,11 +10,17 @@ use std::{
     collections::BTreeMap,
     ffi::CString,
     fs::File,
-    io::{Read as _, Seek as _, Write as _},
-    os::fd::{AsRawFd as _, OwnedFd, RawFd},
+    io::Read as _,
+    os::{
+        fd::{AsRawFd as _, OwnedFd, RawFd},
+        unix::fs::FileExt as _,
+    },
+    path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
     time::Duration,
 };
+
+use nix::fcntl::{Flock, FlockArg};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use serde::Serialize;
@@ -33,7 +39,6 @@ use crate::{
 };
 
 const SYSCTL: &str = "/proc/sys/fs/lease-break-time";
-const LOCK_DIR: &str = "/run/ckpt";
 const LOCK_FILE: &str = "/run/ckpt/lease-break-time.lock";
 
 /// Sleeps until CLOCK_MONOTONIC reaches `at` (the last stretch spinning, for precision).
@@ -56,58 +61,194 @@ pub fn sleep_until(at: u64, cancel: &AtomicBool) -> Result<()> {
 }
 
 pub fn current_break_time() -> Result<u32> {
-    std::fs::read_to_string(SYSCTL)
-        .with_context(|| format!("reading {SYSCTL}"))?
-        .trim()
-        .parse()
-        .map_err(|_| anyhow!("{SYSCTL}: not a number"))
+    SysctlFiles::default().read()
 }
 
-/// Exclusive use of fs.lease-break-time; puts the old value back on drop.
+/// fs.lease-break-time and the lock file restores take turns through; the lock file
+/// also holds what a restore that dies may have left in the sysctl (see [`Record`]).
+#[derive(Clone, Debug)]
+pub struct SysctlFiles {
+    pub sysctl: PathBuf,
+    pub lock: PathBuf,
+}
+
+/// Overrides [`LOCK_FILE`]: tests that plant a killed restore's record use a private
+/// one, so that no concurrent ckpt command repairs it first.
+pub const LOCK_ENV: &str = "CKPT_LEASE_BREAK_TIME_LOCK";
+
+impl Default for SysctlFiles {
+    fn default() -> Self {
+        SysctlFiles {
+            sysctl: SYSCTL.into(),
+            lock: std::env::var_os(LOCK_ENV)
+                .filter(|v| !v.is_empty())
+                .map_or_else(|| LOCK_FILE.into(), PathBuf::from),
+        }
+    }
+}
+
+impl SysctlFiles {
+    fn read(&self) -> Result<u32> {
+        let name = self.sysctl.display();
+        std::fs::read_to_string(&self.sysctl)
+            .with_context(|| format!("reading {name}"))?
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("{name}: not a number"))
+    }
+
+    fn write(&self, v: u32) -> Result<()> {
+        std::fs::write(&self.sysctl, v.to_string())
+            .with_context(|| format!("writing {}", self.sysctl.display()))
+    }
+}
+
+/// What the lock file says while a restore may have changed the sysctl: the host's
+/// value, and the (at most two) values the restore may have left in it — the one it
+/// set last and the one it is about to set. Written, one fixed-size `pwrite`, before
+/// every change, so it is never behind the sysctl; a restore killed between the two
+/// leaves a record naming a value the sysctl does not hold, which repairs nothing and
+/// warns about nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    pub host: u32,
+    pub ours: [u32; 2],
+}
+
+impl Record {
+    /// Fixed width: a rewrite replaces every byte of the previous record.
+    fn encode(&self) -> String {
+        format!(
+            "{:>10} {:>10} {:>10}\n",
+            self.host, self.ours[0], self.ours[1]
+        )
+    }
+
+    fn decode(text: &str) -> Option<Record> {
+        let v: Vec<u32> = text
+            .split_whitespace()
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .ok()?;
+        match v[..] {
+            [host, a, b] => Some(Record { host, ours: [a, b] }),
+            // ckpt-user before issue 16 saved the bare host value, whatever the sysctl
+            // then held: it cannot tell a change of ours from the host's own setting.
+            _ => None,
+        }
+    }
+
+    /// What to do, given the sysctl now: put the host's value back only if the sysctl
+    /// still holds a value a restore set; a value someone set since is theirs.
+    pub fn repair(&self, now: u32) -> Option<u32> {
+        (now != self.host && self.ours.contains(&now)).then_some(self.host)
+    }
+}
+
+/// Puts back what a killed restore left in fs.lease-break-time, unless a restore holds
+/// the lock now (then it is that restore's business). Run by every ckpt-user command
+/// and by ckpt-agent at start; quiet when there is nothing to do or no permission.
+/// Returns the warning to print.
+pub fn repair_lease_break_time() -> Option<String> {
+    repair_with(&SysctlFiles::default())
+}
+
+pub fn repair_with(files: &SysctlFiles) -> Option<String> {
+    let lock = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&files.lock)
+        .ok()?;
+    let lock = match Flock::lock(lock, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        // EWOULDBLOCK: a restore holds it.
+        Err(_) => return None,
+    };
+    repair_locked(files, &lock).ok().flatten()
+}
+
+/// The repair, with the lock held.
+fn repair_locked(files: &SysctlFiles, lock: &File) -> Result<Option<String>> {
+    let mut text = String::new();
+    lock.take(256).read_to_string(&mut text)?;
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    let mut warning = None;
+    if let Some(rec) = Record::decode(&text) {
+        let now = files.read()?;
+        if let Some(host) = rec.repair(now) {
+            files.write(host)?;
+            warning = Some(format!(
+                "a restore was killed while it had set {} to {now}; set it back to {host}",
+                files.sysctl.display()
+            ));
+        }
+    }
+    lock.set_len(0)?;
+    Ok(warning)
+}
+
+/// Exclusive use of fs.lease-break-time; puts the host's value back on drop.
 struct Sysctl {
-    lock: File,
-    old: u32,
+    files: SysctlFiles,
+    lock: Flock<File>,
+    /// The host's value (after any repair).
+    host: u32,
+    /// What we set last.
+    last: u32,
 }
 
 impl Sysctl {
-    fn acquire(warnings: &mut Vec<String>) -> Result<Sysctl> {
-        std::fs::create_dir_all(LOCK_DIR).with_context(|| format!("creating {LOCK_DIR}"))?;
-        let mut lock = std::fs::OpenOptions::new()
+    fn acquire(files: SysctlFiles, warnings: &mut Vec<String>) -> Result<Sysctl> {
+        if let Some(dir) = files.lock.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let name = files.lock.display().to_string();
+        let lock = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .open(LOCK_FILE)
-            .with_context(|| format!("opening {LOCK_FILE}"))?;
-        // SAFETY: plain flock on our own file; released when it is closed.
-        if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } < 0 {
-            bail!("locking {LOCK_FILE}: {}", std::io::Error::last_os_error());
-        }
-        let mut saved = String::new();
-        lock.read_to_string(&mut saved)?;
-        if let Ok(v) = saved.trim().parse::<u32>() {
-            std::fs::write(SYSCTL, v.to_string())?;
-            warnings.push(format!(
-                "an earlier restore was killed while it had changed {SYSCTL}; set it back to {v}"
-            ));
-        }
-        let old = current_break_time()?;
-        lock.set_len(0)?;
-        lock.rewind()?;
-        write!(lock, "{old}")?;
-        lock.sync_data()?;
-        Ok(Sysctl { lock, old })
+            .open(&files.lock)
+            .with_context(|| format!("opening {name}"))?;
+        let lock = Flock::lock(lock, FlockArg::LockExclusive)
+            .map_err(|(_, e)| anyhow!("locking {name}: {e}"))?;
+        warnings.extend(repair_locked(&files, &lock)?);
+        let host = files.read()?;
+        Ok(Sysctl {
+            files,
+            lock,
+            host,
+            last: host,
+        })
     }
 
-    fn set(&self, secs: u32) -> Result<()> {
-        std::fs::write(SYSCTL, secs.to_string()).with_context(|| format!("writing {SYSCTL}"))
+    fn record(&self, rec: Option<Record>) -> Result<()> {
+        match rec {
+            // One write of the whole record at offset 0 (33 bytes, within one page):
+            // a kill lands before or after it, never inside.
+            Some(r) => self.lock.write_all_at(r.encode().as_bytes(), 0)?,
+            None => self.lock.set_len(0)?,
+        }
+        Ok(())
+    }
+
+    fn set(&mut self, secs: u32) -> Result<()> {
+        self.record(Some(Record {
+            host: self.host,
+            ours: [self.last, secs],
+        }))?;
+        self.files.write(secs)?;
+        self.last = secs;
+        Ok(())
     }
 }
 
 impl Drop for Sysctl {
     fn drop(&mut self) {
-        if std::fs::write(SYSCTL, self.old.to_string()).is_ok() {
-            let _ = self.lock.set_len(0);
+        if self.last == self.host || self.files.write(self.host).is_ok() {
+            let _ = self.record(None);
         }
     }
 }
@@ -275,7 +416,18 @@ pub fn restore(
         })
         .collect();
 
-    let current = current_break_time()?;
+    // Taken before anything is computed from the sysctl: the host's value is read
+    // under the lock, after any repair, never another restore's momentary value or a
+    // killed one's leftover.
+    let sysctl = if image.leases.iter().any(|l| l.breaking) {
+        Some(Sysctl::acquire(SysctlFiles::default(), warnings)?)
+    } else {
+        None
+    };
+    let current = match &sysctl {
+        Some(s) => s.host,
+        None => current_break_time()?,
+    };
     let mut remaining = Vec::new();
     for (i, l) in image.leases.iter().enumerate().filter(|(_, l)| l.breaking) {
         let r = remaining_after_restore(l, policy, current)
@@ -311,10 +463,11 @@ pub fn restore(
     }
 
     let breaks = plan_breaks(&remaining, leases.tick());
-    let go = if breaks.is_empty() {
-        monotonic_ns()
-    } else {
-        leases.on_schedule(&breaks, pins, &mut reports, cancel, warnings)?
+    let go = match sysctl {
+        Some(sysctl) if !breaks.is_empty() => {
+            leases.on_schedule(sysctl, &breaks, pins, &mut reports, cancel, warnings)?
+        }
+        _ => monotonic_ns(),
     };
     let gone =
         |i: usize| now_ones.contains(&i) && image.leases[i].target_type != Some(LockType::Read);
@@ -374,6 +527,7 @@ impl Breaking<'_> {
     /// timed for (fixed by the first break's deadline).
     fn on_schedule(
         &self,
+        mut sysctl: Sysctl,
         breaks: &[Break],
         pins: &PinDir,
         reports: &mut [LeaseReport],
@@ -381,7 +535,6 @@ impl Breaking<'_> {
         warnings: &mut Vec<String>,
     ) -> Result<u64> {
         let tracer = Tracer::open(pins, self.hz);
-        let sysctl = Sysctl::acquire(warnings)?;
         // No ordinary task gets between a clock reading and the break it times.
         let fifo = Fifo::enter();
         let mut go = monotonic_ns() + 20_000_000 + breaks[0].lead.as_nanos() as u64;
@@ -429,6 +582,113 @@ impl Breaking<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn files(name: &str, now: u32) -> SysctlFiles {
+        let d = std::env::temp_dir().join(format!("ckpt-sysctl-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        let f = SysctlFiles {
+            sysctl: d.join("lease-break-time"),
+            lock: d.join("run/lease-break-time.lock"),
+        };
+        f.write(now).unwrap();
+        f
+    }
+
+    impl Sysctl {
+        /// As SIGKILL would: the lock is released (its fd closed), nothing else runs.
+        fn die(self) {
+            let me = std::mem::ManuallyDrop::new(self);
+            // SAFETY: `me` is never used or dropped again; only its lock is dropped.
+            drop(unsafe { std::ptr::read(&me.lock) });
+        }
+    }
+
+    fn recorded(f: &SysctlFiles) -> String {
+        std::fs::read_to_string(&f.lock).unwrap_or_default()
+    }
+
+    #[test]
+    fn a_killed_restore_is_repaired_by_the_next_command() {
+        let f = files("killed", 45);
+        let mut w = Vec::new();
+        let mut s = Sysctl::acquire(f.clone(), &mut w).unwrap();
+        s.set(46).unwrap();
+        s.set(7).unwrap();
+        s.die();
+        assert_eq!(f.read().unwrap(), 7);
+        let said = repair_with(&f).expect("repaired");
+        assert!(said.contains("set it back to 45"), "{said}");
+        assert_eq!(f.read().unwrap(), 45);
+        assert!(recorded(&f).is_empty());
+        assert!(w.is_empty());
+        assert_eq!(repair_with(&f), None, "once");
+    }
+
+    #[test]
+    fn no_warning_when_killed_before_the_change_and_no_stale_value() {
+        // Killed between writing the record and writing the sysctl.
+        let f = files("early", 45);
+        let s = Sysctl::acquire(f.clone(), &mut Vec::new()).unwrap();
+        s.record(Some(Record {
+            host: 45,
+            ours: [45, 46],
+        }))
+        .unwrap();
+        s.die();
+        assert_eq!(repair_with(&f), None);
+        assert_eq!(f.read().unwrap(), 45);
+        assert!(recorded(&f).is_empty());
+        // The host's value changed since (an admin, a test): the record is stale.
+        let s = Sysctl::acquire(f.clone(), &mut Vec::new()).unwrap();
+        s.record(Some(Record {
+            host: 45,
+            ours: [45, 46],
+        }))
+        .unwrap();
+        s.die();
+        f.write(5).unwrap();
+        let mut w = Vec::new();
+        let s = Sysctl::acquire(f.clone(), &mut w).unwrap();
+        assert_eq!(s.host, 5, "the host's setting, not the stale 45");
+        assert!(w.is_empty(), "{w:?}");
+        drop(s);
+        assert_eq!(f.read().unwrap(), 5);
+    }
+
+    #[test]
+    fn never_repaired_while_a_restore_holds_the_lock() {
+        let f = files("held", 45);
+        let mut s = Sysctl::acquire(f.clone(), &mut Vec::new()).unwrap();
+        s.set(9).unwrap();
+        assert_eq!(repair_with(&f), None);
+        assert_eq!(f.read().unwrap(), 9);
+        drop(s);
+        assert_eq!(f.read().unwrap(), 45);
+        assert!(recorded(&f).is_empty());
+    }
+
+    #[test]
+    fn records_are_fixed_width_and_old_ones_are_ignored() {
+        let r = Record {
+            host: 45,
+            ours: [7, 4_000_000_000],
+        };
+        assert_eq!(
+            r.encode().len(),
+            Record {
+                host: 1,
+                ours: [1, 1]
+            }
+            .encode()
+            .len()
+        );
+        assert_eq!(Record::decode(&r.encode()), Some(r));
+        assert_eq!(Record::decode("45"), None);
+        assert_eq!(r.repair(7), Some(45));
+        assert_eq!(r.repair(45), None);
+        assert_eq!(r.repair(30), None);
+    }
 
     const TICK: Duration = Duration::from_millis(4);
 
