@@ -397,3 +397,23 @@ fn exact_mode_knows_the_unlink_time_and_the_default_the_first_sighting() {
         drop(agent);
     }
 }
+
+/// Without root, `deleted` says in one line that it needs root and what a user can
+/// look at instead (issue 16, defect 7).
+#[test]
+fn without_root_deleted_says_it_needs_root() {
+    use std::os::unix::process::CommandExt as _;
+    let out = std::process::Command::new(bin("ckpt-user"))
+        .args(["deleted", "--json"])
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("needs root") && err.contains("/proc/PID/fd") && !err.contains("agent"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+}
