@@ -217,16 +217,7 @@ impl Drop for Agent {
 }
 
 pub fn remove_pins(pin_dir: &Path) {
-    for sub in ["links", "progs", "maps"] {
-        let d = pin_dir.join(sub);
-        if let Ok(rd) = std::fs::read_dir(&d) {
-            for e in rd.flatten() {
-                let _ = std::fs::remove_file(e.path());
-            }
-        }
-        let _ = std::fs::remove_dir(&d);
-    }
-    let _ = std::fs::remove_dir(pin_dir);
+    let _ = std::fs::remove_dir_all(pin_dir);
 }
 
 /// Runs `ckpt-user locks --json` and returns (rows, stderr).

@@ -427,33 +427,54 @@ fn a_restarted_wait_keeps_its_start_and_an_abandoned_one_ends() {
     holder.cmd("posix x w 0 0");
     let mut waiter = Locker::spawn();
     waiter.cmd(&format!("open x {f}"));
-    let waiting = |agent: &Agent, pid: u32| -> u64 {
+    // When the agent says the wait began (CLOCK_MONOTONIC): compared with the test's
+    // own clock, so that a slow machine (a TCG guest) cannot fake either outcome.
+    let since = |agent: &Agent, pid: u32| -> u64 {
         waited_on(agent, &f, pid)["waiters"]
             .as_array()
             .unwrap()
             .iter()
             .find(|w| w["pid"] == pid)
-            .unwrap()["waiting_ms"]
+            .unwrap()["since_monotonic_ns"]
             .as_u64()
             .expect("the agent knows when the wait began")
     };
+    let before = mono_ns();
     waiter.send("posix x w 0 1 wait");
-    waiting(&agent, waiter.pid());
+    let first = since(&agent, waiter.pid());
+    assert!(first >= before, "{first} < {before}");
     std::thread::sleep(Duration::from_millis(300));
     waiter.signal(libc::SIGSTOP);
     std::thread::sleep(Duration::from_millis(300));
     waiter.signal(libc::SIGCONT);
-    let after = waiting(&agent, waiter.pid());
-    assert!(
-        after >= 550,
-        "the restarted wait kept its start: {after} ms"
-    );
+    // Back in the kernel's tree on a new request, with the first start.
+    wait_for(Duration::from_secs(10), "the restarted wait", || {
+        let rows = on(agent.locks(&[]), &f);
+        let w = rows
+            .iter()
+            .flat_map(|r| r["waiters"].as_array().unwrap().clone())
+            .find(|w| w["pid"] == waiter.pid())?;
+        let state =
+            std::fs::read_to_string(format!("/proc/{}/stat", waiter.pid())).unwrap_or_default();
+        // Stopped ('T') tasks are not in the tree: wait until it runs again.
+        (!state.contains(") T ")).then_some(())?;
+        assert_eq!(
+            w["since_monotonic_ns"].as_u64(),
+            Some(first),
+            "the restarted wait kept its start: {w}"
+        );
+        Some(())
+    });
 
     waiter.signal(libc::SIGUSR1);
     assert_eq!(waiter.reply(), format!("err {}", libc::EINTR));
+    let abandoned = mono_ns();
     waiter.send("posix x w 0 1 wait");
-    let fresh = waiting(&agent, waiter.pid());
-    assert!(fresh < 250, "a new wait starts afresh: {fresh} ms");
+    let fresh = since(&agent, waiter.pid());
+    assert!(
+        fresh >= abandoned,
+        "a new wait starts afresh: {fresh} < {abandoned}"
+    );
     holder.cmd("posix x u 0 0");
     assert_eq!(waiter.reply(), "ok");
 }

@@ -68,7 +68,8 @@ pub async fn run(opts: Options) -> Result<()> {
         if adopted { "; re-adopting pinned maps" } else { "" }
     );
     let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, names::COUNTERS)?;
-    let iters = Iters::load(&[Prog::DeletedFds, Prog::DeletedMaps])?;
+    let iters = Iters::load(&Prog::ALL)?;
+    iters.pin(&opts.pins)?;
     let mut deleted = DeletedTable::open(
         take(&mut ebpf, names::FILE_TRIGGERS)?,
         take(&mut ebpf, names::DELETED)?,

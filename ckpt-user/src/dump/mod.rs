@@ -179,12 +179,15 @@ pub fn run(opts: &Options) -> Result<Report> {
     let loaded = if std::env::var_os("CKPT_PROC_ONLY").is_some() {
         Err(anyhow::anyhow!("CKPT_PROC_ONLY is set"))
     } else {
-        Iters::load(&[
-            Prog::TaskFiles,
-            Prog::TaskFilesPaths,
-            Prog::LockTable,
-            Prog::LockTableMaps,
-        ])
+        Iters::open(
+            &opts.pins,
+            &[
+                Prog::TaskFiles,
+                Prog::TaskFilesPaths,
+                Prog::LockTable,
+                Prog::LockTableMaps,
+            ],
+        )
     };
     let iters = match loaded {
         Ok(i) => Some(i),

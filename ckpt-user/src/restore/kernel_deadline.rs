@@ -44,11 +44,13 @@ impl Tracer {
     /// None when the iterators cannot be loaded (restore then times the break from
     /// the syscall, less exactly under load).
     pub fn open(pins: &PinDir, hz: u32) -> Option<Tracer> {
-        Iters::load(&[Prog::LockTable]).ok().map(|iters| Tracer {
-            iters,
-            pins: pins.clone(),
-            hz,
-        })
+        Iters::open(pins, &[Prog::LockTable])
+            .ok()
+            .map(|iters| Tracer {
+                iters,
+                pins: pins.clone(),
+                hz,
+            })
     }
 
     /// The break of the lease `holder` has on inode `ino`.

@@ -12,6 +12,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
+const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_ITER_CREATE: libc::c_long = 33;
@@ -43,6 +44,29 @@ fn bpf(cmd: libc::c_long, attr: &mut Attr) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: on success these commands return a new fd that we own.
     Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// Pins BPF object `fd` (here: a program) at `path` in bpffs.
+pub fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> Result<()> {
+    let c = CString::new(path.as_os_str().as_encoded_bytes())?;
+    let mut attr = Attr::new();
+    attr.put_u64(0, c.as_ptr() as u64)
+        .put_u32(8, fd.as_raw_fd() as u32);
+    // BPF_OBJ_PIN returns 0, not an fd.
+    // SAFETY: `attr` is a valid, zero-padded bpf_attr; its size is passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_PIN,
+            attr.0.as_mut_ptr(),
+            attr.0.len(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("pinning {}", path.display()));
+    }
+    Ok(())
 }
 
 /// Opens a pinned BPF object (here: a program).

@@ -1,17 +1,20 @@
-//! The iterator programs (ckpt-ebpf/src/iters.rs), loaded by whoever reads with them:
-//! `ckpt-user locks`, `dump`, `restore` and `deleted` work the same with or without
-//! an agent, and never read with programs of another build. The object has no
-//! pinned maps, so loading it leaves nothing behind.
+//! The iterator programs (ckpt-ebpf/src/iters.rs), loaded by whoever reads with them
+//! or taken from ckpt-agent's pins of the same build: `ckpt-user locks`, `dump`,
+//! `restore` and `deleted` work the same with or without an agent, and never read
+//! with programs of another build. The object has no pinned maps, so loading it
+//! leaves nothing behind.
 
 use std::{
     collections::HashMap,
     os::fd::{AsFd as _, BorrowedFd, OwnedFd},
+    path::PathBuf,
 };
 
 use anyhow::{anyhow, Context as _, Result};
 use aya::{programs::Iter, Ebpf, EbpfLoader};
+use sha2::{Digest as _, Sha256};
 
-use super::format::resolve_layout;
+use super::{format::resolve_layout, pins::PinDir};
 use crate::sys::{bpf_iter, mounts};
 
 /// The iterator object built by build.rs.
@@ -54,11 +57,31 @@ impl Prog {
     }
 }
 
+impl Prog {
+    pub const ALL: [Prog; 6] = [
+        Prog::TaskFiles,
+        Prog::TaskFilesPaths,
+        Prog::LockTable,
+        Prog::LockTableMaps,
+        Prog::DeletedFds,
+        Prog::DeletedMaps,
+    ];
+}
+
 /// Loaded iterator programs.
 pub struct Iters {
     progs: HashMap<Prog, OwnedFd>,
-    /// Keeps the object's maps (per-CPU scratch) alive.
-    _ebpf: Ebpf,
+    /// Keeps the object's maps (per-CPU scratch) alive; None for the agent's pinned
+    /// programs (the pins hold them).
+    _ebpf: Option<Ebpf>,
+}
+
+/// Where ckpt-agent pins the iterators of this build: readers of the same build use
+/// them instead of loading their own (verifying and BTF parsing cost ~100 ms here,
+/// seconds in a TCG guest), and never use another build's.
+fn pinned_dir(pins: &PinDir) -> PathBuf {
+    let id = hex::encode(&Sha256::digest(OBJECT)[..8]);
+    pins.progs_dir().join(format!("iters-{id}"))
 }
 
 /// Why the iterators cannot be used (the caller falls back to /proc).
@@ -74,6 +97,46 @@ pub fn unavailable_hint(e: &anyhow::Error) -> String {
 }
 
 impl Iters {
+    /// The agent's pinned programs when it pinned this build's, else `load`.
+    pub fn open(pins: &PinDir, progs: &[Prog]) -> Result<Iters> {
+        let dir = pinned_dir(pins);
+        let pinned: Option<HashMap<Prog, OwnedFd>> = progs
+            .iter()
+            .map(|&p| {
+                bpf_iter::obj_get(&dir.join(p.name()))
+                    .ok()
+                    .map(|fd| (p, fd))
+            })
+            .collect();
+        match pinned {
+            Some(progs) => Ok(Iters { progs, _ebpf: None }),
+            None => Iters::load(progs),
+        }
+    }
+
+    /// Pins every program for readers of this build (ckpt-agent), and removes the
+    /// pins of other builds.
+    pub fn pin(&self, pins: &PinDir) -> Result<()> {
+        let dir = pinned_dir(pins);
+        if let Ok(entries) = std::fs::read_dir(pins.progs_dir()) {
+            for e in entries.flatten() {
+                let stale =
+                    e.file_name().to_string_lossy().starts_with("iters-") && e.path() != dir;
+                if stale {
+                    std::fs::remove_dir_all(e.path())
+                        .with_context(|| format!("removing stale pins {:?}", e.path()))?;
+                }
+            }
+        }
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {dir:?}"))?;
+        for (p, fd) in &self.progs {
+            let path = dir.join(p.name());
+            let _ = std::fs::remove_file(&path);
+            bpf_iter::obj_pin(fd.as_fd(), &path)?;
+        }
+        Ok(())
+    }
+
     /// Loads `progs` with this kernel's layout.
     pub fn load(progs: &[Prog]) -> Result<Iters> {
         mounts::ensure_tracefs()?;
@@ -91,19 +154,12 @@ impl Iters {
                 .try_into()?;
             prog.load(p.target(), &btf)
                 .with_context(|| format!("loading the {} iterator", p.name()))?;
-            if std::env::var_os("CKPT_VERIFIER_STATS").is_some() {
-                eprintln!(
-                    "{}: {:?} verified insns",
-                    p.name(),
-                    prog.info()?.verified_instruction_count()
-                );
-            }
             let fd = prog.fd()?.as_fd().try_clone_to_owned()?;
             fds.insert(p, fd);
         }
         Ok(Iters {
             progs: fds,
-            _ebpf: ebpf,
+            _ebpf: Some(ebpf),
         })
     }
 

@@ -161,6 +161,10 @@ pub fn load_and_attach(pins: &PinDir, tracing: Tracing) -> Result<Loaded> {
             .with_context(|| format!("listing {dir:?}"))?
             .flatten()
         {
+            // Directories hold the iterators (`iters::Iters::pin`).
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
             let name = entry.file_name();
             if !attached.contains(name.to_string_lossy().as_ref()) {
                 fs::remove_file(entry.path())

@@ -3,6 +3,7 @@
 //! ```text
 //! <root>/maps/<MAP>      what the tracer records for readers (WAITS, BREAKS, ...)
 //! <root>/progs/<prog>    the loaded programs
+//! <root>/progs/iters-<build>/<prog>   the iterators, for readers of the same build
 //! <root>/links/<prog>    their tracepoint attachments: tracing goes on while no agent runs
 //! ```
 
@@ -72,11 +73,8 @@ impl PinDir {
     /// Removes every pin (programs detach once nothing else holds them).
     pub fn remove_all(&self) -> std::io::Result<()> {
         for dir in [self.links_dir(), self.progs_dir(), self.maps_dir()] {
-            if let Ok(entries) = std::fs::read_dir(&dir) {
-                for e in entries.flatten() {
-                    std::fs::remove_file(e.path())?;
-                }
-                std::fs::remove_dir(&dir)?;
+            if dir.exists() {
+                std::fs::remove_dir_all(&dir)?;
             }
         }
         match std::fs::remove_dir(&self.root) {

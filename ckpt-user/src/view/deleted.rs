@@ -139,7 +139,7 @@ pub fn entries(pins: &PinDir, max_age: Option<Duration>) -> Result<(Entries, Vec
             None => notes.push("no ckpt-agent table to use (--max-age): scanning now".into()),
         }
     }
-    let iters = match Iters::load(&[Prog::DeletedFds, Prog::DeletedMaps]) {
+    let iters = match Iters::open(pins, &[Prog::DeletedFds, Prog::DeletedMaps]) {
         Ok(i) => i,
         Err(e) => bail!(
             "cannot scan for deleted files: {}; as another user, `ls -l /proc/PID/fd` shows your own processes' deleted files",

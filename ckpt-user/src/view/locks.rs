@@ -169,7 +169,7 @@ pub struct Context<'a> {
 /// about them (one line each). From the kernel's lists when the iterators load,
 /// else from /proc/locks.
 pub fn live_rows(pins: &PinDir) -> Result<(Vec<LockRow>, Vec<String>)> {
-    let iters = match Iters::load(&[Prog::LockTable, Prog::LockTableMaps]) {
+    let iters = match Iters::open(pins, &[Prog::LockTable, Prog::LockTableMaps]) {
         Ok(i) => i,
         Err(e) => {
             let note = format!(
