@@ -1,12 +1,14 @@
 //! Tracer overhead: lock-heavy workloads with no tracer, with ckpt-agent attached, with
-//! a bpftrace script on the same lock tracepoints doing a comparable map update, and
-//! with empty bpftrace programs on every tracepoint ckpt attaches (the floor: what the
-//! tracepoints alone cost, whatever a program does). The modes alternate within each
-//! run, so that the host's drift hits them alike.
+//! a bpftrace script on the same tracepoints recording what ckpt records, and with
+//! empty programs on every tracepoint ckpt-agent attaches, each as the same kind (the
+//! floor: what the tracepoints alone cost, whatever a program does; ckpt-user's
+//! `tracepoint_floor` example). The modes alternate within each run, so that the
+//! host's drift hits them alike. Then ckpt-agent's own CPU, idle and under a flood.
 
 use std::{
+    collections::BTreeSet,
     fmt::Write as _,
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -14,11 +16,13 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use super::{start_agent, stats, stop, Ctx};
+use crate::util::{sh, workspace};
 
 const PIN_DIR: &str = "/sys/fs/bpf/ckpt-bench-tracer";
 const SECONDS: u32 = 3;
-/// Transactions of the sqlite3 workload (one INSERT each): about a second untraced.
-const SQLITE_TX: usize = 20_000;
+/// Transactions of the sqlite3 workload (one INSERT each): about 3 s untraced, long
+/// enough that its run-to-run spread (about 20 % at 1 s) resolves 5 %.
+const SQLITE_TX: usize = 50_000;
 /// A tmpfs for the sqlite3 database: on disk, fsync jitter swamped the tracer's cost
 /// (runs of one mode spread over 30%).
 const SQLITE_DIR: &str = "/dev/shm/ckpt-bench-sqlite";
@@ -33,10 +37,10 @@ enum Mode {
 
 const MODES: [Mode; 4] = [Mode::None, Mode::Ckpt, Mode::Bpftrace, Mode::Floor];
 
-/// The bpftrace scripts of the two bpftrace modes.
+/// What the modes run: the bpftrace script and the floor's program.
 struct Scripts {
     comparable: String,
-    floor: String,
+    floor: PathBuf,
 }
 
 /// (label, stress-ng stressor or "sqlite3")
@@ -119,61 +123,64 @@ fn field(event: &str, names: &[&str]) -> Result<String> {
         .with_context(|| format!("{event} has none of {names:?}"))
 }
 
-/// A bpftrace script on ckpt's lock and lease tracepoints, updating a map per event
-/// as ckpt's programs do (field names differ between kernels: read them).
+/// A bpftrace script recording what ckpt-agent records, on the same tracepoints as
+/// classic ones: when a request starts to wait (FILE_LOCK_DEFERRED, 1) and when a
+/// lease break starts (field names differ between kernels: read them).
 fn bpftrace_script() -> Result<String> {
-    let owner = field("filelock/posix_lock_inode", &["owner", "fl_owner"])?;
-    let ty = field("filelock/posix_lock_inode", &["type", "fl_type"])?;
-    let lease_owner = field("filelock/generic_add_lease", &["owner", "fl_owner"])?;
-    let lease_ty = field("filelock/generic_add_lease", &["type", "fl_type"])?;
+    let lease = field("filelock/break_lease_block", &["fl", "fl_blocker"])?;
     Ok(format!(
         "tracepoint:filelock:posix_lock_inode, tracepoint:filelock:flock_lock_inode \
-         {{ if (args->ret == 0) {{ @locks[args->s_dev, args->i_ino, args->{owner}, args->fl_start] = args->{ty}; }} }}\n\
-         tracepoint:filelock:generic_add_lease, tracepoint:filelock:generic_delete_lease, \
-         tracepoint:filelock:break_lease_block, tracepoint:filelock:break_lease_noblock, \
-         tracepoint:filelock:break_lease_unblock, tracepoint:filelock:time_out_leases \
-         {{ @leases[args->s_dev, args->i_ino, args->{lease_owner}] = args->{lease_ty}; }}\n\
-         tracepoint:syscalls:sys_enter_fcntl, tracepoint:syscalls:sys_enter_flock {{ @ctx[tid] = args->fd; }}\n\
-         tracepoint:syscalls:sys_exit_fcntl, tracepoint:syscalls:sys_exit_flock {{ delete(@ctx[tid]); }}\n"
+         {{ if (args->ret == 1) {{ @wait[tid] = nsecs; }} }}\n\
+         tracepoint:filelock:break_lease_block, tracepoint:filelock:break_lease_noblock \
+         {{ @breaks[args->{lease}] = nsecs; }}\n\
+         tracepoint:filelock:break_lease_unblock {{ delete(@wait[tid]); }}\n"
     ))
 }
 
-/// The tracepoints (category:name) ckpt-agent attaches here: its pinned links are
-/// named after its programs, which are named after their tracepoints.
-fn ckpt_tracepoints(ctx: &Ctx) -> Result<Vec<String>> {
+/// Builds the floor's program (ckpt-user's `tracepoint_floor` example).
+fn build_floor() -> Result<PathBuf> {
+    sh(Command::new("cargo").current_dir(workspace()).args([
+        "build",
+        "--release",
+        "-p",
+        "ckpt-user",
+        "--example",
+        "tracepoint_floor",
+    ]))?;
+    Ok(workspace().join("target/release/examples/tracepoint_floor"))
+}
+
+/// ckpt-agent's attached programs (its pinned links are named after them).
+fn agent_links(ctx: &Ctx) -> Result<BTreeSet<String>> {
     let agent = start_agent(&ctx.bins, PIN_DIR)?;
-    let names: Vec<String> = std::fs::read_dir(format!("{PIN_DIR}/links"))
+    let names = std::fs::read_dir(format!("{PIN_DIR}/links"))
         .map(|d| {
             d.flatten()
+                // Directories hold the iterators' links: not tracepoints.
+                .filter(|e| e.file_type().is_ok_and(|t| !t.is_dir()))
                 .map(|e| e.file_name().to_string_lossy().into_owned())
                 .collect()
         })
         .unwrap_or_default();
     stop(agent);
-    let mut out = Vec::new();
-    for name in names {
-        let category = std::fs::read_dir("/sys/kernel/tracing/events")?
-            .flatten()
-            .find(|c| c.path().join(&name).is_dir());
-        // Iterator links (deleted-file scans) are not tracepoints.
-        if let Some(c) = category {
-            out.push(format!("{}:{name}", c.file_name().to_string_lossy()));
-        }
-    }
-    if out.len() < 10 {
-        bail!("found only {out:?} among ckpt-agent's links under {PIN_DIR}/links");
-    }
-    out.sort();
-    Ok(out)
+    Ok(names)
 }
 
-/// Empty programs on `tracepoints`.
-fn floor_script(tracepoints: &[String]) -> String {
-    let probes: Vec<String> = tracepoints
-        .iter()
-        .map(|t| format!("tracepoint:{t}"))
-        .collect();
-    format!("{} {{ }}\n", probes.join(", "))
+/// Starts the floor; returns it and what it attached ("program=kind/tracepoint").
+fn start_floor(path: &Path) -> Result<(Child, Vec<String>)> {
+    let mut child = Command::new(path)
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", path.display()))?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().context("floor stdout")?;
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+    let Some(list) = line.trim().strip_prefix("attached: ") else {
+        let _ = child.kill();
+        let status = child.wait()?;
+        bail!("the floor's programs did not attach ({status})");
+    };
+    Ok((child, list.split(' ').map(str::to_string).collect()))
 }
 
 fn start_bpftrace(script: &str) -> Result<Child> {
@@ -203,13 +210,13 @@ fn start(mode: Mode, ctx: &Ctx, scripts: &Scripts) -> Result<Option<Child>> {
         Mode::None => None,
         Mode::Ckpt => Some(start_agent(&ctx.bins, PIN_DIR)?),
         Mode::Bpftrace => Some(start_bpftrace(&scripts.comparable)?),
-        Mode::Floor => Some(start_bpftrace(&scripts.floor)?),
+        Mode::Floor => Some(start_floor(&scripts.floor)?.0),
     })
 }
 
 fn halt(mode: Mode, child: Option<Child>) {
     match (mode, child) {
-        (Mode::Bpftrace | Mode::Floor, Some(mut c)) => {
+        (Mode::Bpftrace, Some(mut c)) => {
             // SIGINT: bpftrace prints its maps and exits.
             let _ = Command::new("kill")
                 .args(["-INT", &c.id().to_string()])
@@ -275,12 +282,41 @@ fn per_event_ns(mode: Mode, ctx: &Ctx, scripts: &Scripts) -> Result<f64> {
     Ok(ns / runs as f64)
 }
 
+/// ckpt-agent's CPU (user + system, % of one CPU) over `seconds` idle, and over one
+/// stress-ng --flock run (a lock flood: about 2 million lock calls a second here).
+fn agent_cpu(ctx: &Ctx, seconds: u64) -> Result<(f64, f64)> {
+    let agent = start_agent(&ctx.bins, PIN_DIR)?;
+    let pid = agent.id();
+    let measured = (|| -> Result<(f64, f64)> {
+        let (c0, t0) = (cpu_s(pid), Instant::now());
+        std::thread::sleep(Duration::from_secs(seconds));
+        let idle = (cpu_s(pid) - c0) / t0.elapsed().as_secs_f64();
+        let (c0, t0) = (cpu_s(pid), Instant::now());
+        stress("flock")?;
+        let flood = (cpu_s(pid) - c0) / t0.elapsed().as_secs_f64();
+        Ok((100.0 * idle, 100.0 * flood))
+    })();
+    stop(agent);
+    measured
+}
+
 /// The tracer section's body.
 pub fn run(ctx: &Ctx) -> Result<String> {
-    let tracepoints = ckpt_tracepoints(ctx)?;
+    let floor = build_floor()?;
+    // The floor must stand for exactly what the agent attaches.
+    let (child, floor_progs) = start_floor(&floor)?;
+    halt(Mode::Floor, Some(child));
+    let floor_names: BTreeSet<String> = floor_progs
+        .iter()
+        .map(|p| p.split('=').next().unwrap_or(p).to_string())
+        .collect();
+    let agent_names = agent_links(ctx)?;
+    if floor_names != agent_names {
+        bail!("the floor attaches {floor_names:?}, ckpt-agent {agent_names:?}: make them agree (ckpt-user/examples/tracepoint_floor.rs)");
+    }
     let scripts = Scripts {
         comparable: bpftrace_script()?,
-        floor: floor_script(&tracepoints),
+        floor,
     };
     // results[workload][mode]
     let mut results = vec![vec![Vec::new(); MODES.len()]; WORKLOADS.len()];
@@ -321,11 +357,14 @@ pub fn run(ctx: &Ctx) -> Result<String> {
     }
     let ckpt_ns = per_event_ns(Mode::Ckpt, ctx, &scripts)?;
     let bt_ns = per_event_ns(Mode::Bpftrace, ctx, &scripts)?;
+    const IDLE_S: u64 = 10;
+    let (idle, flood) = agent_cpu(ctx, IDLE_S)?;
+    println!("bench: agent CPU idle {idle:.2}%, under a flock flood {flood:.2}%");
     Ok(format!(
-        "Throughput of lock-heavy workloads (higher is better) with no tracer, with ckpt-agent attached (all its programs: locks, leases, deleted-file triggers; the agent applying events), and with bpftrace ({}) on the same lock and lease tracepoints plus fcntl/flock entry and exit, updating a map per event; and with empty bpftrace programs on the {} tracepoints ckpt-agent attaches ({}), which is the floor for any tracer that watches them as classic tracepoints. ckpt-agent attaches the two that fire on every lock call, filelock:posix_lock_inode and filelock:flock_lock_inode, as BTF tracepoints (the kernel's arguments, no record to fill, fields read by plain loads), which bpftrace 0.17 cannot do (no raw tracepoints, and fentry is refused here), so on those ckpt can run below this floor. Each stress-ng figure is a {SECONDS} s run of two instances; --lease is not a measure of a tracer's cost: untraced, its runs alone range from about 1,400 to over 60,000 ops/s (whether its breakers wait out a lease break is a scheduling race), so its ratios are noise; sqlite3 inserts {SQLITE_TX} rows, one per transaction, into a database on tmpfs (on disk, fsync jitter hid the tracer's cost).\n\n{table}\nCost per tracepoint hit, during stress-ng --fcntl (programs' run time from kernel.bpf_stats_enabled, plus the tracer process's CPU time, divided by program runs): ckpt {ckpt_ns:.0} ns, bpftrace {bt_ns:.0} ns.\n",
+        "Throughput of lock-heavy workloads (higher is better) with no tracer; with ckpt-agent in its default configuration ({} programs: {}); with bpftrace ({}) recording what ckpt records on the same tracepoints as classic tracepoints (a map update when a request starts to wait, and when a lease break starts); and with empty programs on every tracepoint ckpt-agent attaches, each as the same kind (`tracepoint_floor`, checked against the agent's links: BTF tracepoints for the two that fire on every lock call, which bpftrace 0.17 cannot attach), which is the floor of any tracer on them. Each stress-ng figure is a {SECONDS} s run of two instances; --lease is not a measure of a tracer's cost: untraced, its runs alone range from about 1,400 to over 60,000 ops/s (whether its breakers wait out a lease break is a scheduling race), so its ratios are noise; sqlite3 inserts {SQLITE_TX} rows, one per transaction, into a database on tmpfs (on disk, fsync jitter hid the tracer's cost).\n\n{table}\nCost per tracepoint hit, during stress-ng --fcntl (programs' run time from kernel.bpf_stats_enabled, plus the tracer process's CPU time, divided by program runs): ckpt {ckpt_ns:.0} ns, bpftrace {bt_ns:.0} ns.\n\nckpt-agent's own CPU (user + system, of one CPU): {idle:.2} % idle ({IDLE_S} s), {flood:.2} % while stress-ng --flock floods the host with lock calls (its programs' time is in the lock callers' CPU, above). Idle, its work is the background deleted-file scan (once a second, paced to at most 5 % of a CPU).\n",
+        floor_progs.len(),
+        floor_progs.join(", "),
         output_version(),
-        tracepoints.len(),
-        tracepoints.join(", ")
     ))
 }
 
