@@ -193,6 +193,9 @@ pub fn run(opts: &Options) -> Result<Report> {
         .map(|(soft, _)| soft)
         .unwrap_or(1024);
     crate::sys::raise_open_file_limit();
+    let (_, nofile_hard) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
+    plan.check_fd_limit(nofile_hard)?;
 
     let mut ghosts = HashMap::new();
     for fp in plan.files.values() {

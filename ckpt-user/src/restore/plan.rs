@@ -138,6 +138,35 @@ pub struct Plan {
     pub released_by_exec: Vec<String>,
 }
 
+/// fds a restoring helper holds besides the descriptions: stdio, its control pipes,
+/// the image and what the runtime opens (a generous bound: the check below must not
+/// pass a plan that then fails half-way).
+const HELPER_FDS: usize = 32;
+
+impl Plan {
+    /// Refuses, before anything is made, a plan whose fd numbers a helper cannot reach
+    /// under the hard open-file limit `hard`: each places its fds by first moving every
+    /// source above all numbers in play (`spawn::arrange_fds`), so it needs its highest
+    /// fd (or ckpt-user's own descriptors) plus one number per fd.
+    pub fn check_fd_limit(&self, hard: u64) -> Result<()> {
+        for p in &self.procs {
+            let Some(highest) = p.fds.iter().map(|d| d.fd).max() else {
+                continue;
+            };
+            let base = (highest.max(0) as u64 + 1).max((self.files.len() + HELPER_FDS) as u64);
+            let needed = base + p.fds.len() as u64;
+            if needed > hard {
+                bail!(
+                    "process {}'s fds (up to fd {highest}, {} of them) need {needed} fd numbers, above this ckpt-user's hard open-file limit (RLIMIT_NOFILE {hard}): raise it, as root, to at least {needed} (`ulimit -Hn {needed}` in the shell that restores, LimitNOFILE= for a unit; fs.nr_open caps it) and restore again",
+                    p.old_pid,
+                    p.fds.len()
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct PlanOptions<'a> {
     pub exec_cmds: &'a HashMap<u32, String>,
     pub skip_unsupported: bool,
@@ -535,6 +564,38 @@ mod tests {
             skip_unsupported: false,
             keep_cloexec: false,
         }
+    }
+
+    #[test]
+    fn fd_numbers_beyond_the_hard_open_file_limit_are_refused_before_anything_is_made() {
+        let image = Image {
+            processes: vec![proc(20, 1, &[(3, 0), (5000, 0)])],
+            files: vec![file(0, "/a", FileKind::Regular, 10)],
+            ..Default::default()
+        };
+        let plan = build(&image, &opts()).unwrap();
+        // 5001 numbers up to fd 5000, then one more per fd to move it through.
+        let err = plan.check_fd_limit(5002).unwrap_err().to_string();
+        assert!(
+            err.contains("process 20's fds (up to fd 5000, 2 of them) need 5003"),
+            "{err}"
+        );
+        assert!(
+            err.contains("RLIMIT_NOFILE 5002") && err.contains("ulimit -Hn 5003"),
+            "{err}"
+        );
+        plan.check_fd_limit(5003).unwrap();
+        // Low fds: ckpt-user's own descriptors set the base.
+        let low = build(
+            &Image {
+                processes: vec![proc(20, 1, &[(3, 0)])],
+                ..image.clone()
+            },
+            &opts(),
+        )
+        .unwrap();
+        low.check_fd_limit(1024).unwrap();
+        assert!(low.check_fd_limit(10).is_err());
     }
 
     #[test]

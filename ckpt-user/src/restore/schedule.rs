@@ -83,8 +83,19 @@ pub fn remaining_after_restore(
         LeaseTime::Breaker => 0,
         LeaseTime::Delta(d) => (recorded()? as i64).saturating_add(d).max(0) as u64,
     };
-    Ok(Duration::from_nanos(ns))
+    let remaining = Duration::from_nanos(ns);
+    if remaining > MAX_REMAINING {
+        bail!(
+            "its break would have {} s left, more than a restore sets fs.lease-break-time to ({} s: the setting is host-wide while the break is made, so any lease another process breaks then would wait as long); use --lease-time breaker or -N",
+            remaining.as_secs(),
+            MAX_REMAINING.as_secs()
+        );
+    }
+    Ok(remaining)
 }
+
+/// The longest break a restore makes: one day (the kernel's default is 45 s).
+pub const MAX_REMAINING: Duration = Duration::from_secs(86_400);
 
 /// One lease's break: the sysctl value to break it with, and how long before the
 /// release instant to do it.
@@ -167,6 +178,20 @@ mod tests {
         // Past its deadline at the checkpoint, not yet revoked: at once.
         let late = lease(Some(-5), Some(5));
         assert!(remaining_after_restore(&late, LeaseTime::Exact, 45)
+            .unwrap()
+            .is_zero());
+        // A crafted or absurd deadline is refused, not written to the host's sysctl.
+        let huge = lease(Some(i64::MAX), Some(u32::MAX));
+        for p in [LeaseTime::Exact, LeaseTime::Holder] {
+            let err = remaining_after_restore(&huge, p, 45)
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains("more than a restore sets fs.lease-break-time to (86400 s"),
+                "{err}"
+            );
+        }
+        assert!(remaining_after_restore(&huge, LeaseTime::Breaker, 45)
             .unwrap()
             .is_zero());
         // Without the agent: no deadline, so only the policies that need none.

@@ -420,7 +420,13 @@ fn dup_high(fd: RawFd, base: RawFd) -> Result<RawFd> {
     // SAFETY: plain fcntl; the copy is ours.
     let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, base) };
     if r < 0 {
-        return Err(os_err(format!("moving fd {fd}")));
+        // EINVAL: `base` is at or above the open-file limit (`Plan::check_fd_limit`
+        // refuses such plans up front; this names the limit should it still happen).
+        let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+            .map_or(String::new(), |(soft, hard)| {
+                format!(" (fd numbers from {base}; RLIMIT_NOFILE soft {soft}, hard {hard})")
+            });
+        return Err(os_err(format!("moving fd {fd}{limit}")));
     }
     Ok(r)
 }
