@@ -104,24 +104,22 @@ pub fn run(ctx: &Ctx) -> Result<String> {
         for (label, mut ours, mut theirs) in queries {
             let (mut a, mut b) = (Vec::new(), Vec::new());
             let (mut fa, mut fb) = (0, 0);
+            // A run's time, or its failure counted and kept.
+            let mut timed = |c: &mut Command, times: &mut Vec<f64>, failed: &mut usize| {
+                match time_ms(c)? {
+                    Ok(ms) => times.push(ms),
+                    Err(e) => {
+                        *failed += 1;
+                        eprintln!("bench: {e}");
+                        failures.push(e);
+                    }
+                }
+                anyhow::Ok(())
+            };
             for _ in 0..ctx.runs {
-                match time_ms(&mut ours)? {
-                    Ok(ms) => a.push(ms),
-                    Err(e) => {
-                        fa += 1;
-                        eprintln!("bench: {e}");
-                        failures.push(e);
-                    }
-                }
+                timed(&mut ours, &mut a, &mut fa)?;
                 // lsof exits 1 when it finds nothing; it finds the files here.
-                match time_ms(&mut theirs)? {
-                    Ok(ms) => b.push(ms),
-                    Err(e) => {
-                        fb += 1;
-                        eprintln!("bench: {e}");
-                        failures.push(e);
-                    }
-                }
+                timed(&mut theirs, &mut b, &mut fb)?;
             }
             let (a, b) = (stats(a), stats(b));
             let row = format!(
