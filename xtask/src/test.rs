@@ -116,43 +116,63 @@ fn vm_matrix(opts: &Options, tally: &mut Tally) -> Result<bool> {
         );
     }
     let (bins, tests) = vm::build_static()?;
-    let mut ok = true;
-    let mut accel = None;
+    let mut prepared = Vec::new();
     for spec in specs {
         let kernel = vm::fetch_kernel(spec)?;
         let initrd = vm::initramfs(&bins, &tests, &kernel)?;
-        let a = match accel {
-            Some(a) => a,
-            None => {
-                let a = vm::pick_accel(&kernel, &initrd)?;
-                accel = Some(a);
-                a
-            }
-        };
+        prepared.push((kernel, initrd));
+    }
+    let accel = vm::pick_accel(&prepared[0].0, &prepared[0].1)?;
+    // The VMs run side by side, one per CPU: under TCG each guest is one host thread
+    // (thread=single), so the matrix takes as long as its slowest kernel, not the sum.
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut ok = true;
+    for batch in prepared.chunks(cpus) {
+        let names: Vec<&str> = batch.iter().map(|(k, _)| k.release.as_str()).collect();
         println!(
-            "== integration tests in a VM: kernel {} ({a})",
-            kernel.release
+            "== integration tests in VMs, side by side ({accel}): kernel {}",
+            names.join(", kernel ")
         );
-        let started = std::time::Instant::now();
-        let (passed, failed, complete) =
-            vm::run_kernel(&kernel, &initrd, a, &opts.filter, opts.vm_timeout)?;
-        tally.passed += passed;
-        tally.failed += failed;
-        if !complete {
-            // A panic, a hang or a missing end marker is a failure, never a pass.
-            tally.failed += 1;
-            ok = false;
+        let runs: Vec<(Result<vm::KernelRun>, std::time::Duration)> = std::thread::scope(|s| {
+            let handles: Vec<_> = batch
+                .iter()
+                .map(|(kernel, initrd)| {
+                    s.spawn(move || {
+                        let started = std::time::Instant::now();
+                        let r =
+                            vm::run_kernel(kernel, initrd, accel, &opts.filter, opts.vm_timeout);
+                        (r, started.elapsed())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("a VM runner thread panicked"))
+                .collect()
+        });
+        for ((kernel, _), (run, took)) in batch.iter().zip(runs) {
+            let run = run.with_context(|| format!("running the VM of {}", kernel.release))?;
+            print!("{}", run.report);
+            tally.passed += run.passed;
+            tally.failed += run.failed;
+            if !run.complete {
+                // A panic, a hang or a missing end marker is a failure, never a pass.
+                tally.failed += 1;
+                ok = false;
+                println!(
+                    "kernel {}: the VM did not finish its run (see the console above)",
+                    kernel.release
+                );
+            }
+            ok &= run.failed == 0;
             println!(
-                "kernel {}: the VM did not finish its run (see the console above)",
-                kernel.release
+                "kernel {}: {} passed, {} failed ({:.0} s)",
+                kernel.release,
+                run.passed,
+                run.failed,
+                took.as_secs_f64()
             );
         }
-        ok &= failed == 0;
-        println!(
-            "kernel {}: {passed} passed, {failed} failed ({:.0} s)",
-            kernel.release,
-            started.elapsed().as_secs_f64()
-        );
     }
     Ok(ok)
 }

@@ -312,7 +312,9 @@ poweroff -f
 
 /// Writes the initramfs for the given binaries; returns its path.
 pub fn initramfs(bins: &Path, tests: &[PathBuf], kernel: &Kernel) -> Result<PathBuf> {
-    let root = workspace().join("target/vm-root");
+    // One root and one image per kernel: the VMs of the matrix are prepared together
+    // and run side by side.
+    let root = workspace().join(format!("target/vm-root-{}", kernel.release));
     let _ = std::fs::remove_dir_all(&root);
     for d in [
         "bin",
@@ -393,7 +395,7 @@ pub fn initramfs(bins: &Path, tests: &[PathBuf], kernel: &Kernel) -> Result<Path
         0o755,
     );
     sh(Command::new("chmod").arg("755").arg(&init))?;
-    let img = workspace().join("target/vm-initramfs.cpio");
+    let img = workspace().join(format!("target/vm-initramfs-{}.cpio", kernel.release));
     let status = Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -559,15 +561,25 @@ pub fn failed_suites(console: &str) -> Vec<Suite<'_>> {
     out
 }
 
-/// Runs the integration tests on one kernel; returns (passed, failed) and whether the
-/// VM ran to the end.
+/// What one kernel's VM run gave: its tallies, whether it ran to the end, and what to
+/// print of it (failed suites whole, the console's tail if it did not finish). The
+/// text is kept, not printed, so that VMs running side by side do not interleave.
+pub struct KernelRun {
+    pub passed: u64,
+    pub failed: u64,
+    pub complete: bool,
+    pub report: String,
+}
+
+/// Runs the integration tests on one kernel.
 pub fn run_kernel(
     kernel: &Kernel,
     initrd: &Path,
     accel: &str,
     filter: &str,
     timeout: Duration,
-) -> Result<(u64, u64, bool)> {
+) -> Result<KernelRun> {
+    use std::fmt::Write as _;
     let extra = if filter.is_empty() {
         String::new()
     } else {
@@ -576,26 +588,46 @@ pub fn run_kernel(
     let r = boot(kernel, initrd, accel, &extra, timeout)?;
     let (passed, failed) = tally(&r.console);
     let complete = r.console.contains(DONE) && !r.timed_out;
+    let mut report = String::new();
     // A failing suite is printed whole: its failure report can be far above the
     // console's tail, behind the suites that ran after it.
     for suite in failed_suites(&r.console) {
-        println!("---- {} on {}: failed ----", suite.name, kernel.release);
-        println!("{}", suite.output);
-        println!("---- end of {} ----", suite.name);
+        let _ = writeln!(
+            report,
+            "---- {} on {}: failed ----",
+            suite.name, kernel.release
+        );
+        let _ = writeln!(report, "{}", suite.output);
+        let _ = writeln!(report, "---- end of {} ----", suite.name);
     }
     if !complete {
         let tail: Vec<&str> = r.console.lines().rev().take(60).collect();
-        println!(
+        let _ = writeln!(
+            report,
             "---- console of {} (last 60 lines){} ----",
             kernel.release,
             if r.timed_out { ", timed out" } else { "" }
         );
         for l in tail.iter().rev() {
-            println!("{l}");
+            let _ = writeln!(report, "{l}");
         }
-        println!("---- end of console ----");
+        let _ = writeln!(report, "---- end of console ----");
     }
-    Ok((passed, failed, complete))
+    // Each suite's time, so a slow guest shows where its time went.
+    let mut suite = "";
+    for l in r.console.lines() {
+        if let Some(name) = l.strip_prefix("=== running ") {
+            suite = name;
+        } else if let Some(result) = l.strip_prefix("test result: ") {
+            let _ = writeln!(report, "  {suite}: {result}");
+        }
+    }
+    Ok(KernelRun {
+        passed,
+        failed,
+        complete,
+        report,
+    })
 }
 
 #[cfg(test)]
