@@ -1,7 +1,10 @@
 //! `ckpt-user restore`: real processes dumped, killed and restored, then checked
 //! against the kernel's own views (/proc/PID/fdinfo, /proc/locks, kcmp, stat).
 
-use std::{os::unix::fs::MetadataExt as _, time::Duration};
+use std::{
+    os::unix::{fs::MetadataExt as _, process::CommandExt as _},
+    time::Duration,
+};
 
 use ckpt_tests::*;
 use serde_json::Value;
@@ -753,6 +756,65 @@ fn refusals_leave_nothing_behind() {
     // A file that is gone.
     std::fs::remove_file(&f).unwrap();
     refused(&img, &dir, "missing", &["--exec-cmd", &exec]);
+}
+
+/// A process whose fd numbers the restoring ckpt-user cannot reach under its hard
+/// open-file limit is refused before anything is made, in one line that names the
+/// limit and how to raise it; under a limit that fits, the fd comes back at its number.
+#[test]
+fn fd_numbers_beyond_the_hard_open_file_limit_are_refused_up_front() {
+    let Scene { agent, dir, cg } = Scene::new();
+    let f = dir.file("f");
+    let mut p = cg.locker();
+    p.cmd(&format!("open f {f}"));
+    assert_eq!(p.cmd("dup2 f high 900"), "ok 900");
+    p.cmd("close f");
+    let img = checkpoint(&agent, &cg, &dir);
+    let old = p.pid();
+    p.kill();
+    let exec = sleep_instead(old);
+
+    let into = Cgroup::new(false);
+    let mut limited = ckpt_user_cmd();
+    limited
+        .arg("restore")
+        .arg(&img)
+        .args(["--skip-unsupported", "--exec-cmd", &exec, "--cgroup"])
+        .arg(&into.path)
+        .stdin(std::process::Stdio::null());
+    // SAFETY: setrlimit is async-signal-safe; lowering a limit needs no privilege.
+    unsafe {
+        limited.pre_exec(|| {
+            let lim = libc::rlimit {
+                rlim_cur: 512,
+                rlim_max: 512,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = limited.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "restore under a 512 fd limit: {err}");
+    assert!(
+        err.contains("up to fd 900") && err.contains("RLIMIT_NOFILE 512"),
+        "{err}"
+    );
+    assert!(err.contains("ulimit -Hn"), "says how to raise it: {err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(
+        cgroup_pids(&into).is_empty(),
+        "processes made before refusing"
+    );
+
+    let report = restore(&img, &into, &["--exec-cmd", &exec]);
+    let pid = new_pid(&report, old);
+    assert_eq!(
+        std::fs::read_link(format!("/proc/{pid}/fd/900")).unwrap(),
+        std::path::PathBuf::from(&f)
+    );
 }
 
 #[test]

@@ -143,6 +143,15 @@ fn serve(input: impl BufRead, mut out: impl Write) {
                 fds.insert(new.to_string(), r);
                 format!("ok {r}")
             }
+            ["dup2", name, new, num] => {
+                let r = unsafe { libc::dup2(fd(name), num.parse().unwrap()) };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    fds.insert(new.to_string(), r);
+                    format!("ok {r}")
+                }
+            }
             [kind @ ("posix" | "ofd"), name, t, start, len, rest @ ..] => {
                 let mut fl: libc::flock = unsafe { std::mem::zeroed() };
                 fl.l_type = lock_type(t);
