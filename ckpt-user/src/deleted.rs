@@ -150,13 +150,9 @@ pub fn map_path(pid: u32, start: u64, end: u64) -> Option<String> {
 /// The deleted-but-open files now: one scan of every fd and mapping (the two walks
 /// side by side), as the agent's table would hold them, without times.
 pub fn scan_now(iters: &Iters) -> Result<HashMap<DeletedKey, DeletedValue>> {
-    let (fds, maps) = std::thread::scope(|s| {
-        let maps = s.spawn(|| iters.read_all(Prog::DeletedMaps));
-        let fds = iters.read_all(Prog::DeletedFds);
-        (fds, maps.join().expect("scan thread panicked"))
-    });
-    let mut seen = parse(&fds?)?;
-    seen.extend(parse(&maps?)?);
+    let (fds, maps) = iters.read_both(Prog::DeletedFds, Prog::DeletedMaps)?;
+    let mut seen = parse(&fds)?;
+    seen.extend(parse(&maps)?);
     let clock = ScanClock {
         unlink_ns: 0,
         now_ns: 0,

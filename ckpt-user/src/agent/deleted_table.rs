@@ -120,14 +120,9 @@ impl<'a> DeletedTable<'a> {
         self.last_scan = std::time::Instant::now();
         let t0 = self.last_scan;
         let first = self.last_gen.is_none();
-        // The two walks are independent kernel work: side by side.
-        let (fds, maps) = std::thread::scope(|s| {
-            let maps = s.spawn(|| self.iters.read_all(Prog::DeletedMaps));
-            let fds = self.iters.read_all(Prog::DeletedFds);
-            (fds, maps.join().expect("scan thread panicked"))
-        });
-        let mut seen = parse(&fds?)?;
-        seen.extend(parse(&maps?)?);
+        let (fds, maps) = self.iters.read_both(Prog::DeletedFds, Prog::DeletedMaps)?;
+        let mut seen = parse(&fds)?;
+        seen.extend(parse(&maps)?);
         let clock = ScanClock {
             unlink_ns: if first || !self.exact { 0 } else { unlink_ns },
             now_ns: monotonic_ns(),

@@ -274,11 +274,9 @@ const REREADS: usize = 2;
 /// Reads the whole table.
 pub fn read(iters: &Iters) -> Result<KernelLocks> {
     let mut out = KernelLocks::default();
-    let mut fds = parse(&iters.read_all(Prog::LockTable)?, &mut out.comms)?;
-    fds.extend(parse(
-        &iters.read_all(Prog::LockTableMaps)?,
-        &mut out.comms,
-    )?);
+    let (fds, maps) = iters.read_both(Prog::LockTable, Prog::LockTableMaps)?;
+    let mut fds = parse(&fds, &mut out.comms)?;
+    fds.extend(parse(&maps, &mut out.comms)?);
     collect(iters, fds, out)
 }
 

@@ -180,6 +180,17 @@ impl Iters {
         Ok(out)
     }
 
+    /// Runs `a` and `b` over every process, side by side on two threads (the fd walk
+    /// and the mapping walk each take most of a CPU on a host with many processes).
+    pub fn read_both(&self, a: Prog, b: Prog) -> Result<(Vec<u8>, Vec<u8>)> {
+        let (a, b) = std::thread::scope(|s| {
+            let b = s.spawn(|| self.read_all(b));
+            let a = self.read_all(a);
+            (a, b.join().expect("an iterator read thread panicked"))
+        });
+        Ok((a?, b?))
+    }
+
     /// Runs `p` over process `pid` only (Linux 6.1+ iterator parameters).
     pub fn read_process(&self, p: Prog, pid: u32) -> Result<Vec<u8>> {
         let link = bpf_iter::link_for_process(self.prog(p)?, pid)

@@ -75,6 +75,16 @@ pub struct DeletedFile {
 /// Holders of deleted files, as the table keeps them.
 pub type Entries = Vec<(DeletedKey, DeletedValue)>;
 
+/// Where `entries` took its answer from, and so whether its sizes are current.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// A scan made by this call: sizes as of now.
+    ScannedNow,
+    /// ckpt-agent's background table (`--max-age`): sizes as of its last rescan,
+    /// which writes do not trigger (see `refresh_sizes`).
+    AgentTable,
+}
+
 /// ckpt-agent's table, when an agent runs.
 pub struct AgentTable {
     scanned: Array<MapData, u64>,
@@ -112,7 +122,7 @@ impl AgentTable {
 /// The entries `ckpt-user deleted` shows, and what to tell the reader (one line
 /// each): the agent's table if it is at most `max_age` old, else a scan now, with
 /// the agent's times for the files it knows.
-pub fn entries(pins: &PinDir, max_age: Option<Duration>) -> Result<(Entries, Vec<String>)> {
+pub fn entries(pins: &PinDir, max_age: Option<Duration>) -> Result<(Entries, Vec<String>, Source)> {
     let mut notes = Vec::new();
     let agent = AgentTable::open(pins).unwrap_or_else(|e| {
         notes.push(format!(
@@ -130,6 +140,7 @@ pub fn entries(pins: &PinDir, max_age: Option<Duration>) -> Result<(Entries, Vec
                         .transpose()?
                         .unwrap_or_default(),
                     notes,
+                    Source::AgentTable,
                 ))
             }
             Some(age) => notes.push(format!(
@@ -160,7 +171,7 @@ pub fn entries(pins: &PinDir, max_age: Option<Duration>) -> Result<(Entries, Vec
             }
         }
     }
-    Ok((now.into_iter().collect(), notes))
+    Ok((now.into_iter().collect(), notes, Source::ScannedNow))
 }
 
 /// Groups holders by inode, keeping those `keep` accepts.

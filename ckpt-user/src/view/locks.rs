@@ -465,11 +465,21 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
     rows
 }
 
-fn sort(rows: &mut [LockRow]) {
-    rows.sort_by(|a, b| {
-        (a.dev_id, a.inode, a.row_kind, a.start, a.pid)
-            .cmp(&(b.dev_id, b.inode, b.row_kind, b.start, b.pid))
-    });
+/// By filesystem, inode, kind, start and pid. Sorted through an index: a row is a
+/// few hundred bytes, and moving 100,000 of them through a merge sort took a third
+/// of the whole view's userspace time.
+fn sort(rows: &mut Vec<LockRow>) {
+    let mut order: Vec<_> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| ((r.dev_id, r.inode, r.row_kind, r.start, r.pid), i))
+        .collect();
+    order.sort_unstable();
+    let mut slots: Vec<Option<LockRow>> = std::mem::take(rows).into_iter().map(Some).collect();
+    *rows = order
+        .into_iter()
+        .map(|(_, i)| slots[i].take().expect("each index is in the order once"))
+        .collect();
 }
 
 /// Keeps rows held by, waited on, or broken by the given processes.
@@ -601,4 +611,72 @@ pub fn render_table(rows: &[LockRow]) -> String {
         out.push('\n');
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::locks::kernel::Holder;
+
+    fn klock(ino: u64, kind: HeldKind, start: i64, pid: u32, addr: u64) -> KLock {
+        KLock {
+            kind,
+            lock_type: fl_type::F_WRLCK as u8,
+            flags: 0,
+            pid: pid as i32,
+            start,
+            end: start,
+            dev: KernelDev(8),
+            ino,
+            owner: Some(addr),
+            addr: Some(addr),
+            blocker: None,
+            lease: None,
+            holder: Holder {
+                pid,
+                fd: Some(3),
+                mapping: None,
+                path: Some(format!("/f{ino}")),
+            },
+        }
+    }
+
+    #[test]
+    fn rows_come_sorted_with_each_waiter_under_the_locks_it_conflicts_with() {
+        let posix = HeldKind::Lock(LockKind::Posix);
+        let flock = HeldKind::Lock(LockKind::Flock);
+        let mut table = KernelLocks {
+            held: vec![
+                klock(9, posix, 0, 30, 1),
+                klock(5, posix, 20, 20, 2),
+                klock(5, flock, 0, 21, 3),
+                klock(5, posix, 10, 22, 4),
+            ],
+            ..Default::default()
+        };
+        // Blocked on the POSIX range 10-10 of inode 5 only.
+        let mut w = klock(5, posix, 10, 40, 5);
+        w.blocker = Some(4);
+        table.blocked.push(w);
+        let cx = Context {
+            history: None,
+            hz: 250,
+            now_ns: 0,
+        };
+        let rows = from_kernel(&table, &cx);
+        let order: Vec<(u64, HeldKind, i64)> = rows
+            .iter()
+            .map(|r| (r.inode, r.row_kind, r.start))
+            .collect();
+        assert_eq!(
+            order,
+            vec![(5, posix, 10), (5, posix, 20), (5, flock, 0), (9, posix, 0)]
+        );
+        let waiters: Vec<Vec<u32>> = rows
+            .iter()
+            .map(|r| r.waiters.iter().map(|w| w.pid).collect())
+            .collect();
+        assert_eq!(waiters, vec![vec![40], vec![], vec![], vec![]]);
+        assert_eq!(rows[0].path.as_deref(), Some("/f5"));
+    }
 }

@@ -143,6 +143,27 @@ fn serve(input: impl BufRead, mut out: impl Write) {
                 fds.insert(new.to_string(), r);
                 format!("ok {r}")
             }
+            // A process's fd table keeps the size it had at fork across exec, and the
+            // kernel's fd walk (task_file iterators, /proc/PID/fd) scans every slot: a
+            // harness holding 20,000 pipes gives its workers 16,384-slot tables. This
+            // resizes the table to this process's own fds: unshare(CLONE_FILES) copies
+            // it at that size, but only while it is shared, so a thread shares it for
+            // the moment of the call.
+            ["compactfds"] => {
+                let (done, wait) = std::sync::mpsc::channel::<()>();
+                let sharer = std::thread::spawn(move || {
+                    let _ = wait.recv();
+                });
+                let r = unsafe { libc::unshare(libc::CLONE_FILES) };
+                let e = errno();
+                drop(done);
+                sharer.join().unwrap();
+                if r < 0 {
+                    format!("err {e}")
+                } else {
+                    "ok".into()
+                }
+            }
             ["dup2", name, new, num] => {
                 let r = unsafe { libc::dup2(fd(name), num.parse().unwrap()) };
                 if r < 0 {

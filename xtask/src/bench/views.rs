@@ -64,6 +64,8 @@ pub fn run(ctx: &Ctx) -> Result<String> {
             let dir = data.join(i.to_string());
             std::fs::create_dir_all(&dir)?;
             w.cmd(&format!("bulk {} {FILES} {FILES}", dir.display()))?;
+            // Its own fds' table, not one the size of ours (see the locker).
+            w.cmd("compactfds")?;
             // One of its files deleted while open.
             let first = std::fs::read_dir(&dir)?
                 .flatten()
@@ -142,7 +144,7 @@ pub fn run(ctx: &Ctx) -> Result<String> {
     let _ = std::fs::remove_dir_all(&data);
     let table = result?;
     Ok(format!(
-        "{PROCESSES} processes, each holding {FILES} files open with {FILES} POSIX locks, one of the files deleted ({} locks, {PROCESSES} deleted files), plus whatever else the host runs. Wall time of the whole command, process start included; a failed run is counted and its stderr kept below the table.\n\n{table}\n`ckpt-user locks` reads the kernel's lock lists through the `lock_table` iterator (ckpt-agent's pinned one, or its own loaded for the call: the load and the verifier add the difference), one pass over every fd table and mapping, and then each lock's path from the same pass; `lslocks` parses /proc/locks, which the kernel makes in O(locks²) (it walks the list from the start for each page read: 4 s of CPU at 100,000 locks), and looks up each holder in /proc. `ckpt-user deleted` scans every fd and mapping at the call (exact at call time); with `--max-age MS` it takes ckpt-agent's background table if it is at most that old (the agent rescans once a second, paced to 5 % of a CPU); `lsof +L1` stats every fd of every process.\n",
+        "{PROCESSES} processes, each holding {FILES} files open with {FILES} POSIX locks, one of the files deleted ({} locks, {PROCESSES} deleted files), plus whatever else the host runs. Each worker's fd table is sized to its own fds (the locker's `compactfds`): inherited from this harness, which holds a pipe to each, the later workers' tables had up to 16,384 slots, which every fd walk scans (the kernel's `fget_task_next` looks at each empty slot; it was a third of `ckpt-user locks`'s CPU, 0.47 s instead of 0.38 s for the whole call, measured 2026-12-05). Wall time of the whole command, process start included; a failed run is counted and its stderr kept below the table.\n\n{table}\n`ckpt-user locks` reads the kernel's lock lists through the `lock_table` iterator (ckpt-agent's pinned one, or its own loaded for the call: the load and the verifier add the difference), one pass over every fd table and one over every mapping, side by side, and then each lock's path from the same pass; `lslocks` parses /proc/locks, which the kernel makes in O(locks²) (it walks the list from the start for each page read: 4 s of CPU at 100,000 locks), and looks up each holder in /proc. `ckpt-user deleted` scans every fd and mapping at the call (exact at call time, sizes included); with `--max-age MS` it takes ckpt-agent's background table if it is at most that old (the agent rescans once a second, paced to 5 % of a CPU); `lsof +L1` stats every fd of every process.\n",
         PROCESSES * FILES
     ))
 }
