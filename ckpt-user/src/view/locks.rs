@@ -621,7 +621,7 @@ mod tests {
     fn klock(ino: u64, kind: HeldKind, start: i64, pid: u32, addr: u64) -> KLock {
         KLock {
             kind,
-            lock_type: fl_type::F_WRLCK as u8,
+            lock_type: fl_type::F_WRLCK,
             flags: 0,
             pid: pid as i32,
             start,
