@@ -148,7 +148,8 @@ fn serve(input: impl BufRead, mut out: impl Write) {
             // harness holding 20,000 pipes gives its workers 16,384-slot tables. This
             // resizes the table to this process's own fds: unshare(CLONE_FILES) copies
             // it at that size, but only while it is shared, so a thread shares it for
-            // the moment of the call.
+            // the moment of the call. POSIX locks belong to the table they were taken
+            // through: those taken before are released with the old table.
             ["compactfds"] => {
                 let (done, wait) = std::sync::mpsc::channel::<()>();
                 let sharer = std::thread::spawn(move || {

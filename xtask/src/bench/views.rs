@@ -63,9 +63,10 @@ pub fn run(ctx: &Ctx) -> Result<String> {
             let mut w = Worker::spawn(&ctx.bins.join("locker"), None)?;
             let dir = data.join(i.to_string());
             std::fs::create_dir_all(&dir)?;
-            w.cmd(&format!("bulk {} {FILES} {FILES}", dir.display()))?;
-            // Its own fds' table, not one the size of ours (see the locker).
+            // Its own fds' table, not one the size of ours (see the locker); before
+            // its locks, which belong to the table they were taken through.
             w.cmd("compactfds")?;
+            w.cmd(&format!("bulk {} {FILES} {FILES}", dir.display()))?;
             // One of its files deleted while open.
             let first = std::fs::read_dir(&dir)?
                 .flatten()
