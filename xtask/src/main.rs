@@ -26,7 +26,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Install what this machine lacks (idempotent; one line per step).
+    /// Install what building ckpt needs and this machine lacks (idempotent; one line
+    /// per step). `test`, `demo` and `bench` install what they need themselves.
     Setup,
     /// Run the unit tests, then the integration tests against the live kernel (root).
     Test {
@@ -75,14 +76,14 @@ enum Cmd {
 fn main() {
     let cli = Cli::parse();
     let result: Result<()> = match cli.cmd {
-        Cmd::Setup => setup::run(),
+        Cmd::Setup => setup::run(setup::Purpose::Build),
         Cmd::Test {
             unit_only,
             host_only,
             kernel,
             filter,
             vm_timeout,
-        } => setup::run().and_then(|_| {
+        } => setup::run(setup::Purpose::Test).and_then(|_| {
             test::run(&test::Options {
                 unit_only,
                 host_only,
@@ -91,14 +92,14 @@ fn main() {
                 vm_timeout: std::time::Duration::from_secs(vm_timeout * 60),
             })
         }),
-        Cmd::Demo => setup::run().and_then(|_| demo::run()),
+        Cmd::Demo => setup::run(setup::Purpose::Demo).and_then(|_| demo::run()),
         Cmd::Fuzz {
             seconds,
             recompute_checksum,
-        } => setup::run().and_then(|_| fuzz::run(seconds, recompute_checksum)),
-        Cmd::Bench { runs, only } => setup::run()
-            .and_then(|_| setup::apt(setup::BENCH_PACKAGES))
-            .and_then(|_| bench::run(runs, only.as_deref())),
+        } => setup::run(setup::Purpose::Build).and_then(|_| fuzz::run(seconds, recompute_checksum)),
+        Cmd::Bench { runs, only } => {
+            setup::run(setup::Purpose::Bench).and_then(|_| bench::run(runs, only.as_deref()))
+        }
     };
     if let Err(e) = result {
         eprintln!("xtask: error: {e:#}");

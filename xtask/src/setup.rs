@@ -3,26 +3,32 @@
 
 use std::process::Command;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 
-use crate::util::{is_root, output, sh};
+use crate::util::{is_root, output};
 
-/// Debian packages: LLVM 22 for building bpf-linker against nightly's LLVM, and the
-/// tools the tests and the demo drive (stress-ng, sqlite3, util-linux's flock), and
-/// what the VM matrix needs (qemu, busybox, cpio).
-const APT_PACKAGES: &[&str] = &[
+/// Debian packages that building needs: LLVM 22, which bpf-linker is built against
+/// (it must match nightly's LLVM).
+const BUILD_PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
     "zlib1g-dev",
     "libzstd-dev",
+];
+
+/// What the demo runs besides ckpt: sqlite3, and util-linux's flock(1).
+const DEMO_PACKAGES: &[&str] = &["sqlite3", "util-linux"];
+
+/// What the test suite drives: stress-ng, sqlite3 and flock(1); the filesystems the
+/// tests make; and the VM kernel matrix (qemu, busybox, cpio, xz for the kernels'
+/// modules).
+const TEST_PACKAGES: &[&str] = &[
     "stress-ng",
     "util-linux",
     "sqlite3",
-    // Filesystems the tests run on.
     "e2fsprogs",
     "xfsprogs",
     "btrfs-progs",
-    // The VM kernel matrix.
     "qemu-system-x86",
     "busybox-static",
     "cpio",
@@ -35,11 +41,30 @@ fn step(name: &str, msg: &str) {
     println!("setup: {name:<12} {msg}");
 }
 
-/// What `cargo xtask bench` compares ckpt with, installed by the bench itself.
-pub const BENCH_PACKAGES: &[&str] = &["bpftrace", "lsof", "fonts-dejavu-core"];
+/// What `cargo xtask bench` compares ckpt with.
+const BENCH_PACKAGES: &[&str] = &["bpftrace", "lsof", "fonts-dejavu-core"];
 
-pub fn run() -> Result<()> {
-    apt(APT_PACKAGES)?;
+/// Which command the machine is being set up for: each installs only what it needs.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Building ckpt (and what needs nothing else: setup, fuzz).
+    Build,
+    Demo,
+    Test,
+    Bench,
+}
+
+pub fn run(purpose: Purpose) -> Result<()> {
+    let mut packages: Vec<&str> = BUILD_PACKAGES.to_vec();
+    match purpose {
+        Purpose::Build => {}
+        Purpose::Demo => packages.extend(DEMO_PACKAGES),
+        Purpose::Test => packages.extend(TEST_PACKAGES),
+        Purpose::Bench => packages.extend(TEST_PACKAGES.iter().chain(BENCH_PACKAGES)),
+    }
+    packages.sort_unstable();
+    packages.dedup();
+    apt(&packages)?;
     nightly()?;
     bpf_linker()?;
     Ok(())
@@ -50,7 +75,40 @@ fn installed(pkg: &str) -> bool {
         .is_some_and(|s| s.contains("install ok installed"))
 }
 
-/// Installs whichever of `packages` are missing (apt-get, non-interactive).
+/// Runs `cmd` with its output kept; shows the output only if it fails.
+fn quiet(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        eprint!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        bail!("{cmd:?} failed ({})", out.status);
+    }
+    Ok(())
+}
+
+/// The packages apt would remove to install `missing` ("Remv NAME [VERSION]" lines
+/// of a simulated install).
+fn removals(simulation: &str) -> Vec<String> {
+    simulation
+        .lines()
+        .filter_map(|l| l.strip_prefix("Remv "))
+        .map(|rest| {
+            let mut words = rest.split_whitespace();
+            let name = words.next().unwrap_or_default();
+            match words.next() {
+                Some(v) => format!("{name} {v}"),
+                None => name.to_string(),
+            }
+        })
+        .collect()
+}
+
+/// Installs whichever of `packages` are missing (apt-get, non-interactive, output
+/// shown only on failure). A package apt would remove to do it is named first; it
+/// goes ahead only in CI (`CI=true`) or with `CKPT_SETUP_ALLOW_REMOVE=1`.
 pub fn apt(packages: &[&str]) -> Result<()> {
     let missing: Vec<&str> = packages.iter().copied().filter(|p| !installed(p)).collect();
     if missing.is_empty() {
@@ -61,11 +119,42 @@ pub fn apt(packages: &[&str]) -> Result<()> {
         bail!("apt packages missing ({}); run as root", missing.join(" "));
     }
     step("apt", &format!("installing {}", missing.join(" ")));
-    sh(Command::new("apt-get").args(["update", "-qq"]))?;
-    sh(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    quiet(Command::new("apt-get").args(["update", "-qq"]))?;
+    let install = |simulate: bool| {
+        let mut c = Command::new("apt-get");
+        c.args(["install", "-y", "-qq", "--no-install-recommends"]);
+        if simulate {
+            c.arg("-s");
+        }
+        c.args(&missing).env("DEBIAN_FRONTEND", "noninteractive");
+        c
+    };
+    let simulation = output(&mut install(true)).unwrap_or_default();
+    let removed = removals(&simulation);
+    if !removed.is_empty() {
+        let list = removed.join(", ");
+        let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+        let allowed = std::env::var("CKPT_SETUP_ALLOW_REMOVE").is_ok_and(|v| v == "1");
+        if !(ci || allowed) {
+            bail!(
+                "installing {} would make apt remove {list}; nothing was changed. Install them yourself (apt-get install {}), or run again with CKPT_SETUP_ALLOW_REMOVE=1 to let apt remove them",
+                missing.join(" "),
+                missing.join(" ")
+            );
+        }
+        step(
+            "apt",
+            &format!(
+                "removing {list}, as apt requires for these packages ({})",
+                if ci {
+                    "CI=true"
+                } else {
+                    "CKPT_SETUP_ALLOW_REMOVE=1"
+                }
+            ),
+        );
+    }
+    quiet(&mut install(false))?;
     Ok(())
 }
 
@@ -78,7 +167,7 @@ fn nightly() -> Result<()> {
             "nightly",
             "installing the nightly toolchain (builds the eBPF crate)",
         );
-        sh(Command::new("rustup").args([
+        quiet(Command::new("rustup").args([
             "toolchain",
             "install",
             "nightly",
@@ -98,7 +187,7 @@ fn nightly() -> Result<()> {
         step("rust-src", "present");
     } else {
         step("rust-src", "adding rust-src to nightly (-Z build-std=core)");
-        sh(Command::new("rustup").args([
+        quiet(Command::new("rustup").args([
             "component",
             "add",
             "rust-src",
@@ -123,16 +212,33 @@ fn bpf_linker() -> Result<()> {
         "/usr/lib/llvm-22/bin:{}",
         std::env::var("PATH").unwrap_or_default()
     );
-    sh(Command::new("cargo")
-        .args([
-            "install",
-            "bpf-linker",
-            "--locked",
-            "--version",
-            BPF_LINKER_VERSION,
-        ])
-        .args(["--no-default-features", "--features", "llvm-22"])
-        .env("PATH", path)
-        .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"))?;
+    quiet(
+        Command::new("cargo")
+            .args([
+                "install",
+                "bpf-linker",
+                "--locked",
+                "--version",
+                BPF_LINKER_VERSION,
+            ])
+            .args(["--no-default-features", "--features", "llvm-22"])
+            .env("PATH", path)
+            .env("LLVM_SYS_221_PREFIX", "/usr/lib/llvm-22"),
+    )?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn removals_are_read_from_a_simulated_install() {
+        let sim = "NOTE: This is only a simulation!\nRemv qemu-utils [1:10.0.2+ds-2+deb13u1~bpo12+1]\nInst cpio (2.13+dfsg-7.1 Debian:12.12/stable [amd64])\nConf cpio (2.13+dfsg-7.1 Debian:12.12/stable [amd64])\n";
+        assert_eq!(
+            removals(sim),
+            vec!["qemu-utils [1:10.0.2+ds-2+deb13u1~bpo12+1]".to_string()]
+        );
+        assert!(removals("Inst cpio (2.13)\n").is_empty());
+    }
 }
