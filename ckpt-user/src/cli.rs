@@ -253,11 +253,7 @@ pub fn run_user(args: UserArgs) -> Result<()> {
             let mut files = deleted::group(&entries, |p| {
                 pids.as_ref().is_none_or(|set| set.contains(&p))
             });
-            // A scan made now read every size itself; stat()ing each holder again
-            // through /proc cost a fifth of the call at 10,000 files.
-            if source == deleted::Source::AgentTable {
-                deleted::refresh_sizes(&mut files);
-            }
+            deleted::refresh_sizes(&mut files, source);
             // Buffered: pretty JSON of 10,000 rows was 180,000 line-sized writes.
             let mut out = std::io::BufWriter::new(std::io::stdout().lock());
             if json {
