@@ -149,9 +149,16 @@ pub enum UserCommand {
         #[arg(long)]
         force: bool,
         /// Leave fds that cannot be reopened by path (sockets, pipes) closed instead of
-        /// refusing; stdin, stdout and stderr are always passed on from ckpt-user.
+        /// refusing; stdin, stdout and stderr get what --stdio says.
         #[arg(long)]
         skip_unsupported: bool,
+        /// What restored processes get on stdin, stdout and stderr where those were
+        /// pipes, sockets or terminals: auto (ckpt-user's own where it is a terminal,
+        /// /dev/null otherwise, so `$(ckpt-user restore ...)` returns), inherit
+        /// (ckpt-user's own), null, or a directory DIR (output appended to
+        /// DIR/PID.stdout and DIR/PID.stderr, PID as in the image; stdin /dev/null).
+        #[arg(long, default_value = "auto", value_name = "auto|inherit|null|DIR")]
+        stdio: restore::spawn::Stdio,
         /// Restore close-on-exec fds without the flag, so that they (and the locks and
         /// leases on them) reach the program, which is started by an exec.
         #[arg(long)]
@@ -343,6 +350,7 @@ pub fn run_user(args: UserArgs) -> Result<()> {
             cgroup,
             trust_image,
             json,
+            stdio,
         } => {
             let report = restore::run(&restore::Options {
                 image,
@@ -356,6 +364,7 @@ pub fn run_user(args: UserArgs) -> Result<()> {
                 pins,
                 key: key_path,
                 trust_image,
+                stdio,
             })?;
             for w in &report.warnings {
                 eprintln!("ckpt-user: warning: {w}");

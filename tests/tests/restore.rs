@@ -817,6 +817,100 @@ fn fd_numbers_beyond_the_hard_open_file_limit_are_refused_up_front() {
     );
 }
 
+/// `report=$(ckpt-user restore IMG --json)` returns while the restored processes run:
+/// standard fds that were pipes get /dev/null by default (ckpt-user's own only where
+/// it is a terminal); `--stdio inherit` passes ckpt-user's own on, `--stdio DIR`
+/// appends output to DIR/PID.stdout.
+#[test]
+fn restore_stdio_lets_a_command_substitution_return() {
+    use std::io::Read as _;
+    let Scene { agent, dir, cg } = Scene::new();
+    // The locker's stdin and stdout are pipes to this test.
+    let mut p = cg.locker();
+    let f = dir.file("f");
+    p.cmd(&format!("open f {f}"));
+    p.cmd("posix f w 0 0");
+    let img = checkpoint(&agent, &cg, &dir);
+    let old = p.pid();
+    p.kill();
+    let exec = sleep_instead(old);
+    let fd_target = |pid: u32, fd: i32| {
+        std::fs::read_link(format!("/proc/{pid}/fd/{fd}"))
+            .map(|t| t.display().to_string())
+            .unwrap_or_default()
+    };
+
+    // As $(...) runs it: stdout a pipe, read to its end.
+    let into = Cgroup::new(false);
+    let mut child = ckpt_user_cmd()
+        .arg("restore")
+        .arg(&img)
+        .args([
+            "--skip-unsupported",
+            "--json",
+            "--exec-cmd",
+            &exec,
+            "--cgroup",
+        ])
+        .arg(&into.path)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        let _ = tx.send(s);
+    });
+    let Ok(report) = rx.recv_timeout(Duration::from_secs(60)) else {
+        drop(into);
+        panic!("restore's stdout still open 60 s later: the restored processes hold it");
+    };
+    assert!(child.wait().unwrap().success(), "restore failed");
+    let pid = new_pid(&serde_json::from_str(&report).unwrap(), old);
+    assert_eq!(fd_target(pid, 0), "/dev/null");
+    assert_eq!(fd_target(pid, 1), "/dev/null");
+    drop(into);
+
+    // inherit: ckpt-user's own stdout (a file here, removed with run_restore's
+    // scratch directory by now) is passed on.
+    let into = Cgroup::new(false);
+    let pid = new_pid(
+        &restore(&img, &into, &["--exec-cmd", &exec, "--stdio", "inherit"]),
+        old,
+    );
+    let out = fd_target(pid, 1);
+    assert!(
+        out.ends_with("/out") || out.ends_with("/out (deleted)"),
+        "{out}"
+    );
+    drop(into);
+
+    // DIR: output appended to DIR/PID.stdout (PID as in the image), stdin /dev/null.
+    let into = Cgroup::new(false);
+    let logs = dir.0.join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let logs_arg = logs.display().to_string();
+    let pid = new_pid(
+        &restore(&img, &into, &["--exec-cmd", &exec, "--stdio", &logs_arg]),
+        old,
+    );
+    assert_eq!(fd_target(pid, 0), "/dev/null");
+    assert_eq!(fd_target(pid, 1), format!("{logs_arg}/{old}.stdout"));
+    drop(into);
+
+    // A DIR that is not one is refused before anything is made.
+    refused(
+        &img,
+        &dir,
+        "--stdio /nonexistent: not a directory",
+        &["--exec-cmd", &exec, "--stdio", "/nonexistent"],
+    );
+}
+
 #[test]
 fn files_are_opened_with_the_restored_process_credentials() {
     let Scene { agent, dir, cg } = Scene::new();

@@ -69,6 +69,9 @@ pub struct Options {
     pub key: PathBuf,
     /// Restore an image that does not authenticate (with a warning).
     pub trust_image: bool,
+    /// What restored processes get on stdin, stdout and stderr where those were
+    /// pipes, sockets or terminals.
+    pub stdio: spawn::Stdio,
 }
 
 #[derive(Debug, Serialize)]
@@ -175,6 +178,14 @@ pub fn run(opts: &Options) -> Result<Report> {
             bail!("--ghost-dir {}: not a directory", d.display());
         }
     }
+    if let spawn::Stdio::Dir(d) = &opts.stdio {
+        if !d.is_dir() {
+            bail!(
+                "--stdio {}: not a directory (nor auto, inherit or null)",
+                d.display()
+            );
+        }
+    }
     let cgroup_procs = match &opts.cgroup {
         Some(cg) => Some(cgroup::resolve(cg)?.join("cgroup.procs")),
         None => None,
@@ -221,6 +232,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         image,
         plan: &plan,
         files: &files,
+        stdio: &opts.stdio,
         cgroup_procs,
         nofile_soft,
     };

@@ -72,10 +72,42 @@ impl Drop for Tree {
 }
 
 /// Everything a helper needs, computed before the first fork.
+/// What a restored process gets on a standard fd (0-2) that was a pipe, socket or
+/// terminal in the image: something with no path to open again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Stdio {
+    /// ckpt-user restore's own fd of that number where it is a terminal, /dev/null
+    /// otherwise: `report=$(ckpt-user restore ... --json)` returns while the
+    /// restored processes run, and a restore typed at a terminal shows their output.
+    Auto,
+    /// ckpt-user restore's own fd of that number, whatever it is.
+    Inherit,
+    /// /dev/null.
+    Null,
+    /// Output appended to DIR/PID.stdout and DIR/PID.stderr (PID as in the image),
+    /// /dev/null on stdin.
+    Dir(PathBuf),
+}
+
+impl std::str::FromStr for Stdio {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Stdio, String> {
+        Ok(match s {
+            "auto" => Stdio::Auto,
+            "inherit" => Stdio::Inherit,
+            "null" => Stdio::Null,
+            "" => return Err("expected auto, inherit, null or a directory".into()),
+            dir => Stdio::Dir(PathBuf::from(dir)),
+        })
+    }
+}
+
 pub struct Setup<'a> {
     pub image: &'a Image,
     pub plan: &'a Plan,
     pub files: &'a BTreeMap<u32, OwnedFd>,
+    pub stdio: &'a Stdio,
     /// cgroup.procs of the cgroup to restore into.
     pub cgroup_procs: Option<PathBuf>,
     /// ckpt-user's soft RLIMIT_NOFILE before it raised it.
@@ -397,11 +429,54 @@ fn path_of<'a>(setup: &'a Setup, p: &ProcPlan, fd: i32) -> &'a str {
         .unwrap_or("?")
 }
 
-fn source_fd(setup: &Setup, s: FdSource) -> RawFd {
+fn source_fd(setup: &Setup, stdio: &[RawFd; 3], s: FdSource) -> RawFd {
     match s {
         FdSource::File(f) => setup.files[&f].as_raw_fd(),
-        FdSource::Inherit(n) => n,
+        FdSource::Inherit(n) => stdio[n as usize],
     }
+}
+
+/// The fds process `p` gets for its standard fds with no path (`Stdio`), opened
+/// close-on-exec (only their copies at 0-2 reach the program). Opened here, before
+/// the helper takes the process's credentials: where output goes is the choice of
+/// whoever runs the restore.
+fn stdio_fds(setup: &Setup, p: &ProcPlan) -> Result<[RawFd; 3]> {
+    use nix::{fcntl::OFlag, sys::stat::Mode};
+    let null = || {
+        nix::fcntl::open("/dev/null", OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|e| anyhow!("opening /dev/null: {e}"))
+    };
+    let mut out = [0, 1, 2];
+    for n in 0..3 {
+        if !p.fds.iter().any(|d| d.source == FdSource::Inherit(n)) {
+            continue;
+        }
+        out[n as usize] = match setup.stdio {
+            Stdio::Inherit => n,
+            // SAFETY: isatty only inspects the fd.
+            Stdio::Auto if unsafe { libc::isatty(n) } == 1 => n,
+            Stdio::Auto | Stdio::Null => null()?,
+            Stdio::Dir(_) if n == 0 => null()?,
+            Stdio::Dir(dir) => {
+                let path = dir.join(format!(
+                    "{}.{}",
+                    p.old_pid,
+                    if n == 1 { "stdout" } else { "stderr" }
+                ));
+                nix::fcntl::open(
+                    &path,
+                    OFlag::O_WRONLY
+                        | OFlag::O_CREAT
+                        | OFlag::O_APPEND
+                        | OFlag::O_NOFOLLOW
+                        | OFlag::O_CLOEXEC,
+                    Mode::from_bits_truncate(0o600),
+                )
+                .map_err(|e| anyhow!("--stdio: opening {}: {e}", path.display()))?
+            }
+        };
+    }
+    Ok(out)
 }
 
 /// The lowest fd number above every number in play for process `p`.
@@ -435,10 +510,11 @@ fn dup_high(fd: RawFd, base: RawFd) -> Result<RawFd> {
 /// (our control fds are above it). Sources are first moved above `base` too, so no
 /// placement overwrites a source.
 fn arrange_fds(setup: &Setup, p: &ProcPlan, base: RawFd) -> Result<()> {
+    let stdio = stdio_fds(setup, p)?;
     let mut moved = Vec::with_capacity(p.fds.len());
     for d in &p.fds {
         moved.push(
-            dup_high(source_fd(setup, d.source), base)
+            dup_high(source_fd(setup, &stdio, d.source), base)
                 .map_err(|e| anyhow!("fd {} ({}): {e}", d.fd, path_of(setup, p, d.fd)))?,
         );
     }
