@@ -3,7 +3,7 @@
 
 use std::{collections::BTreeSet, io::Write as _, path::PathBuf};
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 
 use crate::{
@@ -83,6 +83,13 @@ pub struct Selection {
 
 #[derive(Subcommand, Debug)]
 pub enum UserCommand {
+    /// What this kernel and host support, one line per requirement (like `criu
+    /// check`); exit status 1 when a dump and a restore with ckpt-agent cannot work.
+    /// JSON: [{name, ok, need ("required" or "extra"), detail, needed_for}].
+    Check {
+        #[arg(long)]
+        json: bool,
+    },
     /// Live lock table: POSIX, OFD and flock locks with their waiters (rows held or
     /// waited on by the selected processes).
     Locks {
@@ -184,6 +191,9 @@ pub enum UserCommand {
         #[arg(long)]
         tree: bool,
     },
+    /// Internal: writes man pages and shell completions under DIR (see docs.rs).
+    #[command(name = "__docs", hide = true)]
+    Docs { dir: PathBuf },
     /// Internal: thaws a cgroup if the dump that started it dies (see dump/freeze.rs).
     #[command(name = "__watchdog", hide = true)]
     Watchdog {
@@ -270,6 +280,30 @@ pub fn run_user(args: UserArgs) -> Result<()> {
                 out.write_all(deleted::render(&files).as_bytes())?;
             }
             out.flush()?;
+            Ok(())
+        }
+        UserCommand::Docs { dir } => crate::docs::write(&dir),
+        UserCommand::Check { json } => {
+            let items = crate::check::run();
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &items)?;
+                writeln!(out)?;
+            } else {
+                out.write_all(crate::check::render(&items).as_bytes())?;
+            }
+            out.flush()?;
+            if !crate::check::usable(&items) {
+                let missing: Vec<&str> = items
+                    .iter()
+                    .filter(|i| !i.ok && i.need == crate::check::Need::Required)
+                    .map(|i| i.name.as_str())
+                    .collect();
+                bail!(
+                    "dump and restore with ckpt-agent cannot work here: missing {}",
+                    missing.join(", ")
+                );
+            }
             Ok(())
         }
         UserCommand::Locks {

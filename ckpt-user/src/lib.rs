@@ -9,8 +9,10 @@
 
 pub mod agent;
 pub mod cgroup;
+pub mod check;
 pub mod cli;
 pub mod deleted;
+pub mod docs;
 pub mod dump;
 pub mod image;
 pub mod leases;

@@ -9,6 +9,7 @@
 mod bench;
 mod demo;
 mod fuzz;
+mod install;
 mod setup;
 mod test;
 mod util;
@@ -49,6 +50,17 @@ enum Cmd {
     },
     /// Trace a real workload in a cgroup and show its live lock table.
     Demo,
+    /// Build and install ckpt-user, ckpt-agent, a systemd unit for the agent, man pages
+    /// and shell completions under PREFIX (root's share of the machine: run as root).
+    Install {
+        #[arg(long, default_value = "/usr/local")]
+        prefix: String,
+        /// Install under this directory instead of / (for packaging or a look).
+        #[arg(long, default_value = "/")]
+        destdir: std::path::PathBuf,
+    },
+    /// Build a Debian package of the same files (target/ckpt_VERSION_ARCH.deb).
+    Package,
     /// Fuzz every reader of an image (reader, inspect, restore's checks) in process;
     /// prints inputs per second and totals, keeps crashing inputs as regression tests.
     Fuzz {
@@ -93,6 +105,12 @@ fn main() {
             })
         }),
         Cmd::Demo => setup::run(setup::Purpose::Demo).and_then(|_| demo::run()),
+        Cmd::Install { prefix, destdir } => {
+            setup::run(setup::Purpose::Build).and_then(|_| install::install(&prefix, &destdir))
+        }
+        Cmd::Package => setup::run(setup::Purpose::Build)
+            .and_then(|_| install::package())
+            .map(|deb| println!("package: {}", deb.display())),
         Cmd::Fuzz {
             seconds,
             recompute_checksum,

@@ -76,13 +76,19 @@ pub fn run(opts: &Options) -> Result<()> {
         }
         println!("== integration tests (host kernel)");
         let bins = build_release()?.display().to_string();
+        // The package test installs this (host only: the VMs have no dpkg).
+        let deb = crate::install::package()?.display().to_string();
         // Every test binary runs even after a failure: the per-kernel line counts all.
         let mut args = vec!["--release", "-p", "ckpt-tests", "--no-fail-fast"];
         if !opts.filter.is_empty() {
             args.extend(["--", opts.filter.as_str()]);
         }
         let host = (tally.passed, tally.failed);
-        ok &= cargo_test(&args, &[("CKPT_BIN_DIR", bins)], &mut tally)?;
+        ok &= cargo_test(
+            &args,
+            &[("CKPT_BIN_DIR", bins), ("CKPT_DEB", deb)],
+            &mut tally,
+        )?;
         println!(
             "kernel {} (host): {} passed, {} failed",
             crate::util::output(Command::new("uname").arg("-r"))

@@ -80,6 +80,11 @@ pub async fn run(opts: Options) -> Result<()> {
     )?;
     deleted.refresh()?;
     info!(holders = deleted.len(), "deleted-but-open files scanned");
+    // Serving: programs attached, iterators pinned, the deleted-file table made.
+    // (systemd Type=notify; nothing without NOTIFY_SOCKET.)
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+        warn!(error = %e, "readiness notification failed");
+    }
     // Looks for triggers this often (rescans are rate-limited in DeletedTable).
     let mut deleted_tick = tokio::time::interval(Duration::from_millis(5));
     deleted_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -104,6 +109,7 @@ pub async fn run(opts: Options) -> Result<()> {
         }
     }
 
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     if opts.unpin {
         opts.pins
             .remove_all()

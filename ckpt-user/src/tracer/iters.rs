@@ -37,7 +37,7 @@ pub enum Prog {
 }
 
 impl Prog {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         use ckpt_common::names::*;
         match self {
             Prog::TaskFiles => TASK_FILES,

@@ -175,6 +175,56 @@ pub fn load_and_attach(pins: &PinDir, tracing: Tracing) -> Result<Loaded> {
     Ok(Loaded { ebpf, adopted })
 }
 
+/// Loads ckpt-agent's default programs and attaches each, pinning nothing (`ckpt-user
+/// check`): each program's result, by name. Everything is detached and unloaded on
+/// return; the object's pinned-by-name maps go to a private directory removed after.
+pub fn probe() -> Result<Vec<(String, Result<()>)>> {
+    mounts::ensure_tracefs()?;
+    mounts::ensure_bpffs()?;
+    let layout = resolve_layout().context("resolving tracepoint layout")?;
+    let dir =
+        std::path::Path::new(mounts::BPFFS).join(format!("ckpt-check-{}", std::process::id()));
+    fs::create_dir_all(&dir).with_context(|| format!("creating {dir:?}"))?;
+    let result = (|| {
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&dir)
+            .override_global("LAYOUT", &layout, true)
+            .load(OBJECT)
+            .context("loading the eBPF object")?;
+        let btf = aya::Btf::from_sys_fs().context("reading kernel BTF")?;
+        let mut out = Vec::new();
+        for (prog_name, tp) in BTF_PROGRAMS {
+            let r = (|| -> Result<()> {
+                let prog: &mut BtfTracePoint = ebpf
+                    .program_mut(prog_name)
+                    .with_context(|| format!("program {prog_name} missing from object"))?
+                    .try_into()?;
+                prog.load(tp, &btf).context("loading")?;
+                prog.attach()
+                    .with_context(|| format!("attaching to BTF tracepoint {tp}"))?;
+                Ok(())
+            })();
+            out.push((format!("{prog_name} (BTF)"), r));
+        }
+        for (prog_name, category, tp) in PROGRAMS {
+            let r = (|| -> Result<()> {
+                let prog: &mut TracePoint = ebpf
+                    .program_mut(prog_name)
+                    .with_context(|| format!("program {prog_name} missing from object"))?
+                    .try_into()?;
+                prog.load().context("loading")?;
+                prog.attach(category, tp)
+                    .with_context(|| format!("attaching to {category}:{tp}"))?;
+                Ok(())
+            })();
+            out.push((format!("{category}:{tp}"), r));
+        }
+        Ok(out)
+    })();
+    let _ = fs::remove_dir_all(&dir);
+    result
+}
+
 /// Pins a freshly attached program and its link under `name`, replacing the previous
 /// agent's pins only now that the new program is attached.
 fn replace_pins(
