@@ -1,6 +1,9 @@
-//! Empty programs, for `cargo xtask bench --only tracer`: attached to the tracepoints
-//! ckpt-agent attaches, as the same kinds (BTF or classic), they measure what the
-//! tracepoints alone cost, whatever a program does: the floor of any tracer on them.
+//! Empty programs, for `cargo xtask bench`: attached to the tracepoints ckpt-agent
+//! attaches, as the same kinds (BTF or classic), they measure what the tracepoints
+//! alone cost, whatever a program does: the floor of any tracer on them (`--only
+//! tracer`). Empty iterators over every fd and every mapping measure what the
+//! kernel's walk alone costs: the floor of any reader of the fd tables, such as
+//! `ckpt-user locks` and `deleted` (`--only views`).
 #![no_std]
 #![no_main]
 
@@ -18,6 +21,20 @@ pub fn empty_btf(_ctx: BtfTracePointContext) -> i32 {
 /// Loaded once, attached to every classic tracepoint.
 #[tracepoint]
 pub fn empty_tracepoint(_ctx: TracePointContext) -> u32 {
+    0
+}
+
+/// Visits every fd of every process and emits nothing.
+#[unsafe(link_section = "iter/task_file")]
+#[unsafe(no_mangle)]
+pub extern "C" fn empty_task_file(_ctx: *const core::ffi::c_void) -> i32 {
+    0
+}
+
+/// Visits every mapping of every process and emits nothing.
+#[unsafe(link_section = "iter/task_vma")]
+#[unsafe(no_mangle)]
+pub extern "C" fn empty_task_vma(_ctx: *const core::ffi::c_void) -> i32 {
     0
 }
 

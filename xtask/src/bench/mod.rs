@@ -175,6 +175,19 @@ impl Drop for Worker {
 }
 
 /// Starts ckpt-agent on `pin_dir` (pins removed on exit) and waits until it serves.
+/// Builds one of ckpt-user's examples (the benches' floors); returns its path.
+pub fn build_example(name: &str) -> Result<PathBuf> {
+    crate::util::sh(Command::new("cargo").current_dir(workspace()).args([
+        "build",
+        "--release",
+        "-p",
+        "ckpt-user",
+        "--example",
+        name,
+    ]))?;
+    Ok(workspace().join("target/release/examples").join(name))
+}
+
 pub fn start_agent(bins: &Path, pin_dir: &str) -> Result<Child> {
     let _ = std::fs::remove_dir_all(pin_dir);
     let log = std::env::temp_dir().join("ckpt-bench-agent.log");

@@ -16,7 +16,6 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 
 use super::{start_agent, stats, stop, Ctx};
-use crate::util::{sh, workspace};
 
 const PIN_DIR: &str = "/sys/fs/bpf/ckpt-bench-tracer";
 const SECONDS: u32 = 3;
@@ -135,19 +134,6 @@ fn bpftrace_script() -> Result<String> {
          {{ @breaks[args->{lease}] = nsecs; }}\n\
          tracepoint:filelock:break_lease_unblock {{ delete(@wait[tid]); }}\n"
     ))
-}
-
-/// Builds the floor's program (ckpt-user's `tracepoint_floor` example).
-fn build_floor() -> Result<PathBuf> {
-    sh(Command::new("cargo").current_dir(workspace()).args([
-        "build",
-        "--release",
-        "-p",
-        "ckpt-user",
-        "--example",
-        "tracepoint_floor",
-    ]))?;
-    Ok(workspace().join("target/release/examples/tracepoint_floor"))
 }
 
 /// ckpt-agent's attached programs (its pinned links are named after them).
@@ -302,7 +288,7 @@ fn agent_cpu(ctx: &Ctx, seconds: u64) -> Result<(f64, f64)> {
 
 /// The tracer section's body.
 pub fn run(ctx: &Ctx) -> Result<String> {
-    let floor = build_floor()?;
+    let floor = super::build_example("tracepoint_floor")?;
     // The floor must stand for exactly what the agent attaches.
     let (child, floor_progs) = start_floor(&floor)?;
     halt(Mode::Floor, Some(child));

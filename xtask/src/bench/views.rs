@@ -138,6 +138,7 @@ pub fn run(ctx: &Ctx) -> Result<String> {
         for f in failures.iter().take(3) {
             table.push_str(&format!("\nFailed: `{}`\n", f.replace('`', "'")));
         }
+        table.push_str(&walk_floor(ctx.runs)?);
         drop(workers);
         Ok(table)
     })();
@@ -148,4 +149,32 @@ pub fn run(ctx: &Ctx) -> Result<String> {
         "{PROCESSES} processes, each holding {FILES} files open with {FILES} POSIX locks, one of the files deleted ({} locks, {PROCESSES} deleted files), plus whatever else the host runs. Each worker's fd table is sized to its own fds (the locker's `compactfds`): inherited from this harness, which holds a pipe to each, the later workers' tables had up to 16,384 slots, which every fd walk scans (the kernel's `fget_task_next` looks at each empty slot; it was a third of `ckpt-user locks`'s CPU, 0.47 s instead of 0.38 s for the whole call, measured 2026-12-05). Wall time of the whole command, process start included; a failed run is counted and its stderr kept below the table.\n\n{table}\n`ckpt-user locks` reads the kernel's lock lists through the `lock_table` iterator (ckpt-agent's pinned one, or its own loaded for the call: the load and the verifier add the difference), one pass over every fd table and one over every mapping, side by side, and then each lock's path from the same pass; `lslocks` parses /proc/locks, which the kernel makes in O(locks²) (it walks the list from the start for each page read: 4 s of CPU at 100,000 locks), and looks up each holder in /proc. `ckpt-user deleted` scans every fd and mapping at the call (exact at call time, sizes included); with `--max-age MS` it takes ckpt-agent's background table if it is at most that old (the agent rescans once a second, paced to 5 % of a CPU); `lsof +L1` stats every fd of every process.\n",
         PROCESSES * FILES
     ))
+}
+
+/// The kernel's walk alone: empty iterators over every fd and every mapping, read side
+/// by side as `ckpt-user locks` reads its own (ckpt-user's `walk_floor` example).
+fn walk_floor(runs: usize) -> Result<String> {
+    let floor = super::build_example("walk_floor")?;
+    let mut times = Vec::new();
+    for _ in 0..runs {
+        let out = Command::new(&floor).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        let ms = text
+            .trim()
+            .strip_prefix("walk_ms=")
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| {
+                format!(
+                    "walk_floor said {text:?}: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
+        times.push(ms);
+    }
+    let line = format!(
+        "\nThe floor of any reader of the fd tables: empty iterator programs over every fd and every mapping on the same host, read side by side (`walk_floor`; loading not counted): {} ms.\n",
+        fmt(&stats(times))
+    );
+    println!("{}", line.trim());
+    Ok(line)
 }
