@@ -636,6 +636,49 @@ fn refusals_leave_the_cgroup_thawed_and_no_image() {
     assert_eq!(only(&dir.0, &["x"]), Vec::<String>::new());
 }
 
+/// An fd on a directory removed while open (CRIU's rmdir_open) can never be restored:
+/// dump refuses it in one line, through the iterators and through /proc alike, and
+/// leaves the cgroup thawed and no image.
+#[test]
+fn an_fd_on_a_removed_directory_is_refused() {
+    let cg = Cgroup::new(false);
+    let dir = Scratch::new();
+    let gone = dir.0.join("gone");
+    std::fs::create_dir(&gone).unwrap();
+    let mut p = cg.locker();
+    p.cmd(&format!("openmode d {} r", gone.display()));
+    let img = dir.0.join("img").display().to_string();
+    let nowhere = format!("/sys/fs/bpf/{}", unique("none"));
+    let args = ["--pin-dir", &nowhere, "dump", &cg.name, "-o", &img];
+    // Still there: dumped.
+    let (code, _, err) = ckpt_user(&args);
+    assert_eq!(code, 0, "{err}");
+    std::fs::remove_file(&img).unwrap();
+    std::fs::remove_dir(&gone).unwrap();
+    for env in [&[][..], &[("CKPT_PROC_ONLY", "1")][..]] {
+        let (code, _, err) = ckpt_user_env(&args, env);
+        assert_ne!(code, 0, "{env:?}: a removed directory was dumped");
+        assert!(
+            err.contains(&format!(
+                "is directory {} removed while open",
+                gone.display()
+            )),
+            "{env:?}: {err}"
+        );
+        let errors = err
+            .lines()
+            .filter(|l| l.starts_with("ckpt-user: error:"))
+            .count();
+        assert_eq!(errors, 1, "one error line: {err}");
+        assert!(!cg.frozen());
+        assert_eq!(
+            only(&dir.0, &[]),
+            Vec::<String>::new(),
+            "no image, no temporary"
+        );
+    }
+}
+
 #[test]
 fn disk_full_for_the_image_fails_cleanly() {
     let cg = Cgroup::new(false);
@@ -912,7 +955,11 @@ fn a_dump_of_its_own_cgroup_is_refused() {
             err.contains(&format!("contains {what}")) && err.contains("would freeze itself"),
             "{what}: {err}"
         );
-        assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+        let errors = err
+            .lines()
+            .filter(|l| l.starts_with("ckpt-user: error:"))
+            .count();
+        assert_eq!(errors, 1, "one error line: {err}");
         assert!(!cg.frozen());
         assert!(temporaries(&dir.0).is_empty() && !img.exists());
     }

@@ -153,6 +153,24 @@ fn sha256_of(pid: u32, fd: i32) -> Result<String> {
     Ok(hex::encode(h.finalize()))
 }
 
+/// Refuses an fd no restore could open again, rather than write an image that can
+/// never work: a directory removed while open (its path names nothing now, or
+/// another directory). Checked on what was read in the frozen window.
+fn refuse_unrestorable(fds: &[FoundFd]) -> Result<()> {
+    if let Some(f) = fds
+        .iter()
+        .find(|f| f.kind() == FileKind::Directory && (f.unlinked || f.nlink == 0))
+    {
+        bail!(
+            "process {} fd {} is directory {} removed while open: no restore could open it again, so no image was written (close the fd, or recreate the directory, and dump again)",
+            f.pid,
+            f.fd,
+            f.path
+        );
+    }
+    Ok(())
+}
+
 pub fn run(opts: &Options) -> Result<Report> {
     let t0 = Instant::now();
     // SIGINT and SIGTERM stop a dump (the watchdog thaws and cleans up), even when
@@ -444,6 +462,7 @@ pub fn run(opts: &Options) -> Result<Report> {
             (fds, desc_of, files)
         }
     };
+    refuse_unrestorable(&all_fds)?;
     // Index, not a search per fd.
     let index: HashMap<u32, usize> = processes
         .iter()
