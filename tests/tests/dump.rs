@@ -563,12 +563,17 @@ fn expect_failure(args: &[&str], want: &str) -> String {
     let (code, _, err) = ckpt_user(args);
     assert_ne!(code, 0, "must fail: {args:?}");
     assert!(err.contains(want), "stderr should mention {want:?}: {err}");
+    one_error_line(&err);
+    err
+}
+
+/// A refusal says why in exactly one error line (notes may come before it).
+fn one_error_line(err: &str) {
     let errors = err
         .lines()
         .filter(|l| l.starts_with("ckpt-user: error:"))
         .count();
     assert_eq!(errors, 1, "one error line: {err}");
-    err
 }
 
 #[test]
@@ -665,11 +670,7 @@ fn an_fd_on_a_removed_directory_is_refused() {
             )),
             "{env:?}: {err}"
         );
-        let errors = err
-            .lines()
-            .filter(|l| l.starts_with("ckpt-user: error:"))
-            .count();
-        assert_eq!(errors, 1, "one error line: {err}");
+        one_error_line(&err);
         assert!(!cg.frozen());
         assert_eq!(
             only(&dir.0, &[]),
@@ -955,11 +956,7 @@ fn a_dump_of_its_own_cgroup_is_refused() {
             err.contains(&format!("contains {what}")) && err.contains("would freeze itself"),
             "{what}: {err}"
         );
-        let errors = err
-            .lines()
-            .filter(|l| l.starts_with("ckpt-user: error:"))
-            .count();
-        assert_eq!(errors, 1, "one error line: {err}");
+        one_error_line(&err);
         assert!(!cg.frozen());
         assert!(temporaries(&dir.0).is_empty() && !img.exists());
     }
