@@ -38,7 +38,8 @@ pub fn stage(root: &Path, prefix: &str) -> Result<Vec<PathBuf>> {
     if !prefix.starts_with('/') {
         bail!("--prefix {prefix}: not an absolute path");
     }
-    let bins = crate::util::build_release()?;
+    // Only what ships: not the test helpers.
+    let bins = crate::util::build_ckpt()?;
     let under = |rel: &str| root.join(prefix.trim_start_matches('/')).join(rel);
     let bin_dir = under("bin");
     std::fs::create_dir_all(&bin_dir)?;

@@ -35,6 +35,19 @@ pub fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
 }
 
+/// Builds ckpt-agent and ckpt-user alone (release), for what ships; returns their
+/// directory.
+pub fn build_ckpt() -> Result<PathBuf> {
+    sh(Command::new("cargo").current_dir(workspace()).args([
+        "build",
+        "--release",
+        "-p",
+        "ckpt-user",
+        "--bins",
+    ]))?;
+    Ok(workspace().join("target/release"))
+}
+
 /// Builds ckpt-agent, ckpt-user and the test helpers (release); returns their directory.
 pub fn build_release() -> Result<PathBuf> {
     sh(Command::new("cargo").current_dir(workspace()).args([
