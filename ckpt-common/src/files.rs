@@ -102,6 +102,10 @@ pub struct FdRecord {
     pub owner_type: u32,
     pub signum: u32,
     pub i_mode: u32,
+    /// 1 when the inode has no name but may be given one (`I_LINKABLE`: made by
+    /// O_TMPFILE without O_EXCL and never linked), as `linkat(AT_EMPTY_PATH)` allows.
+    pub linkable: u32,
+    pub reserved: u32,
 }
 
 /// A lock or lease of the inode held through this fd's description (what its fdinfo

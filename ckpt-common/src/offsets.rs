@@ -149,6 +149,9 @@ pub struct FileIterOffsets {
     pub inode_mtime_nsec: u32,
     pub inode_ctime_sec: u32,
     pub inode_ctime_nsec: u32,
+    /// `i_state`, and the value of its `I_LINKABLE` flag on this kernel.
+    pub inode_state: u32,
+    pub i_linkable: u32,
     pub sb_dev: u32,
 }
 
@@ -182,6 +185,8 @@ impl FileIterOffsets {
         inode_mtime_nsec: 0,
         inode_ctime_sec: 0,
         inode_ctime_nsec: 0,
+        inode_state: 0,
+        i_linkable: 0,
         sb_dev: 0,
     };
 }

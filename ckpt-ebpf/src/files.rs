@@ -181,6 +181,8 @@ fn emit(ctx: *const TaskFileCtx, with_path: bool) -> Result<(), i32> {
     r.ino = field(inode, layout!(files.inode_ino));
     r.i_mode = field::<u16>(inode, layout!(files.inode_mode)) as u32;
     r.nlink = field(inode, layout!(files.inode_nlink));
+    r.linkable =
+        (field::<u32>(inode, layout!(files.inode_state)) & layout!(files.i_linkable) != 0) as u32;
     r.size = field(inode, layout!(files.inode_size));
     r.blocks = field(inode, layout!(files.inode_blocks));
     r.generation = field(inode, layout!(files.inode_generation));

@@ -54,6 +54,9 @@ pub struct FoundFd {
     pub owner: Option<(i32, i32)>,
     pub sig: i32,
     pub handle: Option<(i32, Vec<u8>)>,
+    /// From the iterator: a nameless inode that may be linked again (O_TMPFILE without
+    /// O_EXCL); None when read through /proc, which does not tell.
+    pub linkable: Option<bool>,
     /// From the iterator: the kernel's open file description and fd table, and the
     /// superblock's device (which locks carry; stat() differs on btrfs).
     pub kernel: Option<KernelIds>,
@@ -94,6 +97,12 @@ impl FoundFd {
     /// Unlinked while open and no other name left: its contents must go in the image.
     pub fn is_ghost(&self) -> bool {
         self.kind() == FileKind::Regular && self.nlink == 0
+    }
+
+    /// A regular file whose name was unlinked while another link keeps it: reopened
+    /// by file handle.
+    pub fn name_gone(&self) -> bool {
+        self.kind() == FileKind::Regular && self.unlinked && self.nlink > 0
     }
 }
 
@@ -139,6 +148,7 @@ pub fn scan(pid: u32) -> Result<Vec<FoundFd>> {
             owner: fown::owner(&dup),
             sig: fown::signal(&dup),
             handle: pidfd::file_handle(&dup),
+            linkable: None,
             kernel: None,
             lines: Vec::new(),
         });
@@ -449,6 +459,7 @@ pub fn assemble<'a>(
             owner: (r.owner_pid != 0).then_some((r.owner_type as i32, r.owner_pid)),
             sig: r.signum as i32,
             handle: known.handle.clone(),
+            linkable: Some(r.linkable != 0),
             kernel: Some(KernelIds {
                 file: r.file,
                 files: r.files,
@@ -480,6 +491,7 @@ fn open_file(id: u32, f: &FoundFd) -> OpenFile {
         owner: f.owner,
         sig: f.sig,
         deleted: f.is_ghost(),
+        unlinked: f.name_gone(),
         handle: f.handle.clone(),
         holders: Vec::new(),
     }

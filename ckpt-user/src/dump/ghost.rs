@@ -6,10 +6,11 @@
 //! image after the thaw; elsewhere the bytes are copied while frozen.
 
 use std::{
+    collections::{BTreeSet, HashMap},
     fs::File,
     os::{
         fd::{AsRawFd as _, FromRawFd as _},
-        unix::fs::FileExt as _,
+        unix::fs::{FileExt as _, MetadataExt as _},
     },
     path::Path,
 };
@@ -17,14 +18,22 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use indicatif::ProgressBar;
 
-use crate::image::{format::Ghost, writer::ImageWriter};
+use crate::image::{
+    format::{Ghost, GhostMap, Memfd},
+    writer::ImageWriter,
+};
 
-/// A deleted file to save, reachable through one of its holders' fds.
+/// A deleted file to save, reachable through one of its holders' fds or mappings.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    pub pid: u32,
-    pub fd: i32,
+    /// /proc/PID/fd/FD or /proc/PID/map_files/START-END.
+    pub link: String,
     pub ghost: Ghost,
+}
+
+/// The name memfd_create gave a file: its path is "/memfd:NAME".
+fn memfd_name(path: &str) -> Option<&str> {
+    path.strip_prefix("/memfd:")
 }
 
 /// A readable handle on the frozen contents: our own description of the file (so no
@@ -76,10 +85,27 @@ fn reflink(src: &File, dir: &Path) -> Option<File> {
 /// While frozen: opens the deleted file, measures its extents against `limit`, and
 /// reflinks it if possible.
 pub fn prepare(plan: Plan, limit: u64) -> Result<Source> {
-    let link = format!("/proc/{}/fd/{}", plan.pid, plan.fd);
-    let file = File::open(&link)
-        .with_context(|| format!("opening deleted file {} through {link}", plan.ghost.path))?;
+    let file = File::open(&plan.link).with_context(|| {
+        format!(
+            "opening deleted file {} through {}",
+            plan.ghost.path, plan.link
+        )
+    })?;
     let mut plan = plan;
+    let md = file
+        .metadata()
+        .with_context(|| format!("stat of deleted file {}", plan.ghost.path))?;
+    plan.ghost.uid = Some(md.uid());
+    plan.ghost.gid = Some(md.gid());
+    plan.ghost.mode = md.mode();
+    plan.ghost.size = md.size();
+    if let Some(name) = memfd_name(&plan.ghost.path) {
+        plan.ghost.memfd = Some(Memfd {
+            name: name.to_string(),
+            seals: nix::fcntl::fcntl(file.as_raw_fd(), nix::fcntl::FcntlArg::F_GET_SEALS)
+                .unwrap_or(0) as u32,
+        });
+    }
     plan.ghost.extents = extents(&file, plan.ghost.size);
     let data: u64 = plan.ghost.extents.iter().map(|e| e.1).sum();
     if data > limit {
@@ -91,7 +117,12 @@ pub fn prepare(plan: Plan, limit: u64) -> Result<Source> {
     let parent = Path::new(&plan.ghost.path)
         .parent()
         .unwrap_or(Path::new("/"));
-    Ok(match reflink(&file, parent) {
+    // A memfd's "directory" is no directory.
+    let clone = match plan.ghost.memfd {
+        None => reflink(&file, parent),
+        Some(_) => None,
+    };
+    Ok(match clone {
         Some(clone) => Source {
             file: clone,
             plan,
@@ -125,4 +156,125 @@ pub fn copy(src: &Source, w: &mut ImageWriter, progress: Option<&ProgressBar>) -
         }
     }
     Ok(g)
+}
+
+/// A mapping of a deleted file in a dumped process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapping {
+    pub pid: u32,
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Mapping {
+    /// The link to the mapped file (/proc/PID/map_files needs CAP_SYS_ADMIN).
+    pub fn link(&self) -> String {
+        format!(
+            "/proc/{}/map_files/{:x}-{:x}",
+            self.pid, self.start, self.end
+        )
+    }
+}
+
+/// The deleted-file mappings of `pids`, from the scan iterator's records.
+pub fn mappings_from_scan(records: &[crate::deleted::Seen], pids: &BTreeSet<u32>) -> Vec<Mapping> {
+    records
+        .iter()
+        .filter(|s| s.rec.tag == ckpt_common::deleted::tag::MAP && pids.contains(&s.rec.tgid))
+        .map(|s| Mapping {
+            pid: s.rec.tgid,
+            start: s.rec.start,
+            end: s.rec.end,
+        })
+        .collect()
+}
+
+/// One line of /proc/PID/maps: (start, end, perms, offset, inode, path).
+/// Parsed by hand: the format is fixed since Linux 2.6, and procfs (which would parse
+/// it) is not a dependency of this crate.
+fn maps_line(l: &str) -> Option<(u64, u64, &str, u64, u64, &str)> {
+    let mut w = l.splitn(6, ' ');
+    let (range, perms, offset, _dev, inode) =
+        (w.next()?, w.next()?, w.next()?, w.next()?, w.next()?);
+    let path = w.next().unwrap_or("").trim_start();
+    let (a, b) = range.split_once('-')?;
+    Some((
+        u64::from_str_radix(a, 16).ok()?,
+        u64::from_str_radix(b, 16).ok()?,
+        perms,
+        u64::from_str_radix(offset, 16).ok()?,
+        inode.parse().ok()?,
+        path,
+    ))
+}
+
+/// The deleted-file mappings of `pid` from /proc/PID/maps (no iterators): every
+/// mapping of a file whose path ends in " (deleted)" (which includes names removed
+/// while another link is left; the caller keeps those with no link).
+pub fn mappings_from_proc(pid: u32) -> Result<Vec<Mapping>> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .with_context(|| format!("process {pid} exited during the dump"))?;
+    Ok(text
+        .lines()
+        .filter_map(maps_line)
+        .filter(|&(.., inode, path)| inode != 0 && path.ends_with(" (deleted)"))
+        .map(|(start, end, ..)| Mapping { pid, start, end })
+        .collect())
+}
+
+/// Offset and permissions of each mapping in `maps` (read only for processes that map
+/// a deleted file).
+pub fn describe(maps: &[Mapping]) -> Vec<GhostMap> {
+    let mut texts: HashMap<u32, String> = HashMap::new();
+    maps.iter()
+        .map(|m| {
+            let text = texts.entry(m.pid).or_insert_with(|| {
+                std::fs::read_to_string(format!("/proc/{}/maps", m.pid)).unwrap_or_default()
+            });
+            let (offset, perms) = text
+                .lines()
+                .filter_map(maps_line)
+                .find(|&(s, e, ..)| (s, e) == (m.start, m.end))
+                .map_or((0, String::new()), |(_, _, p, o, ..)| (o, p.to_string()));
+            GhostMap {
+                pid: m.pid,
+                start: m.start,
+                end: m.end,
+                offset,
+                perms,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_maps_line_gives_range_perms_offset_inode_and_path() {
+        let l = "7f12a000-7f12c000 rw-s 00002000 08:01 1234                       /tmp/x (deleted)";
+        assert_eq!(
+            maps_line(l),
+            Some((
+                0x7f12a000,
+                0x7f12c000,
+                "rw-s",
+                0x2000,
+                1234,
+                "/tmp/x (deleted)"
+            ))
+        );
+        assert_eq!(
+            maps_line("7ffd1000-7ffd2000 r-xp 00000000 00:00 0 [vdso]").map(|m| m.4),
+            Some(0)
+        );
+        assert_eq!(maps_line("garbage"), None);
+    }
+
+    #[test]
+    fn memfd_names_come_from_the_path() {
+        assert_eq!(memfd_name("/memfd:cache"), Some("cache"));
+        assert_eq!(memfd_name("/tmp/memfd:x"), None);
+    }
 }

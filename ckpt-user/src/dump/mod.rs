@@ -14,6 +14,7 @@ pub mod tasks;
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
     io::IsTerminal as _,
+    os::unix::fs::MetadataExt as _,
     path::PathBuf,
     time::{Duration, Instant},
 };
@@ -168,6 +169,75 @@ fn refuse_unrestorable(fds: &[FoundFd]) -> Result<()> {
             f.path
         );
     }
+    if let Some(f) = fds.iter().find(|f| f.name_gone() && f.handle.is_none()) {
+        bail!(
+            "process {} fd {} is {}, whose name was removed while another link keeps it, on a filesystem without file handles: no restore could find it again, so no image was written",
+            f.pid,
+            f.fd,
+            f.path
+        );
+    }
+    Ok(())
+}
+
+/// While frozen: deleted files mapped into memory. One held only by a mapping has no
+/// fd, but its bytes are the process's too (CRIU dumps them as well); one also held
+/// through an fd gets its mappings listed.
+fn add_mapped_ghosts(
+    iters: Option<&Iters>,
+    pids: &BTreeSet<u32>,
+    leased: &HashSet<(KernelDev, u64)>,
+    limit: u64,
+    sources: &mut Vec<ghost::Source>,
+) -> Result<()> {
+    let maps = match iters {
+        Some(i) => ghost::mappings_from_scan(
+            &crate::deleted::parse(&i.read_all(Prog::DeletedMaps)?)?,
+            pids,
+        ),
+        None => {
+            let mut all = Vec::new();
+            for &pid in pids {
+                all.extend(ghost::mappings_from_proc(pid)?);
+            }
+            all
+        }
+    };
+    for (m, described) in maps.iter().zip(ghost::describe(&maps)) {
+        let link = m.link();
+        let md = std::fs::metadata(&link)
+            .with_context(|| format!("reading mapped deleted file {link}"))?;
+        if md.nlink() != 0 || !md.is_file() {
+            continue;
+        }
+        let dev = KernelDev::from_st_dev(md.dev());
+        if let Some(s) = sources
+            .iter_mut()
+            .find(|s| s.plan.ghost.ino == md.ino() && s.plan.ghost.dev == dev.to_string())
+        {
+            s.plan.ghost.maps.push(described);
+            continue;
+        }
+        let path = std::fs::read_link(&link)
+            .map(|p| files::split_deleted(&p.display().to_string()).0)
+            .unwrap_or_default();
+        if leased.contains(&(dev, md.ino())) {
+            bail!("deleted file {path} is leased: reading it would break the lease");
+        }
+        sources.push(ghost::prepare(
+            ghost::Plan {
+                link,
+                ghost: Ghost {
+                    dev: dev.to_string(),
+                    ino: md.ino(),
+                    path,
+                    maps: vec![described],
+                    ..Ghost::default()
+                },
+            },
+            limit,
+        )?);
+    }
     Ok(())
 }
 
@@ -204,6 +274,7 @@ pub fn run(opts: &Options) -> Result<Report> {
                 Prog::TaskFilesPaths,
                 Prog::LockTable,
                 Prog::LockTableMaps,
+                Prog::DeletedMaps,
             ],
         )
     };
@@ -391,21 +462,28 @@ pub fn run(opts: &Options) -> Result<Report> {
         }
         sources.push(ghost::prepare(
             ghost::Plan {
-                pid: f.pid,
-                fd: f.fd,
+                link: format!("/proc/{}/fd/{}", f.pid, f.fd),
                 ghost: Ghost {
                     dev: f.dev.to_string(),
                     ino: f.ino,
                     path: f.path.clone(),
                     size: f.size,
                     mode: f.mode,
-                    extents: Vec::new(),
-                    data_offset: 0,
+                    // Unknown through /proc: not linkable, the safe side.
+                    linkable: f.linkable.unwrap_or(false),
+                    ..Ghost::default()
                 },
             },
             opts.ghost_limit,
         )?);
     }
+    add_mapped_ghosts(
+        iters.as_ref(),
+        &pids,
+        &leased,
+        opts.ghost_limit,
+        &mut sources,
+    )?;
     let total_ghost: u64 = sources
         .iter()
         .flat_map(|s| &s.plan.ghost.extents)
@@ -506,6 +584,7 @@ pub fn run(opts: &Options) -> Result<Report> {
             ctime_ns: f.ctime_ns,
             handle: f.handle.clone(),
             sha256: hashes.get(&(f.dev, f.ino)).cloned(),
+            unlinked: f.name_gone(),
         });
     }
     let fds = all_fds.len();

@@ -122,6 +122,10 @@ pub struct OpenFile {
     pub sig: i32,
     /// Unlinked while open (its contents are in a `Ghost`).
     pub deleted: bool,
+    /// Its name was unlinked while another hard link keeps the inode: reopened by its
+    /// file handle, not its path.
+    #[serde(default)]
+    pub unlinked: bool,
     /// name_to_handle_at: (handle type, bytes), when the filesystem supports it.
     pub handle: Option<(i32, Vec<u8>)>,
     /// Every (pid, fd) referring to this description.
@@ -230,6 +234,43 @@ pub struct Ghost {
     pub extents: Vec<(u64, u64)>,
     /// Where the extents' bytes are in the image, back to back.
     pub data_offset: u64,
+    /// The inode's owner (images written before this field: the holder's).
+    #[serde(default)]
+    pub uid: Option<u32>,
+    #[serde(default)]
+    pub gid: Option<u32>,
+    /// Made by O_TMPFILE without O_EXCL and never linked: its holders may still give it
+    /// a name (`linkat`), so the restored one must allow that too.
+    #[serde(default)]
+    pub linkable: bool,
+    /// A memfd (memfd_create), recreated as one.
+    #[serde(default)]
+    pub memfd: Option<Memfd>,
+    /// Memory mappings of it in the dumped processes. A file held only by mappings has
+    /// no `OpenFile`: its bytes are kept, but a spawn-mode restore cannot map them.
+    #[serde(default)]
+    pub maps: Vec<GhostMap>,
+}
+
+/// What memfd_create(2) and F_ADD_SEALS take back.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Memfd {
+    /// The name given to memfd_create (without the "memfd:" prefix).
+    pub name: String,
+    /// F_GET_SEALS (F_SEAL_SEAL, F_SEAL_SHRINK, F_SEAL_GROW, F_SEAL_WRITE, ...).
+    pub seals: u32,
+}
+
+/// One mapping of a deleted file, as /proc/PID/maps shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GhostMap {
+    pub pid: u32,
+    pub start: u64,
+    pub end: u64,
+    /// Offset in the file of `start`.
+    pub offset: u64,
+    /// "rw-p" and the like.
+    pub perms: String,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,4 +284,7 @@ pub struct Fingerprint {
     pub handle: Option<(i32, Vec<u8>)>,
     /// SHA-256 of the contents (with --hash).
     pub sha256: Option<String>,
+    /// `path` was unlinked and another link keeps the file: checked through `handle`.
+    #[serde(default)]
+    pub unlinked: bool,
 }

@@ -30,8 +30,8 @@ use sha2::{Digest as _, Sha256};
 
 use super::{
     format::{
-        Breaker, Fd, FileKind, Fingerprint, Ghost, Image, Lease, Lock, LockKind, LockType,
-        OpenFile, Process, Waiter,
+        Breaker, Fd, FileKind, Fingerprint, Ghost, GhostMap, Image, Lease, Lock, LockKind,
+        LockType, Memfd, OpenFile, Process, Waiter,
     },
     inspect,
     key::HostKey,
@@ -162,6 +162,7 @@ fn open_file(id: u32, path: &str, ino: u64, deleted: bool, holders: &[(u32, i32)
         owner: Some((1, holders.first().map_or(0, |h| h.0 as i32))),
         sig: 0,
         deleted,
+        unlinked: ino == 101,
         handle: Some((1, vec![1, 2, 3, 4, 5, 6, 7, 8])),
         holders: holders.to_vec(),
     }
@@ -212,6 +213,7 @@ pub fn seeds(scratch: &Path) -> Vec<(String, Vec<u8>)> {
             ctime_ns: 1,
             handle: None,
             sha256: None,
+            unlinked: false,
         }],
         ..Default::default()
     };
@@ -293,6 +295,20 @@ pub fn seeds(scratch: &Path) -> Vec<(String, Vec<u8>)> {
             mode: 0o100600,
             extents: vec![(0, 5), (4096, 3)],
             data_offset: 0,
+            uid: Some(1),
+            gid: Some(1),
+            linkable: true,
+            memfd: Some(Memfd {
+                name: "fuzz".into(),
+                seals: 0xf,
+            }),
+            maps: vec![GhostMap {
+                pid: 1,
+                start: 0x1000,
+                end: 0x3000,
+                offset: 0,
+                perms: "rw-s".into(),
+            }],
         }],
         fingerprints: vec![
             Fingerprint {
@@ -304,6 +320,7 @@ pub fn seeds(scratch: &Path) -> Vec<(String, Vec<u8>)> {
                 ctime_ns: 1,
                 handle: Some((1, vec![9; 8])),
                 sha256: Some("00".repeat(32)),
+                unlinked: false,
             },
             Fingerprint {
                 path: "/tmp/fuzz/b".into(),
@@ -314,6 +331,7 @@ pub fn seeds(scratch: &Path) -> Vec<(String, Vec<u8>)> {
                 ctime_ns: 0,
                 handle: None,
                 sha256: None,
+                unlinked: true,
             },
         ],
     };

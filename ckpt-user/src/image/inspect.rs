@@ -63,6 +63,33 @@ pub fn summary(img: &Image) -> String {
             p.cmdline.join(" ")
         );
     }
+    for g in &img.ghosts {
+        let stored: u64 = g.extents.iter().map(|e| e.1).sum();
+        let owner = match (g.uid, g.gid) {
+            (Some(u), Some(gid)) => format!(", owner {u}:{gid}"),
+            _ => String::new(),
+        };
+        let what = if g.memfd.is_some() {
+            "memfd"
+        } else {
+            "deleted file"
+        };
+        let _ = writeln!(
+            s,
+            "  {what} {} ({} bytes, {stored} stored, mode {:o}{owner}{})",
+            g.path,
+            g.size,
+            g.mode & 0o7777,
+            if g.linkable { ", linkable" } else { "" }
+        );
+        for m in &g.maps {
+            let _ = writeln!(
+                s,
+                "    mapped by {} at {:x}-{:x} {} (not mapped back by a spawn-mode restore)",
+                m.pid, m.start, m.end, m.perms
+            );
+        }
+    }
     for l in &img.leases {
         let state = if l.breaking {
             let left = l.remaining_ns.map(ms).unwrap_or_else(|| "? left".into());
@@ -180,6 +207,23 @@ pub fn tree(img: &Image) -> String {
         line(format!("{d}/path"), g.path.clone());
         line(format!("{d}/size"), g.size.to_string());
         line(format!("{d}/extents"), format!("{:?}", g.extents));
+        line(format!("{d}/mode"), format!("{:o}", g.mode));
+        if let (Some(u), Some(gid)) = (g.uid, g.gid) {
+            line(format!("{d}/owner"), format!("{u}:{gid}"));
+        }
+        line(format!("{d}/linkable"), g.linkable.to_string());
+        if let Some(m) = &g.memfd {
+            line(
+                format!("{d}/memfd"),
+                format!("{} seals {:#x}", m.name, m.seals),
+            );
+        }
+        for m in &g.maps {
+            line(
+                format!("{d}/maps/{}", m.pid),
+                format!("{:x}-{:x} {} @{:#x}", m.start, m.end, m.perms, m.offset),
+            );
+        }
     }
     s
 }

@@ -160,10 +160,55 @@ fn open_authenticated(opts: &Options, warnings: &mut Vec<String>) -> Result<Imag
     Ok(reader)
 }
 
+/// The mappings of deleted files: their bytes are in the image, but a restored
+/// process runs its program afresh and maps nothing of the old one.
+fn unmapped(image: &crate::image::format::Image) -> impl Iterator<Item = String> + '_ {
+    image.ghosts.iter().flat_map(|g| {
+        g.maps.iter().map(move |m| {
+            format!(
+                "process {} mapping {:x}-{:x} of deleted file {} ({} bytes) is kept in the image, but not mapped back (spawn mode)",
+                m.pid, m.start, m.end, g.path, g.size
+            )
+        })
+    })
+}
+
+/// Every deleted file the plan opens, recreated once (nameless: see `ghost`); the
+/// image's set-id bits only when it is authenticated.
+fn recreate_ghosts(
+    reader: &ImageReader,
+    plan: &plan::Plan,
+    opts: &Options,
+    trust: ghost::Trust,
+    warnings: &mut Vec<String>,
+) -> Result<HashMap<usize, ghost::Recreated>> {
+    let mut ghosts = HashMap::new();
+    for fp in plan.files.values() {
+        if let Source::Ghost(g) = fp.source {
+            if let std::collections::hash_map::Entry::Vacant(e) = ghosts.entry(g) {
+                check_cancel()?;
+                let (made, said) = ghost::recreate(
+                    reader,
+                    &reader.image.ghosts[g],
+                    &plan.procs[fp.opener].creds,
+                    opts.ghost_dir.as_deref(),
+                    trust,
+                )?;
+                warnings.extend(said);
+                e.insert(made);
+            }
+        }
+    }
+    Ok(ghosts)
+}
+
 pub fn run(opts: &Options) -> Result<Report> {
     let started = Instant::now();
     let mut trust_warnings = Vec::new();
     let reader = open_authenticated(opts, &mut trust_warnings)?;
+    let trust = ghost::Trust {
+        keep_set_id: matches!(reader.auth, Auth::Verified { .. }),
+    };
     let image = &reader.image;
     let plan = plan::build(
         image,
@@ -192,13 +237,14 @@ pub fn run(opts: &Options) -> Result<Report> {
     };
     let checked = validate::check(image, opts.force)?;
     let mut warnings = trust_warnings;
-    warnings.extend(checked.warnings);
+    warnings.extend(checked.warnings.iter().cloned());
     for (pid, fd, what) in &plan.skipped {
         warnings.push(format!(
             "process {pid} fd {fd} ({what}) left closed (--skip-unsupported)"
         ));
     }
     warnings.extend(plan.released_by_exec.iter().cloned());
+    warnings.extend(unmapped(image));
     catch_signals();
     let nofile_soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map(|(soft, _)| soft)
@@ -208,24 +254,8 @@ pub fn run(opts: &Options) -> Result<Report> {
         nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
     plan.check_fd_limit(nofile_hard)?;
 
-    let mut ghosts = HashMap::new();
-    for fp in plan.files.values() {
-        if let Source::Ghost(g) = fp.source {
-            if let std::collections::hash_map::Entry::Vacant(e) = ghosts.entry(g) {
-                check_cancel()?;
-                e.insert(ghost::recreate(
-                    &reader,
-                    &image.ghosts[g],
-                    &plan.procs[fp.opener].creds,
-                    opts.ghost_dir.as_deref(),
-                )?);
-            }
-        }
-    }
-    let files = open::descriptions(image, &plan, &ghosts, &checked.identities)?;
-    for g in ghosts.values_mut() {
-        g.unlink()?;
-    }
+    let ghosts = recreate_ghosts(&reader, &plan, opts, trust, &mut warnings)?;
+    let files = open::descriptions(image, &plan, &ghosts, &checked)?;
     check_cancel()?;
 
     let setup = spawn::Setup {

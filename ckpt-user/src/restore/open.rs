@@ -21,7 +21,7 @@ use super::{
     creds,
     ghost::Recreated,
     plan::{Plan, Source},
-    validate::Identity,
+    validate::{Checked, Identity},
 };
 use crate::image::format::{FileKind, Image, OpenFile};
 
@@ -44,7 +44,12 @@ const SETFL_FLAGS: i32 = libc::O_APPEND | libc::O_NONBLOCK | libc::O_DIRECT | li
 fn open_one(path: &Path, f: &OpenFile) -> std::io::Result<OwnedFd> {
     let c = CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-    let flags = (f.flags as i32 & OPEN_FLAGS) | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY;
+    let mut flags = f.flags as i32 & OPEN_FLAGS;
+    if f.kind == FileKind::Regular {
+        // O_TMPFILE is __O_TMPFILE | O_DIRECTORY, and f_flags keeps both.
+        flags &= !libc::O_DIRECTORY;
+    }
+    let flags = flags | libc::O_NONBLOCK | libc::O_CLOEXEC | libc::O_NOCTTY;
     // SAFETY: plain syscall; the fd is ours.
     let fd = unsafe { libc::open(c.as_ptr(), flags) };
     if fd < 0 {
@@ -79,7 +84,7 @@ pub fn descriptions(
     image: &Image,
     plan: &Plan,
     ghosts: &HashMap<usize, Recreated>,
-    identities: &HashMap<String, Identity>,
+    checked: &Checked,
 ) -> Result<BTreeMap<u32, OwnedFd>> {
     let mut out = BTreeMap::new();
     for (&file, fp) in &plan.files {
@@ -87,7 +92,14 @@ pub fn descriptions(
         let who = &plan.procs[fp.opener];
         let path = match &fp.source {
             Source::Path(p) => Path::new(p).to_path_buf(),
-            Source::Ghost(g) => ghosts[g].path.clone(),
+            Source::Ghost(g) => ghosts[g].reopen_path(),
+            Source::Handle => match checked.by_handle.get(&(f.dev.clone(), f.ino)) {
+                Some(fd) => format!("/proc/self/fd/{}", fd.as_raw_fd()).into(),
+                None => bail!(
+                    "image is corrupt: {} is to be found by file handle, but has no fingerprint",
+                    f.path
+                ),
+            },
         };
         let fd = creds::as_user(&who.creds, || open_one(&path, f))?.map_err(|e| {
             anyhow::anyhow!(
@@ -105,7 +117,13 @@ pub fn descriptions(
         let md = std::fs::File::from(fd.try_clone()?)
             .metadata()
             .with_context(|| format!("stat {}", f.path))?;
-        if let Some(want) = identities.get(&f.path) {
+        // Only a path names a file that could have been swapped: a ghost is our own
+        // inode, whatever now has its old name.
+        let want = match &fp.source {
+            Source::Path(p) => checked.identities.get(p),
+            Source::Ghost(_) | Source::Handle => None,
+        };
+        if let Some(want) = want {
             if Identity::of(&md) != *want {
                 bail!("{}: replaced by another file while restoring", f.path);
             }

@@ -114,6 +114,8 @@ pub enum Source {
     Path(String),
     /// A deleted file: its recreated copy (index into `Image::ghosts`).
     Ghost(usize),
+    /// A file whose name is gone but another link keeps it: found by file handle.
+    Handle,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -344,6 +346,8 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
                     );
                 };
                 Source::Ghost(g)
+            } else if f.unlinked {
+                Source::Handle
             } else {
                 Source::Path(f.path.clone())
             };

@@ -43,6 +43,9 @@ impl Identity {
 pub struct Checked {
     /// By path.
     pub identities: HashMap<String, Identity>,
+    /// Files whose name was removed while another link keeps them, opened (O_PATH) by
+    /// file handle, by (device, inode) as the image names them.
+    pub by_handle: HashMap<(String, u64), OwnedFd>,
     /// Differences accepted with --force.
     pub warnings: Vec<String>,
 }
@@ -107,9 +110,19 @@ pub fn check(image: &Image, force: bool) -> Result<Checked> {
         .map(|h| h.to_string_lossy() == image.hostname)
         .unwrap_or(false);
     let mut identities = HashMap::new();
+    let mut by_handle = HashMap::new();
     let mut warnings = Vec::new();
     let mut problems = Vec::new();
     for fp in &image.fingerprints {
+        if fp.unlinked {
+            let fd = reopen_by_handle(fp, same_host)?;
+            let md = File::from(fd.try_clone()?).metadata()?;
+            for d in differences(fp, &md, same_host) {
+                problems.push(format!("{}: {d}", fp.path));
+            }
+            by_handle.insert((fp.dev.clone(), fp.ino), fd);
+            continue;
+        }
         let md = match std::fs::metadata(&fp.path) {
             Ok(md) => md,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -167,7 +180,43 @@ pub fn check(image: &Image, force: bool) -> Result<Checked> {
     }
     Ok(Checked {
         identities,
+        by_handle,
         warnings,
+    })
+}
+
+/// Finds a file whose name was removed (another link keeps it) by its file handle, on
+/// the filesystem of the nearest directory above its old name that still exists. The
+/// handle carries the inode's generation, so a reused inode number does not match.
+fn reopen_by_handle(fp: &Fingerprint, same_host: bool) -> Result<OwnedFd> {
+    let gone = format!(
+        "{}: its name was removed while another link kept it open",
+        fp.path
+    );
+    let Some(handle) = fp.handle.as_ref().filter(|_| same_host) else {
+        bail!("{gone}; it can only be found again by file handle, on the host that dumped it");
+    };
+    let mut dir = std::path::Path::new(&fp.path);
+    let anchor = loop {
+        dir = match dir.parent() {
+            Some(d) => d,
+            None => bail!("{gone}; no directory above it is left"),
+        };
+        if let Ok(md) = std::fs::metadata(dir) {
+            if md.is_dir() && KernelDev::from_st_dev(md.dev()).to_string() == fp.dev {
+                break dir;
+            }
+        }
+    };
+    // Not O_PATH: open_by_handle_at refuses an O_PATH mount fd (EBADF).
+    let on = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(anchor)
+        .map(OwnedFd::from)?;
+    pidfd::open_by_handle(&on, handle).map_err(|e| match e.raw_os_error() {
+        Some(libc::ESTALE) => anyhow::anyhow!("{gone}, and the file is gone now"),
+        _ => anyhow::anyhow!("{gone}; opening it by file handle: {e}"),
     })
 }
 
@@ -191,6 +240,7 @@ mod tests {
             ctime_ns: 0,
             handle: None,
             sha256: None,
+            unlinked: false,
         };
         assert!(differences(&fp, &md, true).is_empty());
         let grown = Fingerprint {

@@ -51,16 +51,49 @@ pub fn same_description(pid1: u32, fd1: i32, pid2: u32, fd2: i32) -> Result<bool
     Ok(r == 0)
 }
 
+/// Longest file handle kept (MAX_HANDLE_SZ).
+const MAX_HANDLE: usize = 128;
+
+/// struct file_handle with room for the longest handle (nix has no handle calls).
+#[repr(C)]
+struct Handle {
+    bytes: u32,
+    kind: i32,
+    data: [u8; MAX_HANDLE],
+}
+
+/// open_by_handle_at(O_PATH): the inode a handle names, on the filesystem `on` (any
+/// fd on it) lives on, even if no name leads to it any more (needs
+/// CAP_DAC_READ_SEARCH).
+pub fn open_by_handle(on: &OwnedFd, handle: &(i32, Vec<u8>)) -> std::io::Result<OwnedFd> {
+    if handle.1.len() > MAX_HANDLE {
+        return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+    }
+    let mut h = Handle {
+        bytes: handle.1.len() as u32,
+        kind: handle.0,
+        data: [0; MAX_HANDLE],
+    };
+    h.data[..handle.1.len()].copy_from_slice(&handle.1);
+    // SAFETY: h holds `bytes` bytes of handle after its header.
+    let r = unsafe {
+        libc::open_by_handle_at(
+            on.as_raw_fd(),
+            &mut h as *mut Handle as *mut libc::file_handle,
+            libc::O_PATH | libc::O_CLOEXEC,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a new fd, ours alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(r) })
+}
+
 /// name_to_handle_at on an open fd: (handle type, bytes), or None if the filesystem
 /// has no handles.
 pub fn file_handle(fd: &OwnedFd) -> Option<(i32, Vec<u8>)> {
-    const MAX: usize = 128;
-    #[repr(C)]
-    struct Handle {
-        bytes: u32,
-        kind: i32,
-        data: [u8; MAX],
-    }
+    const MAX: usize = MAX_HANDLE;
     let mut h = Handle {
         bytes: MAX as u32,
         kind: 0,

@@ -48,10 +48,12 @@ struct Type {
     members: Vec<Member>,
 }
 
-/// Parsed BTF: every type, and struct names to ids.
+/// Parsed BTF: every type, struct names to ids, and enumerators (flag values such as
+/// `I_LINKABLE` that became enum members in 6.13 and moved since).
 pub struct Btf {
     types: Vec<Type>,
     structs: HashMap<String, u32>,
+    enumerators: HashMap<String, i64>,
 }
 
 fn u16_at(d: &[u8], o: usize) -> Result<u16> {
@@ -102,6 +104,7 @@ impl Btf {
             members: Vec::new(),
         }];
         let mut structs = HashMap::new();
+        let mut enumerators = HashMap::new();
         let mut o = type_off;
         let end = type_off + type_len;
         while o < end {
@@ -133,8 +136,31 @@ impl Btf {
                     }
                     o += vlen * 12;
                 }
-                KIND_ENUM | KIND_FUNC_PROTO => o += vlen * 8,
-                KIND_DATASEC | KIND_ENUM64 => o += vlen * 12,
+                KIND_ENUM => {
+                    for i in 0..vlen {
+                        let m = o + i * 8;
+                        let val = u32_at(d, m + 4)?;
+                        // kind_flag: signed values.
+                        let val = if kind_flag {
+                            val as i32 as i64
+                        } else {
+                            val as i64
+                        };
+                        enumerators.insert(name(u32_at(d, m)?), val);
+                    }
+                    o += vlen * 8;
+                }
+                KIND_ENUM64 => {
+                    for i in 0..vlen {
+                        let m = o + i * 12;
+                        let lo = u32_at(d, m + 4)? as u64;
+                        let hi = u32_at(d, m + 8)? as u64;
+                        enumerators.insert(name(u32_at(d, m)?), (hi << 32 | lo) as i64);
+                    }
+                    o += vlen * 12;
+                }
+                KIND_FUNC_PROTO => o += vlen * 8,
+                KIND_DATASEC => o += vlen * 12,
                 _ => {}
             }
             if kind == KIND_STRUCT && !t.name.is_empty() {
@@ -142,7 +168,16 @@ impl Btf {
             }
             types.push(t);
         }
-        Ok(Btf { types, structs })
+        Ok(Btf {
+            types,
+            structs,
+            enumerators,
+        })
+    }
+
+    /// The value of enumerator `name` (of any enum), if this kernel's BTF has it.
+    pub fn enumerator(&self, name: &str) -> Option<i64> {
+        self.enumerators.get(name).copied()
     }
 
     pub fn has_struct(&self, name: &str) -> bool {
@@ -229,7 +264,8 @@ mod tests {
     /// Builds a BTF blob: struct inner { int a; char b; }; struct outer { long x; struct inner in; };
     /// plus a typedef and an anonymous union member.
     fn blob() -> Vec<u8> {
-        let strings = b"\0int\0inner\0a\0b\0outer\0x\0in\0inner_t\0u\0y\0".to_vec();
+        let strings =
+            b"\0int\0inner\0a\0b\0outer\0x\0in\0inner_t\0u\0y\0state\0I_LINKABLE\0".to_vec();
         let off = |s: &str| -> u32 {
             let pos = strings
                 .windows(s.len() + 1)
@@ -277,6 +313,12 @@ mod tests {
         push(0);
         push(4);
         push(128);
+        // 6: enum state { I_LINKABLE = 1 << 7 }
+        push(off("state"));
+        push(KIND_ENUM << 24 | 1);
+        push(4);
+        push(off("I_LINKABLE"));
+        push(1 << 7);
         let mut d = Vec::new();
         d.extend_from_slice(&MAGIC.to_le_bytes());
         d.push(1);
@@ -303,6 +345,8 @@ mod tests {
         assert_eq!(btf.offset_of("outer", "y").unwrap(), 16);
         assert!(btf.offset_of("outer", "nope").is_err());
         assert!(btf.offset_of("missing", "x").is_err());
+        assert_eq!(btf.enumerator("I_LINKABLE"), Some(1 << 7));
+        assert_eq!(btf.enumerator("I_NOPE"), None);
     }
 
     #[test]

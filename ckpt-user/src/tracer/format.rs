@@ -251,6 +251,10 @@ pub fn file_iter_offsets(btf: &Btf) -> Result<FileIterOffsets> {
         inode_mtime_nsec: mtime_nsec,
         inode_ctime_sec: ctime_sec,
         inode_ctime_nsec: ctime_nsec,
+        inode_state: btf.offset_of("inode", "i_state")?,
+        // An enumerator since 6.13 (and renumbered since); before that a #define of
+        // 1 << 10 that BTF does not carry.
+        i_linkable: btf.enumerator("I_LINKABLE").map_or(1 << 10, |v| v as u32),
         sb_dev: btf.offset_of("super_block", "s_dev")?,
     })
 }

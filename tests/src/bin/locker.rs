@@ -369,14 +369,52 @@ fn serve(input: impl BufRead, mut out: impl Write) {
                     "ok".into()
                 }
             }
-            ["tmpfile", name, dir] => {
+            ["tmpfile", name, dir, rest @ ..] => {
                 let p = CString::new(*dir).unwrap();
-                let r = unsafe { libc::open(p.as_ptr(), libc::O_TMPFILE | libc::O_RDWR, 0o600) };
+                let excl = if rest == ["excl"] { libc::O_EXCL } else { 0 };
+                let r =
+                    unsafe { libc::open(p.as_ptr(), libc::O_TMPFILE | libc::O_RDWR | excl, 0o600) };
                 if r < 0 {
                     format!("err {}", errno())
                 } else {
                     fds.insert(name.to_string(), r);
                     format!("ok {r}")
+                }
+            }
+            ["fchown", name, uid, gid] => {
+                let r =
+                    unsafe { libc::fchown(fd(name), uid.parse().unwrap(), gid.parse().unwrap()) };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    "ok".into()
+                }
+            }
+            ["fchmod", name, mode] => {
+                let r = unsafe { libc::fchmod(fd(name), u32::from_str_radix(mode, 8).unwrap()) };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    "ok".into()
+                }
+            }
+            ["memfd", name, mname] => {
+                let p = CString::new(*mname).unwrap();
+                let r = unsafe { libc::memfd_create(p.as_ptr(), libc::MFD_ALLOW_SEALING) };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    fds.insert(name.to_string(), r);
+                    format!("ok {r}")
+                }
+            }
+            ["seal", name, seals] => {
+                let seals = i32::from_str_radix(seals, 16).unwrap();
+                let r = unsafe { libc::fcntl(fd(name), libc::F_ADD_SEALS, seals) };
+                if r < 0 {
+                    format!("err {}", errno())
+                } else {
+                    "ok".into()
                 }
             }
             ["sparse", name, path, size] => {
