@@ -162,6 +162,8 @@ fn deleted_renamed_and_temporary_files_on_every_filesystem() {
         let memfd = fd_of(&p.cmd("memfd f ckpt-test"));
         p.cmd("pwrite f 0 memfd-bytes");
         p.cmd("seal f 6");
+        // Process memory, not a file: not in the image.
+        p.cmd("anonshared 1048576");
         let pid = p.pid();
         let bytes_of = |fd: i32| std::fs::read(link(pid, fd)).unwrap();
         let before: Vec<(i32, Vec<u8>)> = [owned, old, tmp, excl, setid, memfd]
@@ -180,6 +182,7 @@ fn deleted_renamed_and_temporary_files_on_every_filesystem() {
             "{fs}: inspect shows the mapped file: {text}"
         );
         assert!(text.contains("memfd /memfd:ckpt-test"), "{fs}: {text}");
+        assert!(!text.contains("/dev/zero"), "{fs}: {text}");
         if *fs == "ext4" {
             // The /proc path (no iterators) finds the same deleted files, owners and
             // mappings; only whether an O_TMPFILE may be linked is beyond it.

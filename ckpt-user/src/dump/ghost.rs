@@ -158,6 +158,23 @@ pub fn copy(src: &Source, w: &mut ImageWriter, progress: Option<&ProgressBar>) -
     Ok(g)
 }
 
+/// The device of the kernel's internal shmem mount, which memfds, SysV shared memory
+/// and shared anonymous mappings live on (a memfd of our own tells it).
+pub fn internal_shmem_dev() -> Option<u64> {
+    let fd =
+        nix::sys::memfd::memfd_create(c"ckpt-probe", nix::sys::memfd::MemFdCreateFlag::MFD_CLOEXEC)
+            .ok()?;
+    Some(File::from(fd).metadata().ok()?.dev())
+}
+
+/// A mapping that is process memory, not a file: shared anonymous memory
+/// (`/dev/zero`) and SysV shared memory (`/SYSV<key>`) are files of the internal
+/// shmem mount that no process can open. Spawn mode restores no memory; CRIU dumps
+/// them with memory and IPC, not as files.
+pub fn is_process_memory(path: &str, dev: u64, shmem_dev: Option<u64>) -> bool {
+    shmem_dev == Some(dev) && (path == "/dev/zero" || path.starts_with("/SYSV"))
+}
+
 /// A mapping of a deleted file in a dumped process.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Mapping {
@@ -270,6 +287,16 @@ mod tests {
             Some(0)
         );
         assert_eq!(maps_line("garbage"), None);
+    }
+
+    #[test]
+    fn shared_anonymous_and_sysv_memory_are_not_files() {
+        let shm = internal_shmem_dev();
+        assert!(shm.is_some());
+        assert!(is_process_memory("/dev/zero", shm.unwrap(), shm));
+        assert!(is_process_memory("/SYSV0000002a", shm.unwrap(), shm));
+        assert!(!is_process_memory("/memfd:x", shm.unwrap(), shm));
+        assert!(!is_process_memory("/dev/zero", shm.unwrap() + 1, shm));
     }
 
     #[test]

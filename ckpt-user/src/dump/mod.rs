@@ -203,13 +203,27 @@ fn add_mapped_ghosts(
             all
         }
     };
-    for (m, described) in maps.iter().zip(ghost::describe(&maps)) {
+    // Process memory and files with a name left are skipped before anything else is
+    // read: shared anonymous memory is common.
+    let shmem = ghost::internal_shmem_dev();
+    let mut kept = Vec::new();
+    for m in maps {
         let link = m.link();
         let md = std::fs::metadata(&link)
             .with_context(|| format!("reading mapped deleted file {link}"))?;
         if md.nlink() != 0 || !md.is_file() {
             continue;
         }
+        let path = std::fs::read_link(&link)
+            .map(|p| files::split_deleted(&p.display().to_string()).0)
+            .unwrap_or_default();
+        if !ghost::is_process_memory(&path, md.dev(), shmem) {
+            kept.push((m, md, path));
+        }
+    }
+    let described = ghost::describe(&kept.iter().map(|k| k.0.clone()).collect::<Vec<_>>());
+    for ((m, md, path), described) in kept.into_iter().zip(described) {
+        let link = m.link();
         let dev = KernelDev::from_st_dev(md.dev());
         if let Some(s) = sources
             .iter_mut()
@@ -218,9 +232,6 @@ fn add_mapped_ghosts(
             s.plan.ghost.maps.push(described);
             continue;
         }
-        let path = std::fs::read_link(&link)
-            .map(|p| files::split_deleted(&p.display().to_string()).0)
-            .unwrap_or_default();
         if leased.contains(&(dev, md.ino())) {
             bail!("deleted file {path} is leased: reading it would break the lease");
         }

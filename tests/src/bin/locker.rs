@@ -333,6 +333,26 @@ fn serve(input: impl BufRead, mut out: impl Write) {
                     "ok".into()
                 }
             }
+            ["anonshared", len] => {
+                // Shared anonymous memory: a "/dev/zero (deleted)" mapping.
+                let len: usize = len.parse().unwrap();
+                let p = unsafe {
+                    libc::mmap(
+                        std::ptr::null_mut(),
+                        len,
+                        libc::PROT_READ | libc::PROT_WRITE,
+                        libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                        -1,
+                        0,
+                    )
+                };
+                if p == libc::MAP_FAILED {
+                    format!("err {}", errno())
+                } else {
+                    unsafe { std::ptr::write_bytes(p as *mut u8, 0x5a, len) };
+                    format!("ok {:x}", p as usize)
+                }
+            }
             ["mmap", name] => {
                 let f = fd(name);
                 let mut st: libc::stat = unsafe { std::mem::zeroed() };
