@@ -894,3 +894,30 @@ pub fn cgroup_pids(cg: &Cgroup) -> Vec<u32> {
         .filter_map(|l| l.parse().ok())
         .collect()
 }
+
+/// (pos, flags) from /proc/PID/fdinfo/FD.
+pub fn fdinfo(pid: u32, fd: i32) -> (u64, u64) {
+    let t = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
+    let field = |name: &str| {
+        t.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap()
+    };
+    (
+        field("pos:").parse().unwrap(),
+        u64::from_str_radix(&field("flags:"), 8).unwrap(),
+    )
+}
+
+/// The new pid of image process `old` in a restore's JSON report.
+pub fn new_pid(report: &serde_json::Value, old: u32) -> u32 {
+    report["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["old_pid"] == old)
+        .unwrap()["pid"]
+        .as_u64()
+        .unwrap() as u32
+}

@@ -21,13 +21,7 @@ fn inspect_json(img: &str) -> Value {
 
 /// fdinfo flags of pid's fd, without O_CLOEXEC.
 fn fdinfo_flags(pid: u32, fd: i32) -> u64 {
-    let t = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
-    let v = t
-        .lines()
-        .find_map(|l| l.strip_prefix("flags:"))
-        .unwrap()
-        .trim();
-    u64::from_str_radix(v, 8).unwrap() & !0o2000000
+    fdinfo(pid, fd).1 & !0o2000000
 }
 
 fn fd_of(locker: &mut Locker, cmd: &str) -> i32 {

@@ -22,20 +22,6 @@ fn link(pid: u32, fd: i32) -> String {
 }
 
 /// pos and flags from /proc/PID/fdinfo/FD.
-fn fdinfo(pid: u32, fd: i32) -> (u64, u64) {
-    let t = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
-    let field = |name: &str| {
-        t.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.trim().to_string())
-            .unwrap()
-    };
-    (
-        field("pos:").parse().unwrap(),
-        u64::from_str_radix(&field("flags:"), 8).unwrap(),
-    )
-}
-
 /// linkat(/proc/PID/fd/FD -> to, AT_SYMLINK_FOLLOW): whether the kernel lets the
 /// nameless inode have a name (I_LINKABLE).
 fn can_link(pid: u32, fd: i32, to: &Path) -> bool {
@@ -70,17 +56,6 @@ fn restore(img: &str, extra: &[&str]) -> (Cgroup, Value) {
     (into, serde_json::from_str(&out).unwrap())
 }
 
-fn new_pid(report: &Value, old: u32) -> u32 {
-    report["processes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["old_pid"] == old)
-        .unwrap()["pid"]
-        .as_u64()
-        .unwrap() as u32
-}
-
 fn warnings(report: &Value) -> String {
     report["warnings"]
         .as_array()
@@ -107,6 +82,17 @@ fn quiet_locker(cg: &Cgroup) -> Locker {
     });
     cg.add(p.pid());
     p
+}
+
+/// Dumps `cg` with `agent` (it must succeed), then kills `p`: the image's path and
+/// the directory holding it.
+fn checkpoint_and_kill(agent: &Agent, cg: &Cgroup, p: &mut Locker) -> (Scratch, String) {
+    let images = Scratch::new();
+    let img = images.file("img");
+    let (code, _, err) = agent.dump(&cg.path, &img, &[]);
+    assert_eq!(code, 0, "{err}");
+    p.kill();
+    (images, img)
 }
 
 fn names(dir: &Path) -> Vec<String> {
@@ -341,12 +327,8 @@ fn a_root_file_a_user_held_comes_back_as_it_was() {
     let fd = fd_of(&p.cmd(&format!("openmode f {f} r")));
     std::fs::remove_file(&f).unwrap();
     let listing = names(&dir);
-    let images = Scratch::new();
-    let img = images.file("img");
-    let (code, _, err) = agent.dump(&cg.path, &img, &[]);
-    assert_eq!(code, 0, "{err}");
     let pid = p.pid();
-    p.kill();
+    let (_images, img) = checkpoint_and_kill(&agent, &cg, &mut p);
     let (_into, report) = restore(&img, &["--exec-cmd", &format!("{pid}=exec sleep 600")]);
     let np = new_pid(&report, pid);
     let md = std::fs::metadata(link(np, fd)).unwrap();
@@ -375,12 +357,8 @@ fn a_killed_restore_leaves_no_ghost_under_any_name() {
     let chunk = "x".repeat(1 << 16);
     std::fs::write(&g, chunk.repeat(512)).unwrap();
     p.cmd(&format!("unlink {g}"));
-    let images = Scratch::new();
-    let img = images.file("img");
-    let (code, _, err) = agent.dump(&cg.path, &img, &[]);
-    assert_eq!(code, 0, "{err}");
     let pid = p.pid();
-    p.kill();
+    let (_images, img) = checkpoint_and_kill(&agent, &cg, &mut p);
     let listing = names(&dir.0);
     // Kills spread over the time a whole restore takes.
     let (into, report) = restore(&img, &["--exec-cmd", &format!("{pid}=exec sleep 600")]);

@@ -13,21 +13,6 @@ fn fd_of(reply: &str) -> i32 {
     reply.split_whitespace().nth(1).unwrap().parse().unwrap()
 }
 
-/// (pos, flags) from /proc/PID/fdinfo/FD.
-fn fdinfo(pid: u32, fd: i32) -> (u64, u64) {
-    let t = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).unwrap();
-    let field = |name: &str| {
-        t.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(|v| v.trim().to_string())
-            .unwrap()
-    };
-    (
-        field("pos:").parse().unwrap(),
-        u64::from_str_radix(&field("flags:"), 8).unwrap(),
-    )
-}
-
 fn same_description(pid1: u32, fd1: i32, pid2: u32, fd2: i32) -> bool {
     // SAFETY: plain syscall (KCMP_FILE = 0).
     unsafe { libc::syscall(libc::SYS_kcmp, pid1, pid2, 0, fd1 as u64, fd2 as u64) == 0 }
@@ -103,17 +88,6 @@ fn restore_said(img: &str, into: &Cgroup, extra: &[&str]) -> String {
     let (code, _, err) = restore_into(img, into, extra);
     assert_eq!(code, 0, "restore failed: {err}");
     err
-}
-
-fn new_pid(report: &Value, old: u32) -> u32 {
-    report["processes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["old_pid"] == old)
-        .unwrap()["pid"]
-        .as_u64()
-        .unwrap() as u32
 }
 
 #[test]
