@@ -129,7 +129,8 @@ pub struct LockRow {
     /// "kernel" or "proc".
     pub source: &'static str,
     #[serde(flatten)]
-    pub lease: Option<LeaseInfo>,
+    /// Boxed: most rows are locks, and an inline lease part tripled a row's size.
+    pub lease: Option<Box<LeaseInfo>>,
     #[serde(skip)]
     pub row_kind: HeldKind,
     #[serde(skip)]
@@ -234,7 +235,21 @@ fn gaps(table: &KernelLocks, history: Option<&History>) -> Vec<String> {
 pub fn from_kernel(table: &KernelLocks, cx: &Context) -> Vec<LockRow> {
     let mut commands = Commands::default();
     let mut comm = |pid: u32| table.comms.get(&pid).cloned().or_else(|| commands.of(pid));
-    let mut rows: Vec<LockRow> = table.held.iter().map(|l| row(l, &mut comm, cx)).collect();
+    // In display order from the start: sorting 100,000 built rows (moving them) cost
+    // 30 ms.
+    let mut order: Vec<usize> = (0..table.held.len()).collect();
+    order.sort_unstable_by_key(|&i| {
+        let l = &table.held[i];
+        (l.dev, l.ino, l.kind, l.start, row_pid(l))
+    });
+    let mut at = vec![0; table.held.len()];
+    for (r, &i) in order.iter().enumerate() {
+        at[i] = r;
+    }
+    let mut rows: Vec<LockRow> = order
+        .iter()
+        .map(|&i| row(&table.held[i], &mut comm, cx))
+        .collect();
     let mut by_inode: HashMap<(KernelDev, u64), Vec<usize>> = HashMap::new();
     for (i, l) in table.held.iter().enumerate() {
         by_inode.entry((l.dev, l.ino)).or_default().push(i);
@@ -264,15 +279,23 @@ pub fn from_kernel(table: &KernelLocks, cx: &Context) -> Vec<LockRow> {
             .unwrap_or(&[])
         {
             if conflicts(&table.held[i], w) {
-                if let Some(lease) = rows[i].lease.as_mut() {
+                let row = &mut rows[at[i]];
+                if let Some(lease) = row.lease.as_mut() {
                     add_blocked_breaker(lease, &waiter);
                 }
-                rows[i].waiters.push(waiter.clone());
+                row.waiters.push(waiter.clone());
             }
         }
     }
-    sort(&mut rows);
     rows
+}
+
+/// The pid a row shows: a POSIX lock's owner process; the creator for the others.
+fn row_pid(l: &KLock) -> u32 {
+    match l.kind {
+        HeldKind::Lock(LockKind::Posix) => l.holder.pid,
+        _ => l.pid.max(0) as u32,
+    }
 }
 
 /// A breaker blocked in open()/truncate() is in the kernel's tree: listed even when no
@@ -293,11 +316,7 @@ fn add_blocked_breaker(lease: &mut LeaseInfo, w: &WaiterRow) {
 }
 
 fn row(l: &KLock, comm: &mut impl FnMut(u32) -> Option<String>, cx: &Context) -> LockRow {
-    let pid = match l.kind {
-        // A POSIX lock's pid is its owner process; the others name their creator.
-        HeldKind::Lock(LockKind::Posix) => l.holder.pid,
-        _ => l.pid.max(0) as u32,
-    };
+    let pid = row_pid(l);
     let held_since = l.addr.and_then(|a| {
         let h = cx.history?.holds.get(&a)?;
         (Some(h.owner) == l.owner).then_some(h.since_ns)
@@ -320,7 +339,7 @@ fn row(l: &KLock, comm: &mut impl FnMut(u32) -> Option<String>, cx: &Context) ->
         held_ms: held_since.map(|t| cx.now_ns.saturating_sub(t) / 1_000_000),
         waiters: Vec::new(),
         source: "kernel",
-        lease: (l.kind == HeldKind::Lease).then(|| lease_info(l, comm, cx)),
+        lease: (l.kind == HeldKind::Lease).then(|| Box::new(lease_info(l, comm, cx))),
         row_kind: l.kind,
         dev_id: l.dev,
     }
@@ -388,7 +407,7 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
                     .unwrap_or(fl_type::F_UNLCK);
                 (
                     HeldKind::Lease,
-                    Some(LeaseInfo {
+                    Some(Box::new(LeaseInfo {
                         state: if breaking { "breaking" } else { "active" },
                         target_type: target_label(target),
                         remaining_ms: None,
@@ -403,7 +422,7 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
                         signal: None,
                         breakers: Vec::new(),
                         breakers_total: 0,
-                    }),
+                    })),
                 )
             }
             _ => continue,
