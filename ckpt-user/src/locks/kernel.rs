@@ -105,6 +105,9 @@ pub struct KernelLocks {
     /// read: say so.
     pub from_fdinfo: Vec<(u32, i32)>,
     pub unread_mappings: usize,
+    /// By held lock's address: every process that reaches it through an fd or a
+    /// mapping (for OFD, flock and leases, every process sharing the description).
+    pub reached_by: HashMap<u64, Vec<u32>>,
 }
 
 fn read_tag(buf: &[u8]) -> Option<u32> {
@@ -348,6 +351,12 @@ fn collect(iters: &Iters, mut fds: Vec<FdLines>, mut out: KernelLocks) -> Result
             continue;
         }
         for line in &f.lines {
+            if line.blocker == 0 {
+                let pids = out.reached_by.entry(line.lock).or_default();
+                if pids.last() != Some(&f.rec.tgid) {
+                    pids.push(f.rec.tgid);
+                }
+            }
             if !seen.insert(line.lock) {
                 continue;
             }

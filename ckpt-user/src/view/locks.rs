@@ -125,6 +125,13 @@ pub struct LockRow {
     pub origin: &'static str,
     /// How long the lock has been held (`ckpt-agent --hold-times` only).
     pub held_ms: Option<u64>,
+    /// The processes that hold it: a POSIX lock's owner; for OFD and flock locks and
+    /// leases, every process with an fd or mapping on its open file description
+    /// (any of them can release it).
+    pub holders: Vec<u32>,
+    /// Part of a deadlock (`ckpt-user graph`): a waiter of this lock waits, through a
+    /// cycle, on itself, and nothing in the cycle can end by itself.
+    pub deadlock: bool,
     pub waiters: Vec<WaiterRow>,
     /// "kernel" or "proc".
     pub source: &'static str,
@@ -248,7 +255,7 @@ pub fn from_kernel(table: &KernelLocks, cx: &Context) -> Vec<LockRow> {
     }
     let mut rows: Vec<LockRow> = order
         .iter()
-        .map(|&i| row(&table.held[i], &mut comm, cx))
+        .map(|&i| row(&table.held[i], &table.reached_by, &mut comm, cx))
         .collect();
     let mut by_inode: HashMap<(KernelDev, u64), Vec<usize>> = HashMap::new();
     for (i, l) in table.held.iter().enumerate() {
@@ -315,7 +322,12 @@ fn add_blocked_breaker(lease: &mut LeaseInfo, w: &WaiterRow) {
     lease.breakers_total = lease.breakers_total.max(lease.breakers.len() as u32);
 }
 
-fn row(l: &KLock, comm: &mut impl FnMut(u32) -> Option<String>, cx: &Context) -> LockRow {
+fn row(
+    l: &KLock,
+    reached: &HashMap<u64, Vec<u32>>,
+    comm: &mut impl FnMut(u32) -> Option<String>,
+    cx: &Context,
+) -> LockRow {
     let pid = row_pid(l);
     let held_since = l.addr.and_then(|a| {
         let h = cx.history?.holds.get(&a)?;
@@ -337,6 +349,15 @@ fn row(l: &KLock, comm: &mut impl FnMut(u32) -> Option<String>, cx: &Context) ->
         mapping: l.holder.mapping.map(|(a, b)| format!("{a:x}-{b:x}")),
         origin: if l.addr.is_some() { "kernel" } else { "fdinfo" },
         held_ms: held_since.map(|t| cx.now_ns.saturating_sub(t) / 1_000_000),
+        holders: match l.kind {
+            HeldKind::Lock(LockKind::Posix) => vec![pid],
+            _ => l
+                .addr
+                .and_then(|a| reached.get(&a))
+                .cloned()
+                .unwrap_or_else(|| vec![pid]),
+        },
+        deadlock: false,
         waiters: Vec::new(),
         source: "kernel",
         lease: (l.kind == HeldKind::Lease).then(|| Box::new(lease_info(l, comm, cx))),
@@ -448,6 +469,8 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
                 mapping: None,
                 origin: "proc",
                 held_ms: None,
+                holders: pid.into_iter().collect(),
+                deadlock: false,
                 waiters: Vec::new(),
                 source: "proc",
                 lease,
@@ -530,6 +553,15 @@ fn type_label(t: Option<LockType>) -> &'static str {
 /// The STATE column: empty for locks; for leases ACTIVE, or BREAKING with the target,
 /// the time left and whether the holder was signalled.
 fn state_cell(r: &LockRow) -> String {
+    let lease = lease_cell(r);
+    match (r.deadlock, lease.is_empty()) {
+        (false, _) => lease,
+        (true, true) => "DEADLOCK".into(),
+        (true, false) => format!("DEADLOCK {lease}"),
+    }
+}
+
+fn lease_cell(r: &LockRow) -> String {
     let Some(l) = &r.lease else {
         return String::new();
     };
@@ -630,6 +662,56 @@ pub fn render_table(rows: &[LockRow]) -> String {
         out.push('\n');
     }
     out
+}
+
+/// A lock row with made-up facts, for tests of what is built from rows.
+#[cfg(test)]
+pub fn test_row(kind: HeldKind, pid: u32) -> LockRow {
+    LockRow {
+        kind: kind_name(kind),
+        lock_type: Some(LockType::Write),
+        pid: Some(pid),
+        command: None,
+        path: Some(format!("/tmp/f{pid}")),
+        dev: "8:1".into(),
+        inode: u64::from(pid),
+        start: 0,
+        end: 0,
+        eof: false,
+        owner: None,
+        fd: Some(3),
+        mapping: None,
+        origin: "kernel",
+        held_ms: None,
+        holders: vec![pid],
+        deadlock: false,
+        waiters: Vec::new(),
+        source: "kernel",
+        lease: None,
+        row_kind: kind,
+        dev_id: KernelDev(0x800001),
+    }
+}
+
+/// A lease being broken with `remaining_ms` left, for tests.
+#[cfg(test)]
+pub fn test_lease(remaining_ms: i64) -> LeaseInfo {
+    LeaseInfo {
+        state: "breaking",
+        target_type: "unlock",
+        remaining_ms: Some(remaining_ms),
+        overdue: false,
+        break_deadline_monotonic_ns: None,
+        break_deadline_jiffies: None,
+        downgrade_deadline_jiffies: None,
+        downgrade_remaining_ms: None,
+        break_started_monotonic_ns: None,
+        lease_break_time_s: None,
+        notified: true,
+        signal: None,
+        breakers: Vec::new(),
+        breakers_total: 0,
+    }
 }
 
 #[cfg(test)]

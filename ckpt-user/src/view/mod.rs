@@ -1,6 +1,8 @@
 //! What readers (`ckpt-user`) show: the lock table (`locks`) from the kernel's lists
-//! and the tracer's records (`history`), and deleted-but-open files (`deleted`).
+//! and the tracer's records (`history`), its wait-for graph (`graph`), and
+//! deleted-but-open files (`deleted`).
 
 pub mod deleted;
+pub mod graph;
 pub mod history;
 pub mod locks;
