@@ -22,6 +22,7 @@ use crate::{
     view::{
         deleted, graph,
         locks::{filter, live_rows, render_table, PidFilter},
+        top,
     },
 };
 
@@ -112,6 +113,20 @@ pub enum UserCommand {
     Locks {
         #[command(flatten)]
         select: Selection,
+    },
+    /// A live full-screen view: contended locks (longest wait first) with holders and
+    /// waiters, leases being broken counting down, deleted-but-open files by pinned
+    /// bytes, the agent's health. Keys: q quit, space freeze, s sort, f filter.
+    Top {
+        /// Only processes of this cgroup and its descendants.
+        #[arg(long)]
+        cgroup: Option<String>,
+        /// Only this process.
+        #[arg(long)]
+        pid: Option<u32>,
+        /// Seconds between reads of the tables (the screen counts in between).
+        #[arg(short, long, default_value_t = 2.0, value_name = "SECONDS")]
+        delay: f64,
     },
     /// The wait-for graph: who waits on which lock held by whom, across POSIX, OFD and
     /// flock locks and lease breaks, with every cycle. Exit status 3 when a deadlock
@@ -263,7 +278,7 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .map_err(|_| format!("not a size: {s} (use e.g. 4096, 64K, 64M, 1G)"))
 }
 
-fn pid_filter(cgroup_arg: Option<&str>, pid: Option<u32>) -> Result<PidFilter> {
+pub(crate) fn pid_filter(cgroup_arg: Option<&str>, pid: Option<u32>) -> Result<PidFilter> {
     let mut set: Option<BTreeSet<u32>> = None;
     if let Some(cg) = cgroup_arg {
         set = Some(cgroup::pids(&cgroup::resolve(cg)?)?);
@@ -347,6 +362,17 @@ pub fn run_user(args: UserArgs) -> Result<()> {
                 );
             }
             Ok(())
+        }
+        UserCommand::Top { cgroup, pid, delay } => {
+            if !(0.1..=3600.0).contains(&delay) {
+                bail!("-d {delay}: give between 0.1 and 3600 seconds");
+            }
+            top::run(top::Options {
+                pins,
+                cgroup,
+                pid,
+                delay: std::time::Duration::from_secs_f64(delay),
+            })
         }
         UserCommand::Graph {
             cgroup,

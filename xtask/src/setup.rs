@@ -19,11 +19,12 @@ const BUILD_PACKAGES: &[&str] = &[
 /// What the demo runs besides ckpt: sqlite3, and util-linux's flock(1).
 const DEMO_PACKAGES: &[&str] = &["sqlite3", "util-linux"];
 
-/// What the test suite drives: stress-ng, sqlite3 and flock(1); the filesystems the
-/// tests make; and the VM kernel matrix (qemu, busybox, cpio, xz for the kernels'
-/// modules).
+/// What the test suite drives: stress-ng, sqlite3 and flock(1); tmux (a terminal for
+/// `top`); the filesystems the tests make; and the VM kernel matrix (qemu, busybox,
+/// cpio, xz for the kernels' modules).
 const TEST_PACKAGES: &[&str] = &[
     "stress-ng",
+    "tmux",
     "util-linux",
     "sqlite3",
     "e2fsprogs",

@@ -1,8 +1,9 @@
 //! What readers (`ckpt-user`) show: the lock table (`locks`) from the kernel's lists
 //! and the tracer's records (`history`), its wait-for graph (`graph`), and
-//! deleted-but-open files (`deleted`).
+//! deleted-but-open files (`deleted`), and all of them live (`top`).
 
 pub mod deleted;
 pub mod graph;
 pub mod history;
 pub mod locks;
+pub mod top;
