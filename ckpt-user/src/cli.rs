@@ -127,6 +127,9 @@ pub enum UserCommand {
         /// Seconds between reads of the tables (the screen counts in between).
         #[arg(short, long, default_value_t = 2.0, value_name = "SECONDS")]
         delay: f64,
+        /// Read once and print the screen's content as text (no terminal needed).
+        #[arg(short, long)]
+        batch: bool,
     },
     /// The wait-for graph: who waits on which lock held by whom, across POSIX, OFD and
     /// flock locks and lease breaks, with every cycle. Exit status 3 when a deadlock
@@ -363,16 +366,27 @@ pub fn run_user(args: UserArgs) -> Result<()> {
             }
             Ok(())
         }
-        UserCommand::Top { cgroup, pid, delay } => {
+        UserCommand::Top {
+            cgroup,
+            pid,
+            delay,
+            batch,
+        } => {
             if !(0.1..=3600.0).contains(&delay) {
                 bail!("-d {delay}: give between 0.1 and 3600 seconds");
             }
-            top::run(top::Options {
+            let opts = top::Options {
                 pins,
                 cgroup,
                 pid,
                 delay: std::time::Duration::from_secs_f64(delay),
-            })
+            };
+            if batch {
+                let mut out = std::io::stdout().lock();
+                out.write_all(top::batch(&opts)?.as_bytes())?;
+                return Ok(());
+            }
+            top::run(opts)
         }
         UserCommand::Graph {
             cgroup,

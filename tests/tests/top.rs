@@ -114,6 +114,15 @@ fn top_counts_waits_up_and_leases_down_and_quits_cleanly() {
     assert!(left <= first.1 - 2.0, "{} -> {left}: {s}", first.1);
     assert!(s.contains(&format!("breakers {b}")), "{s}");
 
+    // The same, once, as text (`--batch`).
+    let pins = agent.pin_dir.display().to_string();
+    let cgroup = cg.path.display().to_string();
+    let (code, out, err) = ckpt_user(&["--pin-dir", &pins, "top", "--batch", "--cgroup", &cgroup]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("ckpt top - "), "{out}");
+    assert!(out.contains(&format!("breakers {b}")), "{out}");
+    assert!(seconds_after(&out, "/locked", w).is_some(), "{out}");
+
     // Space freezes, f filters (here to the waiter: the lease row goes), q quits.
     t.keys(&["Space"]);
     wait_for(Duration::from_secs(5), "FROZEN", || {

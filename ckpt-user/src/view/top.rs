@@ -378,6 +378,40 @@ pub struct Options {
     pub delay: Duration,
 }
 
+/// `top --batch`: one read, printed as text (every line, not cut to a screen), for
+/// scripts and logs, as `top -b -n 1` does.
+pub fn batch(opts: &Options) -> Result<String> {
+    let snap = snapshot(
+        &opts.pins,
+        &crate::cli::pid_filter(opts.cgroup.as_deref(), opts.pid)?,
+    )?;
+    let filter = opts
+        .cgroup
+        .clone()
+        .or(opts.pid.map(|p| p.to_string()))
+        .unwrap_or_default();
+    let mut out = header(&snap, &filter, Sort::Wait, false).join("\n");
+    let (locks, leases, deleted) = lines(&snap, Sort::Wait, crate::sys::monotonic_ns());
+    for (title, body) in [
+        (
+            "contended locks: kind type path holder <- waiters (waited)",
+            locks,
+        ),
+        (
+            "leases being broken: path holder -> target, time left",
+            leases,
+        ),
+        ("deleted but open: pinned path holders", deleted),
+    ] {
+        out.push_str(&format!("\n\n{title}\n"));
+        for l in body {
+            out.push_str(&l);
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
 /// The filter typed after `f`: a pid, or a cgroup.
 fn parse_filter(text: &str) -> (Option<String>, Option<u32>) {
     let t = text.trim();

@@ -78,7 +78,7 @@ pub fn run(ctx: &Ctx) -> Result<String> {
         }
         std::thread::sleep(Duration::from_millis(500));
         let agent = Some(PIN_DIR);
-        let queries: [(&str, Command, Command); 4] = [
+        let queries: [(&str, Command, Command); 5] = [
             (
                 "locks: `ckpt-user locks --json` vs `lslocks --json`",
                 ckpt_user(ctx, agent, &["locks", "--json"]),
@@ -88,6 +88,11 @@ pub fn run(ctx: &Ctx) -> Result<String> {
                 "locks, no agent (ckpt-user loads its iterators)",
                 ckpt_user(ctx, None, &["locks", "--json"]),
                 cmd("lslocks", &["--json"]),
+            ),
+            (
+                "top: one refresh (`ckpt-user top --batch`: locks, wait-for graph, deleted files) vs `lslocks`",
+                ckpt_user(ctx, agent, &["top", "--batch"]),
+                cmd("lslocks", &[]),
             ),
             (
                 "deleted files: `ckpt-user deleted --json` (a scan at call) vs `lsof +L1`",
