@@ -51,6 +51,19 @@ pub struct AgentArgs {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides.
     #[arg(long, default_value = "info")]
     pub log_level: String,
+    /// Serve Prometheus metrics (OpenMetrics text) at http://ADDR/metrics, e.g.
+    /// 127.0.0.1:9477. Off by default. Each scrape reads the kernel's lock lists.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
+    /// Write the metrics to PATH (for node_exporter's textfile collector) every
+    /// --metrics-interval seconds, atomically.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_textfile: Option<PathBuf>,
+    #[arg(long, value_name = "SECONDS", default_value_t = 15)]
+    pub metrics_interval: u64,
+    /// Also count locks and waiters of this cgroup (label `cgroup`); repeatable.
+    #[arg(long = "metrics-cgroup", value_name = "CG")]
+    pub metrics_cgroups: Vec<String>,
 }
 
 #[derive(Parser, Debug)]

@@ -20,11 +20,13 @@ const BUILD_PACKAGES: &[&str] = &[
 const DEMO_PACKAGES: &[&str] = &["sqlite3", "util-linux"];
 
 /// What the test suite drives: stress-ng, sqlite3 and flock(1); tmux (a terminal for
-/// `top`); the filesystems the tests make; and the VM kernel matrix (qemu, busybox,
-/// cpio, xz for the kernels' modules).
+/// `top`); node_exporter (that it accepts the metrics textfile); the filesystems the
+/// tests make; and the VM kernel matrix (qemu, busybox, cpio, xz for the kernels'
+/// modules).
 const TEST_PACKAGES: &[&str] = &[
     "stress-ng",
     "tmux",
+    "prometheus-node-exporter",
     "util-linux",
     "sqlite3",
     "e2fsprogs",

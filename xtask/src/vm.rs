@@ -313,10 +313,11 @@ echo CKPT-VM-DONE
 poweroff -f
 "#;
 
-/// Integration suites that run on the host only: the package (dpkg and the .deb) and
+/// Integration suites that run on the host only: the package (dpkg and the .deb),
 /// `top` (a terminal, tmux; what it shows is read as `locks`, `graph` and `deleted`
-/// read it, which the VM suites test on each kernel).
-const HOST_ONLY_SUITES: &[&str] = &["package", "top"];
+/// read it, which the VM suites test on each kernel) and `textfile` (node_exporter;
+/// the metrics themselves are tested in the VMs by `metrics`).
+const HOST_ONLY_SUITES: &[&str] = &["package", "top", "textfile"];
 
 /// Writes the initramfs for the given binaries; returns its path.
 pub fn initramfs(bins: &Path, tests: &[PathBuf], kernel: &Kernel) -> Result<PathBuf> {

@@ -7,6 +7,7 @@
 
 pub mod deleted_table;
 pub mod instance;
+pub mod metrics;
 
 use std::time::Duration;
 
@@ -28,6 +29,41 @@ pub struct Options {
     /// Remove every pin on exit (tracing stops).
     pub unpin: bool,
     pub tracing: Tracing,
+    pub metrics: MetricsOptions,
+}
+
+/// `--metrics*`: where the metrics go (neither: none are kept).
+pub struct MetricsOptions {
+    pub addr: Option<String>,
+    pub textfile: Option<std::path::PathBuf>,
+    pub interval: Duration,
+    pub cgroups: Vec<String>,
+}
+
+/// Starts the metrics server and textfile writer, if asked for.
+fn start_metrics(opts: &Options) -> Result<Option<metrics::Metrics>> {
+    let o = &opts.metrics;
+    if o.addr.is_none() && o.textfile.is_none() {
+        return Ok(None);
+    }
+    let m = metrics::Metrics::new(o.cgroups.clone());
+    if let Some(addr) = &o.addr {
+        metrics::serve(addr, m.clone(), opts.pins.clone())?;
+        info!(%addr, "serving metrics at /metrics");
+    }
+    if let Some(path) = o.textfile.clone() {
+        let (m, pins, every) = (m.clone(), opts.pins.clone(), o.interval);
+        // Its own thread: a write reads the kernel's lists, slow on a big host.
+        std::thread::Builder::new()
+            .name("metrics-textfile".into())
+            .spawn(move || loop {
+                if let Err(e) = m.write_textfile(&pins, &path) {
+                    warn!(error = %format!("{e:#}"), "metrics textfile not written");
+                }
+                std::thread::sleep(every);
+            })?;
+    }
+    Ok(Some(m))
 }
 
 fn take<T: TryFrom<Map, Error = aya::maps::MapError>>(
@@ -90,8 +126,21 @@ pub async fn run(opts: Options) -> Result<()> {
     deleted_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut reported = [0u64; LOSSES.len()];
+    let metrics = start_metrics(&opts)?;
+    // Waits that ended and breaks that began, for the metrics: the tracer's small
+    // maps looked at 10 times a second (only with --metrics*).
+    let mut watch = metrics::Watch::default();
+    let mut watch_tick = tokio::time::interval(Duration::from_millis(100));
+    watch_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = watch_tick.tick(), if metrics.is_some() => {
+                if let Some(m) = &metrics {
+                    if let Err(e) = watch.tick(m, &opts.pins, &counters, crate::sys::monotonic_ns()) {
+                        warn!(error = %format!("{e:#}"), "metrics: the tracer's maps could not be read");
+                    }
+                }
+            }
             _ = tick.tick() => {
                 for (i, c) in LOSSES.iter().enumerate() {
                     let n = counter_total(&counters, *c)?;

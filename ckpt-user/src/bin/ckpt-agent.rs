@@ -31,6 +31,12 @@ fn main() {
             hold_times: args.hold_times,
             exact_deleted: args.exact_deleted,
         },
+        metrics: ckpt_user::agent::MetricsOptions {
+            addr: args.metrics,
+            textfile: args.metrics_textfile,
+            interval: std::time::Duration::from_secs(args.metrics_interval.max(1)),
+            cgroups: args.metrics_cgroups,
+        },
     };
     if let Err(e) = rt.block_on(run(opts)) {
         std::process::exit(report("ckpt-agent", &e));

@@ -351,7 +351,10 @@ fn collect(iters: &Iters, mut fds: Vec<FdLines>, mut out: KernelLocks) -> Result
             continue;
         }
         for line in &f.lines {
-            if line.blocker == 0 {
+            // A POSIX lock's holder is its owner process: only the others need this.
+            if line.blocker == 0
+                && HeldKind::of(line.list, line.flags) != Some(HeldKind::Lock(LockKind::Posix))
+            {
                 let pids = out.reached_by.entry(line.lock).or_default();
                 if pids.last() != Some(&f.rec.tgid) {
                     pids.push(f.rec.tgid);

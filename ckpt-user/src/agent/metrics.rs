@@ -1,0 +1,425 @@
+//! `ckpt-agent --metrics ADDR` / `--metrics-textfile PATH`: Prometheus metrics, encoded
+//! by prometheus-client (OpenMetrics text).
+//!
+//! Gauges (locks, waiters, leases breaking, deleted files) are read from the kernel's
+//! lists when collected (a scrape, or each textfile write), like `ckpt-user locks`.
+//! What needs watching between collections is kept by `Watch::tick`, every 100 ms
+//! from the agent's loop, on the tracer's small maps: waits that ended (the wait-time
+//! histogram) and lease breaks that began (by target). Labels are bounded: kind, type,
+//! target, map, and a cgroup only from `--metrics-cgroup`.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+use ckpt_common::{counters::Counter as TracerCounter, lock::fl_type};
+use prometheus_client::{
+    encoding::text::encode,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry,
+};
+
+use crate::{
+    locks::LockType,
+    tracer::pins::PinDir,
+    view::{deleted, history::History, locks::live_rows},
+};
+
+type Labels = Vec<(&'static str, String)>;
+
+/// Values of the `kind` label.
+const KINDS: [&str; 4] = ["posix", "ofd", "flock", "lease"];
+/// Values of the `target` label of lease breaks.
+const TARGETS: [&str; 2] = ["unlock", "read"];
+
+/// Upper bounds of the wait-time buckets, in seconds.
+pub const WAIT_BUCKETS: [f64; 14] = [
+    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// The tracer's loss counters, by the name of the map they are about.
+const LOSSES: [(&str, TracerCounter); 5] = [
+    ("waits", TracerCounter::WaitsFull),
+    ("break_contexts", TracerCounter::BreakCtxFull),
+    ("break_leases", TracerCounter::BreakLeasesOverflow),
+    ("breaks", TracerCounter::BreaksFull),
+    ("holds", TracerCounter::HoldsFull),
+];
+
+/// Every metric, shared by the agent's loop and the server thread.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Arc<Registry>,
+    locks: Family<Labels, Gauge>,
+    waiters: Family<Labels, Gauge>,
+    breaking: Family<Labels, Gauge>,
+    cgroup_locks: Family<Labels, Gauge>,
+    cgroup_waiters: Family<Labels, Gauge>,
+    deleted_files: Gauge,
+    deleted_bytes: Gauge,
+    waits: Histogram,
+    breaks: Family<Labels, Counter>,
+    lost: Family<Labels, Counter>,
+    /// Cgroups given with --metrics-cgroup (label values as given).
+    cgroups: Arc<Vec<String>>,
+}
+
+impl Metrics {
+    pub fn new(cgroups: Vec<String>) -> Metrics {
+        let mut r = Registry::default();
+        let build = Family::<Labels, Gauge>::default();
+        build
+            .get_or_create(&vec![("version", env!("CARGO_PKG_VERSION").to_string())])
+            .set(1);
+        // A gauge named *_info (not an OpenMetrics info type, which node_exporter's
+        // textfile parser refuses).
+        r.register("ckpt_build_info", "ckpt's version", build);
+        let m = Metrics {
+            registry: Arc::new(Registry::default()),
+            locks: Family::default(),
+            waiters: Family::default(),
+            breaking: Family::default(),
+            cgroup_locks: Family::default(),
+            cgroup_waiters: Family::default(),
+            deleted_files: Gauge::default(),
+            deleted_bytes: Gauge::default(),
+            waits: Histogram::new(WAIT_BUCKETS),
+            breaks: Family::default(),
+            lost: Family::default(),
+            cgroups: Arc::new(cgroups),
+        };
+        r.register(
+            "ckpt_locks",
+            "Locks and leases held, by kind (posix, ofd, flock, lease) and type",
+            m.locks.clone(),
+        );
+        r.register(
+            "ckpt_waiters",
+            "Blocked lock requests and lease breakers, by kind",
+            m.waiters.clone(),
+        );
+        r.register(
+            "ckpt_leases_breaking",
+            "Leases being broken, by target (unlock or read)",
+            m.breaking.clone(),
+        );
+        r.register(
+            "ckpt_cgroup_locks",
+            "Locks and leases held by processes of a --metrics-cgroup",
+            m.cgroup_locks.clone(),
+        );
+        r.register(
+            "ckpt_cgroup_waiters",
+            "Blocked requests of processes of a --metrics-cgroup",
+            m.cgroup_waiters.clone(),
+        );
+        r.register(
+            "ckpt_deleted_files",
+            "Deleted-but-open regular files",
+            m.deleted_files.clone(),
+        );
+        // The unit is in the name (no UNIT metadata: some parsers refuse it on a
+        // histogram).
+        r.register(
+            "ckpt_deleted_bytes",
+            "Disk (or memory) that deleted-but-open files keep allocated",
+            m.deleted_bytes.clone(),
+        );
+        r.register(
+            "ckpt_wait_seconds",
+            "How long lock waits that ended had waited (an end with no kernel event counts when seen, up to 100 ms late)",
+            m.waits.clone(),
+        );
+        r.register(
+            "ckpt_lease_breaks",
+            "Lease breaks that began, by target (unlock or read)",
+            m.breaks.clone(),
+        );
+        r.register(
+            "ckpt_lost_events",
+            "Tracer records lost because a map was full, by map",
+            m.lost.clone(),
+        );
+        for target in TARGETS {
+            let _ = m
+                .breaks
+                .get_or_create(&vec![("target", target.to_string())]);
+        }
+        Metrics {
+            registry: Arc::new(r),
+            ..m
+        }
+    }
+
+    /// Reads the gauges from the kernel's lists and the deleted-file table.
+    pub fn collect(&self, pins: &PinDir) -> Result<()> {
+        let (rows, _) = live_rows(pins)?;
+        let mut locks: HashMap<Labels, i64> = HashMap::new();
+        let mut waiters: HashMap<Labels, i64> = HashMap::new();
+        let mut breaking: HashMap<Labels, i64> = HashMap::new();
+        // A waiter listed under several conflicting locks is one request.
+        let mut requests = BTreeSet::new();
+        for r in &rows {
+            let t = match r.lock_type {
+                Some(LockType::Read) => "read",
+                Some(LockType::Write) => "write",
+                None => "unknown",
+            }
+            .to_string();
+            *locks
+                .entry(vec![("kind", r.kind.to_string()), ("type", t)])
+                .or_default() += 1;
+            if let Some(l) = r.lease.as_ref().filter(|l| l.state == "breaking") {
+                *breaking
+                    .entry(vec![("target", l.target_type.to_string())])
+                    .or_default() += 1;
+            }
+            for w in &r.waiters {
+                if requests.insert((w.pid, w.tid, w.kind, w.start, w.end, w.lock_type)) {
+                    *waiters
+                        .entry(vec![("kind", w.kind.to_string())])
+                        .or_default() += 1;
+                }
+            }
+        }
+        for (family, values) in [
+            (&self.locks, locks),
+            (&self.waiters, waiters),
+            (&self.breaking, breaking),
+        ] {
+            family.clear();
+            for (labels, n) in values {
+                family.get_or_create(&labels).set(n);
+            }
+        }
+        // Every known series is listed, at 0 when there is none (so that a rate or an
+        // alert sees it from the start).
+        for kind in KINDS {
+            for ty in ["read", "write"] {
+                let _ = self
+                    .locks
+                    .get_or_create(&vec![("kind", kind.to_string()), ("type", ty.to_string())]);
+            }
+            let _ = self
+                .waiters
+                .get_or_create(&vec![("kind", kind.to_string())]);
+        }
+        for target in TARGETS {
+            let _ = self
+                .breaking
+                .get_or_create(&vec![("target", target.to_string())]);
+        }
+        self.cgroup_locks.clear();
+        self.cgroup_waiters.clear();
+        for cg in self.cgroups.iter() {
+            let pids = crate::cgroup::resolve(cg).and_then(|d| crate::cgroup::pids(&d))?;
+            let label = vec![("cgroup", cg.clone())];
+            let held = rows
+                .iter()
+                .filter(|r| r.pid.is_some_and(|p| pids.contains(&p)))
+                .count();
+            let waiting: BTreeSet<_> = rows
+                .iter()
+                .flat_map(|r| &r.waiters)
+                .filter(|w| pids.contains(&w.pid))
+                .map(|w| (w.pid, w.tid, w.start, w.end))
+                .collect();
+            self.cgroup_locks.get_or_create(&label).set(held as i64);
+            self.cgroup_waiters
+                .get_or_create(&label)
+                .set(waiting.len() as i64);
+        }
+        let (entries, _, source) = deleted::entries(pins, Some(Duration::from_secs(60)))?;
+        let mut files = deleted::group(&entries, |_| true);
+        deleted::refresh_sizes(&mut files, source);
+        self.deleted_files.set(files.len() as i64);
+        self.deleted_bytes
+            .set(files.iter().map(|f| f.bytes).sum::<u64>() as i64);
+        Ok(())
+    }
+
+    /// The OpenMetrics text.
+    pub fn encode(&self) -> Result<String> {
+        let mut out = String::new();
+        encode(&mut out, &self.registry).context("encoding metrics")?;
+        Ok(out)
+    }
+
+    /// Collects, then writes the textfile atomically: a temporary name that
+    /// node_exporter's textfile collector ignores (not ending in .prom), then a rename.
+    pub fn write_textfile(&self, pins: &PinDir, path: &Path) -> Result<()> {
+        self.collect(pins)?;
+        let text = self.encode()?;
+        let tmp = PathBuf::from(format!("{}.tmp-{}", path.display(), std::process::id()));
+        std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))
+    }
+}
+
+/// What `tick` remembers between two looks at the tracer's maps.
+#[derive(Default)]
+pub struct Watch {
+    /// Thread -> the start of the wait it was seen in.
+    waits: HashMap<u32, (u32, u64)>,
+    /// Waits counted as ended while their entry stays (no kernel event for their end).
+    ended: BTreeSet<(u32, u64)>,
+    /// Leases seen being broken.
+    breaks: BTreeSet<u64>,
+    lost: HashMap<&'static str, u64>,
+}
+
+/// Whether thread `tid` of `tgid` is still inside a lock call (fcntl or flock, or an
+/// open blocked on a lease break): /proc/PID/task/TID/syscall names the call a
+/// sleeping thread is in.
+fn in_lock_call(tgid: u32, tid: u32) -> bool {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/syscall")) else {
+        return false;
+    };
+    let Some(nr) = s
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse::<i64>().ok())
+    else {
+        // "running": between calls (a signal handler before a restart, say).
+        return true;
+    };
+    [
+        libc::SYS_fcntl,
+        libc::SYS_flock,
+        libc::SYS_open,
+        libc::SYS_openat,
+        libc::SYS_openat2,
+        libc::SYS_truncate,
+    ]
+    .contains(&nr)
+}
+
+impl Watch {
+    /// One look at the tracer's maps: waits that ended go into the histogram (at the
+    /// time they are seen gone), breaks that began into their counter.
+    pub fn tick(
+        &mut self,
+        m: &Metrics,
+        pins: &PinDir,
+        counters: &aya::maps::PerCpuArray<aya::maps::MapData, u64>,
+        now_ns: u64,
+    ) -> Result<()> {
+        let Some(h) = History::read(pins)? else {
+            return Ok(());
+        };
+        let mut now_waits: HashMap<u32, (u32, u64)> = HashMap::new();
+        for (tid, w) in h.waits.values() {
+            now_waits.insert(*tid, (w.tgid, w.since_ns));
+        }
+        let seconds = |since: u64| now_ns.saturating_sub(since) as f64 / 1e9;
+        for (tid, (_, since)) in &self.waits {
+            let gone = now_waits.get(tid).is_none_or(|(_, s)| s != since);
+            if gone && !self.ended.remove(&(*tid, *since)) {
+                m.waits.observe(seconds(*since));
+            }
+        }
+        // A wait the kernel gives up on without an event (an interrupted flock, a
+        // killed waiter) keeps its entry: ended once the thread is seen out of the call.
+        for (tid, (tgid, since)) in &now_waits {
+            if !self.ended.contains(&(*tid, *since)) && !in_lock_call(*tgid, *tid) {
+                self.ended.insert((*tid, *since));
+                m.waits.observe(seconds(*since));
+            }
+        }
+        self.ended
+            .retain(|(tid, since)| now_waits.get(tid).is_some_and(|(_, s)| s == since));
+        self.waits = now_waits;
+
+        let breaks: BTreeSet<u64> = h.breaks.keys().copied().collect();
+        for (lease, r) in &h.breaks {
+            if !self.breaks.contains(lease) {
+                // The first breaker decides: a writer's break leads to unlock, a
+                // reader's (of a write lease) to read.
+                let target = match r.breakers.first().filter(|_| r.n_breakers > 0) {
+                    Some(b) if b.breaker_type == fl_type::F_RDLCK => "read",
+                    Some(_) => "unlock",
+                    None => "unknown",
+                };
+                m.breaks
+                    .get_or_create(&vec![("target", target.to_string())])
+                    .inc();
+            }
+        }
+        self.breaks = breaks;
+
+        for (map, c) in LOSSES {
+            let n = crate::agent::counter_total(counters, c)?;
+            let seen = self.lost.entry(map).or_default();
+            if n > *seen {
+                m.lost
+                    .get_or_create(&vec![("map", map.to_string())])
+                    .inc_by(n - *seen);
+                *seen = n;
+            } else {
+                // Listed at 0 from the start.
+                let _ = m.lost.get_or_create(&vec![("map", map.to_string())]);
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Serves GET /metrics on `addr` from a thread of its own (each scrape reads the
+/// kernel's lists: slow at 100,000 locks, so never on the agent's loop).
+pub fn serve(addr: &str, m: Metrics, pins: PinDir) -> Result<()> {
+    let server =
+        tiny_http::Server::http(addr).map_err(|e| anyhow::anyhow!("--metrics {addr}: {e}"))?;
+    std::thread::Builder::new()
+        .name("metrics".into())
+        .spawn(move || {
+            // One scrape at a time: requests are taken in turn.
+            for req in server.incoming_requests() {
+                let reply = if req.url() != "/metrics" {
+                    tiny_http::Response::from_string("see /metrics\n").with_status_code(404)
+                } else {
+                    match m.collect(&pins).and_then(|_| m.encode()) {
+                        Ok(text) => tiny_http::Response::from_string(text).with_header(
+                            tiny_http::Header::from_bytes(
+                                &b"Content-Type"[..],
+                                &b"application/openmetrics-text; version=1.0.0; charset=utf-8"[..],
+                            )
+                            .expect("a valid header"),
+                        ),
+                        Err(e) => tiny_http::Response::from_string(format!("{e:#}\n"))
+                            .with_status_code(500),
+                    }
+                };
+                let _ = req.respond(reply);
+            }
+        })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_prometheus_conventions_and_counters_start_at_zero() {
+        let text = Metrics::new(Vec::new()).encode().unwrap();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let name = line.split(['{', ' ']).next().unwrap();
+            assert!(name.starts_with("ckpt_"), "{line}");
+            if let Some(family) = name.strip_suffix("_total") {
+                assert!(
+                    text.contains(&format!("# TYPE {family} counter")),
+                    "_total on counters only: {line}"
+                );
+            }
+        }
+        assert!(text.contains("ckpt_lease_breaks_total{target=\"unlock\"} 0"));
+        assert!(text.contains("ckpt_wait_seconds_bucket{le=\"2.5\"} 0"));
+        assert!(text.contains("ckpt_build_info{version=\""));
+        assert!(!text.contains("pid=") && !text.contains("path="));
+        assert!(text.ends_with("# EOF\n"));
+    }
+}
