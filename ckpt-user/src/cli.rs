@@ -20,7 +20,7 @@ use crate::{
     restore::{self, schedule::LeaseTime},
     tracer::pins::{PinDir, DEFAULT_PIN_DIR},
     view::{
-        deleted, graph,
+        deleted, events, graph,
         locks::{filter, live_rows, render_table, PidFilter},
         top,
     },
@@ -143,6 +143,14 @@ pub enum UserCommand {
         /// Read once and print the screen's content as text (no terminal needed).
         #[arg(short, long)]
         batch: bool,
+    },
+    /// Contention as it happens, one line per event (wait began, wait ended and how,
+    /// lease break began, lease break ended and how, deadlock found), until
+    /// interrupted. Needs ckpt-agent (its records are the source).
+    Events {
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
     },
     /// The wait-for graph: who waits on which lock held by whom, across POSIX, OFD and
     /// flock locks and lease breaks, with every cycle. Exit status 3 when a deadlock
@@ -378,6 +386,10 @@ pub fn run_user(args: UserArgs) -> Result<()> {
                 );
             }
             Ok(())
+        }
+        UserCommand::Events { json } => {
+            let mut out = std::io::stdout().lock();
+            events::run(&pins, json, &mut out)
         }
         UserCommand::Top {
             cgroup,

@@ -1,0 +1,518 @@
+//! `ckpt-user events`: contention as it happens, one line (or JSON object) per event:
+//! a wait began, a wait ended (granted, interrupted by a signal, or its thread exited),
+//! a lease break began, a lease being broken ended (released, downgraded or revoked),
+//! a deadlock was found.
+//!
+//! The agent's records are the source (they are what the kernel forgets): its wait
+//! starts and lease breaks, looked at every 100 ms from the pinned maps, so any number
+//! of readers can follow at once. What ended and how is read from the kernel's lists
+//! for the process concerned (an iterator aimed at it: cheap). A wait's start and a
+//! break's start are exact (the tracer's clock); an end is stamped when it is seen, at
+//! most 100 ms late.
+
+use std::{
+    collections::{BTreeSet, HashMap},
+    io::Write,
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use anyhow::{bail, Result};
+use ckpt_common::lock::{fl_flags, fl_type, WaitStart};
+use serde::Serialize;
+
+use super::{graph, history::History, locks::live_rows};
+use crate::{
+    locks::{
+        kernel::{self, KLock},
+        LockType,
+    },
+    tracer::{
+        iters::{unavailable_hint, Iters, Prog},
+        pins::PinDir,
+    },
+};
+
+/// One event, as printed.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Event {
+    /// "wait_began", "wait_ended", "lease_break_began", "lease_break_ended",
+    /// "deadlock".
+    pub event: &'static str,
+    /// CLOCK_MONOTONIC ns of the event (exact for beginnings; when seen for ends).
+    pub monotonic_ns: u64,
+    pub pid: u32,
+    pub tid: Option<u32>,
+    /// "posix", "ofd", "flock", "lease".
+    pub kind: Option<&'static str>,
+    #[serde(rename = "type")]
+    pub lock_type: Option<LockType>,
+    pub start: Option<i64>,
+    pub end: Option<i64>,
+    pub path: Option<String>,
+    /// wait_ended: "granted", "interrupted", "exited". lease_break_ended:
+    /// "released", "downgraded", "revoked".
+    pub how: Option<&'static str>,
+    /// Ends: how long the wait or the break lasted.
+    pub after_ms: Option<u64>,
+    /// Lease breaks: who broke it.
+    pub breakers: Vec<u32>,
+    /// Deadlocks: the processes in the cycle, in order.
+    pub cycle: Vec<u32>,
+}
+
+impl Event {
+    fn new(event: &'static str, monotonic_ns: u64, pid: u32) -> Event {
+        Event {
+            event,
+            monotonic_ns,
+            pid,
+            tid: None,
+            kind: None,
+            lock_type: None,
+            start: None,
+            end: None,
+            path: None,
+            how: None,
+            after_ms: None,
+            breakers: Vec::new(),
+            cycle: Vec::new(),
+        }
+    }
+
+    /// One line for a person.
+    pub fn line(&self) -> String {
+        let secs = self.monotonic_ns as f64 / 1e9;
+        let what = match (self.kind, self.lock_type, self.start, self.end) {
+            (Some("lease"), ..) => format!("lease on {}", self.path.as_deref().unwrap_or("?")),
+            (Some(k), t, Some(s), Some(e)) => format!(
+                "{k} {} {s}-{}{}",
+                t.map_or("?", LockType::as_str),
+                if e == crate::locks::OFFSET_MAX {
+                    "EOF".to_string()
+                } else {
+                    e.to_string()
+                },
+                self.path
+                    .as_deref()
+                    .map(|p| format!(" on {p}"))
+                    .unwrap_or_default()
+            ),
+            _ => String::new(),
+        };
+        let who = match self.tid {
+            Some(t) if t != self.pid => format!("{} (tid {t})", self.pid),
+            _ => self.pid.to_string(),
+        };
+        let after = self
+            .after_ms
+            .map(|ms| format!(" after {:.3} s", ms as f64 / 1000.0))
+            .unwrap_or_default();
+        let how = self.how.map(|h| format!(": {h}")).unwrap_or_default();
+        match self.event {
+            "deadlock" => format!(
+                "{secs:.3} deadlock: {}",
+                self.cycle
+                    .iter()
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(" -> ")
+            ),
+            "lease_break_began" => format!(
+                "{secs:.3} lease break began: {what} held by {who}, broken by {:?}",
+                self.breakers
+            ),
+            e => format!(
+                "{secs:.3} {}: {who} {what}{how}{after}",
+                e.replace('_', " ")
+            ),
+        }
+    }
+}
+
+fn kind_of(flags: u32) -> &'static str {
+    if flags & fl_flags::FL_FLOCK != 0 {
+        "flock"
+    } else if flags & fl_flags::FL_OFDLCK != 0 {
+        "ofd"
+    } else if flags & fl_flags::FL_LEASE != 0 {
+        "lease"
+    } else {
+        "posix"
+    }
+}
+
+fn wait_event(event: &'static str, at: u64, tid: u32, w: &WaitStart) -> Event {
+    Event {
+        tid: Some(tid),
+        kind: Some(kind_of(w.flags)),
+        lock_type: LockType::from_fl_type(w.lock_type),
+        start: Some(w.start),
+        end: Some(w.end),
+        ..Event::new(event, at, w.tgid)
+    }
+}
+
+/// Whether `held` is what request `w` asked for (same owner, covering its range, of
+/// its type): the request was granted.
+fn grants(held: &KLock, w: &WaitStart) -> bool {
+    held.owner == Some(w.owner)
+        && held.start <= w.start
+        && held.end >= w.end
+        && (held.lock_type == w.lock_type || held.lock_type == fl_type::F_WRLCK)
+}
+
+/// Whether thread `tid` of `tgid` is still inside a lock call (see agent::metrics).
+fn in_lock_call(tgid: u32, tid: u32) -> Option<bool> {
+    let s = std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/syscall")).ok()?;
+    let Some(nr) = s
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse::<i64>().ok())
+    else {
+        return Some(true);
+    };
+    Some(
+        [
+            libc::SYS_fcntl,
+            libc::SYS_flock,
+            libc::SYS_open,
+            libc::SYS_openat,
+            libc::SYS_openat2,
+            libc::SYS_truncate,
+        ]
+        .contains(&nr),
+    )
+}
+
+/// The file a waiter asks to lock: its own fd on that inode (a waiter's fd holds no
+/// lock, so the lock-table walk does not list it). Waits are rare: a look at its fds.
+fn path_of(w: &WaitStart) -> Option<String> {
+    use std::os::unix::fs::MetadataExt as _;
+    for entry in std::fs::read_dir(format!("/proc/{}/fd", w.tgid))
+        .ok()?
+        .flatten()
+    {
+        if std::fs::metadata(entry.path()).is_ok_and(|m| m.ino() == w.ino) {
+            let link = std::fs::read_link(entry.path()).ok()?;
+            return Some(crate::dump::files::split_deleted(&link.display().to_string()).0);
+        }
+    }
+    None
+}
+
+/// A lease being broken, as first seen.
+struct Pending {
+    holder: u32,
+    path: Option<String>,
+    started_ns: u64,
+    deadline_ns: Option<u64>,
+}
+
+/// What a reader remembers between two looks.
+#[derive(Default)]
+pub struct Follower {
+    waits: HashMap<u32, WaitStart>,
+    /// Waits reported ended while their entry stays (interrupted).
+    ended: BTreeSet<(u32, u64)>,
+    breaks_seen: BTreeSet<u64>,
+    pending: HashMap<u64, Pending>,
+    deadlocks: BTreeSet<Vec<u32>>,
+    last_graph_ns: u64,
+    first: bool,
+}
+
+impl Follower {
+    pub fn new() -> Follower {
+        Follower {
+            first: true,
+            ..Follower::default()
+        }
+    }
+
+    /// One look: the events since the last one. The first look reports what is
+    /// already going on as beginnings (with their true start times).
+    pub fn look(&mut self, pins: &PinDir, iters: &Iters, now_ns: u64) -> Result<Vec<Event>> {
+        let Some(h) = History::read(pins)? else {
+            bail!("ckpt-agent stopped");
+        };
+        let mut out = Vec::new();
+        let now_waits: HashMap<u32, WaitStart> =
+            h.waits.values().map(|(tid, w)| (*tid, *w)).collect();
+        // Ended: gone from the tracer's records (granted, a signal, an exit), or its thread
+        // left the lock call without the kernel saying so (interrupted).
+        for (tid, w) in &self.waits {
+            let gone = now_waits.get(tid).is_none_or(|n| n.since_ns != w.since_ns);
+            if gone && !self.ended.remove(&(*tid, w.since_ns)) {
+                out.push(self.ended_event(iters, *tid, w, now_ns, false)?);
+            }
+        }
+        for (tid, w) in &now_waits {
+            let known = self
+                .waits
+                .get(tid)
+                .is_some_and(|o| o.since_ns == w.since_ns);
+            if !known {
+                let mut e = wait_event("wait_began", w.since_ns, *tid, w);
+                e.path = path_of(w);
+                out.push(e);
+            }
+            if !self.ended.contains(&(*tid, w.since_ns)) && in_lock_call(w.tgid, *tid) != Some(true)
+            {
+                self.ended.insert((*tid, w.since_ns));
+                out.push(self.ended_event(iters, *tid, w, now_ns, true)?);
+            }
+        }
+        self.ended
+            .retain(|(tid, s)| now_waits.get(tid).is_some_and(|w| w.since_ns == *s));
+        self.waits = now_waits;
+
+        // Lease breaks: a new record begins one; the lease leaving the holder's
+        // lists, or no longer being broken, ends it.
+        let fresh: Vec<u64> = h
+            .breaks
+            .keys()
+            .filter(|k| !self.breaks_seen.contains(k))
+            .copied()
+            .collect();
+        if !fresh.is_empty() {
+            let table = kernel::read(iters)?;
+            for lease in fresh {
+                self.breaks_seen.insert(lease);
+                let r = &h.breaks[&lease];
+                let Some(l) = table.held.iter().find(|l| l.addr == Some(lease)) else {
+                    continue; // Already over, or an old record.
+                };
+                if l.flags & (fl_flags::FL_UNLOCK_PENDING | fl_flags::FL_DOWNGRADE_PENDING) == 0 {
+                    continue;
+                }
+                let hz = crate::sys::hz::kernel_hz()?;
+                let deadline = crate::leases::BreakState::of(l.flags, l.lease.as_ref(), hz)
+                    .primary
+                    .map(|d| d.monotonic_ns);
+                let p = Pending {
+                    holder: l.holder.pid,
+                    path: l.holder.path.clone(),
+                    started_ns: r.started_ns,
+                    deadline_ns: deadline,
+                };
+                let mut e = Event::new("lease_break_began", r.started_ns, p.holder);
+                e.kind = Some("lease");
+                e.path = p.path.clone();
+                e.breakers = r.breakers[..usize::from(r.n_breakers).min(r.breakers.len())]
+                    .iter()
+                    .map(|b| b.pid)
+                    .collect();
+                out.push(e);
+                self.pending.insert(lease, p);
+            }
+        }
+        let mut done = Vec::new();
+        for (lease, p) in &self.pending {
+            let now = kernel::read_process(iters, p.holder).ok();
+            let l = now
+                .as_ref()
+                .and_then(|t| t.held.iter().find(|l| l.addr == Some(*lease)));
+            let how = match l {
+                Some(l)
+                    if l.flags & (fl_flags::FL_UNLOCK_PENDING | fl_flags::FL_DOWNGRADE_PENDING)
+                        != 0 =>
+                {
+                    continue
+                }
+                Some(_) => "downgraded",
+                None if p.deadline_ns.is_some_and(|d| now_ns + 100_000_000 >= d) => "revoked",
+                None => "released",
+            };
+            let mut e = Event::new("lease_break_ended", now_ns, p.holder);
+            e.kind = Some("lease");
+            e.path = p.path.clone();
+            e.how = Some(how);
+            e.after_ms = Some(now_ns.saturating_sub(p.started_ns) / 1_000_000);
+            out.push(e);
+            done.push(*lease);
+        }
+        for lease in done {
+            self.pending.remove(&lease);
+        }
+
+        // Deadlocks: looked for when two or more tasks wait, at most once a second.
+        if self.waits.len() >= 2
+            && (self.first || now_ns.saturating_sub(self.last_graph_ns) >= 1_000_000_000)
+        {
+            self.last_graph_ns = now_ns;
+            let (rows, _) = live_rows(pins)?;
+            let a = graph::analyse(&rows, graph::threads_of);
+            for c in a
+                .cycles
+                .iter()
+                .filter(|c| c.kind == graph::CycleKind::Deadlock)
+            {
+                let pids: Vec<u32> = c.steps.iter().map(|s| s.pid).collect();
+                if self.deadlocks.insert(pids.clone()) {
+                    let mut e = Event::new("deadlock", now_ns, pids[0]);
+                    e.cycle = pids;
+                    out.push(e);
+                }
+            }
+        }
+        self.first = false;
+        out.sort_by_key(|e| e.monotonic_ns);
+        Ok(out)
+    }
+
+    fn ended_event(
+        &self,
+        iters: &Iters,
+        tid: u32,
+        w: &WaitStart,
+        now_ns: u64,
+        still_listed: bool,
+    ) -> Result<Event> {
+        let mut e = wait_event("wait_ended", now_ns, tid, w);
+        e.after_ms = Some(now_ns.saturating_sub(w.since_ns) / 1_000_000);
+        let alive = std::path::Path::new(&format!("/proc/{}/task/{tid}", w.tgid)).exists();
+        // A lock wait ends granted, or by a signal (the tracer ends it when a handler
+        // without SA_RESTART runs), or with its thread.
+        e.how = Some(if !alive {
+            "exited"
+        } else if still_listed {
+            "interrupted"
+        } else {
+            let held = kernel::read_process(iters, w.tgid)
+                .map(|t| t.held.iter().any(|l| grants(l, w)))
+                .unwrap_or(false);
+            if held {
+                "granted"
+            } else {
+                "interrupted"
+            }
+        });
+        Ok(e)
+    }
+}
+
+/// Set by SIGINT and SIGTERM: the stream ends with status 0.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+}
+
+/// Follows until interrupted; `json`: one object per line.
+pub fn run(pins: &PinDir, json: bool, out: &mut impl Write) -> Result<()> {
+    if !pins.agent_running() {
+        bail!(
+            "events come from ckpt-agent's records, and no agent runs on {} (start ckpt-agent)",
+            pins.root().display()
+        );
+    }
+    let iters = Iters::open(pins, &[Prog::LockTable, Prog::LockTableMaps]).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the kernel's lock lists: {}",
+            unavailable_hint(&e)
+        )
+    })?;
+    let action = nix::sys::signal::SigAction::new(
+        nix::sys::signal::SigHandler::Handler(on_stop),
+        nix::sys::signal::SaFlags::empty(),
+        nix::sys::signal::SigSet::empty(),
+    );
+    for sig in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
+        // SAFETY: the handler only stores to an atomic.
+        let _ = unsafe { nix::sys::signal::sigaction(sig, &action) };
+    }
+    let mut f = Follower::new();
+    while !STOP.load(Ordering::Relaxed) {
+        let events = match f.look(pins, &iters, crate::sys::monotonic_ns()) {
+            Ok(e) => e,
+            Err(e) if !pins.agent_running() => return Err(e),
+            // One look failed (a process gone mid-read, say): said, and the next goes on.
+            Err(e) => {
+                eprintln!("ckpt-user: {e:#}");
+                Vec::new()
+            }
+        };
+        for e in events {
+            if json {
+                serde_json::to_writer(&mut *out, &e)?;
+                writeln!(out)?;
+            } else {
+                writeln!(out, "{}", e.line())?;
+            }
+        }
+        out.flush()?;
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait(flags: u32, t: u8) -> WaitStart {
+        WaitStart {
+            since_ns: 5_000_000_000,
+            request: 0x10,
+            owner: 0x20,
+            ino: 7,
+            start: 0,
+            end: 9,
+            dev: 8,
+            tgid: 100,
+            flags,
+            lock_type: t,
+            _pad: [0; 3],
+        }
+    }
+
+    #[test]
+    fn a_request_is_granted_by_a_lock_of_its_owner_covering_it() {
+        let w = wait(fl_flags::FL_POSIX, fl_type::F_RDLCK);
+        let mut l = KLock {
+            kind: crate::locks::kernel::HeldKind::Lock(ckpt_common::lock::LockKind::Posix),
+            lock_type: fl_type::F_WRLCK,
+            flags: fl_flags::FL_POSIX,
+            pid: 100,
+            start: 0,
+            end: 20,
+            dev: crate::locks::KernelDev(8),
+            ino: 7,
+            owner: Some(0x20),
+            addr: Some(0x30),
+            blocker: None,
+            lease: None,
+            holder: Default::default(),
+        };
+        assert!(grants(&l, &w), "a write lock covers a read request");
+        l.owner = Some(0x21);
+        assert!(!grants(&l, &w), "another owner's lock");
+        l.owner = Some(0x20);
+        l.end = 5;
+        assert!(!grants(&l, &w), "not the whole range");
+    }
+
+    #[test]
+    fn lines_say_what_began_and_how_it_ended() {
+        let w = wait(fl_flags::FL_FLOCK, fl_type::F_WRLCK);
+        let mut e = wait_event("wait_ended", 6_500_000_000, 101, &w);
+        e.how = Some("granted");
+        e.after_ms = Some(1500);
+        e.path = Some("/tmp/a".into());
+        assert_eq!(
+            e.line(),
+            "6.500 wait ended: 100 (tid 101) flock WRITE 0-9 on /tmp/a: granted after 1.500 s"
+        );
+        let json = serde_json::to_value(&e).unwrap();
+        assert_eq!(json["event"], "wait_ended");
+        assert_eq!(json["how"], "granted");
+        assert_eq!(json["type"], "write");
+        let mut d = Event::new("deadlock", 7_000_000_000, 1);
+        d.cycle = vec![1, 2, 3];
+        assert_eq!(d.line(), "7.000 deadlock: 1 -> 2 -> 3");
+    }
+}
