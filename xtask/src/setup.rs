@@ -45,7 +45,7 @@ fn step(name: &str, msg: &str) {
 }
 
 /// What `cargo xtask bench` compares ckpt with.
-const BENCH_PACKAGES: &[&str] = &["bpftrace", "lsof", "fonts-dejavu-core"];
+const BENCH_PACKAGES: &[&str] = &["bpftrace", "lsof", "fonts-dejavu-core", "curl"];
 
 /// Which command the machine is being set up for: each installs only what it needs.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -296,6 +296,8 @@ mount -t tmpfs run /run
 mount -t tracefs tracefs /sys/kernel/tracing
 mount -t bpf bpf /sys/fs/bpf
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
+# The loopback, for the agent's metrics endpoint (no other network).
+busybox ip link set lo up 2>/dev/null || busybox ifconfig lo 127.0.0.1 up
 echo CKPT-VM-BOOTED "$(uname -r)"
 if [ "$CKPT_PROBE" = 1 ]; then poweroff -f; fi
 for m in /lib/ckpt-modules/*.ko; do [ -e "$m" ] && insmod "$m"; done

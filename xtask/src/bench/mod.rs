@@ -189,10 +189,16 @@ pub fn build_example(name: &str) -> Result<PathBuf> {
 }
 
 pub fn start_agent(bins: &Path, pin_dir: &str) -> Result<Child> {
+    start_agent_with(bins, pin_dir, &[])
+}
+
+/// `start_agent` with more ckpt-agent arguments.
+pub fn start_agent_with(bins: &Path, pin_dir: &str, extra: &[&str]) -> Result<Child> {
     let _ = std::fs::remove_dir_all(pin_dir);
     let log = std::env::temp_dir().join("ckpt-bench-agent.log");
     let mut agent = Command::new(bins.join("ckpt-agent"))
         .args(["--pin-dir", pin_dir, "--unpin"])
+        .args(extra)
         .stderr(std::fs::File::create(&log)?)
         .spawn()?;
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -9,11 +9,13 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use super::{fmt, start_agent, stats, stop, Ctx, Worker};
+use super::{fmt, start_agent_with, stats, stop, Ctx, Worker};
 
 const PIN_DIR: &str = "/sys/fs/bpf/ckpt-bench-views";
 const PROCESSES: usize = 10_000;
 const FILES: usize = 10;
+/// Where the bench's agent serves its metrics.
+const METRICS: &str = "127.0.0.1:19477";
 /// A pin dir no agent serves.
 const NO_AGENT: &str = "/sys/fs/bpf/ckpt-bench-views-no-agent";
 
@@ -53,7 +55,7 @@ fn cmd(program: &str, args: &[&str]) -> Command {
 
 /// The views section's body.
 pub fn run(ctx: &Ctx) -> Result<String> {
-    let agent = start_agent(&ctx.bins, PIN_DIR)?;
+    let agent = start_agent_with(&ctx.bins, PIN_DIR, &["--metrics", METRICS])?;
     let data = std::env::temp_dir().join("ckpt-bench-views");
     let _ = std::fs::remove_dir_all(&data);
     std::fs::create_dir_all(&data)?;
@@ -78,7 +80,8 @@ pub fn run(ctx: &Ctx) -> Result<String> {
         }
         std::thread::sleep(Duration::from_millis(500));
         let agent = Some(PIN_DIR);
-        let queries: [(&str, Command, Command); 5] = [
+        let metrics_url = format!("http://{METRICS}/metrics");
+        let queries: [(&str, Command, Command); 6] = [
             (
                 "locks: `ckpt-user locks --json` vs `lslocks --json`",
                 ckpt_user(ctx, agent, &["locks", "--json"]),
@@ -93,6 +96,11 @@ pub fn run(ctx: &Ctx) -> Result<String> {
                 "top: one refresh (`ckpt-user top --batch`: locks, wait-for graph, deleted files) vs `lslocks`",
                 ckpt_user(ctx, agent, &["top", "--batch"]),
                 cmd("lslocks", &[]),
+            ),
+            (
+                "metrics: one scrape of `ckpt-agent --metrics` (curl) vs `lslocks --json` (what textfile exporters run)",
+                cmd("curl", &["-sf", &metrics_url]),
+                cmd("lslocks", &["--json"]),
             ),
             (
                 "deleted files: `ckpt-user deleted --json` (a scan at call) vs `lsof +L1`",
