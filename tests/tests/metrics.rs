@@ -2,32 +2,13 @@
 //! `ckpt-user locks` for a known workload, and a wait of known length lands in its
 //! bucket.
 
-use std::{
-    io::{Read as _, Write as _},
-    time::Duration,
-};
+use std::time::Duration;
 
 use ckpt_tests::*;
 
-/// A free TCP port on the loopback.
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// GET http://127.0.0.1:PORT/PATH: (status line, content type, body).
 fn get(port: u16, path: &str) -> (String, String, String) {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).unwrap();
+    let reply = http_get(port, path).expect("the metrics endpoint");
     let (head, body) = reply.split_once("\r\n\r\n").unwrap();
     let status = head.lines().next().unwrap().to_string();
     let ctype = head

@@ -3,32 +3,11 @@
 //! VM images do not carry node_exporter.
 
 use std::{
-    io::{Read as _, Write as _},
     process::{Command, Stdio},
     time::Duration,
 };
 
 use ckpt_tests::*;
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn get(port: u16) -> Option<String> {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply).ok()?;
-    Some(reply)
-}
 
 /// Kills node_exporter on drop.
 struct Exporter(std::process::Child);
@@ -82,7 +61,9 @@ fn node_exporter_accepts_the_textfile() {
             .spawn()
             .expect("prometheus-node-exporter (cargo xtask setup installs it)"),
     );
-    let scraped = wait_for(Duration::from_secs(10), "node_exporter", || get(port));
+    let scraped = wait_for(Duration::from_secs(10), "node_exporter", || {
+        http_get(port, "/metrics")
+    });
     drop(exporter);
     assert!(
         scraped.contains("node_textfile_scrape_error 0"),

@@ -272,32 +272,6 @@ pub struct Watch {
     lost: HashMap<&'static str, u64>,
 }
 
-/// Whether thread `tid` of `tgid` is still inside a lock call (fcntl or flock, or an
-/// open blocked on a lease break): /proc/PID/task/TID/syscall names the call a
-/// sleeping thread is in.
-fn in_lock_call(tgid: u32, tid: u32) -> bool {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/syscall")) else {
-        return false;
-    };
-    let Some(nr) = s
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse::<i64>().ok())
-    else {
-        // "running": between calls (a signal handler before a restart, say).
-        return true;
-    };
-    [
-        libc::SYS_fcntl,
-        libc::SYS_flock,
-        libc::SYS_open,
-        libc::SYS_openat,
-        libc::SYS_openat2,
-        libc::SYS_truncate,
-    ]
-    .contains(&nr)
-}
-
 impl Watch {
     /// One look at the tracer's maps: waits that ended go into the histogram (at the
     /// time they are seen gone), breaks that began into their counter.
@@ -325,7 +299,9 @@ impl Watch {
         // A wait the kernel gives up on without an event (an interrupted flock, a
         // killed waiter) keeps its entry: ended once the thread is seen out of the call.
         for (tid, (tgid, since)) in &now_waits {
-            if !self.ended.contains(&(*tid, *since)) && !in_lock_call(*tgid, *tid) {
+            if !self.ended.contains(&(*tid, *since))
+                && crate::locks::in_lock_call(*tgid, *tid) != Some(true)
+            {
                 self.ended.insert((*tid, *since));
                 m.waits.observe(seconds(*since));
             }

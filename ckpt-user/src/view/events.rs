@@ -162,29 +162,6 @@ fn grants(held: &KLock, w: &WaitStart) -> bool {
         && (held.lock_type == w.lock_type || held.lock_type == fl_type::F_WRLCK)
 }
 
-/// Whether thread `tid` of `tgid` is still inside a lock call (see agent::metrics).
-fn in_lock_call(tgid: u32, tid: u32) -> Option<bool> {
-    let s = std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/syscall")).ok()?;
-    let Some(nr) = s
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse::<i64>().ok())
-    else {
-        return Some(true);
-    };
-    Some(
-        [
-            libc::SYS_fcntl,
-            libc::SYS_flock,
-            libc::SYS_open,
-            libc::SYS_openat,
-            libc::SYS_openat2,
-            libc::SYS_truncate,
-        ]
-        .contains(&nr),
-    )
-}
-
 /// The file a waiter asks to lock: its own fd on that inode (a waiter's fd holds no
 /// lock, so the lock-table walk does not list it). Waits are rare: a look at its fds.
 fn path_of(w: &WaitStart) -> Option<String> {
@@ -257,7 +234,8 @@ impl Follower {
                 e.path = path_of(w);
                 out.push(e);
             }
-            if !self.ended.contains(&(*tid, w.since_ns)) && in_lock_call(w.tgid, *tid) != Some(true)
+            if !self.ended.contains(&(*tid, w.since_ns))
+                && crate::locks::in_lock_call(w.tgid, *tid) != Some(true)
             {
                 self.ended.insert((*tid, w.since_ns));
                 out.push(self.ended_event(iters, *tid, w, now_ns, true)?);
