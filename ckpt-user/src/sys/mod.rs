@@ -25,3 +25,18 @@ pub fn monotonic_ns() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("CLOCK_MONOTONIC");
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
+
+/// Installs `handler` (which must only store to an atomic) for `signals`, without
+/// SA_RESTART: a blocking call returns EINTR and the caller sees its flag.
+pub fn on_signals(signals: &[nix::sys::signal::Signal], handler: extern "C" fn(libc::c_int)) {
+    use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet};
+    let action = SigAction::new(
+        SigHandler::Handler(handler),
+        SaFlags::empty(),
+        SigSet::empty(),
+    );
+    for &sig in signals {
+        // SAFETY: the handler only stores to an atomic (the caller's contract).
+        let _ = unsafe { sigaction(sig, &action) };
+    }
+}

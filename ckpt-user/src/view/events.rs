@@ -391,18 +391,13 @@ pub fn run(pins: &PinDir, json: bool, out: &mut impl Write) -> Result<()> {
             unavailable_hint(&e)
         )
     })?;
-    let action = nix::sys::signal::SigAction::new(
-        nix::sys::signal::SigHandler::Handler(on_stop),
-        nix::sys::signal::SaFlags::empty(),
-        nix::sys::signal::SigSet::empty(),
+    crate::sys::on_signals(
+        &[
+            nix::sys::signal::Signal::SIGINT,
+            nix::sys::signal::Signal::SIGTERM,
+        ],
+        on_stop,
     );
-    for sig in [
-        nix::sys::signal::Signal::SIGINT,
-        nix::sys::signal::Signal::SIGTERM,
-    ] {
-        // SAFETY: the handler only stores to an atomic.
-        let _ = unsafe { nix::sys::signal::sigaction(sig, &action) };
-    }
     let mut f = Follower::new();
     while !STOP.load(Ordering::Relaxed) {
         let events = match f.look(pins, &iters, crate::sys::monotonic_ns()) {

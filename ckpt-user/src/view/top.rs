@@ -337,18 +337,8 @@ extern "C" fn on_stop(_: libc::c_int) {
 }
 
 fn catch_stop() {
-    let action = nix::sys::signal::SigAction::new(
-        nix::sys::signal::SigHandler::Handler(on_stop),
-        nix::sys::signal::SaFlags::empty(),
-        nix::sys::signal::SigSet::empty(),
-    );
-    for sig in [
-        nix::sys::signal::Signal::SIGTERM,
-        nix::sys::signal::Signal::SIGHUP,
-    ] {
-        // SAFETY: the handler only stores to an atomic.
-        let _ = unsafe { nix::sys::signal::sigaction(sig, &action) };
-    }
+    use nix::sys::signal::Signal;
+    crate::sys::on_signals(&[Signal::SIGTERM, Signal::SIGHUP], on_stop);
 }
 
 /// Puts the terminal back however the view ends (error, panic unwinding).
