@@ -17,6 +17,10 @@ pub mod offsets;
 pub mod names {
     pub const WAITS: &str = "WAITS";
     pub const WAITING: &str = "WAITING";
+    pub const WAIT_ENDS: &str = "WAIT_ENDS";
+    /// Slot 0: how many wait ends the ring has had (the next `WaitEnd::seq` - 1).
+    pub const WAIT_END_SEQ: &str = "WAIT_END_SEQ";
+    pub const WAIT_HIST: &str = "WAIT_HIST";
     pub const BREAK_CTX: &str = "BREAK_CTX";
     pub const BREAKS: &str = "BREAKS";
     pub const HOLDS: &str = "HOLDS";
@@ -55,6 +59,9 @@ pub mod capacity {
     /// Threads blocked on a lock or lease at once.
     pub const WAITS: u32 = 16_384;
     pub const BREAK_CTX: u32 = 4_096;
+    /// Wait ends kept for readers, per CPU (a power of two): 100 ms of 10,000 ended
+    /// waits a second on each CPU, in 88 KiB per CPU.
+    pub const WAIT_ENDS: u32 = 1_024;
     /// Leases being broken (or broken recently) at once.
     pub const BREAKS: u32 = 16_384;
     /// `--hold-times`: held lock objects.

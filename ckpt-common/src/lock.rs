@@ -92,6 +92,72 @@ impl WaitStart {
     }
 }
 
+/// How a wait ended, as the tracer saw it (`WaitEnd::how`).
+pub mod wait_end {
+    /// The request came back from the lock call granted.
+    pub const GRANTED: u8 = 1;
+    /// The request came back refused (EDEADLK, say).
+    pub const REFUSED: u8 = 2;
+    /// A signal handler without SA_RESTART ran: the call returns EINTR.
+    pub const INTERRUPTED: u8 = 3;
+    /// The thread exited while waiting.
+    pub const EXITED: u8 = 4;
+    /// A lease breaker was woken (the lease went, was downgraded or timed out, or a
+    /// signal came). Not final: if leases still conflict the kernel blocks it again on
+    /// the same request and its wait goes on with the same start, which readers see
+    /// as a `WAITS` entry with the same `since_ns`.
+    pub const UNBLOCKED: u8 = 5;
+}
+
+/// A wait that ended, in the `WAIT_ENDS` ring: slot `seq % capacity::WAIT_ENDS`.
+///
+/// The ring exists because a wait can begin and end between two looks of a reader
+/// (the agent looks every 100 ms): the kernel keeps nothing of it afterwards. Several
+/// readers follow it at once, each with its own position; a slot is overwritten one
+/// lap later, so a reader that falls a lap behind says how many it lost. A slot being
+/// rewritten while read is caught by reading it twice.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WaitEnd {
+    /// 1 + the index of this end among all ends recorded (0: an empty slot).
+    pub seq: u64,
+    /// CLOCK_MONOTONIC ns at the end.
+    pub ended_ns: u64,
+    pub wait: WaitStart,
+    pub tid: u32,
+    /// A `wait_end` value.
+    pub how: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Upper bounds (ns) of the tracer's wait-time histogram buckets (`WAIT_HIST`); a
+/// last bucket takes the rest.
+pub const WAIT_BUCKETS_NS: [u64; 14] = [
+    1_000_000,
+    5_000_000,
+    10_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+    30_000_000_000,
+    60_000_000_000,
+    300_000_000_000,
+];
+
+/// Slots of the per-CPU `WAIT_HIST` array: one count per bucket (the last is +Inf),
+/// then the sum of the waits in ns, then their number.
+pub mod wait_hist {
+    pub const BUCKETS: u32 = super::WAIT_BUCKETS_NS.len() as u32 + 1;
+    pub const SUM_NS: u32 = BUCKETS;
+    pub const COUNT: u32 = BUCKETS + 1;
+    pub const SLOTS: u32 = BUCKETS + 2;
+}
+
 /// Opt-in (`ckpt-agent --hold-times`): when a held lock object was created or first
 /// seen holding, keyed by its kernel address in `HOLDS`.
 #[repr(C)]
@@ -107,4 +173,5 @@ pub struct HoldStart {
 mod pod {
     unsafe impl aya::Pod for super::WaitStart {}
     unsafe impl aya::Pod for super::HoldStart {}
+    unsafe impl aya::Pod for super::WaitEnd {}
 }

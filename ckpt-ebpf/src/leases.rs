@@ -15,7 +15,7 @@ use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use ckpt_common::{
     counters::Counter,
     lease::{BreakCtx, BreakRecord, Breaker, MAX_BREAKERS, MAX_BREAK_LEASES},
-    lock::{fl_flags, WaitStart},
+    lock::{fl_flags, wait_end, WaitStart},
 };
 
 use crate::{
@@ -277,7 +277,7 @@ pub fn break_lease_unblock(_ctx: TracePointContext) -> u32 {
             // SAFETY: values of our own maps.
             unsafe { (*p).block_since_ns = (*w).since_ns };
         }
-        end_wait(tid);
+        end_wait(tid, wait_end::UNBLOCKED);
     }
     0
 }
@@ -307,7 +307,7 @@ pub fn signal_deliver(ctx: TracePointContext) -> u32 {
         return 0;
     };
     if handler > SIG_IGN && flags & SA_RESTART == 0 {
-        end_wait(tid);
+        end_wait(tid, wait_end::INTERRUPTED);
         if let Some(p) = BREAK_CTX.get_ptr_mut(&tid) {
             // SAFETY: value of our own map.
             unsafe { (*p).block_since_ns = 0 };
@@ -321,7 +321,7 @@ pub fn signal_deliver(ctx: TracePointContext) -> u32 {
 pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
     let (_, tid) = current_ids();
     if WAITING.get(0).copied().unwrap_or(1) != 0 {
-        end_wait(tid);
+        end_wait(tid, wait_end::EXITED);
     }
     let _ = BREAK_CTX.remove(&tid);
     0

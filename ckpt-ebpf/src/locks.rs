@@ -10,14 +10,18 @@
 
 use aya_ebpf::{bindings::BPF_NOEXIST, macros::btf_tracepoint, programs::BtfTracePointContext};
 use ckpt_common::{
+    capacity,
     counters::Counter,
     files::LOCK_SPAN,
-    lock::{fl_flags, fl_type, HoldStart, WaitStart, FILE_LOCK_DEFERRED},
+    lock::{
+        fl_flags, fl_type, wait_end, wait_hist, HoldStart, WaitEnd, WaitStart, FILE_LOCK_DEFERRED,
+        WAIT_BUCKETS_NS,
+    },
 };
 
 use crate::{
     helpers::{at, current_ids, field, kcopy, kread, layout, now_ns, ready},
-    maps::{count, HOLDS, WAITING, WAITS},
+    maps::{count, HOLDS, WAITING, WAITS, WAIT_ENDS, WAIT_END_SEQ, WAIT_HIST},
 };
 
 #[btf_tracepoint(function = "posix_lock_inode")]
@@ -103,11 +107,63 @@ pub fn note_wait(tid: u32, w: &WaitStart) {
     }
 }
 
-/// Drops thread `tid`'s wait start: its wait ended without a restart.
+/// Drops thread `tid`'s wait start (its wait ended without a restart, `how` is a
+/// `wait_end` value), and keeps the end for readers: in the `WAIT_ENDS` ring and,
+/// unless the wait may go on (`UNBLOCKED`), in the wait-time histogram.
 #[inline(always)]
-pub fn end_wait(tid: u32) {
-    if WAITS.remove(&tid).is_ok() {
-        add_waiting(u64::MAX);
+pub fn end_wait(tid: u32, how: u8) {
+    // SAFETY: value of our own map, plain data, copied.
+    let Some(w) = WAITS.get_ptr(&tid).map(|p| unsafe { *p }) else {
+        return;
+    };
+    if WAITS.remove(&tid).is_err() {
+        return;
+    }
+    add_waiting(u64::MAX);
+    let now = now_ns();
+    if how != wait_end::UNBLOCKED {
+        observe(now.saturating_sub(w.since_ns));
+    }
+    let Some(seq) = WAIT_END_SEQ.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+    let i = unsafe {
+        let i = *seq;
+        *seq = i + 1;
+        i
+    };
+    if let Some(slot) = WAIT_ENDS.get_ptr_mut((i & (capacity::WAIT_ENDS as u64 - 1)) as u32) {
+        // SAFETY: a slot of our own map. A reader may copy it while it is written: it
+        // reads twice and checks `seq` (see `WaitEnd`).
+        unsafe {
+            *slot = WaitEnd {
+                seq: i + 1,
+                ended_ns: now,
+                wait: w,
+                tid,
+                how,
+                _pad: [0; 3],
+            }
+        };
+    }
+}
+
+/// Counts one wait of `ns` in this CPU's histogram.
+#[inline(always)]
+fn observe(ns: u64) {
+    let mut bucket = WAIT_BUCKETS_NS.len() as u32;
+    for (i, bound) in WAIT_BUCKETS_NS.iter().enumerate() {
+        if ns <= *bound {
+            bucket = i as u32;
+            break;
+        }
+    }
+    for (slot, add) in [(bucket, 1), (wait_hist::SUM_NS, ns), (wait_hist::COUNT, 1)] {
+        if let Some(p) = WAIT_HIST.get_ptr_mut(slot) {
+            // SAFETY: per-CPU slot, no concurrent writer on this CPU.
+            unsafe { *p += add };
+        }
     }
 }
 
@@ -140,6 +196,7 @@ fn deferred(ctx: &BtfTracePointContext) {
 /// A request came back from the kernel granted or refused: if it is the one this
 /// thread was waiting with, the wait is over.
 fn settled(ctx: &BtfTracePointContext) {
+    let ret = ctx.arg::<u64>(2) as i32;
     let req: u64 = ctx.arg(1);
     if req == 0 || field::<u32>(req, layout!(lock_lists.flags)) & fl_flags::FL_SLEEP == 0 {
         return;
@@ -148,7 +205,14 @@ fn settled(ctx: &BtfTracePointContext) {
     // SAFETY: value of our own map, plain data.
     if let Some(p) = WAITS.get_ptr(&tid) {
         if unsafe { (*p).request } == req {
-            end_wait(tid);
+            end_wait(
+                tid,
+                if ret == 0 {
+                    wait_end::GRANTED
+                } else {
+                    wait_end::REFUSED
+                },
+            );
         }
     }
 }

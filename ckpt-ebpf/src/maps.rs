@@ -9,7 +9,7 @@ use ckpt_common::{
     capacity,
     counters::Counter,
     lease::{BreakCtx, BreakRecord},
-    lock::{HoldStart, WaitStart},
+    lock::{wait_hist, HoldStart, WaitEnd, WaitStart},
 };
 
 /// When each blocked thread began to wait (see `WaitStart`).
@@ -19,6 +19,22 @@ pub static WAITS: HashMap<u32, WaitStart> = HashMap::pinned(capacity::WAITS, 0);
 /// Slot 0: about how many entries `WAITS` has (the lock programs' gate).
 #[map]
 pub static WAITING: Array<u64> = Array::pinned(1, 0);
+
+/// Waits that ended: a ring of `capacity::WAIT_ENDS` slots per CPU (see `WaitEnd`).
+/// Per CPU because the bpf target's atomics cannot return the old value (BPF_FETCH
+/// needs cpu v3), so no shared index can be claimed; and a per-CPU ring costs no
+/// cache-line bouncing.
+#[map]
+pub static WAIT_ENDS: PerCpuArray<WaitEnd> = PerCpuArray::pinned(capacity::WAIT_ENDS, 0);
+
+/// Slot 0, per CPU: how many wait ends this CPU recorded.
+#[map]
+pub static WAIT_END_SEQ: PerCpuArray<u64> = PerCpuArray::pinned(1, 0);
+
+/// How long waits that ended had waited: a histogram per CPU (see `wait_hist`), so
+/// that no wait escapes it however short, whatever a reader's interval.
+#[map]
+pub static WAIT_HIST: PerCpuArray<u64> = PerCpuArray::pinned(wait_hist::SLOTS, 0);
 
 #[map]
 pub static BREAK_CTX: HashMap<u32, BreakCtx> = HashMap::pinned(capacity::BREAK_CTX, 0);

@@ -76,6 +76,24 @@ pub fn wait_for<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<
     }
 }
 
+/// Polls (every millisecond, for up to 10 s) until process `pid` sleeps inside
+/// fcntl(2) or flock(2), i.e. is blocked on a lock; returns when it saw it.
+pub fn wait_blocked_on_lock(pid: u32) -> Instant {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let syscall = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap_or_default();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(") ").map(|(_, r)| r.chars().next());
+        let nr = syscall.split(' ').next().unwrap_or("");
+        // x86-64: fcntl 72, flock 73.
+        if (nr == "72" || nr == "73") && state == Some(Some('S')) {
+            return Instant::now();
+        }
+        assert!(Instant::now() < deadline, "{pid} never blocked on a lock");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 /// A scratch directory, removed on drop.
 pub struct Scratch(pub PathBuf);
 

@@ -103,6 +103,36 @@ fn waits_breaks_and_a_deadlock_are_reported_in_order() {
     assert!(ended["after_ms"].as_u64().unwrap() >= 500, "{ended}");
     assert!(ended["monotonic_ns"].as_u64() > began["monotonic_ns"].as_u64());
 
+    // A wait far shorter than the 100 ms between two looks: both ends, exact.
+    p2.cmd("posix a u 0 10");
+    p1.cmd("posix a w 0 10");
+    let asked = Instant::now();
+    p2.send("posix a w 0 10 wait");
+    let blocked = wait_blocked_on_lock(p2.pid());
+    std::thread::sleep(Duration::from_millis(20).saturating_sub(blocked.elapsed()));
+    p1.cmd("posix a u 0 10");
+    assert_eq!(p2.reply(), "ok");
+    let upper = asked.elapsed().as_millis() as u64;
+    let at = |e: &Value| e["monotonic_ns"].as_u64().unwrap();
+    let began2 = ev.expect("the short wait's start", |e| {
+        is(e, "wait_began", p2.pid()) && at(e) > at(&ended)
+    });
+    let ended2 = ev.expect("the short wait's end", |e| {
+        is(e, "wait_ended", p2.pid()) && at(e) > at(&began2)
+    });
+    assert_eq!(ended2["how"], "granted", "{ended2}");
+    let ms = ended2["after_ms"].as_u64().unwrap();
+    assert!(
+        (20..=upper).contains(&ms),
+        "20 <= {ms} <= {upper}: {ended2}"
+    );
+    assert_eq!(
+        (at(&ended2) - at(&began2)) / 1_000_000,
+        ms,
+        "{began2} {ended2}"
+    );
+    p2.cmd("posix a u 0 10");
+
     // An flock wait interrupted by a signal: no kernel event for its end.
     let mut p3 = cg.locker();
     p1.cmd(&format!("open b {b}"));
@@ -132,6 +162,13 @@ fn waits_breaks_and_a_deadlock_are_reported_in_order() {
         is(e, "lease_break_ended", holder.pid())
     });
     assert_eq!(over["how"], "released", "{over}");
+    // The breaker's wait, woken by the release.
+    let woke = ev.expect("the breaker's wait_ended", |e| {
+        is(e, "wait_ended", breaker.pid())
+    });
+    assert_eq!(woke["how"], "unblocked", "{woke}");
+    assert_eq!(woke["kind"], "lease", "{woke}");
+    assert!(breaker.reply().starts_with("ok"));
 
     // A deadlock across flock and POSIX.
     let (c, d) = (dir.file("c"), dir.file("d"));

@@ -2,7 +2,7 @@
 //! `ckpt-user locks` for a known workload, and a wait of known length lands in its
 //! bucket.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ckpt_tests::*;
 
@@ -102,4 +102,67 @@ fn metrics_parse_agree_with_locks_and_bucket_a_wait() {
     );
     let (status, _, _) = get(port, "/nothing");
     assert!(status.contains("404"), "{status}");
+}
+
+/// Waits far shorter than the agent's 100 ms look are all counted, each in its
+/// bucket: the tracer keeps the histogram itself.
+#[test]
+fn short_waits_between_two_looks_are_all_counted() {
+    require_root();
+    let port = free_port();
+    let pins = std::path::PathBuf::from("/sys/fs/bpf").join(unique("ckpt-test"));
+    let addr = format!("127.0.0.1:{port}");
+    let _agent = Agent::start_on(&pins, &["--metrics", &addr]);
+    let dir = Scratch::new();
+    let a = dir.file("a");
+    let mut p1 = Locker::spawn();
+    let mut p2 = Locker::spawn();
+    p1.cmd(&format!("open a {a}"));
+    p2.cmd(&format!("open a {a}"));
+    let metric = |t: &str, s: &str| sample(t, s).unwrap_or(0.0);
+    let (_, _, before) = get(port, "/metrics");
+    const N: usize = 6;
+    // Each wait: at least `hold` (from when p2 is seen blocked to p1's unlock), at
+    // most from p2's request to its reply.
+    let hold = Duration::from_millis(20);
+    let mut bounds = Vec::new();
+    for _ in 0..N {
+        p1.cmd("posix a w 0 10");
+        let asked = Instant::now();
+        p2.send("posix a w 0 10 wait");
+        let blocked = wait_blocked_on_lock(p2.pid());
+        std::thread::sleep(hold.saturating_sub(blocked.elapsed()));
+        p1.cmd("posix a u 0 10");
+        assert_eq!(p2.reply(), "ok");
+        bounds.push((hold.as_secs_f64(), asked.elapsed().as_secs_f64()));
+        p2.cmd("posix a u 0 10");
+    }
+    let after = wait_for(Duration::from_secs(5), "the waits in the histogram", || {
+        let (_, _, body) = get(port, "/metrics");
+        (metric(&body, "ckpt_wait_seconds_count") - metric(&before, "ckpt_wait_seconds_count")
+            >= N as f64)
+            .then_some(body)
+    });
+    let delta = |s: &str| metric(&after, s) - metric(&before, s);
+    let lower: f64 = bounds.iter().map(|b| b.0).sum();
+    assert!(
+        delta("ckpt_wait_seconds_sum") >= lower,
+        "the {N} waits last at least {lower} s in all: {bounds:?}\n{after}"
+    );
+    // Buckets (cumulative): a wait whose bounds fall in one bucket is counted there.
+    let les = [0.01, 0.05, 0.1, 0.25, 0.5, 1.0];
+    for (i, le) in les.iter().enumerate() {
+        let below = if i == 0 { 0.0 } else { les[i - 1] };
+        let sure = bounds
+            .iter()
+            .filter(|(lo, hi)| *lo > below && *hi <= *le)
+            .count() as f64;
+        let key = |le: f64| format!("ckpt_wait_seconds_bucket{{le=\"{le:?}\"}}");
+        let in_bucket = delta(&key(*le)) - if i == 0 { 0.0 } else { delta(&key(below)) };
+        assert!(
+            in_bucket >= sure,
+            "{sure} waits in ({below}, {le}]: {bounds:?}\n{after}"
+        );
+    }
+    eprintln!("short waits (s, lower and upper bounds): {bounds:?}");
 }

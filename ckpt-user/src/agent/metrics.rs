@@ -3,30 +3,38 @@
 //!
 //! Gauges (locks, waiters, leases breaking, deleted files) are read from the kernel's
 //! lists when collected (a scrape, or each textfile write), like `ckpt-user locks`.
-//! What needs watching between collections is kept by `Watch::tick`, every 100 ms
-//! from the agent's loop, on the tracer's small maps: waits that ended (the wait-time
-//! histogram) and lease breaks that began (by target). Labels are bounded: kind, type,
-//! target, map, and a cgroup only from `--metrics-cgroup`.
+//! The wait-time histogram is the tracer's own (every wait end it sees, however short),
+//! plus the ends it cannot see, which `Watch::tick` finds every 100 ms from the agent's
+//! loop (a wait left without a kernel event, a lease breaker's), with lease breaks that
+//! began (by target). Labels are bounded: kind, type, target, map, and a cgroup only
+//! from `--metrics-cgroup`.
 
 use std::{
     collections::{BTreeSet, HashMap},
     path::{Path, PathBuf},
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
 use anyhow::{Context as _, Result};
-use ckpt_common::{counters::Counter as TracerCounter, lock::fl_type};
+use ckpt_common::{
+    counters::Counter as TracerCounter,
+    lock::{fl_type, WAIT_BUCKETS_NS},
+};
 use prometheus_client::{
-    encoding::text::encode,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    encoding::{text::encode, EncodeMetric, MetricEncoder, NoLabelSet},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, MetricType, TypedMetric},
     registry::Registry,
 };
 
 use crate::{
     locks::LockType,
     tracer::pins::PinDir,
-    view::{deleted, history::History, locks::live_rows},
+    view::{
+        deleted,
+        history::{self, BreakTracker, History, WaitEndRing, WaitTracker},
+        locks::live_rows,
+    },
 };
 
 type Labels = Vec<(&'static str, String)>;
@@ -36,10 +44,85 @@ const KINDS: [&str; 4] = ["posix", "ofd", "flock", "lease"];
 /// Values of the `target` label of lease breaks.
 const TARGETS: [&str; 2] = ["unlock", "read"];
 
-/// Upper bounds of the wait-time buckets, in seconds.
-pub const WAIT_BUCKETS: [f64; 14] = [
-    0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
-];
+/// Waits per bucket (the last is +Inf), their sum in ns, their number.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Hist {
+    buckets: Vec<u64>,
+    sum_ns: u64,
+    count: u64,
+}
+
+impl Hist {
+    fn observe(&mut self, ns: u64) {
+        self.buckets.resize(WAIT_BUCKETS_NS.len() + 1, 0);
+        let i = WAIT_BUCKETS_NS
+            .iter()
+            .position(|b| ns <= *b)
+            .unwrap_or(WAIT_BUCKETS_NS.len());
+        self.buckets[i] += 1;
+        self.sum_ns += ns;
+        self.count += 1;
+    }
+
+    fn plus(&self, o: &Hist) -> Hist {
+        let n = WAIT_BUCKETS_NS.len() + 1;
+        Hist {
+            buckets: (0..n)
+                .map(|i| {
+                    self.buckets.get(i).copied().unwrap_or(0)
+                        + o.buckets.get(i).copied().unwrap_or(0)
+                })
+                .collect(),
+            sum_ns: self.sum_ns + o.sum_ns,
+            count: self.count + o.count,
+        }
+    }
+}
+
+/// `ckpt_wait_seconds`: the tracer's in-kernel histogram (read at each collection)
+/// plus the ends only the agent sees. prometheus-client's own Histogram cannot take
+/// counts made elsewhere, so this metric encodes itself.
+#[derive(Clone, Debug, Default)]
+struct WaitHistogram {
+    /// (the tracer's, the agent's).
+    parts: Arc<Mutex<(Hist, Hist)>>,
+}
+
+impl WaitHistogram {
+    fn set_tracer(&self, h: Hist) {
+        self.parts.lock().expect("not poisoned").0 = h;
+    }
+
+    fn observe(&self, ns: u64) {
+        self.parts.lock().expect("not poisoned").1.observe(ns);
+    }
+
+    fn total(&self) -> Hist {
+        let p = self.parts.lock().expect("not poisoned");
+        p.0.plus(&p.1)
+    }
+}
+
+impl TypedMetric for WaitHistogram {
+    const TYPE: MetricType = MetricType::Histogram;
+}
+
+impl EncodeMetric for WaitHistogram {
+    fn encode(&self, mut encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        let h = self.total();
+        let buckets: Vec<(f64, u64)> = WAIT_BUCKETS_NS
+            .iter()
+            .map(|ns| *ns as f64 / 1e9)
+            .chain([f64::MAX]) // +Inf to the encoder
+            .zip(h.buckets.iter().copied())
+            .collect();
+        encoder.encode_histogram::<NoLabelSet>(h.sum_ns as f64 / 1e9, h.count, &buckets, None)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        Self::TYPE
+    }
+}
 
 /// The tracer's loss counters, by the name of the map they are about.
 const LOSSES: [(&str, TracerCounter); 5] = [
@@ -61,7 +144,7 @@ pub struct Metrics {
     cgroup_waiters: Family<Labels, Gauge>,
     deleted_files: Gauge,
     deleted_bytes: Gauge,
-    waits: Histogram,
+    waits: WaitHistogram,
     breaks: Family<Labels, Counter>,
     lost: Family<Labels, Counter>,
     /// Cgroups given with --metrics-cgroup (label values as given).
@@ -87,7 +170,7 @@ impl Metrics {
             cgroup_waiters: Family::default(),
             deleted_files: Gauge::default(),
             deleted_bytes: Gauge::default(),
-            waits: Histogram::new(WAIT_BUCKETS),
+            waits: WaitHistogram::default(),
             breaks: Family::default(),
             lost: Family::default(),
             cgroups: Arc::new(cgroups),
@@ -131,7 +214,7 @@ impl Metrics {
         );
         r.register(
             "ckpt_wait_seconds",
-            "How long lock waits that ended had waited (an end with no kernel event counts when seen, up to 100 ms late)",
+            "How long lock and lease waits that ended had waited (an end with no kernel event counts when seen, up to 100 ms late)",
             m.waits.clone(),
         );
         r.register(
@@ -155,8 +238,15 @@ impl Metrics {
         }
     }
 
-    /// Reads the gauges from the kernel's lists and the deleted-file table.
+    /// Reads the gauges from the kernel's lists and the deleted-file table, and the
+    /// tracer's wait-time histogram.
     pub fn collect(&self, pins: &PinDir) -> Result<()> {
+        let (buckets, sum_ns, count) = history::tracer_wait_histogram(pins)?;
+        self.waits.set_tracer(Hist {
+            buckets,
+            sum_ns,
+            count,
+        });
         let (rows, _) = live_rows(pins)?;
         let mut locks: HashMap<Labels, i64> = HashMap::new();
         let mut waiters: HashMap<Labels, i64> = HashMap::new();
@@ -263,18 +353,17 @@ impl Metrics {
 /// What `tick` remembers between two looks at the tracer's maps.
 #[derive(Default)]
 pub struct Watch {
-    /// Thread -> the start of the wait it was seen in.
-    waits: HashMap<u32, (u32, u64)>,
-    /// Waits counted as ended while their entry stays (no kernel event for their end).
-    ended: BTreeSet<(u32, u64)>,
-    /// Leases seen being broken.
-    breaks: BTreeSet<u64>,
+    waits: WaitTracker,
+    /// Opened at the first tick (the agent's maps exist by then).
+    ring: Option<WaitEndRing>,
+    breaks: BreakTracker,
     lost: HashMap<&'static str, u64>,
 }
 
 impl Watch {
-    /// One look at the tracer's maps: waits that ended go into the histogram (at the
-    /// time they are seen gone), breaks that began into their counter.
+    /// One look at the tracer's maps: waits that ended and the tracer's histogram
+    /// does not have go into the agent's part (at the time they are seen gone), breaks
+    /// that began into their counter.
     pub fn tick(
         &mut self,
         m: &Metrics,
@@ -285,47 +374,40 @@ impl Watch {
         let Some(h) = History::read(pins)? else {
             return Ok(());
         };
-        let mut now_waits: HashMap<u32, (u32, u64)> = HashMap::new();
-        for (tid, w) in h.waits.values() {
-            now_waits.insert(*tid, (w.tgid, w.since_ns));
+        let (ends, lost) = match self.ring.as_mut() {
+            Some(ring) => ring.read()?,
+            None => (Vec::new(), 0),
+        };
+        let look = self.waits.look(
+            h.waits_by_thread(),
+            &ends,
+            lost,
+            now_ns,
+            crate::locks::in_lock_call,
+        );
+        for e in look.ended.iter().filter(|e| !e.in_tracer_histogram) {
+            m.waits.observe(e.at_ns.saturating_sub(e.wait.since_ns));
         }
-        let seconds = |since: u64| now_ns.saturating_sub(since) as f64 / 1e9;
-        for (tid, (_, since)) in &self.waits {
-            let gone = now_waits.get(tid).is_none_or(|(_, s)| s != since);
-            if gone && !self.ended.remove(&(*tid, *since)) {
-                m.waits.observe(seconds(*since));
-            }
-        }
-        // A wait the kernel gives up on without an event (an interrupted flock, a
-        // killed waiter) keeps its entry: ended once the thread is seen out of the call.
-        for (tid, (tgid, since)) in &now_waits {
-            if !self.ended.contains(&(*tid, *since))
-                && crate::locks::in_lock_call(*tgid, *tid) != Some(true)
-            {
-                self.ended.insert((*tid, *since));
-                m.waits.observe(seconds(*since));
-            }
-        }
-        self.ended
-            .retain(|(tid, since)| now_waits.get(tid).is_some_and(|(_, s)| s == since));
-        self.waits = now_waits;
 
-        let breaks: BTreeSet<u64> = h.breaks.keys().copied().collect();
-        for (lease, r) in &h.breaks {
-            if !self.breaks.contains(lease) {
-                // The first breaker decides: a writer's break leads to unlock, a
-                // reader's (of a write lease) to read.
-                let target = match r.breakers.first().filter(|_| r.n_breakers > 0) {
-                    Some(b) if b.breaker_type == fl_type::F_RDLCK => "read",
-                    Some(_) => "unlock",
-                    None => "unknown",
-                };
-                m.breaks
-                    .get_or_create(&vec![("target", target.to_string())])
-                    .inc();
-            }
+        let fresh = self.breaks.fresh(&h);
+        // The first look finds breaks from before this agent: not counted.
+        for lease in fresh.iter().filter(|_| self.ring.is_some()) {
+            let r = &h.breaks[lease];
+            // The first breaker decides: a writer's break leads to unlock, a reader's
+            // (of a write lease) to read.
+            let target = match r.breakers.first().filter(|_| r.n_breakers > 0) {
+                Some(b) if b.breaker_type == fl_type::F_RDLCK => "read",
+                Some(_) => "unlock",
+                None => "unknown",
+            };
+            m.breaks
+                .get_or_create(&vec![("target", target.to_string())])
+                .inc();
         }
-        self.breaks = breaks;
+        if self.ring.is_none() {
+            // Wait ends from now on.
+            self.ring = Some(WaitEndRing::open(pins)?);
+        }
 
         for (map, c) in LOSSES {
             let n = crate::agent::counter_total(counters, c)?;
@@ -394,8 +476,42 @@ mod tests {
         }
         assert!(text.contains("ckpt_lease_breaks_total{target=\"unlock\"} 0"));
         assert!(text.contains("ckpt_wait_seconds_bucket{le=\"2.5\"} 0"));
+        assert!(text.contains("ckpt_wait_seconds_bucket{le=\"+Inf\"} 0"));
         assert!(text.contains("ckpt_build_info{version=\""));
         assert!(!text.contains("pid=") && !text.contains("path="));
         assert!(text.ends_with("# EOF\n"));
+    }
+
+    #[test]
+    fn the_wait_histogram_adds_the_tracer_s_and_the_agent_s_counts() {
+        let m = Metrics::new(Vec::new());
+        let mut t = Hist::default();
+        t.observe(40_000_000); // 40 ms: le 0.05
+        t.observe(40_000_000);
+        m.waits.set_tracer(t);
+        m.waits.observe(2_000_000_000); // 2 s: le 2.5
+        let text = m.encode().unwrap();
+        assert!(
+            text.contains("ckpt_wait_seconds_bucket{le=\"0.01\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ckpt_wait_seconds_bucket{le=\"0.05\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ckpt_wait_seconds_bucket{le=\"1.0\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ckpt_wait_seconds_bucket{le=\"2.5\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ckpt_wait_seconds_bucket{le=\"+Inf\"} 3"),
+            "{text}"
+        );
+        assert!(text.contains("ckpt_wait_seconds_count 3"), "{text}");
+        assert!(text.contains("ckpt_wait_seconds_sum 2.08"), "{text}");
     }
 }

@@ -4,11 +4,13 @@
 //! a deadlock was found.
 //!
 //! The agent's records are the source (they are what the kernel forgets): its wait
-//! starts and lease breaks, looked at every 100 ms from the pinned maps, so any number
-//! of readers can follow at once. What ended and how is read from the kernel's lists
-//! for the process concerned (an iterator aimed at it: cheap). A wait's start and a
-//! break's start are exact (the tracer's clock); an end is stamped when it is seen, at
-//! most 100 ms late.
+//! starts, its ring of wait ends and its lease breaks, looked at every 100 ms from the
+//! pinned maps, so any number of readers can follow at once. A wait's start and end
+//! and a break's start are exact (the tracer's clock), even for a wait that began and
+//! ended between two looks. Two ends have no event and are stamped when seen, at most
+//! 100 ms late: a wait its thread left without one (see `WaitTracker`), and the end of
+//! a lease break (read from the kernel's lists for the holder: an iterator aimed at
+//! it, cheap).
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -21,7 +23,11 @@ use anyhow::{bail, Result};
 use ckpt_common::lock::{fl_flags, fl_type, WaitStart};
 use serde::Serialize;
 
-use super::{graph, history::History, locks::live_rows};
+use super::{
+    graph,
+    history::{BreakTracker, Ended, History, WaitEndRing, WaitTracker},
+    locks::live_rows,
+};
 use crate::{
     locks::{
         kernel::{self, KLock},
@@ -50,7 +56,8 @@ pub struct Event {
     pub start: Option<i64>,
     pub end: Option<i64>,
     pub path: Option<String>,
-    /// wait_ended: "granted", "interrupted", "exited". lease_break_ended:
+    /// wait_ended: "granted", "refused", "interrupted", "exited", or "unblocked" (a
+    /// lease breaker woken: the lease let go, or a signal). lease_break_ended:
     /// "released", "downgraded", "revoked".
     pub how: Option<&'static str>,
     /// Ends: how long the wait or the break lasted.
@@ -187,12 +194,10 @@ struct Pending {
 }
 
 /// What a reader remembers between two looks.
-#[derive(Default)]
 pub struct Follower {
-    waits: HashMap<u32, WaitStart>,
-    /// Waits reported ended while their entry stays (interrupted).
-    ended: BTreeSet<(u32, u64)>,
-    breaks_seen: BTreeSet<u64>,
+    waits: WaitTracker,
+    ring: WaitEndRing,
+    breaks: BreakTracker,
     pending: HashMap<u64, Pending>,
     deadlocks: BTreeSet<Vec<u32>>,
     last_graph_ns: u64,
@@ -200,11 +205,16 @@ pub struct Follower {
 }
 
 impl Follower {
-    pub fn new() -> Follower {
-        Follower {
+    pub fn new(pins: &PinDir) -> Result<Follower> {
+        Ok(Follower {
+            waits: WaitTracker::default(),
+            ring: WaitEndRing::open(pins)?,
+            breaks: BreakTracker::default(),
+            pending: HashMap::new(),
+            deadlocks: BTreeSet::new(),
+            last_graph_ns: 0,
             first: true,
-            ..Follower::default()
-        }
+        })
     }
 
     /// One look: the events since the last one. The first look reports what is
@@ -214,49 +224,36 @@ impl Follower {
             bail!("ckpt-agent stopped");
         };
         let mut out = Vec::new();
-        let now_waits: HashMap<u32, WaitStart> =
-            h.waits.values().map(|(tid, w)| (*tid, *w)).collect();
-        // Ended: gone from the tracer's records (granted, a signal, an exit), or its thread
-        // left the lock call without the kernel saying so (interrupted).
-        for (tid, w) in &self.waits {
-            let gone = now_waits.get(tid).is_none_or(|n| n.since_ns != w.since_ns);
-            if gone && !self.ended.remove(&(*tid, w.since_ns)) {
-                out.push(self.ended_event(iters, *tid, w, now_ns, false)?);
-            }
+        let (ends, lost) = self.ring.read()?;
+        if lost > 0 {
+            eprintln!(
+                "ckpt-user: {lost} wait ends were overwritten before they were read: \
+                 those are shown when seen, without how they ended"
+            );
         }
-        for (tid, w) in &now_waits {
-            let known = self
-                .waits
-                .get(tid)
-                .is_some_and(|o| o.since_ns == w.since_ns);
-            if !known {
-                let mut e = wait_event("wait_began", w.since_ns, *tid, w);
-                e.path = path_of(w);
-                out.push(e);
-            }
-            if !self.ended.contains(&(*tid, w.since_ns))
-                && crate::locks::in_lock_call(w.tgid, *tid) != Some(true)
-            {
-                self.ended.insert((*tid, w.since_ns));
-                out.push(self.ended_event(iters, *tid, w, now_ns, true)?);
-            }
+        let look = self.waits.look(
+            h.waits_by_thread(),
+            &ends,
+            lost,
+            now_ns,
+            crate::locks::in_lock_call,
+        );
+        for (tid, w) in &look.began {
+            let mut e = wait_event("wait_began", w.since_ns, *tid, w);
+            e.path = path_of(w);
+            out.push(e);
         }
-        self.ended
-            .retain(|(tid, s)| now_waits.get(tid).is_some_and(|w| w.since_ns == *s));
-        self.waits = now_waits;
+        for end in &look.ended {
+            out.push(ended_event(iters, end));
+        }
+        let waiting = h.waits.len();
 
         // Lease breaks: a new record begins one; the lease leaving the holder's
         // lists, or no longer being broken, ends it.
-        let fresh: Vec<u64> = h
-            .breaks
-            .keys()
-            .filter(|k| !self.breaks_seen.contains(k))
-            .copied()
-            .collect();
+        let fresh = self.breaks.fresh(&h);
         if !fresh.is_empty() {
             let table = kernel::read(iters)?;
             for lease in fresh {
-                self.breaks_seen.insert(lease);
                 let r = &h.breaks[&lease];
                 let Some(l) = table.held.iter().find(|l| l.addr == Some(lease)) else {
                     continue; // Already over, or an old record.
@@ -315,7 +312,7 @@ impl Follower {
         }
 
         // Deadlocks: looked for when two or more tasks wait, at most once a second.
-        if self.waits.len() >= 2
+        if waiting >= 2
             && (self.first || now_ns.saturating_sub(self.last_graph_ns) >= 1_000_000_000)
         {
             self.last_graph_ns = now_ns;
@@ -338,25 +335,21 @@ impl Follower {
         out.sort_by_key(|e| e.monotonic_ns);
         Ok(out)
     }
+}
 
-    fn ended_event(
-        &self,
-        iters: &Iters,
-        tid: u32,
-        w: &WaitStart,
-        now_ns: u64,
-        still_listed: bool,
-    ) -> Result<Event> {
-        let mut e = wait_event("wait_ended", now_ns, tid, w);
-        e.after_ms = Some(now_ns.saturating_sub(w.since_ns) / 1_000_000);
-        let alive = std::path::Path::new(&format!("/proc/{}/task/{tid}", w.tgid)).exists();
-        // A lock wait ends granted, or by a signal (the tracer ends it when a handler
-        // without SA_RESTART runs), or with its thread.
-        e.how = Some(if !alive {
+/// A wait's end: how the tracer saw it end, or, for an end seen, what the kernel's
+/// lists show now (the lock held: granted; else interrupted) or the thread gone.
+fn ended_event(iters: &Iters, end: &Ended) -> Event {
+    let w = &end.wait;
+    let mut e = wait_event("wait_ended", end.at_ns, end.tid, w);
+    e.after_ms = Some(end.at_ns.saturating_sub(w.since_ns) / 1_000_000);
+    e.how = Some(match end.how {
+        Some(how) => how.as_str(),
+        None if !std::path::Path::new(&format!("/proc/{}/task/{}", w.tgid, end.tid)).exists() => {
             "exited"
-        } else if still_listed {
-            "interrupted"
-        } else {
+        }
+        None if end.still_listed => "interrupted",
+        None => {
             let held = kernel::read_process(iters, w.tgid)
                 .map(|t| t.held.iter().any(|l| grants(l, w)))
                 .unwrap_or(false);
@@ -365,9 +358,9 @@ impl Follower {
             } else {
                 "interrupted"
             }
-        });
-        Ok(e)
-    }
+        }
+    });
+    e
 }
 
 /// Set by SIGINT and SIGTERM: the stream ends with status 0.
@@ -398,7 +391,7 @@ pub fn run(pins: &PinDir, json: bool, out: &mut impl Write) -> Result<()> {
         ],
         on_stop,
     );
-    let mut f = Follower::new();
+    let mut f = Follower::new(pins)?;
     while !STOP.load(Ordering::Relaxed) {
         let events = match f.look(pins, &iters, crate::sys::monotonic_ns()) {
             Ok(e) => e,

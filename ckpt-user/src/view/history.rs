@@ -4,15 +4,20 @@
 //! entry is used only for the kernel object it names, as the kernel's lists show it
 //! now, so a stale entry is never shown.
 
-use std::{collections::HashMap, os::fd::AsFd as _};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    os::fd::AsFd as _,
+};
 
 use anyhow::{Context as _, Result};
-use aya::maps::MapData;
+use aya::maps::{Map, MapData, PerCpuArray};
 use ckpt_common::{
+    capacity,
     lease::BreakRecord,
-    lock::{HoldStart, WaitStart},
+    lock::{wait_end, wait_hist, HoldStart, WaitEnd, WaitStart},
     names,
 };
+use serde::Serialize;
 
 use crate::{sys::map_batch, tracer::pins::PinDir};
 
@@ -51,5 +56,412 @@ impl History {
             breaks: breaks.into_iter().collect(),
             holds: holds.into_iter().collect(),
         }))
+    }
+
+    /// The waits going on, by thread.
+    pub fn waits_by_thread(&self) -> HashMap<u32, WaitStart> {
+        self.waits.values().map(|(tid, w)| (*tid, *w)).collect()
+    }
+}
+
+/// Follows the tracer's per-CPU ring of wait ends (`WaitEnd`) from where it was
+/// opened: earlier ends are not reported. Any number of readers may follow at once.
+pub struct WaitEndRing {
+    ends: PerCpuArray<MapData, WaitEnd>,
+    seqs: PerCpuArray<MapData, u64>,
+    /// Per CPU: the next `seq` - 1 to read.
+    next: Vec<u64>,
+}
+
+impl WaitEndRing {
+    pub fn open(pins: &PinDir) -> Result<WaitEndRing> {
+        let ends = PerCpuArray::try_from(Map::PerCpuArray(open(pins, names::WAIT_ENDS)?))?;
+        let seqs = PerCpuArray::try_from(Map::PerCpuArray(open(pins, names::WAIT_END_SEQ)?))?;
+        let next = seqs.get(&0, 0)?.to_vec();
+        Ok(WaitEndRing { ends, seqs, next })
+    }
+
+    /// The ends recorded since the last read, oldest first, and how many were
+    /// overwritten before they could be read (a lap behind).
+    pub fn read(&mut self) -> Result<(Vec<WaitEnd>, u64)> {
+        let seqs = self.seqs.get(&0, 0)?.to_vec();
+        let (wanted, mut lost) = ring_span(&mut self.next, &seqs, capacity::WAIT_ENDS as u64);
+        let mut out = Vec::new();
+        for (slot, want) in wanted {
+            // Read twice: a slot being rewritten while copied gives two copies that
+            // differ, or a `seq` that is not the one wanted (a lap ahead).
+            let a = self.ends.get(&slot, 0)?;
+            let b = self.ends.get(&slot, 0)?;
+            for (cpu, seq) in want {
+                match (a.get(cpu), b.get(cpu)) {
+                    (Some(x), Some(y)) if x == y && x.seq == seq => out.push(*x),
+                    _ => lost += 1,
+                }
+            }
+        }
+        out.sort_by_key(|e| e.ended_ns);
+        Ok((out, lost))
+    }
+}
+
+/// Which slots to read, per CPU, to go from `next` to `seqs` (each CPU's count of
+/// ends) in a ring of `cap` slots: slot -> [(cpu, seq)], and how many ends are
+/// already overwritten. Moves `next` to `seqs`.
+fn ring_span(
+    next: &mut Vec<u64>,
+    seqs: &[u64],
+    cap: u64,
+) -> (BTreeMap<u32, Vec<(usize, u64)>>, u64) {
+    next.resize(seqs.len(), 0);
+    let mut wanted: BTreeMap<u32, Vec<(usize, u64)>> = BTreeMap::new();
+    let mut lost = 0;
+    for (cpu, (&seq, from)) in seqs.iter().zip(next.iter_mut()).enumerate() {
+        // A CPU's count never goes back, unless the maps were made anew.
+        let mut i = if seq < *from { 0 } else { *from };
+        if seq - i > cap {
+            lost += seq - i - cap;
+            i = seq - cap;
+        }
+        for k in i..seq {
+            wanted
+                .entry((k % cap) as u32)
+                .or_default()
+                .push((cpu, k + 1));
+        }
+        *from = seq;
+    }
+    (wanted, lost)
+}
+
+/// How a wait ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndHow {
+    Granted,
+    Refused,
+    Interrupted,
+    Exited,
+    /// A lease breaker woken for good (the lease went, was downgraded or revoked, or a
+    /// signal came: the kernel does not say which).
+    Unblocked,
+}
+
+impl EndHow {
+    pub fn from_tracer(how: u8) -> Option<EndHow> {
+        Some(match how {
+            wait_end::GRANTED => EndHow::Granted,
+            wait_end::REFUSED => EndHow::Refused,
+            wait_end::INTERRUPTED => EndHow::Interrupted,
+            wait_end::EXITED => EndHow::Exited,
+            wait_end::UNBLOCKED => EndHow::Unblocked,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndHow::Granted => "granted",
+            EndHow::Refused => "refused",
+            EndHow::Interrupted => "interrupted",
+            EndHow::Exited => "exited",
+            EndHow::Unblocked => "unblocked",
+        }
+    }
+}
+
+/// A wait that ended.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Ended {
+    pub tid: u32,
+    pub wait: WaitStart,
+    /// CLOCK_MONOTONIC ns: exact from the tracer's ring, else when it was seen.
+    pub at_ns: u64,
+    /// From the tracer's ring; None when the end was seen, not told (`exact` false).
+    pub how: Option<EndHow>,
+    /// The tracer recorded the end (else: seen, up to one look late).
+    pub exact: bool,
+    /// The tracer's wait-time histogram has it (every exact end but a lease
+    /// breaker's, which may have gone on waiting).
+    pub in_tracer_histogram: bool,
+    /// Seen ended while the tracer still lists it (its thread left the lock call
+    /// without an event: an interrupted wait the kernel gives no event for).
+    pub still_listed: bool,
+}
+
+/// What one look found.
+#[derive(Debug, Default)]
+pub struct WaitLook {
+    /// Waits that began since the last look (with their true start), including
+    /// those already over, oldest first.
+    pub began: Vec<(u32, WaitStart)>,
+    pub ended: Vec<Ended>,
+    /// Ends the ring overwrote before they were read (their waits are reported ended
+    /// when seen gone, if they were seen at all).
+    pub lost: u64,
+}
+
+/// Follows waits between looks, for the metrics' histogram and `ckpt-user events`:
+/// the tracer's records of waits going on (`WAITS`) and of waits that ended (the
+/// ring), plus the one end the kernel gives no event for, seen when a waiting thread
+/// is no longer in a lock call.
+#[derive(Default)]
+pub struct WaitTracker {
+    waits: HashMap<u32, WaitStart>,
+    /// Waits reported ended (seen) while their entry stays.
+    ended: BTreeSet<(u32, u64)>,
+}
+
+impl WaitTracker {
+    /// One look. `now_waits`: `WAITS` now, by thread; `ring`: the ends read since
+    /// the last look; `in_lock_call(tgid, tid)`: whether a thread is in a lock call
+    /// (None: unknown, taken as yes).
+    pub fn look(
+        &mut self,
+        now_waits: HashMap<u32, WaitStart>,
+        ring: &[WaitEnd],
+        lost: u64,
+        now_ns: u64,
+        in_lock_call: impl Fn(u32, u32) -> Option<bool>,
+    ) -> WaitLook {
+        let mut look = WaitLook {
+            lost,
+            ..WaitLook::default()
+        };
+        let mut told: BTreeSet<(u32, u64)> = BTreeSet::new();
+        for e in ring {
+            let key = (e.tid, e.wait.since_ns);
+            let how = EndHow::from_tracer(e.how);
+            if how == Some(EndHow::Unblocked)
+                && now_waits
+                    .get(&e.tid)
+                    .is_some_and(|w| w.since_ns == e.wait.since_ns)
+            {
+                continue; // Blocked again: the same wait goes on.
+            }
+            told.insert(key);
+            if self.ended.remove(&key) {
+                continue; // Already reported, when seen.
+            }
+            let known = self
+                .waits
+                .get(&e.tid)
+                .is_some_and(|w| w.since_ns == e.wait.since_ns);
+            if !known && look.began.iter().all(|(t, w)| (*t, w.since_ns) != key) {
+                look.began.push((e.tid, e.wait));
+            }
+            look.ended.push(Ended {
+                tid: e.tid,
+                wait: e.wait,
+                at_ns: e.ended_ns,
+                how,
+                exact: true,
+                in_tracer_histogram: how != Some(EndHow::Unblocked),
+                still_listed: false,
+            });
+        }
+        // Gone from the tracer's records without a record in the ring (lost).
+        for (tid, w) in &self.waits {
+            let key = (*tid, w.since_ns);
+            let gone = now_waits.get(tid).is_none_or(|n| n.since_ns != w.since_ns);
+            if gone && !told.contains(&key) && !self.ended.remove(&key) {
+                look.ended.push(seen_end(*tid, w, now_ns, false));
+            }
+        }
+        for (tid, w) in &now_waits {
+            let key = (*tid, w.since_ns);
+            let known = self
+                .waits
+                .get(tid)
+                .is_some_and(|o| o.since_ns == w.since_ns);
+            if !known && !told.contains(&key) {
+                look.began.push((*tid, *w));
+            }
+            if !self.ended.contains(&key) && in_lock_call(w.tgid, *tid) == Some(false) {
+                self.ended.insert(key);
+                look.ended.push(seen_end(*tid, w, now_ns, true));
+            }
+        }
+        self.ended
+            .retain(|(tid, s)| now_waits.get(tid).is_some_and(|w| w.since_ns == *s));
+        self.waits = now_waits;
+        look.began.sort_by_key(|(_, w)| w.since_ns);
+        look.ended.sort_by_key(|e| e.at_ns);
+        look
+    }
+}
+
+/// Follows the tracer's lease-break records between looks.
+#[derive(Default)]
+pub struct BreakTracker {
+    /// (lease, start) of the records seen: an address reused by a later break is a
+    /// new break.
+    seen: BTreeSet<(u64, u64)>,
+}
+
+impl BreakTracker {
+    /// The leases whose break began since the last look (on the first look: every
+    /// record), oldest first.
+    pub fn fresh(&mut self, h: &History) -> Vec<u64> {
+        let now: BTreeSet<(u64, u64)> = h.breaks.iter().map(|(l, r)| (*l, r.started_ns)).collect();
+        let mut fresh: Vec<(u64, u64)> = now.difference(&self.seen).copied().collect();
+        fresh.sort_by_key(|(_, started)| *started);
+        self.seen = now;
+        fresh.into_iter().map(|(lease, _)| lease).collect()
+    }
+}
+
+fn seen_end(tid: u32, w: &WaitStart, now_ns: u64, still_listed: bool) -> Ended {
+    Ended {
+        tid,
+        wait: *w,
+        at_ns: now_ns,
+        how: None,
+        exact: false,
+        in_tracer_histogram: false,
+        still_listed,
+    }
+}
+
+/// The tracer's wait-time histogram, summed over CPUs: (count per bucket, the last
+/// +Inf; sum in ns; count).
+pub fn tracer_wait_histogram(pins: &PinDir) -> Result<(Vec<u64>, u64, u64)> {
+    let m: PerCpuArray<MapData, u64> =
+        PerCpuArray::try_from(Map::PerCpuArray(open(pins, names::WAIT_HIST)?))?;
+    let total = |slot: u32| -> Result<u64> { Ok(m.get(&slot, 0)?.iter().sum()) };
+    let buckets = (0..wait_hist::BUCKETS)
+        .map(total)
+        .collect::<Result<Vec<_>>>()?;
+    Ok((buckets, total(wait_hist::SUM_NS)?, total(wait_hist::COUNT)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_break_is_fresh_once_and_a_reused_address_is_a_new_break() {
+        let rec = |started_ns| BreakRecord {
+            started_ns,
+            ..BreakRecord::default()
+        };
+        let mut h = History::default();
+        h.breaks.insert(0xa0, rec(5));
+        let mut t = BreakTracker::default();
+        assert_eq!(t.fresh(&h), vec![0xa0]);
+        assert!(t.fresh(&h).is_empty());
+        h.breaks.insert(0xa0, rec(9));
+        h.breaks.insert(0xb0, rec(7));
+        assert_eq!(t.fresh(&h), vec![0xb0, 0xa0]);
+    }
+
+    #[test]
+    fn a_ring_span_reads_each_cpu_from_where_it_was_and_counts_what_a_lap_overwrote() {
+        let mut next = vec![0, 5];
+        let (w, lost) = ring_span(&mut next, &[2, 7], 4);
+        assert_eq!(lost, 0);
+        assert_eq!(w[&0], vec![(0, 1)]);
+        assert_eq!(w[&1], vec![(0, 2), (1, 6)]);
+        assert_eq!(w[&2], vec![(1, 7)]);
+        assert_eq!(next, vec![2, 7]);
+        let (w, lost) = ring_span(&mut next, &[9, 7], 4);
+        assert_eq!(lost, 3, "ends 3, 4 and 5 of CPU 0 are overwritten");
+        assert_eq!(w.values().flatten().count(), 4);
+        let (w, lost) = ring_span(&mut next, &[9, 7], 4);
+        assert!(w.is_empty() && lost == 0);
+    }
+
+    fn wait(tgid: u32, since: u64) -> WaitStart {
+        WaitStart {
+            since_ns: since,
+            request: since,
+            tgid,
+            ..WaitStart::default()
+        }
+    }
+
+    fn end(tid: u32, w: WaitStart, at: u64, how: u8) -> WaitEnd {
+        WaitEnd {
+            seq: 1,
+            ended_ns: at,
+            wait: w,
+            tid,
+            how,
+            _pad: [0; 3],
+        }
+    }
+
+    #[test]
+    fn a_wait_between_two_looks_begins_and_ends_with_its_own_times() {
+        let mut t = WaitTracker::default();
+        let l = t.look(HashMap::new(), &[], 0, 100, |_, _| Some(true));
+        assert!(l.began.is_empty() && l.ended.is_empty());
+        let w = wait(7, 110);
+        let l = t.look(
+            HashMap::new(),
+            &[end(8, w, 130, wait_end::GRANTED)],
+            0,
+            200,
+            |_, _| Some(true),
+        );
+        assert_eq!(l.began, vec![(8, w)]);
+        assert_eq!(l.ended.len(), 1);
+        assert_eq!(l.ended[0].at_ns, 130);
+        assert_eq!(l.ended[0].how, Some(EndHow::Granted));
+        assert!(l.ended[0].exact && l.ended[0].in_tracer_histogram);
+    }
+
+    #[test]
+    fn a_lease_breaker_blocked_again_goes_on_waiting() {
+        let mut t = WaitTracker::default();
+        let w = wait(7, 110);
+        let now = HashMap::from([(8, w)]);
+        let l = t.look(now.clone(), &[], 0, 120, |_, _| Some(true));
+        assert_eq!(l.began.len(), 1);
+        let l = t.look(
+            now,
+            &[end(8, w, 130, wait_end::UNBLOCKED)],
+            0,
+            200,
+            |_, _| Some(true),
+        );
+        assert!(l.began.is_empty() && l.ended.is_empty());
+        let l = t.look(
+            HashMap::new(),
+            &[end(8, w, 250, wait_end::UNBLOCKED)],
+            0,
+            300,
+            |_, _| Some(true),
+        );
+        assert_eq!(l.ended.len(), 1);
+        assert!(!l.ended[0].in_tracer_histogram, "the agent counts it");
+    }
+
+    #[test]
+    fn an_end_without_an_event_is_seen_once_and_a_lost_one_when_gone() {
+        let mut t = WaitTracker::default();
+        let w = wait(7, 110);
+        t.look(HashMap::from([(8, w)]), &[], 0, 120, |_, _| Some(true));
+        // The thread left the call, the entry stays: ended when seen, once.
+        let l = t.look(HashMap::from([(8, w)]), &[], 0, 220, |_, _| Some(false));
+        assert_eq!(l.ended.len(), 1);
+        assert!(!l.ended[0].exact && l.ended[0].still_listed);
+        let l = t.look(HashMap::from([(8, w)]), &[], 0, 320, |_, _| Some(false));
+        assert!(l.ended.is_empty());
+        // Its entry finally goes (the thread exits): not reported twice.
+        let l = t.look(
+            HashMap::new(),
+            &[end(8, w, 400, wait_end::EXITED)],
+            0,
+            420,
+            |_, _| Some(false),
+        );
+        assert!(l.ended.is_empty());
+        // A wait gone with its ring record lost: ended when seen.
+        let w2 = wait(7, 500);
+        t.look(HashMap::from([(9, w2)]), &[], 0, 510, |_, _| Some(true));
+        let l = t.look(HashMap::new(), &[], 1, 610, |_, _| Some(true));
+        assert_eq!(l.lost, 1);
+        assert_eq!(l.ended.len(), 1);
+        assert_eq!((l.ended[0].at_ns, l.ended[0].exact), (610, false));
     }
 }
