@@ -29,6 +29,11 @@ pub const FILE_LOCK_DEFERRED: i32 = 1;
 /// What kind of lock a record is.
 #[repr(u8)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(
+    feature = "user",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
 pub enum LockKind {
     Posix = 1,
     Ofd = 2,
@@ -46,6 +51,140 @@ impl LockKind {
             Some(LockKind::Flock)
         } else {
             None
+        }
+    }
+
+    /// As JSON and images spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            LockKind::Posix => "posix",
+            LockKind::Ofd => "ofd",
+            LockKind::Flock => "flock",
+        }
+    }
+
+    /// As /proc/locks and the tables spell it.
+    pub const fn label(self) -> &'static str {
+        match self {
+            LockKind::Posix => "POSIX",
+            LockKind::Ofd => "OFDLCK",
+            LockKind::Flock => "FLOCK",
+        }
+    }
+}
+
+/// What a row of a lock table is: a lock of some kind, or a lease. NFS delegations
+/// are neither (ckpt does not show them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HeldKind {
+    Lock(LockKind),
+    Lease,
+}
+
+impl HeldKind {
+    pub const ALL: [HeldKind; 4] = [
+        HeldKind::Lock(LockKind::Posix),
+        HeldKind::Lock(LockKind::Ofd),
+        HeldKind::Lock(LockKind::Flock),
+        HeldKind::Lease,
+    ];
+
+    /// The kind of a request or a held object from its `fl_flags` (None for a
+    /// delegation or anything unknown).
+    pub const fn from_fl_flags(flags: u32) -> Option<HeldKind> {
+        if flags & fl_flags::FL_LEASE != 0 {
+            if flags & fl_flags::FL_DELEG != 0 {
+                None
+            } else {
+                Some(HeldKind::Lease)
+            }
+        } else {
+            match LockKind::from_fl_flags(flags) {
+                Some(k) => Some(HeldKind::Lock(k)),
+                None => None,
+            }
+        }
+    }
+
+    /// As JSON and images spell it: "posix", "ofd", "flock", "lease".
+    pub const fn name(self) -> &'static str {
+        match self {
+            HeldKind::Lock(k) => k.name(),
+            HeldKind::Lease => "lease",
+        }
+    }
+
+    /// As /proc/locks and the tables spell it.
+    pub const fn label(self) -> &'static str {
+        match self {
+            HeldKind::Lock(k) => k.label(),
+            HeldKind::Lease => "LEASE",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<HeldKind> {
+        HeldKind::ALL.into_iter().find(|k| k.name() == name)
+    }
+}
+
+impl core::fmt::Display for HeldKind {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Read or write (the kernel's F_UNLCK never appears in a held lock or a request
+/// that waits).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[cfg_attr(
+    feature = "user",
+    derive(serde::Serialize, serde::Deserialize),
+    serde(rename_all = "snake_case")
+)]
+pub enum LockType {
+    Read,
+    Write,
+}
+
+impl LockType {
+    /// `None` for F_UNLCK (and anything unknown).
+    pub const fn from_fl_type(t: u8) -> Option<LockType> {
+        match t {
+            fl_type::F_RDLCK => Some(LockType::Read),
+            fl_type::F_WRLCK => Some(LockType::Write),
+            _ => None,
+        }
+    }
+
+    /// The kernel's `fl_type`, which is also what fcntl(2) and F_SETLEASE take
+    /// (the kernel stores the caller's F_RDLCK/F_WRLCK as given).
+    pub const fn to_fl_type(self) -> u8 {
+        match self {
+            LockType::Read => fl_type::F_RDLCK,
+            LockType::Write => fl_type::F_WRLCK,
+        }
+    }
+
+    pub const ALL: [LockType; 2] = [LockType::Read, LockType::Write];
+
+    /// As JSON, images and metric labels spell it.
+    pub const fn name(self) -> &'static str {
+        match self {
+            LockType::Read => "read",
+            LockType::Write => "write",
+        }
+    }
+
+    /// F_RDLCK or F_WRLCK as fcntl(2) and F_SETLEASE take it (the same values).
+    pub const fn fcntl_type(self) -> i32 {
+        self.to_fl_type() as i32
+    }
+
+    /// As /proc/locks and the tables spell it.
+    pub const fn label(self) -> &'static str {
+        match self {
+            LockType::Read => "READ",
+            LockType::Write => "WRITE",
         }
     }
 }
@@ -169,9 +308,68 @@ pub struct HoldStart {
     pub owner: u64,
 }
 
+/// A `HeldKind` is written as its name ("posix", ..., "lease").
+#[cfg(feature = "user")]
+mod held_kind_serde {
+    use super::HeldKind;
+
+    impl serde::Serialize for HeldKind {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            s.serialize_str(self.name())
+        }
+    }
+
+    impl<'de> serde::Deserialize<'de> for HeldKind {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<HeldKind, D::Error> {
+            struct V;
+            impl serde::de::Visitor<'_> for V {
+                type Value = HeldKind;
+                fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                    f.write_str("posix, ofd, flock or lease")
+                }
+                fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HeldKind, E> {
+                    HeldKind::from_name(v)
+                        .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     unsafe impl aya::Pod for super::WaitStart {}
     unsafe impl aya::Pod for super::HoldStart {}
     unsafe impl aya::Pod for super::WaitEnd {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kind_comes_from_its_flags_and_round_trips_by_name_and_label() {
+        use fl_flags::*;
+        let cases = [
+            (FL_POSIX | FL_SLEEP, Some(HeldKind::Lock(LockKind::Posix))),
+            (FL_POSIX | FL_OFDLCK, Some(HeldKind::Lock(LockKind::Ofd))),
+            (FL_FLOCK | FL_SLEEP, Some(HeldKind::Lock(LockKind::Flock))),
+            (FL_LEASE | FL_UNLOCK_PENDING, Some(HeldKind::Lease)),
+            (FL_LEASE | FL_DELEG, None),
+            (FL_ACCESS, None),
+        ];
+        for (flags, kind) in cases {
+            assert_eq!(HeldKind::from_fl_flags(flags), kind, "flags {flags:#x}");
+        }
+        for k in HeldKind::ALL {
+            assert_eq!(HeldKind::from_name(k.name()), Some(k));
+        }
+        let labels = HeldKind::ALL.map(HeldKind::label);
+        assert_eq!(labels, ["POSIX", "OFDLCK", "FLOCK", "LEASE"]);
+        for t in LockType::ALL {
+            assert_eq!(LockType::from_fl_type(t.to_fl_type()), Some(t));
+        }
+        assert_eq!(LockType::from_fl_type(fl_type::F_UNLCK), None);
+    }
 }

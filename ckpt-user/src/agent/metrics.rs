@@ -28,7 +28,7 @@ use prometheus_client::{
 };
 
 use crate::{
-    locks::LockType,
+    locks::{HeldKind, LockType},
     tracer::pins::PinDir,
     view::{
         deleted,
@@ -39,8 +39,6 @@ use crate::{
 
 type Labels = Vec<(&'static str, String)>;
 
-/// Values of the `kind` label.
-const KINDS: [&str; 4] = ["posix", "ofd", "flock", "lease"];
 /// Values of the `target` label of lease breaks.
 const TARGETS: [&str; 2] = ["unlock", "read"];
 
@@ -254,12 +252,7 @@ impl Metrics {
         // A waiter listed under several conflicting locks is one request.
         let mut requests = BTreeSet::new();
         for r in &rows {
-            let t = match r.lock_type {
-                Some(LockType::Read) => "read",
-                Some(LockType::Write) => "write",
-                None => "unknown",
-            }
-            .to_string();
+            let t = r.lock_type.map_or("unknown", LockType::name).to_string();
             *locks
                 .entry(vec![("kind", r.kind.to_string()), ("type", t)])
                 .or_default() += 1;
@@ -288,11 +281,12 @@ impl Metrics {
         }
         // Every known series is listed, at 0 when there is none (so that a rate or an
         // alert sees it from the start).
-        for kind in KINDS {
-            for ty in ["read", "write"] {
-                let _ = self
-                    .locks
-                    .get_or_create(&vec![("kind", kind.to_string()), ("type", ty.to_string())]);
+        for kind in HeldKind::ALL {
+            for ty in LockType::ALL {
+                let _ = self.locks.get_or_create(&vec![
+                    ("kind", kind.to_string()),
+                    ("type", ty.name().to_string()),
+                ]);
             }
             let _ = self
                 .waiters

@@ -11,19 +11,16 @@
 
 use std::collections::{BTreeSet, HashSet};
 
-use ckpt_common::{
-    files::LockLine,
-    lock::{fl_type, LockKind as KLockKind},
-};
+use ckpt_common::{files::LockLine, lock::fl_type};
 
 use super::files::FoundFd;
 use crate::{
     image::format::{Breaker, Lease, Lock, LockKind, LockType, Waiter},
     leases::{self, BreakState},
     locks::{
-        kernel::{HeldKind, KLock, LeaseClock},
-        proc_locks::{ProcKind, ProcLock},
-        KernelDev, LockType as KLockType,
+        kernel::{self, KLock, LeaseClock},
+        proc_locks::ProcLock,
+        HeldKind, KernelDev,
     },
     view::history::History,
 };
@@ -32,25 +29,6 @@ pub struct Collected {
     pub locks: Vec<Lock>,
     pub leases: Vec<Lease>,
     pub waiters: Vec<Waiter>,
-}
-
-fn kind_of(k: KLockKind) -> LockKind {
-    match k {
-        KLockKind::Posix => LockKind::Posix,
-        KLockKind::Ofd => LockKind::Ofd,
-        KLockKind::Flock => LockKind::Flock,
-    }
-}
-
-fn ty(t: KLockType) -> LockType {
-    match t {
-        KLockType::Read => LockType::Read,
-        KLockType::Write => LockType::Write,
-    }
-}
-
-fn fl_ty(t: u8) -> Option<LockType> {
-    KLockType::from_fl_type(t).map(ty)
 }
 
 /// One held lock or lease, from either source, as the image needs it.
@@ -72,11 +50,11 @@ struct Entry {
 }
 
 fn from_line(f: &FoundFd, l: &LockLine) -> Option<Entry> {
-    let kind = HeldKind::of(l.list, l.flags)?;
+    let kind = kernel::held_kind(l.list, l.flags)?;
     let dev = f.kernel.map(|k| k.s_dev).unwrap_or(f.dev);
     Some(Entry {
         kind,
-        lock_type: fl_ty(l.lock_type as u8),
+        lock_type: LockType::from_fl_type(l.lock_type as u8),
         flags: l.flags,
         pid: l.pid,
         start: l.start,
@@ -96,21 +74,17 @@ fn from_line(f: &FoundFd, l: &LockLine) -> Option<Entry> {
 
 fn from_fdinfo(p: &ProcLock) -> Option<Entry> {
     use ckpt_common::lock::fl_flags::{FL_DOWNGRADE_PENDING, FL_UNLOCK_PENDING};
-    let kind = match p.kind {
-        ProcKind::Lock(k) => HeldKind::Lock(k),
-        ProcKind::Lease => HeldKind::Lease,
-        ProcKind::Other => return None,
-    };
+    let kind = p.kind?;
     let breaking = p.state == "BREAKING";
     let flags = match (breaking, p.lock_type) {
         (false, _) => 0,
-        (true, Some(KLockType::Read)) => FL_DOWNGRADE_PENDING,
+        (true, Some(LockType::Read)) => FL_DOWNGRADE_PENDING,
         (true, _) => FL_UNLOCK_PENDING,
     };
     Some(Entry {
         kind,
         // /proc shows a breaking lease's target, not its own type.
-        lock_type: if breaking { None } else { p.lock_type.map(ty) },
+        lock_type: if breaking { None } else { p.lock_type },
         flags,
         pid: p.pid as i32,
         start: p.start,
@@ -159,7 +133,7 @@ pub fn collect(
                 Some(a) => seen_addr.insert(a),
                 None => {
                     let owner = match e.kind {
-                        HeldKind::Lock(KLockKind::Posix) => (0, f.pid, desc),
+                        HeldKind::Lock(LockKind::Posix) => (0, f.pid, desc),
                         _ => (1, 0, desc),
                     };
                     seen_shape.insert((
@@ -180,13 +154,13 @@ pub fn collect(
                         continue;
                     };
                     out.locks.push(Lock {
-                        kind: kind_of(k),
+                        kind: k,
                         lock_type,
                         start: e.start,
                         end: e.end,
                         // A POSIX lock belongs to its process; OFD and flock locks
                         // name their creator (fdinfo hides an OFD lock's: the holder).
-                        pid: if k == KLockKind::Posix || e.pid <= 0 {
+                        pid: if k == LockKind::Posix || e.pid <= 0 {
                             f.pid
                         } else {
                             e.pid as u32
@@ -204,20 +178,14 @@ pub fn collect(
         .iter()
         .filter(|w| w.pid > 0 && pids.contains(&(w.pid as u32)))
     {
-        let Some(lock_type) = fl_ty(w.lock_type) else {
+        let Some(lock_type) = LockType::from_fl_type(w.lock_type) else {
             continue;
         };
         let wait = w.addr.and_then(|a| history?.waits.get(&a));
         out.waiters.push(Waiter {
             pid: w.pid as u32,
             tid: wait.map_or(w.pid as u32, |(tid, _)| *tid),
-            kind: match w.kind {
-                HeldKind::Lock(KLockKind::Posix) => "posix",
-                HeldKind::Lock(KLockKind::Ofd) => "ofd",
-                HeldKind::Lock(KLockKind::Flock) => "flock",
-                HeldKind::Lease => "lease",
-            }
-            .into(),
+            kind: w.kind,
             lock_type,
             start: w.start,
             end: w.end,
@@ -262,7 +230,7 @@ fn lease(
         .and_then(|a| history?.breaks.get(&a))
         .filter(|r| leases::record_matches(r, &as_klock));
     let target = if breaking {
-        fl_ty(leases::target_type(&as_klock))
+        LockType::from_fl_type(leases::target_type(&as_klock))
     } else {
         e.lock_type
     };

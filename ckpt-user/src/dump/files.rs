@@ -14,10 +14,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use ckpt_common::{
-    files::{list, FdRecord, LockLine, TaskRecord},
-    lock::LockKind as KLockKind,
-};
+use ckpt_common::files::{list, FdRecord, LockLine, TaskRecord};
 
 use super::{
     fd_table::{FdTable, IterFd},
@@ -25,10 +22,7 @@ use super::{
 };
 use crate::{
     image::format::{FileKind, OpenFile, Process},
-    locks::{
-        proc_locks::{ProcKind, ProcLock},
-        KernelDev, LockType,
-    },
+    locks::{kernel::held_kind, proc_locks::ProcLock, KernelDev, LockType},
     procinfo::{parse_fdinfo, FdInfo},
     sys::{fown, pidfd},
 };
@@ -275,25 +269,10 @@ pub struct Prescan {
 fn proc_lock_of(r: &FdRecord, l: &LockLine) -> ProcLock {
     use ckpt_common::lock::fl_flags::*;
     let ty = LockType::from_fl_type;
-    let (kind, state, lock_type, pid) = match l.list {
-        list::POSIX if l.flags & FL_OFDLCK != 0 => (
-            ProcKind::Lock(KLockKind::Ofd),
-            "ADVISORY",
-            ty(l.lock_type as u8),
-            -1,
-        ),
-        list::POSIX => (
-            ProcKind::Lock(KLockKind::Posix),
-            "ADVISORY",
-            ty(l.lock_type as u8),
-            l.pid as i64,
-        ),
-        list::FLOCK => (
-            ProcKind::Lock(KLockKind::Flock),
-            "ADVISORY",
-            ty(l.lock_type as u8),
-            l.pid as i64,
-        ),
+    let kind = held_kind(l.list, l.flags);
+    let (state, lock_type, pid) = match l.list {
+        list::POSIX if l.flags & FL_OFDLCK != 0 => ("ADVISORY", ty(l.lock_type as u8), -1),
+        list::POSIX | list::FLOCK => ("ADVISORY", ty(l.lock_type as u8), l.pid as i64),
         _ => {
             // As the kernel's lock_get_status prints leases: a breaking lease shows
             // its target type.
@@ -305,13 +284,7 @@ fn proc_lock_of(r: &FdRecord, l: &LockLine) -> ProcLock {
             } else {
                 ty(l.lock_type as u8)
             };
-            let kind = if l.flags & FL_DELEG != 0 {
-                ProcKind::Other
-            } else {
-                ProcKind::Lease
-            };
             (
-                kind,
                 if breaking { "BREAKING" } else { "ACTIVE" },
                 target,
                 l.pid as i64,

@@ -32,8 +32,7 @@ use crate::{
     },
     locks::{
         kernel::{self, KLock},
-        proc_locks::{self, ProcKind},
-        KernelDev,
+        proc_locks, HeldKind, KernelDev,
     },
     tracer::{
         iters::{unavailable_hint, Iters, Prog},
@@ -456,7 +455,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     };
     let leased: HashSet<(KernelDev, u64)> = content_fds
         .iter()
-        .filter(|f| f.info.locks.iter().any(|l| l.kind == ProcKind::Lease))
+        .filter(|f| f.info.locks.iter().any(|l| l.kind == Some(HeldKind::Lease)))
         .map(|f| (f.dev, f.ino))
         .collect();
     let mut sources = Vec::new();

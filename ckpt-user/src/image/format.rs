@@ -132,30 +132,8 @@ pub struct OpenFile {
     pub holders: Vec<(u32, i32)>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LockKind {
-    Posix,
-    Ofd,
-    Flock,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LockType {
-    Read,
-    Write,
-}
-
-impl LockType {
-    /// F_RDLCK or F_WRLCK, as fcntl locks and leases take it.
-    pub fn fcntl_type(self) -> libc::c_int {
-        match self {
-            LockType::Read => libc::F_RDLCK,
-            LockType::Write => libc::F_WRLCK,
-        }
-    }
-}
+// The domain types, as ckpt-common defines them once (serialised by name).
+pub use ckpt_common::lock::{HeldKind, LockKind, LockType};
 
 /// A held lock. POSIX locks belong to a process; OFD and flock locks to an open file
 /// description (shared by every fd and process referring to it).
@@ -180,8 +158,7 @@ pub struct Lock {
 pub struct Waiter {
     pub pid: u32,
     pub tid: u32,
-    /// "posix", "ofd", "flock" or "lease".
-    pub kind: String,
+    pub kind: HeldKind,
     #[serde(rename = "type")]
     pub lock_type: LockType,
     pub start: i64,
@@ -287,4 +264,46 @@ pub struct Fingerprint {
     /// `path` was unlinked and another link keeps the file: checked through `handle`.
     #[serde(default)]
     pub unlinked: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Images written when a waiter's kind was a free string still read, and read
+    /// as the one kind type; an unknown kind is refused, not carried along.
+    #[test]
+    fn a_waiter_kind_is_written_as_its_name() {
+        #[derive(Serialize)]
+        struct OldWaiter<'a> {
+            pid: u32,
+            tid: u32,
+            kind: &'a str,
+            #[serde(rename = "type")]
+            lock_type: &'a str,
+            start: i64,
+            end: i64,
+            dev: &'a str,
+            ino: u64,
+            waited_ns: Option<u64>,
+        }
+        let old = |kind| OldWaiter {
+            pid: 1,
+            tid: 2,
+            kind,
+            lock_type: "write",
+            start: 0,
+            end: 9,
+            dev: "8:1",
+            ino: 7,
+            waited_ns: Some(5),
+        };
+        let bytes = rmp_serde::to_vec_named(&old("lease")).unwrap();
+        let w: Waiter = rmp_serde::from_slice(&bytes).unwrap();
+        assert_eq!(w.kind, HeldKind::Lease);
+        assert_eq!(w.lock_type, LockType::Write);
+        assert_eq!(rmp_serde::to_vec_named(&w).unwrap(), bytes);
+        let bytes = rmp_serde::to_vec_named(&old("posixx")).unwrap();
+        assert!(rmp_serde::from_slice::<Waiter>(&bytes).is_err());
+    }
 }

@@ -30,8 +30,8 @@ use sha2::{Digest as _, Sha256};
 
 use super::{
     format::{
-        Breaker, Fd, FileKind, Fingerprint, Ghost, GhostMap, Image, Lease, Lock, LockKind,
-        LockType, Memfd, OpenFile, Process, Waiter,
+        Breaker, Fd, FileKind, Fingerprint, Ghost, GhostMap, HeldKind, Image, Lease, Lock,
+        LockKind, LockType, Memfd, OpenFile, Process, Waiter,
     },
     inspect,
     key::HostKey,
@@ -278,7 +278,7 @@ pub fn seeds(scratch: &Path) -> Vec<(String, Vec<u8>)> {
         waiters: vec![Waiter {
             pid: 12,
             tid: 12,
-            kind: "posix".into(),
+            kind: HeldKind::Lock(LockKind::Posix),
             lock_type: LockType::Write,
             start: 0,
             end: 10,

@@ -18,11 +18,7 @@ fn path_of(img: &Image, i: u32) -> String {
 }
 
 fn ty(t: Option<LockType>) -> &'static str {
-    match t {
-        Some(LockType::Read) => "read",
-        Some(LockType::Write) => "write",
-        None => "unlock",
-    }
+    t.map_or("unlock", LockType::name)
 }
 
 fn ms(ns: i64) -> String {
@@ -159,7 +155,7 @@ pub fn tree(img: &Image) -> String {
     }
     for (i, l) in img.locks.iter().enumerate() {
         let d = format!("locks/{i}");
-        line(format!("{d}/kind"), format!("{:?}", l.kind).to_lowercase());
+        line(format!("{d}/kind"), l.kind.name().to_string());
         line(format!("{d}/type"), ty(Some(l.lock_type)).into());
         line(
             format!("{d}/range"),

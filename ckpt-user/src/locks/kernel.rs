@@ -16,36 +16,24 @@ use ckpt_common::{
         list, tag, FdRecord, LockLine, TaskRecord, FD_RECORD_SIZE, LOCK_LINE_SIZE, MAPPING_FD,
         TASK_RECORD_SIZE,
     },
-    lock::{fl_flags, LockKind},
+    lock::fl_flags,
 };
 
-use super::{
-    proc_locks::{ProcKind, ProcLock},
-    KernelDev, OFFSET_MAX,
-};
+use super::{proc_locks::ProcLock, HeldKind, KernelDev, LockKind, OFFSET_MAX};
 use crate::{
     procinfo::parse_fdinfo,
     tracer::iters::{Iters, Prog},
 };
 
-/// What a row of the table is.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum HeldKind {
-    Lock(LockKind),
-    Lease,
-}
-
-impl HeldKind {
-    /// From the list a line came from and its flags; None for delegations (NFS),
-    /// which ckpt does not show, and markers.
-    pub fn of(list_id: u32, flags: u32) -> Option<HeldKind> {
-        match list_id {
-            list::POSIX if flags & fl_flags::FL_OFDLCK != 0 => Some(HeldKind::Lock(LockKind::Ofd)),
-            list::POSIX => Some(HeldKind::Lock(LockKind::Posix)),
-            list::FLOCK => Some(HeldKind::Lock(LockKind::Flock)),
-            list::LEASE if flags & fl_flags::FL_DELEG == 0 => Some(HeldKind::Lease),
-            _ => None,
-        }
+/// What a line is, from the list it came from and its flags; None for delegations
+/// (NFS), which ckpt does not show, and markers.
+pub fn held_kind(list_id: u32, flags: u32) -> Option<HeldKind> {
+    match list_id {
+        list::POSIX if flags & fl_flags::FL_OFDLCK != 0 => Some(HeldKind::Lock(LockKind::Ofd)),
+        list::POSIX => Some(HeldKind::Lock(LockKind::Posix)),
+        list::FLOCK => Some(HeldKind::Lock(LockKind::Flock)),
+        list::LEASE if flags & fl_flags::FL_DELEG == 0 => Some(HeldKind::Lease),
+        _ => None,
     }
 }
 
@@ -187,7 +175,7 @@ fn parse(mut buf: &[u8], comms: &mut HashMap<u32, String>) -> Result<Vec<FdLines
 
 /// A line as a lock of the table (None for what ckpt does not show).
 fn klock(fd: &FdLines, line: &LockLine) -> Option<KLock> {
-    let kind = HeldKind::of(line.list, line.flags)?;
+    let kind = held_kind(line.list, line.flags)?;
     let r = &fd.rec;
     let holder = if r.fd == MAPPING_FD {
         Holder {
@@ -236,11 +224,7 @@ fn klock(fd: &FdLines, line: &LockLine) -> Option<KLock> {
 /// broken with its target type: its own is lost.
 pub fn from_proc_line(holder: Holder, p: &ProcLock) -> Option<KLock> {
     use ckpt_common::lock::fl_type;
-    let kind = match p.kind {
-        ProcKind::Lock(k) => HeldKind::Lock(k),
-        ProcKind::Lease => HeldKind::Lease,
-        ProcKind::Other => return None,
-    };
+    let kind = p.kind?;
     let breaking = p.state == "BREAKING";
     Some(KLock {
         kind,
@@ -353,7 +337,7 @@ fn collect(iters: &Iters, mut fds: Vec<FdLines>, mut out: KernelLocks) -> Result
         for line in &f.lines {
             // A POSIX lock's holder is its owner process: only the others need this.
             if line.blocker == 0
-                && HeldKind::of(line.list, line.flags) != Some(HeldKind::Lock(LockKind::Posix))
+                && held_kind(line.list, line.flags) != Some(HeldKind::Lock(LockKind::Posix))
             {
                 let pids = out.reached_by.entry(line.lock).or_default();
                 if pids.last() != Some(&f.rec.tgid) {
@@ -520,14 +504,14 @@ mod tests {
     #[test]
     fn kinds_from_lists() {
         assert_eq!(
-            HeldKind::of(list::POSIX, fl_flags::FL_OFDLCK),
+            held_kind(list::POSIX, fl_flags::FL_OFDLCK),
             Some(HeldKind::Lock(LockKind::Ofd))
         );
         assert_eq!(
-            HeldKind::of(list::LEASE, fl_flags::FL_LEASE),
+            held_kind(list::LEASE, fl_flags::FL_LEASE),
             Some(HeldKind::Lease)
         );
-        assert_eq!(HeldKind::of(list::LEASE, fl_flags::FL_DELEG), None);
-        assert_eq!(HeldKind::of(list::UNSTABLE, 0), None);
+        assert_eq!(held_kind(list::LEASE, fl_flags::FL_DELEG), None);
+        assert_eq!(held_kind(list::UNSTABLE, 0), None);
     }
 }

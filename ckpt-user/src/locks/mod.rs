@@ -5,59 +5,7 @@
 pub mod kernel;
 pub mod proc_locks;
 
-use ckpt_common::lock::{fl_type, LockKind};
-use serde::Serialize;
-
-/// Read or write; the kernel's F_UNLCK never appears in a held lock.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LockType {
-    Read,
-    Write,
-}
-
-impl LockType {
-    /// `None` for F_UNLCK (and anything unknown).
-    pub fn from_fl_type(t: u8) -> Option<LockType> {
-        match t {
-            fl_type::F_RDLCK => Some(LockType::Read),
-            fl_type::F_WRLCK => Some(LockType::Write),
-            _ => None,
-        }
-    }
-
-    pub fn to_fl_type(self) -> u8 {
-        match self {
-            LockType::Read => fl_type::F_RDLCK,
-            LockType::Write => fl_type::F_WRLCK,
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LockType::Read => "READ",
-            LockType::Write => "WRITE",
-        }
-    }
-}
-
-/// Label used in tables and /proc/locks for a lock kind.
-pub fn kind_label(kind: LockKind) -> &'static str {
-    match kind {
-        LockKind::Posix => "POSIX",
-        LockKind::Ofd => "OFDLCK",
-        LockKind::Flock => "FLOCK",
-    }
-}
-
-/// Label used in JSON (`kind` field).
-pub fn kind_json(kind: LockKind) -> &'static str {
-    match kind {
-        LockKind::Posix => "posix",
-        LockKind::Ofd => "ofd",
-        LockKind::Flock => "flock",
-    }
-}
+pub use ckpt_common::lock::{HeldKind, LockKind, LockType};
 
 /// Kernel dev_t (as in tracepoints and /proc/locks: major << 20 | minor).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -2,19 +2,7 @@
 //! reconcile the agent at start, as the fallback when no agent runs, and as the oracle
 //! in agreement tests.
 
-use ckpt_common::lock::LockKind;
-
-use super::{KernelDev, LockType, OFFSET_MAX};
-
-/// What a /proc/locks line describes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ProcKind {
-    Lock(LockKind),
-    /// A lease (`LEASE`), with its state word (ACTIVE, BREAKING, BREAKER).
-    Lease,
-    /// NFS delegations, FL_ACCESS probes and anything unknown.
-    Other,
-}
+use super::{HeldKind, KernelDev, LockType, OFFSET_MAX};
 
 /// One line of /proc/locks.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,7 +11,9 @@ pub struct ProcLock {
     pub id: u64,
     /// True for "->" lines: a request blocked on lock `id`.
     pub blocked: bool,
-    pub kind: ProcKind,
+    /// None for NFS delegations, FL_ACCESS probes and anything unknown. A lease's
+    /// state word says ACTIVE, BREAKING or BREAKER.
+    pub kind: Option<HeldKind>,
     /// ACTIVE/BREAKING/BREAKER for leases, ADVISORY otherwise.
     pub state: String,
     /// None for UNLCK (a lease being broken to unlock shows its target type).
@@ -67,19 +57,17 @@ pub fn parse(text: &str) -> Result<Vec<ProcLock>, ParseError> {
             blocked = true;
             tok.next();
         }
-        let kind = match tok.next().ok_or_else(|| err("no kind"))? {
-            "POSIX" => ProcKind::Lock(LockKind::Posix),
-            "OFDLCK" => ProcKind::Lock(LockKind::Ofd),
-            "FLOCK" => ProcKind::Lock(LockKind::Flock),
-            "LEASE" => ProcKind::Lease,
-            _ => ProcKind::Other,
-        };
+        let label = tok.next().ok_or_else(|| err("no kind"))?;
+        let kind = HeldKind::ALL.into_iter().find(|k| k.label() == label);
         let state = tok.next().ok_or_else(|| err("no state"))?.to_string();
         let lock_type = match tok.next().ok_or_else(|| err("no type"))? {
-            "READ" => Some(LockType::Read),
-            "WRITE" => Some(LockType::Write),
             "UNLCK" => None,
-            _ => return Err(err("bad type")),
+            t => Some(
+                LockType::ALL
+                    .into_iter()
+                    .find(|l| l.label() == t)
+                    .ok_or_else(|| err("bad type"))?,
+            ),
         };
         let pid = tok
             .next()
@@ -132,6 +120,7 @@ pub fn read() -> anyhow::Result<Vec<ProcLock>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::locks::LockKind;
 
     const SAMPLE: &str = "\
 1: POSIX  ADVISORY  WRITE 1234 08:01:393220 0 EOF
@@ -146,19 +135,19 @@ mod tests {
     fn parses_every_line_kind() {
         let v = parse(SAMPLE).unwrap();
         assert_eq!(v.len(), 6);
-        assert_eq!(v[0].kind, ProcKind::Lock(LockKind::Posix));
+        assert_eq!(v[0].kind, Some(HeldKind::Lock(LockKind::Posix)));
         assert_eq!(v[0].end, OFFSET_MAX);
         assert_eq!(v[0].dev, KernelDev::new(8, 1));
         assert!(!v[0].blocked && v[1].blocked);
         assert_eq!(v[1].pid, 1240);
-        assert_eq!(v[2].kind, ProcKind::Lock(LockKind::Ofd));
+        assert_eq!(v[2].kind, Some(HeldKind::Lock(LockKind::Ofd)));
         assert_eq!((v[2].pid, v[2].start, v[2].end), (-1, 100, 199));
         assert_eq!(v[2].lock_type, Some(LockType::Read));
         assert_eq!(v[3].dev, KernelDev::new(0xfd, 0));
-        assert_eq!(v[4].kind, ProcKind::Lease);
+        assert_eq!(v[4].kind, Some(HeldKind::Lease));
         assert_eq!(v[4].state, "BREAKING");
         assert_eq!(v[4].lock_type, None);
-        assert_eq!(v[5].kind, ProcKind::Other);
+        assert_eq!(v[5].kind, None);
     }
 
     #[test]

@@ -12,7 +12,10 @@ use anyhow::{bail, Result};
 
 use crate::{
     leases::{record_matches, BreakState},
-    locks::kernel::{self, conflicts, HeldKind},
+    locks::{
+        kernel::{self, conflicts},
+        HeldKind,
+    },
     tracer::{
         iters::{Iters, Prog},
         pins::PinDir,

@@ -500,9 +500,9 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
             };
             if lost {
                 plan.released_by_exec.push(format!(
-                    "process {}: its {:?} lock on {} rides on a close-on-exec fd; its program's exec releases it",
-                    p.old_pid, l.kind, f.path
-                ).to_lowercase());
+                    "process {}: its {} lock on {} rides on a close-on-exec fd; its program's exec releases it",
+                    p.old_pid, l.kind.name(), f.path
+                ));
             }
         }
         for l in &p.leases {

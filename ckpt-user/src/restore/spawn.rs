@@ -545,21 +545,18 @@ fn close_below(base: RawFd) -> Result<()> {
 
 fn take_lock(setup: &Setup, p: &ProcPlan, l: &LockOp) -> Result<()> {
     let what = || {
-        let ty = match l.lock_type {
-            LockType::Read => "read",
-            LockType::Write => "write",
-        };
+        let ty = l.lock_type.name();
         let range = if l.end == i64::MAX {
             format!("{}-EOF", l.start)
         } else {
             format!("{}-{}", l.start, l.end)
         };
+        // The path as it is: lowercasing the whole line once changed it.
         format!(
-            "{:?} {ty} lock on {} [{range}]",
-            l.kind,
+            "{} {ty} lock on {} [{range}]",
+            l.kind.name(),
             path_of(setup, p, l.fd)
         )
-        .to_lowercase()
     };
     // SAFETY: plain syscalls on our own fds.
     let r = unsafe {

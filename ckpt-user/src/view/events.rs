@@ -31,7 +31,7 @@ use super::{
 use crate::{
     locks::{
         kernel::{self, KLock},
-        LockType,
+        HeldKind, LockType,
     },
     tracer::{
         iters::{unavailable_hint, Iters, Prog},
@@ -50,7 +50,7 @@ pub struct Event {
     pub pid: u32,
     pub tid: Option<u32>,
     /// "posix", "ofd", "flock", "lease".
-    pub kind: Option<&'static str>,
+    pub kind: Option<HeldKind>,
     #[serde(rename = "type")]
     pub lock_type: Option<LockType>,
     pub start: Option<i64>,
@@ -91,10 +91,12 @@ impl Event {
     pub fn line(&self) -> String {
         let secs = self.monotonic_ns as f64 / 1e9;
         let what = match (self.kind, self.lock_type, self.start, self.end) {
-            (Some("lease"), ..) => format!("lease on {}", self.path.as_deref().unwrap_or("?")),
+            (Some(HeldKind::Lease), ..) => {
+                format!("lease on {}", self.path.as_deref().unwrap_or("?"))
+            }
             (Some(k), t, Some(s), Some(e)) => format!(
                 "{k} {} {s}-{}{}",
-                t.map_or("?", LockType::as_str),
+                t.map_or("?", LockType::label),
                 if e == crate::locks::OFFSET_MAX {
                     "EOF".to_string()
                 } else {
@@ -137,22 +139,10 @@ impl Event {
     }
 }
 
-fn kind_of(flags: u32) -> &'static str {
-    if flags & fl_flags::FL_FLOCK != 0 {
-        "flock"
-    } else if flags & fl_flags::FL_OFDLCK != 0 {
-        "ofd"
-    } else if flags & fl_flags::FL_LEASE != 0 {
-        "lease"
-    } else {
-        "posix"
-    }
-}
-
 fn wait_event(event: &'static str, at: u64, tid: u32, w: &WaitStart) -> Event {
     Event {
         tid: Some(tid),
-        kind: Some(kind_of(w.flags)),
+        kind: HeldKind::from_fl_flags(w.flags),
         lock_type: LockType::from_fl_type(w.lock_type),
         start: Some(w.start),
         end: Some(w.end),
@@ -272,7 +262,7 @@ impl Follower {
                     deadline_ns: deadline,
                 };
                 let mut e = Event::new("lease_break_began", r.started_ns, p.holder);
-                e.kind = Some("lease");
+                e.kind = Some(HeldKind::Lease);
                 e.path = p.path.clone();
                 e.breakers = r.breakers[..usize::from(r.n_breakers).min(r.breakers.len())]
                     .iter()
@@ -300,7 +290,7 @@ impl Follower {
                 None => "released",
             };
             let mut e = Event::new("lease_break_ended", now_ns, p.holder);
-            e.kind = Some("lease");
+            e.kind = Some(HeldKind::Lease);
             e.path = p.path.clone();
             e.how = Some(how);
             e.after_ms = Some(now_ns.saturating_sub(p.started_ns) / 1_000_000);
@@ -440,7 +430,7 @@ mod tests {
     fn a_request_is_granted_by_a_lock_of_its_owner_covering_it() {
         let w = wait(fl_flags::FL_POSIX, fl_type::F_RDLCK);
         let mut l = KLock {
-            kind: crate::locks::kernel::HeldKind::Lock(ckpt_common::lock::LockKind::Posix),
+            kind: crate::locks::HeldKind::Lock(ckpt_common::lock::LockKind::Posix),
             lock_type: fl_type::F_WRLCK,
             flags: fl_flags::FL_POSIX,
             pid: 100,

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 
 use super::locks::LockRow;
-use crate::locks::LockType;
+use crate::locks::{HeldKind, LockType};
 
 /// One blocked request: a task, and the rows (held locks) it conflicts with.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -71,7 +71,7 @@ fn is_lease(r: &LockRow) -> bool {
 
 /// The blocked requests in `rows`: a waiter listed under several rows is one request.
 pub fn waits(rows: &[LockRow]) -> Vec<Wait> {
-    type Request = (u32, Option<u32>, &'static str, i64, i64, LockType);
+    type Request = (u32, Option<u32>, HeldKind, i64, i64, LockType);
     let mut by_request: BTreeMap<Request, Wait> = BTreeMap::new();
     for (i, r) in rows.iter().enumerate() {
         for w in &r.waiters {
@@ -278,7 +278,7 @@ fn describe(r: &LockRow) -> String {
         None => format!(
             "{} {} {}-{}",
             r.kind,
-            r.lock_type.map_or("?", |t| t.as_str()),
+            r.lock_type.map_or("?", |t| t.label()),
             r.start,
             if r.eof {
                 "EOF".to_string()
@@ -350,7 +350,7 @@ struct JsonEdge {
 
 #[derive(Serialize)]
 struct JsonLock<'a> {
-    kind: &'a str,
+    kind: HeldKind,
     #[serde(rename = "type")]
     lock_type: Option<LockType>,
     path: Option<&'a str>,
@@ -530,17 +530,16 @@ pub fn render_dot(rows: &[LockRow], a: &Analysis) -> String {
 mod tests {
     use super::*;
     use crate::{
-        locks::kernel::HeldKind,
+        locks::LockKind,
         view::locks::{test_lease, test_row, WaiterRow},
     };
-    use ckpt_common::lock::LockKind;
 
     fn waiter(pid: u32) -> WaiterRow {
         WaiterRow {
             pid,
             tid: Some(pid),
             command: None,
-            kind: "posix",
+            kind: HeldKind::Lock(LockKind::Posix),
             lock_type: LockType::Write,
             start: 0,
             end: 0,

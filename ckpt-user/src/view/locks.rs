@@ -8,17 +8,16 @@
 use std::collections::{BTreeSet, HashMap};
 
 use anyhow::{Context as _, Result};
-use ckpt_common::lock::{fl_type, LockKind};
+use ckpt_common::lock::fl_type;
 use serde::Serialize;
 
 use super::history::History;
 use crate::{
     leases::{self, BreakState},
     locks::{
-        kernel::{self, conflicts, HeldKind, KLock, KernelLocks},
-        kind_json, kind_label, proc_locks,
-        proc_locks::{ProcKind, ProcLock},
-        KernelDev, LockType, OFFSET_MAX,
+        kernel::{self, conflicts, KLock, KernelLocks},
+        proc_locks::{self, ProcLock},
+        HeldKind, KernelDev, LockKind, LockType, OFFSET_MAX,
     },
     procinfo::{command, Commands, PathResolver},
     tracer::{
@@ -35,7 +34,7 @@ pub struct WaiterRow {
     pub tid: Option<u32>,
     pub command: Option<String>,
     /// "posix", "ofd", "flock", or "lease" for an open() blocked by a lease break.
-    pub kind: &'static str,
+    pub kind: HeldKind,
     #[serde(rename = "type")]
     pub lock_type: LockType,
     pub start: i64,
@@ -97,7 +96,7 @@ pub struct LeaseInfo {
 /// One held lock or lease.
 #[derive(Clone, Debug, Serialize)]
 pub struct LockRow {
-    pub kind: &'static str,
+    pub kind: HeldKind,
     /// For a lease being broken: the type it had before the break (null when only
     /// /proc could be read, which shows the target).
     #[serde(rename = "type")]
@@ -139,27 +138,15 @@ pub struct LockRow {
     /// Boxed: most rows are locks, and an inline lease part tripled a row's size.
     pub lease: Option<Box<LeaseInfo>>,
     #[serde(skip)]
-    pub row_kind: HeldKind,
-    #[serde(skip)]
     dev_id: KernelDev,
 }
 
 /// Restricts rows to some processes (from --pid or --cgroup).
 pub type PidFilter = Option<BTreeSet<u32>>;
 
+/// A lease break's target: read (a downgrade) or unlock.
 fn target_label(t: u8) -> &'static str {
-    match t {
-        fl_type::F_RDLCK => "read",
-        fl_type::F_WRLCK => "write",
-        _ => "unlock",
-    }
-}
-
-fn kind_name(k: HeldKind) -> &'static str {
-    match k {
-        HeldKind::Lock(k) => kind_json(k),
-        HeldKind::Lease => "lease",
-    }
+    LockType::from_fl_type(t).map_or("unlock", LockType::name)
 }
 
 fn ms_between(later: u64, earlier: u64) -> i64 {
@@ -273,7 +260,7 @@ pub fn from_kernel(table: &KernelLocks, cx: &Context) -> Vec<LockRow> {
             pid,
             tid: wait.map(|(tid, _)| *tid),
             command: comm(pid),
-            kind: kind_name(w.kind),
+            kind: w.kind,
             lock_type,
             start: w.start,
             end: w.end,
@@ -334,7 +321,7 @@ fn row(
         (Some(h.owner) == l.owner).then_some(h.since_ns)
     });
     LockRow {
-        kind: kind_name(l.kind),
+        kind: l.kind,
         lock_type: LockType::from_fl_type(l.lock_type),
         pid: Some(pid),
         command: comm(pid),
@@ -361,7 +348,6 @@ fn row(
         waiters: Vec::new(),
         source: "kernel",
         lease: (l.kind == HeldKind::Lease).then(|| Box::new(lease_info(l, comm, cx))),
-        row_kind: l.kind,
         dev_id: l.dev,
     }
 }
@@ -418,9 +404,9 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
     let mut paths = PathResolver::default();
     let mut rows: Vec<(u64, LockRow)> = Vec::new();
     for p in procs.iter().filter(|p| !p.blocked) {
-        let (row_kind, lease) = match p.kind {
-            ProcKind::Lock(k) => (HeldKind::Lock(k), None),
-            ProcKind::Lease if p.state != "BREAKER" => {
+        let (kind, lease) = match p.kind {
+            Some(k @ HeldKind::Lock(_)) => (k, None),
+            Some(HeldKind::Lease) if p.state != "BREAKER" => {
                 let breaking = p.state == "BREAKING";
                 let target = p
                     .lock_type
@@ -453,7 +439,7 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
         rows.push((
             p.id,
             LockRow {
-                kind: kind_name(row_kind),
+                kind,
                 // /proc shows a breaking lease's target, not its own type.
                 lock_type: if breaking { None } else { p.lock_type },
                 pid,
@@ -474,7 +460,6 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
                 waiters: Vec::new(),
                 source: "proc",
                 lease,
-                row_kind,
                 dev_id: p.dev,
             },
         ));
@@ -483,10 +468,8 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
         let Some(lock_type) = p.lock_type else {
             continue;
         };
-        let kind = match p.kind {
-            ProcKind::Lock(k) => kind_json(k),
-            ProcKind::Lease => "lease",
-            ProcKind::Other => continue,
+        let Some(kind) = p.kind else {
+            continue;
         };
         if let Some((_, row)) = rows.iter_mut().find(|(id, _)| *id == p.id) {
             row.waiters.push(WaiterRow {
@@ -514,7 +497,7 @@ fn sort(rows: &mut Vec<LockRow>) {
     let mut order: Vec<_> = rows
         .iter()
         .enumerate()
-        .map(|(i, r)| ((r.dev_id, r.inode, r.row_kind, r.start, r.pid), i))
+        .map(|(i, r)| ((r.dev_id, r.inode, r.kind, r.start, r.pid), i))
         .collect();
     order.sort_unstable();
     let mut slots: Vec<Option<LockRow>> = std::mem::take(rows).into_iter().map(Some).collect();
@@ -547,7 +530,7 @@ fn fmt_ms(ms: u64) -> String {
 }
 
 fn type_label(t: Option<LockType>) -> &'static str {
-    t.map(LockType::as_str).unwrap_or("?")
+    t.map(LockType::label).unwrap_or("?")
 }
 
 /// The STATE column: empty for locks; for leases ACTIVE, or BREAKING with the target,
@@ -618,10 +601,7 @@ pub fn render_table(rows: &[LockRow]) -> String {
         cells.push([
             r.command.clone().unwrap_or_else(|| "?".into()),
             r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
-            match r.row_kind {
-                HeldKind::Lock(k) => kind_label(k).to_string(),
-                HeldKind::Lease => "LEASE".to_string(),
-            },
+            r.kind.label().to_string(),
             type_label(r.lock_type).to_string(),
             r.start.to_string(),
             if r.eof {
@@ -668,7 +648,7 @@ pub fn render_table(rows: &[LockRow]) -> String {
 #[cfg(test)]
 pub fn test_row(kind: HeldKind, pid: u32) -> LockRow {
     LockRow {
-        kind: kind_name(kind),
+        kind,
         lock_type: Some(LockType::Write),
         pid: Some(pid),
         command: None,
@@ -688,7 +668,6 @@ pub fn test_row(kind: HeldKind, pid: u32) -> LockRow {
         waiters: Vec::new(),
         source: "kernel",
         lease: None,
-        row_kind: kind,
         dev_id: KernelDev(0x800001),
     }
 }
@@ -765,10 +744,8 @@ mod tests {
             now_ns: 0,
         };
         let rows = from_kernel(&table, &cx);
-        let order: Vec<(u64, HeldKind, i64)> = rows
-            .iter()
-            .map(|r| (r.inode, r.row_kind, r.start))
-            .collect();
+        let order: Vec<(u64, HeldKind, i64)> =
+            rows.iter().map(|r| (r.inode, r.kind, r.start)).collect();
         assert_eq!(
             order,
             vec![(5, posix, 10), (5, posix, 20), (5, flock, 0), (9, posix, 0)]

@@ -224,7 +224,7 @@ pub fn lines(s: &Snapshot, sort: Sort, now_ns: u64) -> (Vec<String>, Vec<String>
                 "{}{:<5} {:<5} {:<22} {:>7} {:<9} <- {}",
                 if r.deadlock { "!" } else { " " },
                 r.kind,
-                r.lock_type.map_or("?", |t| t.as_str()),
+                r.lock_type.map_or("?", |t| t.label()),
                 cut(r.path.as_deref().unwrap_or("?"), 22),
                 r.pid.map_or("-".into(), |p| p.to_string()),
                 cut(r.command.as_deref().unwrap_or("?"), 9),
@@ -629,7 +629,7 @@ pub fn run(opts: Options) -> Result<()> {
 mod tests {
     use super::*;
     use crate::{
-        locks::kernel::HeldKind,
+        locks::HeldKind,
         view::locks::{test_lease, test_row, WaiterRow},
     };
     use ckpt_common::lock::LockKind;
@@ -640,7 +640,7 @@ mod tests {
             pid,
             tid: Some(pid),
             command: None,
-            kind: "posix",
+            kind: HeldKind::Lock(LockKind::Posix),
             lock_type: crate::locks::LockType::Write,
             start: 0,
             end: 0,
