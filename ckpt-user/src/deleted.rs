@@ -11,7 +11,7 @@ use ckpt_common::deleted::{
 };
 
 use crate::{
-    dump::files::split_deleted,
+    procinfo::split_deleted,
     tracer::iters::{Iters, Prog},
 };
 

@@ -1,11 +1,15 @@
-//! ckpt userspace. Data flows one way:
+//! ckpt userspace. Data flows one way, from the kernel to the commands:
 //!
 //! ```text
-//! kernel tracepoints -> ckpt-ebpf maps (pinned) -> agent (replays, reconciles) -> view
-//!        tracer::{format,loader,pins}               agent::{table,reconcile}   view::{live,locks}
+//! kernel lists ── iterators (tracer::iters) ──┐
+//! tracepoints ── pinned maps (tracer::loader) ─┴─> locks, leases, deleted ─> view, dump, agent
+//!                  read back by tracer::history
+//! image (image::{format,reader,writer}) ─> restore
 //! ```
-//! `locks` holds the pure lock logic (the kernel's merge rules, /proc/locks parsing);
-//! `cgroup` and `procinfo` the /proc and cgroupfs helpers the commands use.
+//! `locks` and `leases` read and model the kernel's lock and lease objects, `deleted`
+//! scans for deleted-but-open files; `dump` and `restore` are the checkpoint's two
+//! sides; `view` holds the readers' commands, `agent` the background tracer;
+//! `sys`, `cgroup` and `procinfo` are the system-call, cgroupfs and /proc helpers.
 
 pub mod agent;
 pub mod cgroup;

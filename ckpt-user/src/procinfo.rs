@@ -110,6 +110,14 @@ pub fn parse_fdinfo(text: &str) -> FdInfo {
     info
 }
 
+/// A path as /proc/PID/fd and d_path show it: " (deleted)" ends an unlinked one.
+pub fn split_deleted(link: &str) -> (String, bool) {
+    match link.strip_suffix(" (deleted)") {
+        Some(p) => (p.to_string(), true),
+        None => (link.to_string(), false),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -29,12 +29,11 @@ use prometheus_client::{
 
 use crate::{
     locks::{HeldKind, LockType},
-    tracer::pins::PinDir,
-    view::{
-        deleted,
+    tracer::{
         history::{self, BreakTracker, History, WaitEndRing, WaitTracker},
-        locks::live_rows,
+        pins::PinDir,
     },
+    view::{deleted, locks::live_rows},
 };
 
 type Labels = Vec<(&'static str, String)>;

@@ -22,7 +22,7 @@ use crate::{
         proc_locks::ProcLock,
         HeldKind, KernelDev,
     },
-    view::history::History,
+    tracer::history::History,
 };
 
 pub struct Collected {

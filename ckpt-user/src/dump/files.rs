@@ -23,7 +23,7 @@ use super::{
 use crate::{
     image::format::{FileKind, OpenFile, Process},
     locks::{kernel::held_kind, proc_locks::ProcLock, KernelDev, LockType},
-    procinfo::{parse_fdinfo, FdInfo},
+    procinfo::{parse_fdinfo, split_deleted, FdInfo},
     sys::{fown, pidfd},
 };
 
@@ -64,14 +64,6 @@ pub struct KernelIds {
     pub file: u64,
     pub files: u64,
     pub s_dev: KernelDev,
-}
-
-/// A path as /proc/PID/fd and d_path show it: " (deleted)" ends an unlinked one.
-pub fn split_deleted(link: &str) -> (String, bool) {
-    match link.strip_suffix(" (deleted)") {
-        Some(p) => (p.to_string(), true),
-        None => (link.to_string(), false),
-    }
 }
 
 impl FoundFd {

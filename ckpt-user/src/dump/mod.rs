@@ -34,11 +34,11 @@ use crate::{
         kernel::{self, KLock},
         proc_locks, HeldKind, KernelDev,
     },
+    tracer::history::History,
     tracer::{
         iters::{unavailable_hint, Iters, Prog},
         pins::PinDir,
     },
-    view::history::History,
 };
 use fd_table::FdTable;
 use files::FoundFd;
@@ -214,7 +214,7 @@ fn add_mapped_ghosts(
             continue;
         }
         let path = std::fs::read_link(&link)
-            .map(|p| files::split_deleted(&p.display().to_string()).0)
+            .map(|p| crate::procinfo::split_deleted(&p.display().to_string()).0)
             .unwrap_or_default();
         if !ghost::is_process_memory(&path, md.dev(), shmem) {
             kept.push((m, md, path));

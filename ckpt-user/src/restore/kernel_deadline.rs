@@ -16,11 +16,11 @@ use crate::{
         kernel::{self, conflicts},
         HeldKind,
     },
+    tracer::history::History,
     tracer::{
         iters::{Iters, Prog},
         pins::PinDir,
     },
-    view::history::History,
 };
 
 /// A break as the kernel (and the agent) show it.

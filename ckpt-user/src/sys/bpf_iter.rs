@@ -11,12 +11,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
+use aya_obj::generated::{bpf_attach_type, bpf_cmd};
 
-const BPF_OBJ_PIN: libc::c_long = 6;
-const BPF_OBJ_GET: libc::c_long = 7;
-const BPF_LINK_CREATE: libc::c_long = 28;
-const BPF_ITER_CREATE: libc::c_long = 33;
-const BPF_TRACE_ITER: u32 = 28;
+// The kernel's own numbers, from aya's generated uapi bindings.
+const BPF_OBJ_PIN: libc::c_long = bpf_cmd::BPF_OBJ_PIN as libc::c_long;
+const BPF_OBJ_GET: libc::c_long = bpf_cmd::BPF_OBJ_GET as libc::c_long;
+const BPF_LINK_CREATE: libc::c_long = bpf_cmd::BPF_LINK_CREATE as libc::c_long;
+const BPF_ITER_CREATE: libc::c_long = bpf_cmd::BPF_ITER_CREATE as libc::c_long;
+const BPF_TRACE_ITER: u32 = bpf_attach_type::BPF_TRACE_ITER as u32;
 
 /// `union bpf_attr` is 128 bytes at most of what we use; unused bytes stay zero.
 #[repr(C, align(8))]

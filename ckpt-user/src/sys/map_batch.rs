@@ -6,7 +6,8 @@ use std::os::fd::{AsRawFd as _, BorrowedFd};
 
 use anyhow::{bail, Result};
 
-const BPF_MAP_LOOKUP_BATCH: libc::c_long = 24;
+const BPF_MAP_LOOKUP_BATCH: libc::c_long =
+    aya_obj::generated::bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long;
 
 /// `union bpf_attr`, the `batch` member.
 #[repr(C)]

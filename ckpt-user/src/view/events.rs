@@ -23,17 +23,14 @@ use anyhow::{bail, Result};
 use ckpt_common::lock::{fl_flags, fl_type, WaitStart};
 use serde::Serialize;
 
-use super::{
-    graph,
-    history::{BreakTracker, Ended, History, WaitEndRing, WaitTracker},
-    locks::live_rows,
-};
+use super::{graph, locks::live_rows};
 use crate::{
     locks::{
         kernel::{self, KLock},
         HeldKind, LockType,
     },
     tracer::{
+        history::{BreakTracker, Ended, History, WaitEndRing, WaitTracker},
         iters::{unavailable_hint, Iters, Prog},
         pins::PinDir,
     },
@@ -169,7 +166,7 @@ fn path_of(w: &WaitStart) -> Option<String> {
     {
         if std::fs::metadata(entry.path()).is_ok_and(|m| m.ino() == w.ino) {
             let link = std::fs::read_link(entry.path()).ok()?;
-            return Some(crate::dump::files::split_deleted(&link.display().to_string()).0);
+            return Some(crate::procinfo::split_deleted(&link.display().to_string()).0);
         }
     }
     None

@@ -11,7 +11,6 @@ use anyhow::{Context as _, Result};
 use ckpt_common::lock::fl_type;
 use serde::Serialize;
 
-use super::history::History;
 use crate::{
     leases::{self, BreakState},
     locks::{
@@ -21,6 +20,7 @@ use crate::{
     },
     procinfo::{command, Commands, PathResolver},
     tracer::{
+        history::History,
         iters::{unavailable_hint, Iters, Prog},
         pins::PinDir,
     },

@@ -19,7 +19,8 @@ use ckpt_common::{
 };
 use serde::Serialize;
 
-use crate::{sys::map_batch, tracer::pins::PinDir};
+use super::pins::PinDir;
+use crate::sys::map_batch;
 
 /// The tracer's records at one read.
 #[derive(Debug, Default)]
