@@ -7,6 +7,7 @@
 
 pub mod counters;
 pub mod deleted;
+pub mod dev;
 pub mod files;
 pub mod lease;
 pub mod lock;

@@ -166,7 +166,7 @@ pub fn collect(
                             e.pid as u32
                         },
                         file: desc,
-                        dev: e.dev.to_string(),
+                        dev: e.dev,
                         ino: e.ino,
                     });
                 }
@@ -189,7 +189,7 @@ pub fn collect(
             lock_type,
             start: w.start,
             end: w.end,
-            dev: w.dev.to_string(),
+            dev: w.dev,
             ino: w.ino,
             waited_ns: wait.map(|(_, s)| frozen_ns.saturating_sub(s.since_ns)),
         });

@@ -451,7 +451,7 @@ fn open_file(id: u32, f: &FoundFd) -> OpenFile {
         pos: f.info.pos,
         mnt_id: f.info.mnt_id,
         mode: f.mode,
-        dev: f.dev.to_string(),
+        dev: f.dev,
         ino: f.ino,
         owner: f.owner,
         sig: f.sig,

@@ -226,7 +226,7 @@ fn add_mapped_ghosts(
         let dev = KernelDev::from_st_dev(md.dev());
         if let Some(s) = sources
             .iter_mut()
-            .find(|s| s.plan.ghost.ino == md.ino() && s.plan.ghost.dev == dev.to_string())
+            .find(|s| s.plan.ghost.ino == md.ino() && s.plan.ghost.dev == dev)
         {
             s.plan.ghost.maps.push(described);
             continue;
@@ -238,7 +238,7 @@ fn add_mapped_ghosts(
             ghost::Plan {
                 link,
                 ghost: Ghost {
-                    dev: dev.to_string(),
+                    dev,
                     ino: md.ino(),
                     path,
                     maps: vec![described],
@@ -474,7 +474,7 @@ pub fn run(opts: &Options) -> Result<Report> {
             ghost::Plan {
                 link: format!("/proc/{}/fd/{}", f.pid, f.fd),
                 ghost: Ghost {
-                    dev: f.dev.to_string(),
+                    dev: f.dev,
                     ino: f.ino,
                     path: f.path.clone(),
                     size: f.size,
@@ -587,7 +587,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         }
         fingerprints.push(Fingerprint {
             path: f.path.clone(),
-            dev: f.dev.to_string(),
+            dev: f.dev,
             ino: f.ino,
             size: f.size,
             mtime_ns: f.mtime_ns,

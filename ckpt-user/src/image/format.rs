@@ -113,8 +113,7 @@ pub struct OpenFile {
     pub pos: u64,
     pub mnt_id: u32,
     pub mode: u32,
-    /// "major:minor".
-    pub dev: String,
+    pub dev: KernelDev,
     pub ino: u64,
     /// F_GETOWN_EX: (type, pid); type 0 = thread, 1 = process, 2 = process group.
     pub owner: Option<(i32, i32)>,
@@ -133,7 +132,10 @@ pub struct OpenFile {
 }
 
 // The domain types, as ckpt-common defines them once (serialised by name).
-pub use ckpt_common::lock::{HeldKind, LockKind, LockType};
+pub use ckpt_common::{
+    dev::KernelDev,
+    lock::{HeldKind, LockKind, LockType},
+};
 
 /// A held lock. POSIX locks belong to a process; OFD and flock locks to an open file
 /// description (shared by every fd and process referring to it).
@@ -149,7 +151,7 @@ pub struct Lock {
     pub pid: u32,
     /// The description it was taken through / belongs to (index into `files`).
     pub file: u32,
-    pub dev: String,
+    pub dev: KernelDev,
     pub ino: u64,
 }
 
@@ -163,7 +165,7 @@ pub struct Waiter {
     pub lock_type: LockType,
     pub start: i64,
     pub end: i64,
-    pub dev: String,
+    pub dev: KernelDev,
     pub ino: u64,
     /// How long it had been blocked when frozen (None without an agent).
     pub waited_ns: Option<u64>,
@@ -201,7 +203,7 @@ pub struct Lease {
 /// A deleted-but-open file and its contents.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Ghost {
-    pub dev: String,
+    pub dev: KernelDev,
     pub ino: u64,
     /// The path it had.
     pub path: String,
@@ -253,7 +255,7 @@ pub struct GhostMap {
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Fingerprint {
     pub path: String,
-    pub dev: String,
+    pub dev: KernelDev,
     pub ino: u64,
     pub size: u64,
     pub mtime_ns: i64,
@@ -270,10 +272,11 @@ pub struct Fingerprint {
 mod tests {
     use super::*;
 
-    /// Images written when a waiter's kind was a free string still read, and read
-    /// as the one kind type; an unknown kind is refused, not carried along.
+    /// Images written when a waiter's kind and device were free strings still read,
+    /// as the one kind and device types; an unknown kind or a malformed device is
+    /// refused, not carried along.
     #[test]
-    fn a_waiter_kind_is_written_as_its_name() {
+    fn a_waiter_kind_and_device_are_written_as_before() {
         #[derive(Serialize)]
         struct OldWaiter<'a> {
             pid: u32,
@@ -303,7 +306,12 @@ mod tests {
         assert_eq!(w.kind, HeldKind::Lease);
         assert_eq!(w.lock_type, LockType::Write);
         assert_eq!(rmp_serde::to_vec_named(&w).unwrap(), bytes);
+        assert_eq!(w.dev, KernelDev::new(8, 1));
         let bytes = rmp_serde::to_vec_named(&old("posixx")).unwrap();
+        assert!(rmp_serde::from_slice::<Waiter>(&bytes).is_err());
+        let mut bad_dev = old("posix");
+        bad_dev.dev = "sda1";
+        let bytes = rmp_serde::to_vec_named(&bad_dev).unwrap();
         assert!(rmp_serde::from_slice::<Waiter>(&bytes).is_err());
     }
 }

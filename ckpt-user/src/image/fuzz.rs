@@ -30,8 +30,8 @@ use sha2::{Digest as _, Sha256};
 
 use super::{
     format::{
-        Breaker, Fd, FileKind, Fingerprint, Ghost, GhostMap, HeldKind, Image, Lease, Lock,
-        LockKind, LockType, Memfd, OpenFile, Process, Waiter,
+        Breaker, Fd, FileKind, Fingerprint, Ghost, GhostMap, HeldKind, Image, KernelDev, Lease,
+        Lock, LockKind, LockType, Memfd, OpenFile, Process, Waiter,
     },
     inspect,
     key::HostKey,
@@ -157,7 +157,7 @@ fn open_file(id: u32, path: &str, ino: u64, deleted: bool, holders: &[(u32, i32)
         pos: 42,
         mnt_id: 30,
         mode: 0o100644,
-        dev: "8:1".into(),
+        dev: KernelDev::new(8, 1),
         ino,
         owner: Some((1, holders.first().map_or(0, |h| h.0 as i32))),
         sig: 0,
@@ -206,7 +206,7 @@ pub fn seeds(scratch: &Path) -> Vec<(String, Vec<u8>)> {
         files: vec![open_file(0, "/tmp/fuzz/a", 100, false, &[(10, 3)])],
         fingerprints: vec![Fingerprint {
             path: "/tmp/fuzz/a".into(),
-            dev: "8:1".into(),
+            dev: KernelDev::new(8, 1),
             ino: 100,
             size: 5,
             mtime_ns: 1,
@@ -251,7 +251,7 @@ pub fn seeds(scratch: &Path) -> Vec<(String, Vec<u8>)> {
                 end: 99,
                 pid: 10,
                 file: 0,
-                dev: "8:1".into(),
+                dev: KernelDev::new(8, 1),
                 ino: 100,
             },
             Lock {
@@ -261,7 +261,7 @@ pub fn seeds(scratch: &Path) -> Vec<(String, Vec<u8>)> {
                 end: i64::MAX,
                 pid: 11,
                 file: 1,
-                dev: "8:1".into(),
+                dev: KernelDev::new(8, 1),
                 ino: 101,
             },
             Lock {
@@ -271,7 +271,7 @@ pub fn seeds(scratch: &Path) -> Vec<(String, Vec<u8>)> {
                 end: i64::MAX,
                 pid: 12,
                 file: 4,
-                dev: "8:1".into(),
+                dev: KernelDev::new(8, 1),
                 ino: 104,
             },
         ],
@@ -282,13 +282,13 @@ pub fn seeds(scratch: &Path) -> Vec<(String, Vec<u8>)> {
             lock_type: LockType::Write,
             start: 0,
             end: 10,
-            dev: "8:1".into(),
+            dev: KernelDev::new(8, 1),
             ino: 100,
             waited_ns: Some(1_000_000),
         }],
         leases: vec![lease(1, 10, true), lease(4, 12, false)],
         ghosts: vec![Ghost {
-            dev: "8:1".into(),
+            dev: KernelDev::new(8, 1),
             ino: 102,
             path: "/tmp/fuzz/gone".into(),
             size: 8192,
@@ -313,7 +313,7 @@ pub fn seeds(scratch: &Path) -> Vec<(String, Vec<u8>)> {
         fingerprints: vec![
             Fingerprint {
                 path: "/tmp/fuzz/a".into(),
-                dev: "8:1".into(),
+                dev: KernelDev::new(8, 1),
                 ino: 100,
                 size: 5,
                 mtime_ns: 1,
@@ -324,7 +324,7 @@ pub fn seeds(scratch: &Path) -> Vec<(String, Vec<u8>)> {
             },
             Fingerprint {
                 path: "/tmp/fuzz/b".into(),
-                dev: "8:1".into(),
+                dev: KernelDev::new(8, 1),
                 ino: 101,
                 size: 0,
                 mtime_ns: -1,

@@ -5,33 +5,10 @@
 pub mod kernel;
 pub mod proc_locks;
 
-pub use ckpt_common::lock::{HeldKind, LockKind, LockType};
-
-/// Kernel dev_t (as in tracepoints and /proc/locks: major << 20 | minor).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct KernelDev(pub u32);
-
-impl KernelDev {
-    pub fn new(major: u32, minor: u32) -> KernelDev {
-        KernelDev((major << 20) | (minor & 0xfffff))
-    }
-    pub fn major(self) -> u32 {
-        self.0 >> 20
-    }
-    pub fn minor(self) -> u32 {
-        self.0 & 0xfffff
-    }
-    /// From a userspace `st_dev` (glibc encoding).
-    pub fn from_st_dev(dev: u64) -> KernelDev {
-        KernelDev::new(libc::major(dev), libc::minor(dev))
-    }
-}
-
-impl std::fmt::Display for KernelDev {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.major(), self.minor())
-    }
-}
+pub use ckpt_common::{
+    dev::KernelDev,
+    lock::{HeldKind, LockKind, LockType},
+};
 
 /// Largest file offset; the kernel's OFFSET_MAX ("EOF" in /proc/locks).
 pub const OFFSET_MAX: i64 = i64::MAX;

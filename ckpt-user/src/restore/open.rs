@@ -93,7 +93,7 @@ pub fn descriptions(
         let path = match &fp.source {
             Source::Path(p) => Path::new(p).to_path_buf(),
             Source::Ghost(g) => ghosts[g].reopen_path(),
-            Source::Handle => match checked.by_handle.get(&(f.dev.clone(), f.ino)) {
+            Source::Handle => match checked.by_handle.get(&(f.dev, f.ino)) {
                 Some(fd) => format!("/proc/self/fd/{}", fd.as_raw_fd()).into(),
                 None => bail!(
                     "image is corrupt: {} is to be found by file handle, but has no fingerprint",

@@ -529,7 +529,7 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::image::format::{Fd, Ghost, Lock, Process};
+    use crate::image::format::{Fd, Ghost, KernelDev, Lock, Process};
 
     fn proc(pid: u32, ppid: u32, fds: &[(i32, u32)]) -> Process {
         Process {
@@ -555,7 +555,7 @@ mod tests {
             id,
             path: path.into(),
             kind,
-            dev: "8:1".into(),
+            dev: KernelDev::new(8, 1),
             ino,
             ..Default::default()
         }
@@ -684,7 +684,7 @@ mod tests {
             end: i64::MAX,
             pid,
             file,
-            dev: "8:1".into(),
+            dev: KernelDev::new(8, 1),
             ino: 10,
         }
     }
@@ -705,7 +705,7 @@ mod tests {
                 ..file(0, "/gone", FileKind::Regular, 10)
             }],
             ghosts: vec![Ghost {
-                dev: "8:1".into(),
+                dev: KernelDev::new(8, 1),
                 ino: 99,
                 ..Default::default()
             }],

@@ -45,7 +45,7 @@ pub struct Checked {
     pub identities: HashMap<String, Identity>,
     /// Files whose name was removed while another link keeps them, opened (O_PATH) by
     /// file handle, by (device, inode) as the image names them.
-    pub by_handle: HashMap<(String, u64), OwnedFd>,
+    pub by_handle: HashMap<(KernelDev, u64), OwnedFd>,
     /// Differences accepted with --force.
     pub warnings: Vec<String>,
 }
@@ -57,7 +57,7 @@ fn differences(fp: &Fingerprint, md: &std::fs::Metadata, same_host: bool) -> Vec
         out.push("is no longer a regular file".to_string());
         return out;
     }
-    let dev = KernelDev::from_st_dev(md.dev()).to_string();
+    let dev = KernelDev::from_st_dev(md.dev());
     if same_host && (dev != fp.dev || md.ino() != fp.ino) {
         out.push(format!(
             "now names a different file (inode {} on {} was open, the path now leads to inode {} on {})",
@@ -120,7 +120,7 @@ pub fn check(image: &Image, force: bool) -> Result<Checked> {
             for d in differences(fp, &md, same_host) {
                 problems.push(format!("{}: {d}", fp.path));
             }
-            by_handle.insert((fp.dev.clone(), fp.ino), fd);
+            by_handle.insert((fp.dev, fp.ino), fd);
             continue;
         }
         let md = match std::fs::metadata(&fp.path) {
@@ -203,7 +203,7 @@ fn reopen_by_handle(fp: &Fingerprint, same_host: bool) -> Result<OwnedFd> {
             None => bail!("{gone}; no directory above it is left"),
         };
         if let Ok(md) = std::fs::metadata(dir) {
-            if md.is_dir() && KernelDev::from_st_dev(md.dev()).to_string() == fp.dev {
+            if md.is_dir() && KernelDev::from_st_dev(md.dev()) == fp.dev {
                 break dir;
             }
         }
@@ -233,7 +233,7 @@ mod tests {
         let md = std::fs::metadata(&p).unwrap();
         let fp = Fingerprint {
             path: p.display().to_string(),
-            dev: KernelDev::from_st_dev(md.dev()).to_string(),
+            dev: KernelDev::from_st_dev(md.dev()),
             ino: md.ino(),
             size: 5,
             mtime_ns: md.mtime() * 1_000_000_000 + md.mtime_nsec(),

@@ -106,7 +106,7 @@ pub struct LockRow {
     pub command: Option<String>,
     pub path: Option<String>,
     /// "major:minor" of the filesystem.
-    pub dev: String,
+    pub dev: KernelDev,
     pub inode: u64,
     pub start: i64,
     /// Last byte; 9223372036854775807 (OFFSET_MAX) means "to end of file".
@@ -137,8 +137,6 @@ pub struct LockRow {
     #[serde(flatten)]
     /// Boxed: most rows are locks, and an inline lease part tripled a row's size.
     pub lease: Option<Box<LeaseInfo>>,
-    #[serde(skip)]
-    dev_id: KernelDev,
 }
 
 /// Restricts rows to some processes (from --pid or --cgroup).
@@ -326,7 +324,7 @@ fn row(
         pid: Some(pid),
         command: comm(pid),
         path: l.holder.path.clone(),
-        dev: l.dev.to_string(),
+        dev: l.dev,
         inode: l.ino,
         start: l.start,
         end: l.end,
@@ -348,7 +346,6 @@ fn row(
         waiters: Vec::new(),
         source: "kernel",
         lease: (l.kind == HeldKind::Lease).then(|| Box::new(lease_info(l, comm, cx))),
-        dev_id: l.dev,
     }
 }
 
@@ -445,7 +442,7 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
                 pid,
                 command: pid.and_then(command),
                 path: pid.and_then(|pid| paths.path(pid, -1, p.dev, p.ino)),
-                dev: p.dev.to_string(),
+                dev: p.dev,
                 inode: p.ino,
                 start: p.start,
                 end: p.end,
@@ -460,7 +457,6 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
                 waiters: Vec::new(),
                 source: "proc",
                 lease,
-                dev_id: p.dev,
             },
         ));
     }
@@ -497,7 +493,7 @@ fn sort(rows: &mut Vec<LockRow>) {
     let mut order: Vec<_> = rows
         .iter()
         .enumerate()
-        .map(|(i, r)| ((r.dev_id, r.inode, r.kind, r.start, r.pid), i))
+        .map(|(i, r)| ((r.dev, r.inode, r.kind, r.start, r.pid), i))
         .collect();
     order.sort_unstable();
     let mut slots: Vec<Option<LockRow>> = std::mem::take(rows).into_iter().map(Some).collect();
@@ -653,7 +649,7 @@ pub fn test_row(kind: HeldKind, pid: u32) -> LockRow {
         pid: Some(pid),
         command: None,
         path: Some(format!("/tmp/f{pid}")),
-        dev: "8:1".into(),
+        dev: KernelDev(0x800001),
         inode: u64::from(pid),
         start: 0,
         end: 0,
@@ -668,7 +664,6 @@ pub fn test_row(kind: HeldKind, pid: u32) -> LockRow {
         waiters: Vec::new(),
         source: "kernel",
         lease: None,
-        dev_id: KernelDev(0x800001),
     }
 }
 
