@@ -12,18 +12,21 @@ use clap::{Parser, Subcommand};
 
 use crate::{
     cgroup, dump,
+    ghost::view as deleted,
     image::{
         inspect,
         key::{self, HostKey},
         reader::ImageReader,
     },
-    restore::{self, schedule::LeaseTime},
-    tracer::pins::{PinDir, DEFAULT_PIN_DIR},
-    view::{
-        deleted, events, graph,
-        locks::{filter, live_rows, render_table, PidFilter},
-        top,
+    lease::{restore as leases, schedule::LeaseTime},
+    lock::{
+        graph,
+        view::{filter, live_rows, render_table, PidFilter},
     },
+    restore,
+    task::spawn,
+    tracer::pins::{PinDir, DEFAULT_PIN_DIR},
+    view::{events, top},
 };
 
 #[derive(Parser, Debug)]
@@ -235,7 +238,7 @@ pub enum UserCommand {
         /// (ckpt-user's own), null, or a directory DIR (output appended to
         /// DIR/PID.stdout and DIR/PID.stderr, PID as in the image; stdin /dev/null).
         #[arg(long, default_value = "auto", value_name = "auto|inherit|null|DIR")]
-        stdio: restore::spawn::Stdio,
+        stdio: spawn::Stdio,
         /// Restore close-on-exec fds without the flag, so that they (and the locks and
         /// leases on them) reach the program, which is started by an exec.
         #[arg(long)]
@@ -264,7 +267,7 @@ pub enum UserCommand {
     /// Internal: writes man pages and shell completions under DIR (see docs.rs).
     #[command(name = "__docs", hide = true)]
     Docs { dir: PathBuf },
-    /// Internal: thaws a cgroup if the dump that started it dies (see dump/freeze.rs).
+    /// Internal: thaws a cgroup if the dump that started it dies (see cgroup/freeze.rs).
     #[command(name = "__watchdog", hide = true)]
     Watchdog {
         file: PathBuf,
@@ -331,7 +334,7 @@ pub fn run_user(args: UserArgs) -> Result<()> {
     // Whatever the command: a restore killed while it had changed fs.lease-break-time
     // is repaired by the next ckpt command (unless a restore holds the lock now).
     if !matches!(args.command, UserCommand::Watchdog { .. }) {
-        if let Some(w) = restore::leases::repair_lease_break_time() {
+        if let Some(w) = leases::repair_lease_break_time() {
             eprintln!("ckpt-user: warning: {w}");
         }
     }
@@ -604,7 +607,7 @@ pub fn run_user(args: UserArgs) -> Result<()> {
             Ok(())
         }
         UserCommand::Watchdog { file, thaw, temp } => {
-            dump::freeze::watchdog_main(&file, &thaw, &temp)
+            crate::cgroup::freeze::watchdog_main(&file, &thaw, &temp)
         }
     }
 }

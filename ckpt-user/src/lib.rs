@@ -11,18 +11,26 @@
 //! sides; `view` holds the readers' commands, `agent` the background tracer;
 //! `sys`, `cgroup` and `procinfo` are the system-call, cgroupfs and /proc helpers.
 
-pub mod agent;
+// Shared plumbing.
 pub mod cgroup;
-pub mod check;
-pub mod cli;
-pub mod deleted;
-pub mod docs;
-pub mod dump;
 pub mod image;
-pub mod leases;
-pub mod locks;
+pub mod plan;
 pub mod procinfo;
-pub mod restore;
 pub mod sys;
 pub mod tracer;
+
+// One module per kernel object: its model, kernel read, dump, restore and view.
+pub mod fd;
+pub mod ghost;
+pub mod lease;
+pub mod lock;
+pub mod task;
+
+// The commands.
+pub mod agent;
+pub mod check;
+pub mod cli;
+pub mod docs;
+pub mod dump;
+pub mod restore;
 pub mod view;

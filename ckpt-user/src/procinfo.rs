@@ -2,7 +2,7 @@
 
 use std::{collections::HashMap, os::unix::fs::MetadataExt as _, path::PathBuf};
 
-use crate::locks::{
+use crate::lock::{
     proc_locks::{self, ProcLock},
     KernelDev,
 };

@@ -28,12 +28,12 @@ use prometheus_client::{
 };
 
 use crate::{
-    locks::{HeldKind, LockType},
+    ghost,
+    lock::{view::live_rows, HeldKind, LockType},
     tracer::{
         history::{self, BreakTracker, History, WaitEndRing, WaitTracker},
         pins::PinDir,
     },
-    view::{deleted, locks::live_rows},
 };
 
 type Labels = Vec<(&'static str, String)>;
@@ -316,9 +316,9 @@ impl Metrics {
                 .get_or_create(&label)
                 .set(waiting.len() as i64);
         }
-        let (entries, _, source) = deleted::entries(pins, Some(Duration::from_secs(60)))?;
-        let mut files = deleted::group(&entries, |_| true);
-        deleted::refresh_sizes(&mut files, source);
+        let (entries, _, source) = ghost::view::entries(pins, Some(Duration::from_secs(60)))?;
+        let mut files = ghost::view::group(&entries, |_| true);
+        ghost::view::refresh_sizes(&mut files, source);
         self.deleted_files.set(files.len() as i64);
         self.deleted_bytes
             .set(files.iter().map(|f| f.bytes).sum::<u64>() as i64);
@@ -376,7 +376,7 @@ impl Watch {
             &ends,
             lost,
             now_ns,
-            crate::locks::in_lock_call,
+            crate::lock::in_lock_call,
         );
         for e in look.ended.iter().filter(|e| !e.in_tracer_histogram) {
             m.waits.observe(e.at_ns.saturating_sub(e.wait.since_ns));

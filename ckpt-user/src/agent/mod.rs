@@ -5,7 +5,6 @@
 //! It keeps no copy of the lock table: readers walk the kernel's lists. So a restart
 //! loses nothing but history, by construction, and the pinned maps keep even that.
 
-pub mod deleted_table;
 pub mod instance;
 pub mod metrics;
 
@@ -17,12 +16,12 @@ use ckpt_common::{counters::Counter, names};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
+use crate::ghost::table::DeletedTable;
 use crate::tracer::{
     iters::{Iters, Prog},
     loader::{self, Tracing},
     pins::PinDir,
 };
-use deleted_table::DeletedTable;
 
 pub struct Options {
     pub pins: PinDir,

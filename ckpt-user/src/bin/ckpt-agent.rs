@@ -14,7 +14,7 @@ fn main() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
-    if let Some(w) = ckpt_user::restore::leases::repair_lease_break_time() {
+    if let Some(w) = ckpt_user::lease::restore::repair_lease_break_time() {
         tracing::warn!("{w}");
     }
     let rt = match tokio::runtime::Builder::new_current_thread()

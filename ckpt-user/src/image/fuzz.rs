@@ -38,10 +38,10 @@ use super::{
     reader::ImageReader,
     writer::ImageWriter,
 };
-use crate::restore::{
+use crate::{
+    fd::validate,
+    lease::schedule::{plan_breaks, remaining_after_restore, LeaseTime},
     plan::{self, PlanOptions},
-    schedule::{plan_breaks, remaining_after_restore, LeaseTime},
-    validate,
 };
 
 /// The key fuzz images are MAC'd with (never a host's key).

@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 use super::format::{Image, LockType, OpenFile};
 
 /// The open file an index names; an image is input like any other, and a dangling
-/// index is shown, not trusted (restore refuses such an image, see `restore::plan`).
+/// index is shown, not trusted (restore refuses such an image, see `plan`).
 fn file(img: &Image, i: u32) -> Result<&OpenFile, String> {
     img.files
         .get(i as usize)

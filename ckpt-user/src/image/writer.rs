@@ -2,7 +2,7 @@
 //! next to the target, contents streamed in, metadata, MAC (with the host key) and
 //! checksum appended, fsync, rename. Until `finish` renames it, nothing exists under
 //! the final name; dropping an unfinished writer removes the temporary file (and the
-//! dump's watchdog removes it if the dumper is killed, see `dump::freeze`).
+//! dump's watchdog removes it if the dumper is killed, see `cgroup::freeze`).
 
 use std::{
     fs::{File, OpenOptions},

@@ -2,32 +2,22 @@
 //! locks and leases, then running its program.
 //!
 //! In order, and nothing is touched before the first two pass:
+//! The orchestrator; each kernel object's part is with the object:
 //! 1. `plan`: the image is read (checksum, version) and turned into what each process
 //!    must hold; a malformed image is refused here.
-//! 2. `validate`: every file is checked against its fingerprint.
-//! 3. `ghost`: deleted files are recreated; `open`: every open file description is
-//!    opened once, with its holder's credentials; the recreated files are unlinked.
-//! 4. `spawn`: the process tree is forked; each process takes its fds, credentials,
-//!    locks and leases, and waits.
-//! 5. `owners`: signal owners and signals set again; `leases`: leases that were being
-//!    broken are broken again on a schedule, so that each is revoked when the policy
-//!    says, counted from the release (`schedule`; the kernel's deadlines are read back
-//!    through ckpt-agent when it runs, `kernel_deadline`).
+//! 2. `fd::validate`: every file is checked against its fingerprint.
+//! 3. `ghost::restore`: deleted files are recreated; `fd::open`: every open file
+//!    description is opened once, with its holder's credentials.
+//! 4. `task::spawn`: the process tree is forked; each process takes its fds,
+//!    credentials, locks and leases, and waits.
+//! 5. `fd::owners`: signal owners and signals set again; `lease::restore`: leases that
+//!    were being broken are broken again on a schedule, so that each is revoked when
+//!    the policy says, counted from the release (`lease::schedule`; the kernel's
+//!    deadlines are read back, `lease::kernel_deadline`).
 //! 6. Release: every process executes its program at the same instant.
 //!
 //! Any failure kills every process spawned, removes every file created and puts
 //! fs.lease-break-time back: all or nothing.
-
-pub mod creds;
-pub mod ghost;
-pub mod kernel_deadline;
-pub mod leases;
-pub mod open;
-pub mod owners;
-pub mod plan;
-pub mod schedule;
-pub mod spawn;
-pub mod validate;
 
 use std::{
     collections::HashMap,
@@ -41,15 +31,20 @@ use serde::Serialize;
 
 use crate::{
     cgroup,
+    fd::{open, owners, validate},
+    ghost::restore as ghost,
     image::{
         key::HostKey,
         reader::{Auth, ImageReader},
     },
+    lease::{
+        restore::{self as leases, LeaseReport},
+        schedule::LeaseTime,
+    },
+    plan::{self, PlanOptions, Source},
+    task::spawn,
     tracer::pins::PinDir,
 };
-use leases::LeaseReport;
-use plan::{PlanOptions, Source};
-use schedule::LeaseTime;
 
 pub struct Options {
     pub image: PathBuf,

@@ -23,10 +23,11 @@ use anyhow::{bail, Result};
 use ckpt_common::lock::{fl_flags, fl_type, WaitStart};
 use serde::Serialize;
 
-use super::{graph, locks::live_rows};
 use crate::{
-    locks::{
+    lock::{
+        graph,
         kernel::{self, KLock},
+        view::live_rows,
         HeldKind, LockType,
     },
     tracer::{
@@ -94,7 +95,7 @@ impl Event {
             (Some(k), t, Some(s), Some(e)) => format!(
                 "{k} {} {s}-{}{}",
                 t.map_or("?", LockType::label),
-                if e == crate::locks::OFFSET_MAX {
+                if e == crate::lock::OFFSET_MAX {
                     "EOF".to_string()
                 } else {
                     e.to_string()
@@ -223,7 +224,7 @@ impl Follower {
             &ends,
             lost,
             now_ns,
-            crate::locks::in_lock_call,
+            crate::lock::in_lock_call,
         );
         for (tid, w) in &look.began {
             let mut e = wait_event("wait_began", w.since_ns, *tid, w);
@@ -249,7 +250,7 @@ impl Follower {
                     continue;
                 }
                 let hz = crate::sys::hz::kernel_hz()?;
-                let deadline = crate::leases::BreakState::of(l.flags, l.lease.as_ref(), hz)
+                let deadline = crate::lease::BreakState::of(l.flags, l.lease.as_ref(), hz)
                     .primary
                     .map(|d| d.monotonic_ns);
                 let p = Pending {
@@ -427,13 +428,13 @@ mod tests {
     fn a_request_is_granted_by_a_lock_of_its_owner_covering_it() {
         let w = wait(fl_flags::FL_POSIX, fl_type::F_RDLCK);
         let mut l = KLock {
-            kind: crate::locks::HeldKind::Lock(ckpt_common::lock::LockKind::Posix),
+            kind: crate::lock::HeldKind::Lock(ckpt_common::lock::LockKind::Posix),
             lock_type: fl_type::F_WRLCK,
             flags: fl_flags::FL_POSIX,
             pid: 100,
             start: 0,
             end: 20,
-            dev: crate::locks::KernelDev(8),
+            dev: crate::lock::KernelDev(8),
             ino: 7,
             owner: Some(0x20),
             addr: Some(0x30),

@@ -32,12 +32,14 @@ use ratatui::{
     Frame, Terminal,
 };
 
-use super::{
-    deleted::{self, DeletedFile},
-    graph,
-    locks::{filter, live_rows, LockRow, PidFilter},
+use crate::{
+    ghost::view::{self as deleted, DeletedFile},
+    lock::{
+        graph,
+        view::{filter, live_rows, LockRow, PidFilter},
+    },
+    tracer::pins::PinDir,
 };
-use crate::tracer::pins::PinDir;
 
 /// How contended locks are ordered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -628,11 +630,10 @@ pub fn run(opts: Options) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        locks::HeldKind,
-        view::locks::{test_lease, test_row, WaiterRow},
+    use crate::lock::{
+        view::{test_lease, test_row, WaiterRow},
+        HeldKind, LockKind,
     };
-    use ckpt_common::lock::LockKind;
 
     fn snap() -> Snapshot {
         let mut a = test_row(HeldKind::Lock(LockKind::Posix), 10);
@@ -641,7 +642,7 @@ mod tests {
             tid: Some(pid),
             command: None,
             kind: HeldKind::Lock(LockKind::Posix),
-            lock_type: crate::locks::LockType::Write,
+            lock_type: crate::lock::LockType::Write,
             start: 0,
             end: 0,
             waiting_ms: None,

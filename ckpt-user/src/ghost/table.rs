@@ -12,8 +12,8 @@ use aya::maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray};
 use ckpt_common::deleted::{scan, trigger, DeletedKey, DeletedValue};
 use tracing::{debug, warn};
 
+use super::scan::{build, map_path, parse, ScanClock};
 use crate::{
-    deleted::{build, map_path, parse, ScanClock},
     sys::monotonic_ns,
     tracer::iters::{Iters, Prog},
 };

@@ -2,7 +2,10 @@
 //!
 //! `<cgroup>` may be a full path (`/sys/fs/cgroup/unified/job`) or a path relative to a
 //! cgroup mount (`job`, `/job`): it is looked up in the cgroup2 mount first, then in each
-//! v1 hierarchy (hybrid hosts mount both).
+//! v1 hierarchy (hybrid hosts mount both). `freeze`: freezing one for a dump, and
+//! thawing it whatever happens.
+
+pub mod freeze;
 
 use std::{
     collections::BTreeSet,

@@ -19,9 +19,9 @@ use ckpt_common::{
 };
 use serde::Serialize;
 
+use super::scan::{path_of, scan_now};
 use crate::{
-    deleted::{path_of, scan_now},
-    locks::KernelDev,
+    lock::KernelDev,
     sys::{map_batch, monotonic_ns},
     tracer::{
         iters::{unavailable_hint, Iters, Prog},

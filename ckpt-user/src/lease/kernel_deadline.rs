@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 
 use crate::{
-    leases::{record_matches, BreakState},
-    locks::{
+    lease::{record_matches, BreakState},
+    lock::{
         kernel::{self, conflicts},
         HeldKind,
     },

@@ -21,11 +21,11 @@ use std::{
 
 use anyhow::{anyhow, bail, Result};
 
-use super::{
-    creds,
+use super::creds;
+use crate::{
+    image::format::{Image, LockKind, LockType},
     plan::{Exec, FdSource, LeaseOp, LockOp, Plan, ProcPlan},
 };
-use crate::image::format::{Image, LockKind, LockType};
 
 /// Control pipes: helpers write to `status`, block reading `release`.
 struct Control {

@@ -16,15 +16,13 @@ use std::{
 use anyhow::{Context as _, Result};
 use ckpt_common::files::{list, FdRecord, LockLine, TaskRecord};
 
-use super::{
-    fd_table::{FdTable, IterFd},
-    tasks,
-};
+use super::table::{FdTable, IterFd};
 use crate::{
     image::format::{FileKind, OpenFile, Process},
-    locks::{kernel::held_kind, proc_locks::ProcLock, KernelDev, LockType},
+    lock::{kernel::held_kind, proc_locks::ProcLock, KernelDev, LockType},
     procinfo::{parse_fdinfo, split_deleted, FdInfo},
     sys::{fown, pidfd},
+    task::dump as task_dump,
 };
 
 pub const O_CLOEXEC: u32 = 0o2000000;
@@ -180,9 +178,9 @@ pub fn prescan(pids: &BTreeSet<u32>, table: &mut FdTable) -> Result<Prescan> {
     let mut processes = HashMap::new();
     for part in first.processes {
         // Per process, /proc now; inside the window the iterator's process record
-        // says whether it still holds (`tasks::from_record`).
+        // says whether it still holds (`task::dump::from_record`).
         if let Some(record) = part.task {
-            if let Ok(p) = tasks::read(part.pid) {
+            if let Ok(p) = task_dump::read(part.pid) {
                 processes.insert(part.pid, (record, p));
             }
         }

@@ -30,7 +30,7 @@ use nix::{
 
 use crate::image::{format::Ghost, reader::ImageReader};
 
-use super::plan::Creds;
+use crate::plan::Creds;
 
 /// Mode bits a restore gives: permissions and sticky, and the set-id bits only from an
 /// authenticated image (an fd on a set-id file could be run with fexecve).

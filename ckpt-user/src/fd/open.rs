@@ -17,13 +17,13 @@ use std::{
 
 use anyhow::{bail, Context as _, Result};
 
-use super::{
-    creds,
-    ghost::Recreated,
-    plan::{Plan, Source},
-    validate::{Checked, Identity},
+use super::validate::{Checked, Identity};
+use crate::{
+    ghost::restore::Recreated,
+    image::format::{FileKind, Image, OpenFile},
+    plan::{FdSource, Plan, Source},
+    task::creds,
 };
-use crate::image::format::{FileKind, Image, OpenFile};
 
 /// Flags open(2) takes back; the others in fdinfo's flags are the kernel's own.
 const OPEN_FLAGS: i32 = libc::O_ACCMODE
@@ -107,7 +107,7 @@ pub fn descriptions(
                 who.old_pid,
                 who.fds
                     .iter()
-                    .find(|d| d.source == super::plan::FdSource::File(file))
+                    .find(|d| d.source == FdSource::File(file))
                     .map_or(-1, |d| d.fd),
                 f.path,
                 who.creds.euid,

@@ -27,12 +27,12 @@ use serde::Serialize;
 
 use super::{
     kernel_deadline::{SeenBreak, Tracer},
-    owners::Owners,
-    plan::{lease_type_to_set, Plan},
     schedule::{plan_breaks, remaining_after_restore, Break, LeaseTime},
 };
 use crate::{
+    fd::owners::Owners,
     image::format::{Image, LockType},
+    plan::{lease_type_to_set, Plan},
     sys::monotonic_ns,
     sys::{fown, realtime::Fifo},
     tracer::pins::PinDir,

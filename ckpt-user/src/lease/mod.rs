@@ -5,13 +5,22 @@
 //! deadline and leaves the downgrade one. The kernel acts on a deadline at its next
 //! lease check after it (any open, F_GETLEASE, or a blocked breaker's timer): until
 //! then the lease stays breaking with the deadline in the past ("overdue").
+//!
+//! Leases are read with the locks (`lock::kernel`, `lock::dump`); here are their
+//! break state, the restore of leases that were being broken (`restore`), on a
+//! schedule that makes the kernel revoke each when the policy says (`schedule`),
+//! checked against the deadline the kernel really gave (`kernel_deadline`).
+
+pub mod kernel_deadline;
+pub mod restore;
+pub mod schedule;
 
 use ckpt_common::{
     lease::BreakRecord,
     lock::{fl_flags, fl_type},
 };
 
-use crate::locks::kernel::{KLock, LeaseClock};
+use crate::lock::kernel::{KLock, LeaseClock};
 
 /// What a break will do, and when.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

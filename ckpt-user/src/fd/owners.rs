@@ -9,9 +9,9 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use super::plan::Plan;
 use crate::{
     image::format::{Image, OpenFile},
+    plan::Plan,
     sys::fown,
 };
 

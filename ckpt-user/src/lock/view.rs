@@ -1,6 +1,6 @@
 //! `ckpt-user locks`: the live lock and lease table with waiters, as a table or JSON.
 //!
-//! Rows come from the kernel's own lists (`locks::kernel`), read at the call: exact
+//! Rows come from the kernel's own lists (`lock::kernel`), read at the call: exact
 //! with or without an agent. The agent's maps add what the kernel forgets (waiting
 //! times, break starts and breakers, hold times). When the iterators cannot be loaded
 //! (not root, a kernel before 6.1), rows come from /proc/locks (`source: "proc"`).
@@ -12,8 +12,8 @@ use ckpt_common::lock::fl_type;
 use serde::Serialize;
 
 use crate::{
-    leases::{self, BreakState},
-    locks::{
+    lease::{self, BreakState},
+    lock::{
         kernel::{self, conflicts, KLock, KernelLocks},
         proc_locks::{self, ProcLock},
         HeldKind, KernelDev, LockKind, LockType, OFFSET_MAX,
@@ -355,8 +355,8 @@ fn lease_info(l: &KLock, comm: &mut impl FnMut(u32) -> Option<String>, cx: &Cont
     let record = l
         .addr
         .and_then(|a| cx.history?.breaks.get(&a))
-        .filter(|r| leases::record_matches(r, l));
-    let remaining = |d: &leases::Deadline| ms_between(d.monotonic_ns, cx.now_ns);
+        .filter(|r| lease::record_matches(r, l));
+    let remaining = |d: &lease::Deadline| ms_between(d.monotonic_ns, cx.now_ns);
     let breakers: Vec<BreakerRow> = record
         .map(|r| {
             r.breakers[..usize::from(r.n_breakers).min(r.breakers.len())]
@@ -374,7 +374,7 @@ fn lease_info(l: &KLock, comm: &mut impl FnMut(u32) -> Option<String>, cx: &Cont
         .unwrap_or_default();
     LeaseInfo {
         state: if breaking { "breaking" } else { "active" },
-        target_type: target_label(leases::target_type(l)),
+        target_type: target_label(lease::target_type(l)),
         remaining_ms: state.primary.as_ref().map(remaining),
         overdue: state
             .primary
@@ -387,7 +387,7 @@ fn lease_info(l: &KLock, comm: &mut impl FnMut(u32) -> Option<String>, cx: &Cont
         break_started_monotonic_ns: record.map(|r| r.started_ns),
         lease_break_time_s: record
             .zip(state.primary)
-            .map(|(r, d)| leases::break_time_s(r, d.jiffies, cx.hz)),
+            .map(|(r, d)| lease::break_time_s(r, d.jiffies, cx.hz)),
         notified: record.is_some_and(|r| r.notified != 0),
         signal: record.and_then(|r| (r.signal != 0).then_some(r.signal)),
         breakers_total: record.map_or(breakers.len() as u32, |r| u32::from(r.breakers_total)),
@@ -691,7 +691,7 @@ pub fn test_lease(remaining_ms: i64) -> LeaseInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::locks::kernel::Holder;
+    use crate::lock::kernel::Holder;
 
     fn klock(ino: u64, kind: HeldKind, start: i64, pid: u32, addr: u64) -> KLock {
         KLock {

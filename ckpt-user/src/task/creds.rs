@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Result};
 
-use super::plan::Creds;
+use crate::plan::Creds;
 
 fn check(what: &str, r: libc::c_int) -> Result<()> {
     if r < 0 {

@@ -194,7 +194,10 @@ impl Mapping {
 }
 
 /// The deleted-file mappings of `pids`, from the scan iterator's records.
-pub fn mappings_from_scan(records: &[crate::deleted::Seen], pids: &BTreeSet<u32>) -> Vec<Mapping> {
+pub fn mappings_from_scan(
+    records: &[crate::ghost::scan::Seen],
+    pids: &BTreeSet<u32>,
+) -> Vec<Mapping> {
     records
         .iter()
         .filter(|s| s.rec.tag == ckpt_common::deleted::tag::MAP && pids.contains(&s.rec.tgid))

@@ -1,15 +1,10 @@
 //! `ckpt-user dump <cgroup> -o IMAGE`: freeze, collect, thaw, write.
 //!
-//! Per kernel object, like CRIU: `freeze` (the cgroup), `tasks` (processes), `files`
-//! (fds and open file descriptions), `file_locks` (locks, leases, waiters), `ghost`
-//! (deleted-but-open files). The image is written by `image::writer`.
-
-pub mod fd_table;
-pub mod file_locks;
-pub mod files;
-pub mod freeze;
-pub mod ghost;
-pub mod tasks;
+//! The orchestrator; each kernel object's part is with the object, like CRIU's
+//! cr-dump.c calling file-lock.c and files-reg.c: `cgroup::freeze` (the cgroup),
+//! `task::dump` (processes), `fd::dump` (fds and open file descriptions), `lock::dump`
+//! (locks, leases, waiters), `ghost::dump` (deleted-but-open files). The image is
+//! written by `image::writer`.
 
 use std::{
     collections::{BTreeSet, HashMap, HashSet},
@@ -25,24 +20,31 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::{
-    cgroup,
+    cgroup::{
+        self,
+        freeze::{self, Freezer, Frozen, Watchdog},
+    },
+    fd::{
+        dump::{self as fd_dump, FoundFd},
+        table::{self as fd_table, FdTable},
+    },
+    ghost::dump as ghost_dump,
     image::{
         format::{FileKind, Fingerprint, Ghost, Image},
         writer::ImageWriter,
     },
-    locks::{
+    lock::{
+        dump as lock_dump,
         kernel::{self, KLock},
         proc_locks, HeldKind, KernelDev,
     },
-    tracer::history::History,
+    task::dump as task_dump,
     tracer::{
+        history::History,
         iters::{unavailable_hint, Iters, Prog},
         pins::PinDir,
     },
 };
-use fd_table::FdTable;
-use files::FoundFd;
-use freeze::{Freezer, Frozen, Watchdog};
 
 pub struct Options {
     pub cgroup: String,
@@ -91,11 +93,11 @@ enum FdsRead {
     /// From the agent's iterator: records, plus the few reads they still needed.
     Iter {
         table: fd_table::TableRead,
-        late: files::LateReads,
+        late: fd_dump::LateReads,
     },
     /// From /proc, one fd at a time, grouped into descriptions with kcmp.
     Proc {
-        fds: Vec<files::FoundFd>,
+        fds: Vec<fd_dump::FoundFd>,
         desc_of: Vec<u32>,
         files: Vec<crate::image::format::OpenFile>,
     },
@@ -187,24 +189,24 @@ fn add_mapped_ghosts(
     pids: &BTreeSet<u32>,
     leased: &HashSet<(KernelDev, u64)>,
     limit: u64,
-    sources: &mut Vec<ghost::Source>,
+    sources: &mut Vec<ghost_dump::Source>,
 ) -> Result<()> {
     let maps = match iters {
-        Some(i) => ghost::mappings_from_scan(
-            &crate::deleted::parse(&i.read_all(Prog::DeletedMaps)?)?,
+        Some(i) => ghost_dump::mappings_from_scan(
+            &crate::ghost::scan::parse(&i.read_all(Prog::DeletedMaps)?)?,
             pids,
         ),
         None => {
             let mut all = Vec::new();
             for &pid in pids {
-                all.extend(ghost::mappings_from_proc(pid)?);
+                all.extend(ghost_dump::mappings_from_proc(pid)?);
             }
             all
         }
     };
     // Process memory and files with a name left are skipped before anything else is
     // read: shared anonymous memory is common.
-    let shmem = ghost::internal_shmem_dev();
+    let shmem = ghost_dump::internal_shmem_dev();
     let mut kept = Vec::new();
     for m in maps {
         let link = m.link();
@@ -216,11 +218,11 @@ fn add_mapped_ghosts(
         let path = std::fs::read_link(&link)
             .map(|p| crate::procinfo::split_deleted(&p.display().to_string()).0)
             .unwrap_or_default();
-        if !ghost::is_process_memory(&path, md.dev(), shmem) {
+        if !ghost_dump::is_process_memory(&path, md.dev(), shmem) {
             kept.push((m, md, path));
         }
     }
-    let described = ghost::describe(&kept.iter().map(|k| k.0.clone()).collect::<Vec<_>>());
+    let described = ghost_dump::describe(&kept.iter().map(|k| k.0.clone()).collect::<Vec<_>>());
     for ((m, md, path), described) in kept.into_iter().zip(described) {
         let link = m.link();
         let dev = KernelDev::from_st_dev(md.dev());
@@ -234,8 +236,8 @@ fn add_mapped_ghosts(
         if leased.contains(&(dev, md.ino())) {
             bail!("deleted file {path} is leased: reading it would break the lease");
         }
-        sources.push(ghost::prepare(
-            ghost::Plan {
+        sources.push(ghost_dump::prepare(
+            ghost_dump::Plan {
                 link,
                 ghost: Ghost {
                     dev,
@@ -313,7 +315,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     };
     let before: BTreeSet<u32> = cgroup::pids(&dir)?;
     let pre = match &mut table {
-        Some(t) => files::prescan(&before, t)?,
+        Some(t) => fd_dump::prescan(&before, t)?,
         None => Default::default(),
     };
 
@@ -385,10 +387,10 @@ pub fn run(opts: &Options) -> Result<Report> {
             let (read, lates, ()) = t.read_then(
                 &wanted,
                 // After its read: a process killed since the freeze is refused
-                // (see `tasks::still_alive`), before its exit can tear what was read.
+                // (see `task::dump::still_alive`), before its exit can tear what was read.
                 |p| {
-                    tasks::still_alive(p.pid)?;
-                    files::late_reads(&p.fds, &pids, &pre)
+                    task_dump::still_alive(p.pid)?;
+                    fd_dump::late_reads(&p.fds, &pids, &pre)
                 },
                 || (),
             )?;
@@ -400,7 +402,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     let mut processes = Vec::new();
     let read = match table_read {
         Some((read, lates)) => {
-            let mut late = files::LateReads::default();
+            let mut late = fd_dump::LateReads::default();
             for l in lates {
                 late.merge(l);
             }
@@ -411,7 +413,7 @@ pub fn run(opts: &Options) -> Result<Report> {
             for &pid in &pids {
                 // From the window's process record; a process killed meanwhile (no
                 // record) is read from /proc, which catches it.
-                processes.push(tasks::from_record(
+                processes.push(task_dump::from_record(
                     pid,
                     read.task(pid),
                     pre.processes.get(&pid),
@@ -422,12 +424,12 @@ pub fn run(opts: &Options) -> Result<Report> {
         None => {
             let mut fds = Vec::new();
             for &pid in &pids {
-                processes.push(tasks::read(pid)?);
-                fds.extend(files::scan(pid)?);
-                tasks::still_alive(pid)?;
+                processes.push(task_dump::read(pid)?);
+                fds.extend(fd_dump::scan(pid)?);
+                task_dump::still_alive(pid)?;
             }
             phase.mark("fd tables (/proc)");
-            let (desc_of, files) = files::descriptions(&fds)?;
+            let (desc_of, files) = fd_dump::descriptions(&fds)?;
             FdsRead::Proc {
                 fds,
                 desc_of,
@@ -442,10 +444,10 @@ pub fn run(opts: &Options) -> Result<Report> {
     let content_fds: &[FoundFd] = match &read {
         FdsRead::Proc { fds, .. } => fds,
         FdsRead::Iter { table, late } => {
-            needed_now = files::assemble(
+            needed_now = fd_dump::assemble(
                 table
                     .fds()
-                    .filter(|e| opts.hash || files::is_ghost_record(e)),
+                    .filter(|e| opts.hash || fd_dump::is_ghost_record(e)),
                 &pids,
                 &pre,
                 late,
@@ -470,8 +472,8 @@ pub fn run(opts: &Options) -> Result<Report> {
                 f.path
             );
         }
-        sources.push(ghost::prepare(
-            ghost::Plan {
+        sources.push(ghost_dump::prepare(
+            ghost_dump::Plan {
                 link: format!("/proc/{}/fd/{}", f.pid, f.fd),
                 ghost: Ghost {
                     dev: f.dev,
@@ -507,7 +509,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     });
     let mut ghosts = Vec::new();
     for s in sources.iter().filter(|s| !s.cloned) {
-        ghosts.push(ghost::copy(s, &mut writer, progress.as_ref())?);
+        ghosts.push(ghost_dump::copy(s, &mut writer, progress.as_ref())?);
     }
     let mut hashes: HashMap<(KernelDev, u64), String> = HashMap::new();
     if opts.hash {
@@ -533,7 +535,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     // ---- thawed ----
 
     for s in sources.iter().filter(|s| s.cloned) {
-        ghosts.push(ghost::copy(s, &mut writer, progress.as_ref())?);
+        ghosts.push(ghost_dump::copy(s, &mut writer, progress.as_ref())?);
     }
     if let Some(p) = progress {
         p.finish_and_clear();
@@ -545,8 +547,8 @@ pub fn run(opts: &Options) -> Result<Report> {
             files,
         } => (fds, desc_of, files),
         FdsRead::Iter { table, late } => {
-            let fds = files::assemble(table.fds(), &pids, &pre, &late);
-            let (desc_of, files) = files::descriptions_by_file(&fds);
+            let fds = fd_dump::assemble(table.fds(), &pids, &pre, &late);
+            let (desc_of, files) = fd_dump::descriptions_by_file(&fds);
             (fds, desc_of, files)
         }
     };
@@ -562,10 +564,10 @@ pub fn run(opts: &Options) -> Result<Report> {
         p.fds.push(crate::image::format::Fd {
             fd: f.fd,
             file: desc_of[i],
-            cloexec: files::cloexec(f),
+            cloexec: fd_dump::cloexec(f),
         });
     }
-    let collected = file_locks::collect(
+    let collected = lock_dump::collect(
         &all_fds,
         &desc_of,
         &pids,

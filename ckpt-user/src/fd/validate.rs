@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 
 use crate::{
     image::format::{Fingerprint, Image},
-    locks::KernelDev,
+    lock::KernelDev,
     sys::pidfd,
 };
 

@@ -16,8 +16,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
-use super::locks::LockRow;
-use crate::locks::{HeldKind, LockType};
+use super::{view::LockRow, HeldKind, LockType};
 
 /// One blocked request: a task, and the rows (held locks) it conflicts with.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -529,9 +528,9 @@ pub fn render_dot(rows: &[LockRow], a: &Analysis) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{
-        locks::LockKind,
-        view::locks::{test_lease, test_row, WaiterRow},
+    use crate::lock::{
+        view::{test_lease, test_row, WaiterRow},
+        LockKind,
     };
 
     fn waiter(pid: u32) -> WaiterRow {

@@ -13,11 +13,11 @@ use std::collections::{BTreeSet, HashSet};
 
 use ckpt_common::{files::LockLine, lock::fl_type};
 
-use super::files::FoundFd;
 use crate::{
+    fd::dump::FoundFd,
     image::format::{Breaker, Lease, Lock, LockKind, LockType, Waiter},
-    leases::{self, BreakState},
-    locks::{
+    lease::{self, BreakState},
+    lock::{
         kernel::{self, KLock, LeaseClock},
         proc_locks::ProcLock,
         HeldKind, KernelDev,
@@ -228,9 +228,9 @@ fn lease(
     let record = e
         .addr
         .and_then(|a| history?.breaks.get(&a))
-        .filter(|r| leases::record_matches(r, &as_klock));
+        .filter(|r| lease::record_matches(r, &as_klock));
     let target = if breaking {
-        LockType::from_fl_type(leases::target_type(&as_klock))
+        LockType::from_fl_type(lease::target_type(&as_klock))
     } else {
         e.lock_type
     };
@@ -243,7 +243,7 @@ fn lease(
         remaining_ns: deadline.map(|d| d.monotonic_ns as i64 - frozen_ns as i64),
         lease_break_time_s: record
             .zip(deadline)
-            .map(|(r, d)| leases::break_time_s(r, d.jiffies, hz)),
+            .map(|(r, d)| lease::break_time_s(r, d.jiffies, hz)),
         notified: record.is_some_and(|r| r.notified != 0),
         signal: record.and_then(|r| (r.signal != 0).then_some(r.signal)),
         breakers: record

@@ -120,7 +120,7 @@ pub fn read() -> anyhow::Result<Vec<ProcLock>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::locks::LockKind;
+    use crate::lock::LockKind;
 
     const SAMPLE: &str = "\
 1: POSIX  ADVISORY  WRITE 1234 08:01:393220 0 EOF
