@@ -253,17 +253,111 @@ fn add_mapped_ghosts(
     Ok(())
 }
 
+/// `dump`, in its phases: select the cgroup, open the readers, prescan (before the
+/// freeze: what takes long), freeze, read the frozen tasks, read contents that must be
+/// read frozen (deleted files, hashes), thaw, assemble the image, write it.
 pub fn run(opts: &Options) -> Result<Report> {
     let t0 = Instant::now();
-    // SIGINT and SIGTERM stop a dump (the watchdog thaws and cleans up), even when
-    // they were inherited ignored, as a non-interactive shell's background jobs and
-    // some CI runners start their commands.
-    // SAFETY: setting dispositions before any threads exist.
-    unsafe {
-        libc::signal(libc::SIGINT, libc::SIG_DFL);
-        libc::signal(libc::SIGTERM, libc::SIG_DFL);
-    }
+    stop_signals_default();
     crate::sys::raise_open_file_limit();
+    let target = select(opts)?;
+    let iters = open_iters(opts);
+    let mut readers = Readers::on(iters.as_ref());
+    let pre = prescan(opts, &target, &mut readers)?;
+
+    let id = image_id();
+    // The watchdog first, so that it covers the temporary image from its creation to
+    // its rename; declared before the writer and the freeze, it is dropped after them.
+    let mut watchdog = Watchdog::start(
+        &target.freezer,
+        &crate::image::writer::temp_path(&opts.output),
+    )?;
+    let mut writer = ImageWriter::create(&opts.output, &target.key)?;
+    let mut phase = Phases {
+        on: opts.timings,
+        last: Instant::now(),
+    };
+    freeze::refuse_self_freeze(
+        &target.dir,
+        &cgroup::pids(&target.dir)?,
+        Some(watchdog.pid()),
+    )?;
+    let frozen = Frozen::freeze(target.freezer.clone(), opts.freeze_timeout)?;
+    let (frozen_ns, freezing) = (frozen.monotonic_ns, frozen.freezing);
+    phase.mark("freeze");
+
+    // ---- frozen from here: kernel reads only; assembly waits for the thaw ----
+    let read = read_frozen(opts, &target, &mut readers, &pre, &id, &mut phase)?;
+    let mut contents = read_contents(opts, &readers, &read, &pre, &mut writer)?;
+    phase.mark("deleted files and hashes");
+    let frozen_for = frozen.thaw()?;
+    watchdog.thawed();
+    // ---- thawed ----
+
+    contents.copy_cloned(&mut writer)?;
+    let image = assemble(
+        Frame {
+            id: &id,
+            cgroup: &target.dir,
+            frozen_monotonic_ns: frozen_ns,
+            frozen_for,
+            hz: target.hz,
+            with_iters: readers.iters.is_some(),
+        },
+        read,
+        &pre,
+        contents,
+    )?;
+    let fds = image.processes.iter().map(|p| p.fds.len()).sum();
+    let path = writer.finish(&image)?;
+    // Only now: a kill before the rename leaves the watchdog to remove the temporary.
+    watchdog.done();
+    Ok(Report {
+        image: path.display().to_string(),
+        id,
+        source: image.source.clone(),
+        fd_tables: if readers.table.is_some() {
+            "iterator"
+        } else {
+            "proc"
+        }
+        .into(),
+        frozen_ms: frozen_for.as_secs_f64() * 1e3,
+        freezing_ms: freezing.as_secs_f64() * 1e3,
+        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        processes: image.processes.len(),
+        fds,
+        files: image.files.len(),
+        locks: image.locks.len(),
+        leases: image.leases.len(),
+        waiters: image.waiters.len(),
+        ghosts: image.ghosts.len(),
+        missing: image.missing,
+    })
+}
+
+/// SIGINT and SIGTERM stop a dump (the watchdog thaws and cleans up), even when they
+/// were inherited ignored, as a non-interactive shell's background jobs and some CI
+/// runners start their commands.
+fn stop_signals_default() {
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    for s in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the default disposition, set before any threads exist.
+        let _ = unsafe { signal(s, SigHandler::SigDfl) };
+    }
+}
+
+/// What is dumped, and with what.
+struct Target {
+    dir: PathBuf,
+    freezer: Freezer,
+    key: crate::image::key::HostKey,
+    hz: u32,
+}
+
+/// Phase 1: the cgroup, which must not be empty nor hold the caller, its freezer,
+/// the key that will authenticate the image, the kernel's HZ.
+fn select(opts: &Options) -> Result<Target> {
     let dir = cgroup::resolve(&opts.cgroup)?;
     let members = cgroup::pids(&dir)?;
     if members.is_empty() {
@@ -273,9 +367,37 @@ pub fn run(opts: &Options) -> Result<Report> {
     let freezer = Freezer::for_cgroup(&dir)?;
     let key = crate::image::key::HostKey::load_or_create(&opts.key)?;
     let hz = crate::sys::hz::kernel_hz().context("finding the kernel's HZ")?;
-    // The iterators read the fd tables, lock lists and blocked requests: loaded here,
-    // agent or not.
-    // CKPT_PROC_ONLY=1 takes the path of a kernel before 6.1 or a caller without root.
+    Ok(Target {
+        dir,
+        freezer,
+        key,
+        hz,
+    })
+}
+
+/// The iterators, and the fd-table reader built on them (None: /proc is read).
+struct Readers<'a> {
+    iters: Option<&'a Iters>,
+    table: Option<FdTable<'a>>,
+}
+
+impl<'a> Readers<'a> {
+    fn on(iters: Option<&'a Iters>) -> Readers<'a> {
+        let table = iters.and_then(|i| match FdTable::open(i) {
+            Ok(t) => Some(t),
+            Err(why) => {
+                eprintln!("ckpt-user: {why:#}; reading fd tables from /proc");
+                None
+            }
+        });
+        Readers { iters, table }
+    }
+}
+
+/// Phase 2: the iterators read the fd tables, lock lists and blocked requests: loaded
+/// here, agent or not. CKPT_PROC_ONLY=1 takes the path of a kernel before 6.1 or a
+/// caller without root.
+fn open_iters(opts: &Options) -> Option<Iters> {
     let loaded = if std::env::var_os("CKPT_PROC_ONLY").is_some() {
         Err(anyhow::anyhow!("CKPT_PROC_ONLY is set"))
     } else {
@@ -290,7 +412,7 @@ pub fn run(opts: &Options) -> Result<Report> {
             ],
         )
     };
-    let iters = match loaded {
+    match loaded {
         Ok(i) => Some(i),
         Err(e) => {
             eprintln!(
@@ -300,29 +422,31 @@ pub fn run(opts: &Options) -> Result<Report> {
             );
             None
         }
-    };
-    // Learn what the fd-table iterator cannot tell (stat device, file handles) now,
-    // before freezing.
-    let mut table = match &iters {
-        Some(i) => match FdTable::open(i) {
-            Ok(t) => Some(t),
-            Err(why) => {
-                eprintln!("ckpt-user: {why:#}; reading fd tables from /proc");
-                None
-            }
-        },
-        None => None,
-    };
-    let before: BTreeSet<u32> = cgroup::pids(&dir)?;
-    let pre = match &mut table {
+    }
+}
+
+/// What is learnt before the freeze.
+struct Prescanned {
+    /// The cgroup's processes at the prescan.
+    before: BTreeSet<u32>,
+    /// What the fd-table iterator cannot tell (stat device, file handles).
+    files: fd_dump::Prescan,
+    /// The blocked requests, just before the freeze.
+    blocked: Vec<KLock>,
+    history: Option<History>,
+}
+
+/// Phase 3: what takes long is learnt before the freeze. Freezing interrupts blocked
+/// lock calls (they restart after the thaw): the waiters are recorded as the kernel's
+/// trees hold them just before (after the prescan, which takes a while), then the
+/// agent's records, which name every request just read.
+fn prescan(opts: &Options, target: &Target, readers: &mut Readers<'_>) -> Result<Prescanned> {
+    let before: BTreeSet<u32> = cgroup::pids(&target.dir)?;
+    let files = match &mut readers.table {
         Some(t) => fd_dump::prescan(&before, t)?,
         None => Default::default(),
     };
-
-    // Freezing interrupts blocked lock calls (they restart after the thaw): record the
-    // waiters as the kernel's trees hold them just before (after the prescan, which
-    // takes a while), then the agent's records, which name every request just read.
-    let blocked: Vec<KLock> = match &iters {
+    let blocked: Vec<KLock> = match &readers.iters {
         Some(i) => kernel::read(i)?.blocked,
         None => proc_locks::read()?
             .iter()
@@ -340,36 +464,44 @@ pub fn run(opts: &Options) -> Result<Report> {
             MISSING_WITHOUT_AGENT.join(", ")
         );
     }
+    Ok(Prescanned {
+        before,
+        files,
+        blocked,
+        history,
+    })
+}
 
-    let id = image_id();
-    // The watchdog first, so that it covers the temporary image from its creation to
-    // its rename; declared before the writer and the freeze, it is dropped after them.
-    let mut watchdog = Watchdog::start(&freezer, &crate::image::writer::temp_path(&opts.output))?;
-    let mut writer = ImageWriter::create(&opts.output, &key)?;
-    let mut phase = Phases {
-        on: opts.timings,
-        last: Instant::now(),
-    };
-    freeze::refuse_self_freeze(&dir, &cgroup::pids(&dir)?, Some(watchdog.pid()))?;
-    let frozen = Frozen::freeze(freezer, opts.freeze_timeout)?;
-    let frozen_ns = frozen.monotonic_ns;
-    let freezing = frozen.freezing;
-    phase.mark("freeze");
+/// What was read while frozen.
+struct FrozenRead {
+    pids: BTreeSet<u32>,
+    processes: Vec<crate::image::format::Process>,
+    fds: FdsRead,
+}
 
-    // ---- frozen from here: kernel reads only; assembly waits for the thaw ----
-    let pids: BTreeSet<u32> = cgroup::pids(&dir)?;
+/// Phase 4 (frozen): the snapshot command, then the fd tables and processes, one
+/// reader per CPU, each also doing its processes' late reads.
+fn read_frozen(
+    opts: &Options,
+    target: &Target,
+    readers: &mut Readers<'_>,
+    pre: &Prescanned,
+    id: &str,
+    phase: &mut Phases,
+) -> Result<FrozenRead> {
+    let pids: BTreeSet<u32> = cgroup::pids(&target.dir)?;
     if pids.is_empty() {
         bail!(
             "every process of cgroup {} exited before the dump",
-            dir.display()
+            target.dir.display()
         );
     }
     if let Some(cmd) = &opts.snapshot_cmd {
         let status = std::process::Command::new("sh")
             .arg("-c")
             .arg(cmd)
-            .env("CKPT_IMAGE_ID", &id)
-            .env("CKPT_CGROUP", &dir)
+            .env("CKPT_IMAGE_ID", id)
+            .env("CKPT_CGROUP", &target.dir)
             .status()
             .context("running --snapshot-cmd")?;
         if !status.success() {
@@ -377,12 +509,14 @@ pub fn run(opts: &Options) -> Result<Report> {
         }
     }
     // Processes that joined since the prescan need their paths now.
-    let wanted: Vec<(u32, bool)> = pids.iter().map(|&p| (p, !before.contains(&p))).collect();
-    if let Some(t) = &mut table {
-        t.prepare(pids.difference(&before).copied(), true)?;
+    let wanted: Vec<(u32, bool)> = pids
+        .iter()
+        .map(|&p| (p, !pre.before.contains(&p)))
+        .collect();
+    if let Some(t) = &mut readers.table {
+        t.prepare(pids.difference(&pre.before).copied(), true)?;
     }
-    // The fd tables, one reader per CPU, each also doing its processes' late reads.
-    let table_read = match &table {
+    let table_read = match &readers.table {
         Some(t) => {
             let (read, lates, ()) = t.read_then(
                 &wanted,
@@ -390,7 +524,7 @@ pub fn run(opts: &Options) -> Result<Report> {
                 // (see `task::dump::still_alive`), before its exit can tear what was read.
                 |p| {
                     task_dump::still_alive(p.pid)?;
-                    fd_dump::late_reads(&p.fds, &pids, &pre)
+                    fd_dump::late_reads(&p.fds, &pids, &pre.files)
                 },
                 || (),
             )?;
@@ -400,7 +534,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     };
     phase.mark("fd tables");
     let mut processes = Vec::new();
-    let read = match table_read {
+    let fds = match table_read {
         Some((read, lates)) => {
             let mut late = fd_dump::LateReads::default();
             for l in lates {
@@ -416,7 +550,7 @@ pub fn run(opts: &Options) -> Result<Report> {
                 processes.push(task_dump::from_record(
                     pid,
                     read.task(pid),
-                    pre.processes.get(&pid),
+                    pre.files.processes.get(&pid),
                 )?);
             }
             FdsRead::Iter { table: read, late }
@@ -438,28 +572,68 @@ pub fn run(opts: &Options) -> Result<Report> {
         }
     };
     phase.mark("processes and descriptions");
+    Ok(FrozenRead {
+        pids,
+        processes,
+        fds,
+    })
+}
 
-    // Contents must be read while frozen: deleted files, and hashes with --hash.
+/// Contents read while frozen: deleted files (those a snapshot cannot clone are
+/// copied now), and hashes with --hash.
+struct Contents {
+    sources: Vec<ghost_dump::Source>,
+    ghosts: Vec<Ghost>,
+    hashes: HashMap<(KernelDev, u64), String>,
+    progress: Option<ProgressBar>,
+}
+
+impl Contents {
+    /// Phase 6 (thawed): the deleted files that were cloned at the freeze.
+    fn copy_cloned(&mut self, writer: &mut ImageWriter) -> Result<()> {
+        for s in self.sources.iter().filter(|s| s.cloned) {
+            self.ghosts
+                .push(ghost_dump::copy(s, writer, self.progress.as_ref())?);
+        }
+        if let Some(p) = self.progress.take() {
+            p.finish_and_clear();
+        }
+        Ok(())
+    }
+}
+
+/// Inodes with a lease: reading them would break it.
+fn leased(fds: &[FoundFd]) -> HashSet<(KernelDev, u64)> {
+    fds.iter()
+        .filter(|f| f.info.locks.iter().any(|l| l.kind == Some(HeldKind::Lease)))
+        .map(|f| (f.dev, f.ino))
+        .collect()
+}
+
+/// Phase 5 (frozen): what must be read before the thaw.
+fn read_contents(
+    opts: &Options,
+    readers: &Readers<'_>,
+    read: &FrozenRead,
+    pre: &Prescanned,
+    writer: &mut ImageWriter,
+) -> Result<Contents> {
     let needed_now;
-    let content_fds: &[FoundFd] = match &read {
+    let content_fds: &[FoundFd] = match &read.fds {
         FdsRead::Proc { fds, .. } => fds,
         FdsRead::Iter { table, late } => {
             needed_now = fd_dump::assemble(
                 table
                     .fds()
                     .filter(|e| opts.hash || fd_dump::is_ghost_record(e)),
-                &pids,
-                &pre,
+                &read.pids,
+                &pre.files,
                 late,
             );
             &needed_now
         }
     };
-    let leased: HashSet<(KernelDev, u64)> = content_fds
-        .iter()
-        .filter(|f| f.info.locks.iter().any(|l| l.kind == Some(HeldKind::Lease)))
-        .map(|f| (f.dev, f.ino))
-        .collect();
+    let leased = leased(content_fds);
     let mut sources = Vec::new();
     let mut seen = HashSet::new();
     for f in content_fds {
@@ -490,8 +664,8 @@ pub fn run(opts: &Options) -> Result<Report> {
         )?);
     }
     add_mapped_ghosts(
-        iters.as_ref(),
-        &pids,
+        readers.iters,
+        &read.pids,
         &leased,
         opts.ghost_limit,
         &mut sources,
@@ -509,7 +683,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     });
     let mut ghosts = Vec::new();
     for s in sources.iter().filter(|s| !s.cloned) {
-        ghosts.push(ghost_dump::copy(s, &mut writer, progress.as_ref())?);
+        ghosts.push(ghost_dump::copy(s, writer, progress.as_ref())?);
     }
     let mut hashes: HashMap<(KernelDev, u64), String> = HashMap::new();
     if opts.hash {
@@ -529,37 +703,32 @@ pub fn run(opts: &Options) -> Result<Report> {
             hashes.insert((f.dev, f.ino), sha256_of(f.pid, f.fd)?);
         }
     }
-    phase.mark("deleted files and hashes");
-    let frozen_for = frozen.thaw()?;
-    watchdog.thawed();
-    // ---- thawed ----
+    Ok(Contents {
+        sources,
+        ghosts,
+        hashes,
+        progress,
+    })
+}
 
-    for s in sources.iter().filter(|s| s.cloned) {
-        ghosts.push(ghost_dump::copy(s, &mut writer, progress.as_ref())?);
-    }
-    if let Some(p) = progress {
-        p.finish_and_clear();
-    }
-    let (all_fds, desc_of, files) = match read {
-        FdsRead::Proc {
-            fds,
-            desc_of,
-            files,
-        } => (fds, desc_of, files),
-        FdsRead::Iter { table, late } => {
-            let fds = fd_dump::assemble(table.fds(), &pids, &pre, &late);
-            let (desc_of, files) = fd_dump::descriptions_by_file(&fds);
-            (fds, desc_of, files)
-        }
-    };
-    refuse_unrestorable(&all_fds)?;
-    // Index, not a search per fd.
+/// The image's frame: its identity and the freeze it describes.
+struct Frame<'a> {
+    id: &'a str,
+    cgroup: &'a std::path::Path,
+    frozen_monotonic_ns: u64,
+    frozen_for: Duration,
+    hz: u32,
+    with_iters: bool,
+}
+
+/// Each fd onto its process (by index, not a search per fd).
+fn attach_fds(processes: &mut [crate::image::format::Process], fds: &[FoundFd], desc_of: &[u32]) {
     let index: HashMap<u32, usize> = processes
         .iter()
         .enumerate()
         .map(|(i, p)| (p.pid, i))
         .collect();
-    for (i, f) in all_fds.iter().enumerate() {
+    for (i, f) in fds.iter().enumerate() {
         let p = &mut processes[index[&f.pid]];
         p.fds.push(crate::image::format::Fd {
             fd: f.fd,
@@ -567,27 +736,21 @@ pub fn run(opts: &Options) -> Result<Report> {
             cloexec: fd_dump::cloexec(f),
         });
     }
-    let collected = lock_dump::collect(
-        &all_fds,
-        &desc_of,
-        &pids,
-        &blocked,
-        history.as_ref(),
-        frozen_ns,
-        hz,
-    );
+}
 
-    // Fingerprints of regular files, as they were at the freeze.
-    let mut fingerprints = Vec::new();
+/// Fingerprints of regular files (not deleted ones), one per inode, as they were at
+/// the freeze: what restore checks before touching anything.
+fn fingerprints(fds: &[FoundFd], hashes: &HashMap<(KernelDev, u64), String>) -> Vec<Fingerprint> {
+    let mut out = Vec::new();
     let mut seen = HashSet::new();
-    for f in all_fds
+    for f in fds
         .iter()
         .filter(|f| f.kind() == FileKind::Regular && !f.is_ghost())
     {
         if !seen.insert((f.dev, f.ino)) {
             continue;
         }
-        fingerprints.push(Fingerprint {
+        out.push(Fingerprint {
             path: f.path.clone(),
             dev: f.dev,
             ino: f.ino,
@@ -599,9 +762,53 @@ pub fn run(opts: &Options) -> Result<Report> {
             unlinked: f.name_gone(),
         });
     }
-    let fds = all_fds.len();
-    let image = Image {
-        id: id.clone(),
+    out
+}
+
+/// What the image lacks, by what was missing at the dump.
+fn missing(with_iters: bool, with_agent: bool) -> Vec<String> {
+    (!with_iters)
+        .then_some(MISSING_WITHOUT_ITERATORS)
+        .into_iter()
+        .chain((!with_agent).then_some(MISSING_WITHOUT_AGENT))
+        .flatten()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+/// Phase 7 (thawed): the image, from what was read. Refuses what restore could not
+/// bring back.
+fn assemble(frame: Frame, read: FrozenRead, pre: &Prescanned, contents: Contents) -> Result<Image> {
+    let FrozenRead {
+        pids,
+        mut processes,
+        fds,
+    } = read;
+    let (all_fds, desc_of, files) = match fds {
+        FdsRead::Proc {
+            fds,
+            desc_of,
+            files,
+        } => (fds, desc_of, files),
+        FdsRead::Iter { table, late } => {
+            let fds = fd_dump::assemble(table.fds(), &pids, &pre.files, &late);
+            let (desc_of, files) = fd_dump::descriptions_by_file(&fds);
+            (fds, desc_of, files)
+        }
+    };
+    refuse_unrestorable(&all_fds)?;
+    attach_fds(&mut processes, &all_fds, &desc_of);
+    let collected = lock_dump::collect(
+        &all_fds,
+        &desc_of,
+        &pids,
+        &pre.blocked,
+        pre.history.as_ref(),
+        frame.frozen_monotonic_ns,
+        frame.hz,
+    );
+    Ok(Image {
+        id: frame.id.to_string(),
         created_unix_ns: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
@@ -612,44 +819,112 @@ pub fn run(opts: &Options) -> Result<Report> {
         kernel: nix::sys::utsname::uname()
             .map(|u| u.release().to_string_lossy().into_owned())
             .unwrap_or_default(),
-        cgroup: dir.display().to_string(),
-        frozen_monotonic_ns: frozen_ns,
-        frozen_ns: frozen_for.as_nanos() as u64,
-        source: if iters.is_some() { "kernel" } else { "proc" }.into(),
-        missing: iters
-            .is_none()
-            .then_some(MISSING_WITHOUT_ITERATORS)
-            .into_iter()
-            .chain(history.is_none().then_some(MISSING_WITHOUT_AGENT))
-            .flatten()
-            .map(|s| s.to_string())
-            .collect(),
+        cgroup: frame.cgroup.display().to_string(),
+        frozen_monotonic_ns: frame.frozen_monotonic_ns,
+        frozen_ns: frame.frozen_for.as_nanos() as u64,
+        source: if frame.with_iters { "kernel" } else { "proc" }.into(),
+        missing: missing(frame.with_iters, pre.history.is_some()),
         processes,
         files,
         locks: collected.locks,
         waiters: collected.waiters,
         leases: collected.leases,
-        ghosts,
-        fingerprints,
-    };
-    let path = writer.finish(&image)?;
-    // Only now: a kill before the rename leaves the watchdog to remove the temporary.
-    watchdog.done();
-    Ok(Report {
-        image: path.display().to_string(),
-        id,
-        source: image.source.clone(),
-        fd_tables: if table.is_some() { "iterator" } else { "proc" }.into(),
-        frozen_ms: frozen_for.as_secs_f64() * 1e3,
-        freezing_ms: freezing.as_secs_f64() * 1e3,
-        total_ms: t0.elapsed().as_secs_f64() * 1e3,
-        processes: image.processes.len(),
-        fds,
-        files: image.files.len(),
-        locks: image.locks.len(),
-        leases: image.leases.len(),
-        waiters: image.waiters.len(),
-        ghosts: image.ghosts.len(),
-        missing: image.missing,
+        ghosts: contents.ghosts,
+        fingerprints: fingerprints(&all_fds, &contents.hashes),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{image::format::Process, lock::proc_locks::ProcLock};
+
+    fn found(pid: u32, fd: i32, ino: u64, mode: u32, nlink: u64) -> FoundFd {
+        FoundFd {
+            pid,
+            fd,
+            path: format!("/f{ino}"),
+            unlinked: nlink == 0,
+            info: Default::default(),
+            dev: KernelDev::new(8, 1),
+            ino,
+            mode,
+            nlink,
+            size: 10,
+            mtime_ns: 1,
+            ctime_ns: 2,
+            owner: None,
+            sig: 0,
+            handle: None,
+            linkable: None,
+            kernel: None,
+            lines: Vec::new(),
+        }
+    }
+
+    const REG: u32 = libc::S_IFREG | 0o644;
+
+    #[test]
+    fn fds_go_to_their_process_with_their_description_and_cloexec() {
+        let mut procs = vec![
+            Process {
+                pid: 10,
+                ..Process::default()
+            },
+            Process {
+                pid: 20,
+                ..Process::default()
+            },
+        ];
+        let mut a = found(20, 3, 1, REG, 1);
+        a.info.flags = fd_dump::O_CLOEXEC;
+        let fds = [a, found(10, 4, 2, REG, 1), found(20, 5, 1, REG, 1)];
+        attach_fds(&mut procs, &fds, &[0, 1, 0]);
+        let got = |p: &Process| -> Vec<(i32, u32, bool)> {
+            p.fds.iter().map(|f| (f.fd, f.file, f.cloexec)).collect()
+        };
+        assert_eq!(got(&procs[0]), vec![(4, 1, false)]);
+        assert_eq!(got(&procs[1]), vec![(3, 0, true), (5, 0, false)]);
+    }
+
+    #[test]
+    fn one_fingerprint_per_regular_inode_and_none_for_deleted_or_other_files() {
+        let fds = [
+            found(1, 3, 1, REG, 1),
+            found(2, 3, 1, REG, 1), // the same inode through another process
+            found(1, 4, 2, REG, 0), // deleted: its contents are in a ghost
+            found(1, 5, 3, libc::S_IFIFO | 0o600, 1),
+            found(1, 6, 4, REG, 2),
+        ];
+        let hashes = HashMap::from([((KernelDev::new(8, 1), 4), "ab".to_string())]);
+        let fp = fingerprints(&fds, &hashes);
+        let inos: Vec<(u64, Option<&str>)> =
+            fp.iter().map(|f| (f.ino, f.sha256.as_deref())).collect();
+        assert_eq!(inos, vec![(1, None), (4, Some("ab"))]);
+    }
+
+    #[test]
+    fn leased_inodes_and_what_an_image_lacks() {
+        let mut l = found(1, 3, 7, REG, 1);
+        l.info.locks.push(ProcLock {
+            id: 1,
+            blocked: false,
+            kind: Some(HeldKind::Lease),
+            state: "ACTIVE".into(),
+            lock_type: None,
+            pid: 1,
+            dev: KernelDev::new(8, 1),
+            ino: 7,
+            start: 0,
+            end: i64::MAX,
+        });
+        let set = leased(&[l, found(1, 4, 8, REG, 1)]);
+        assert_eq!(set, HashSet::from([(KernelDev::new(8, 1), 7)]));
+        assert!(missing(true, true).is_empty());
+        assert_eq!(missing(true, false).len(), MISSING_WITHOUT_AGENT.len());
+        assert_eq!(
+            missing(false, false).len(),
+            MISSING_WITHOUT_ITERATORS.len() + MISSING_WITHOUT_AGENT.len()
+        );
+    }
 }
