@@ -205,14 +205,46 @@ pub fn lease_type_to_set(l: &Lease) -> LockType {
     }
 }
 
+/// The plan of a restore, in its phases: the process tree, each process with its
+/// fds; every description once; the locks and leases, each given to the process that
+/// takes it back; then what a program's exec will release, and O_ASYNC.
 pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
-    let nfiles = image.files.len();
-    let check_file = |what: &str, i: u32| -> Result<()> {
-        if i as usize >= nfiles {
-            bail!("image is corrupt: {what} refers to open file {i}, but there are {nfiles}");
+    let index = process_index(image, opts)?;
+    let order = tree_order(image, &index)?;
+    let slot: HashMap<u32, usize> = order
+        .iter()
+        .enumerate()
+        .map(|(i, (p, _))| (*p, i))
+        .collect();
+    let mut plan = Plan::default();
+    plan_processes(image, opts, &index, &order, &slot, &mut plan)?;
+    plan_descriptions(image, &mut plan)?;
+    let cx = Placing { image, slot: &slot };
+    plan_locks(&cx, &mut plan)?;
+    plan_leases(&cx, &mut plan)?;
+    plan.released_by_exec = released_by_exec(image, &plan);
+    for &file in plan.files.keys() {
+        if image.files[file as usize].flags & libc::O_ASYNC as u32 != 0 {
+            if let Some((proc, fd)) = cx.taker(&plan.procs, u32::MAX, file) {
+                plan.procs[proc].async_fds.push(fd);
+            }
         }
-        Ok(())
-    };
+    }
+    Ok(plan)
+}
+
+/// An open file index the image refers to, checked.
+fn check_file(image: &Image, what: &str, i: u32) -> Result<()> {
+    let n = image.files.len();
+    if i as usize >= n {
+        bail!("image is corrupt: {what} refers to open file {i}, but there are {n}");
+    }
+    Ok(())
+}
+
+/// Pid -> index in `image.processes`; refuses duplicate pids, an empty image and an
+/// --exec-cmd for a process the image does not have.
+fn process_index(image: &Image, opts: &PlanOptions) -> Result<HashMap<u32, usize>> {
     let index: HashMap<u32, usize> = image
         .processes
         .iter()
@@ -230,8 +262,11 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
             bail!("--exec-cmd {pid}=...: the image has no process {pid}");
         }
     }
+    Ok(index)
+}
 
-    // Tree order: parents before children, siblings in pid order.
+/// Tree order: parents before children, siblings in pid order; (pid, parent pid).
+fn tree_order(image: &Image, index: &HashMap<u32, usize>) -> Result<Vec<(u32, Option<u32>)>> {
     let mut children: HashMap<u32, Vec<u32>> = HashMap::new();
     let mut roots = Vec::new();
     for p in &image.processes {
@@ -253,14 +288,19 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
     if order.len() != image.processes.len() {
         bail!("image is corrupt: its parent links form a cycle");
     }
-    let slot: HashMap<u32, usize> = order
-        .iter()
-        .enumerate()
-        .map(|(i, (p, _))| (*p, i))
-        .collect();
+    Ok(order)
+}
 
-    let mut plan = Plan::default();
-    for (pid, parent) in &order {
+/// Each process in tree order, with its program, credentials and fds.
+fn plan_processes(
+    image: &Image,
+    opts: &PlanOptions,
+    index: &HashMap<u32, usize>,
+    order: &[(u32, Option<u32>)],
+    slot: &HashMap<u32, usize>,
+    plan: &mut Plan,
+) -> Result<()> {
+    for (pid, parent) in order {
         let p = &image.processes[index[pid]];
         let exec = match opts.exec_cmds.get(pid) {
             Some(cmd) => Exec::Shell(cmd.clone()),
@@ -273,7 +313,7 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
         let mut fds = Vec::new();
         let mut seen = HashSet::new();
         for fd in &p.fds {
-            check_file(&format!("fd {} of process {pid}", fd.fd), fd.file)?;
+            check_file(image, &format!("fd {} of process {pid}", fd.fd), fd.file)?;
             if fd.fd < 0 || !seen.insert(fd.fd) {
                 bail!("image is corrupt: process {pid} has fd {} twice", fd.fd);
             }
@@ -323,8 +363,13 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
             None => plan.roots.push(i),
         }
     }
+    Ok(())
+}
 
-    // Every description once, opened with its first holder's credentials.
+/// Every description once, opened with its first holder's credentials: a deleted
+/// file from its saved contents, a name unlinked while another link remains by its
+/// handle, any other by its path.
+fn plan_descriptions(image: &Image, plan: &mut Plan) -> Result<()> {
     for (i, p) in plan.procs.iter().enumerate() {
         for fd in &p.fds {
             let FdSource::File(file) = fd.source else {
@@ -361,29 +406,40 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
             );
         }
     }
+    Ok(())
+}
 
-    // Which fd of a process refers to a description (or, for POSIX locks, to the same
-    // inode: the lock belongs to the process, not to the description).
-    let fd_for = |procs: &[ProcPlan], proc: usize, file: u32| -> Option<i32> {
-        let f = &image.files[file as usize];
+/// Finding the process and fd that take a lock or lease back.
+struct Placing<'a> {
+    image: &'a Image,
+    /// Old pid -> index in the plan's processes.
+    slot: &'a HashMap<u32, usize>,
+}
+
+impl Placing<'_> {
+    /// Which fd of a process refers to a description (or, for POSIX locks, to the
+    /// same inode: the lock belongs to the process, not to the description).
+    fn fd_for(&self, procs: &[ProcPlan], proc: usize, file: u32) -> Option<i32> {
+        let f = &self.image.files[file as usize];
         let fds = &procs[proc].fds;
         fds.iter()
             .find(|d| d.source == FdSource::File(file))
             .or_else(|| {
                 fds.iter().find(|d| match d.source {
                     FdSource::File(o) => {
-                        let o = &image.files[o as usize];
+                        let o = &self.image.files[o as usize];
                         o.dev == f.dev && o.ino == f.ino
                     }
                     FdSource::Inherit(_) => false,
                 })
             })
             .map(|d| d.fd)
-    };
-    // The process that takes an OFD/flock lock or a lease: its recorded owner if it
-    // holds the description, else the description's first holder.
-    let taker = |procs: &[ProcPlan], pid: u32, file: u32| -> Option<(usize, i32)> {
-        if let Some(&i) = slot.get(&pid) {
+    }
+
+    /// The process that takes an OFD/flock lock or a lease: its recorded owner if it
+    /// holds the description, else the description's first holder.
+    fn taker(&self, procs: &[ProcPlan], pid: u32, file: u32) -> Option<(usize, i32)> {
+        if let Some(&i) = self.slot.get(&pid) {
             if let Some(fd) = procs[i]
                 .fds
                 .iter()
@@ -398,11 +454,17 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
                 .find(|d| d.source == FdSource::File(file))
                 .map(|d| (i, d.fd))
         })
-    };
+    }
+}
 
+/// Each lock to the process that takes it back: a POSIX lock to its owner, through
+/// an fd on the inode; an OFD or flock lock to a holder of its description (one
+/// flock per description, however many holders listed it).
+fn plan_locks(cx: &Placing, plan: &mut Plan) -> Result<()> {
+    let image = cx.image;
     let mut flocked = HashSet::new();
     for l in &image.locks {
-        check_file("a lock", l.file)?;
+        check_file(image, "a lock", l.file)?;
         let path = &image.files[l.file as usize].path;
         // Also keeps `LockOp::l_len` from overflowing.
         if l.start < 0 || l.end < l.start {
@@ -414,10 +476,10 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
         }
         let (proc, fd) = match l.kind {
             LockKind::Posix => {
-                let Some(&proc) = slot.get(&l.pid) else {
+                let Some(&proc) = cx.slot.get(&l.pid) else {
                     bail!("image is corrupt: POSIX lock on {path} owned by process {} which it does not hold", l.pid);
                 };
-                let Some(fd) = fd_for(&plan.procs, proc, l.file) else {
+                let Some(fd) = cx.fd_for(&plan.procs, proc, l.file) else {
                     bail!(
                         "image is corrupt: process {} holds a POSIX lock on {path} but no fd on it",
                         l.pid
@@ -426,11 +488,10 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
                 (proc, fd)
             }
             LockKind::Ofd | LockKind::Flock => {
-                // One flock per description, however many holders listed it.
                 if l.kind == LockKind::Flock && !flocked.insert(l.file) {
                     continue;
                 }
-                let Some(at) = taker(&plan.procs, l.pid, l.file) else {
+                let Some(at) = cx.taker(&plan.procs, l.pid, l.file) else {
                     bail!(
                         "image is corrupt: a lock on {path} is on a description no process holds"
                     );
@@ -446,10 +507,18 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
             fd,
         });
     }
+    Ok(())
+}
+
+/// Each lease to a holder of its description. The break signal goes to the
+/// description's owner; one not yet sent before the checkpoint is sent again and
+/// must wait, blocked, for the program.
+fn plan_leases(cx: &Placing, plan: &mut Plan) -> Result<()> {
+    let image = cx.image;
     for (i, l) in image.leases.iter().enumerate() {
-        check_file("a lease", l.file)?;
+        check_file(image, "a lease", l.file)?;
         let f = &image.files[l.file as usize];
-        let Some((proc, fd)) = taker(&plan.procs, l.pid, l.file) else {
+        let Some((proc, fd)) = cx.taker(&plan.procs, l.pid, l.file) else {
             bail!(
                 "image is corrupt: a lease on {} is on a description no process holds",
                 f.path
@@ -460,13 +529,11 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
             fd,
             lease_type: lease_type_to_set(l),
         });
-        // The break signal goes to the description's owner; one not yet sent before
-        // the checkpoint is sent again and must wait, blocked, for the program.
         if l.breaking && !l.notified {
             if let Some(&owner) = f
                 .owner
                 .and_then(|(_, pid)| u32::try_from(pid).ok())
-                .and_then(|pid| slot.get(&pid))
+                .and_then(|pid| cx.slot.get(&pid))
             {
                 let sig = break_signal(f);
                 if !plan.procs[owner].block_signals.contains(&sig) {
@@ -475,8 +542,14 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
             }
         }
     }
-    // A POSIX lock goes when its process closes any fd on the inode; an OFD or flock
-    // lock or a lease when the last fd on its description closes.
+    Ok(())
+}
+
+/// What the programs' exec will release, said as warnings: a POSIX lock goes when its
+/// process closes any fd on the inode; an OFD or flock lock or a lease when the last
+/// fd on its description closes.
+fn released_by_exec(image: &Image, plan: &Plan) -> Vec<String> {
+    let mut out = Vec::new();
     let cloexec_only = |file: u32| {
         plan.procs
             .iter()
@@ -499,7 +572,7 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
                 _ => cloexec_only(file),
             };
             if lost {
-                plan.released_by_exec.push(format!(
+                out.push(format!(
                     "process {}: its {} lock on {} rides on a close-on-exec fd; its program's exec releases it",
                     p.old_pid, l.kind.name(), f.path
                 ));
@@ -508,22 +581,14 @@ pub fn build(image: &Image, opts: &PlanOptions) -> Result<Plan> {
         for l in &p.leases {
             let file = image.leases[l.lease].file;
             if cloexec_only(file) {
-                plan.released_by_exec.push(format!(
+                out.push(format!(
                     "process {}: its lease on {} rides on close-on-exec fds; its program's exec releases it",
                     p.old_pid, image.files[file as usize].path
                 ));
             }
         }
     }
-    for (&file, _) in plan.files.iter() {
-        let f = &image.files[file as usize];
-        if f.flags & libc::O_ASYNC as u32 != 0 {
-            if let Some((proc, fd)) = taker(&plan.procs, u32::MAX, file) {
-                plan.procs[proc].async_fds.push(fd);
-            }
-        }
-    }
-    Ok(plan)
+    out
 }
 
 #[cfg(test)]
@@ -740,5 +805,28 @@ mod tests {
         let plan = build(&image, &opts()).unwrap();
         assert_eq!(plan.procs[0].block_signals, vec![libc::SIGIO]);
         assert_eq!(plan.procs[0].leases[0].lease_type, LockType::Write);
+    }
+
+    #[test]
+    fn the_tree_is_ordered_parents_first_siblings_by_pid_and_a_cycle_is_refused() {
+        let mut image = Image {
+            processes: vec![
+                proc(30, 10, &[]),
+                proc(10, 1, &[]),
+                proc(20, 10, &[]),
+                proc(5, 5, &[]),
+            ],
+            ..Default::default()
+        };
+        let index = process_index(&image, &opts()).unwrap();
+        let order = tree_order(&image, &index).unwrap();
+        assert_eq!(
+            order,
+            vec![(5, None), (10, None), (20, Some(10)), (30, Some(10))]
+        );
+        image.processes = vec![proc(10, 20, &[]), proc(20, 10, &[])];
+        let index = process_index(&image, &opts()).unwrap();
+        let err = tree_order(&image, &index).unwrap_err().to_string();
+        assert!(err.contains("cycle"), "{err}");
     }
 }
