@@ -99,16 +99,14 @@ extern "C" fn on_signal(_: libc::c_int) {
     CANCEL.store(true, Ordering::Relaxed);
 }
 
-/// SIGINT/SIGTERM stop the restore at its next step (which then undoes everything).
+/// SIGINT/SIGTERM/SIGHUP stop the restore at its next step (which then undoes
+/// everything).
 fn catch_signals() {
-    // SAFETY: the handler only stores to an atomic.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
-        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            libc::sigaction(sig, &sa, std::ptr::null_mut());
-        }
-    }
+    use nix::sys::signal::Signal;
+    crate::sys::on_signals(
+        &[Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP],
+        on_signal,
+    );
 }
 
 fn check_cancel() -> Result<()> {
@@ -197,10 +195,14 @@ fn recreate_ghosts(
     Ok(ghosts)
 }
 
+/// `restore`, in its phases: validate the image (authenticated, well-formed: the
+/// plan), check the options and every file against its fingerprint, then, with
+/// nothing touched before, prepare (deleted files recreated, descriptions opened),
+/// spawn the tree, settle signal owners and lease breaks, and release.
 pub fn run(opts: &Options) -> Result<Report> {
     let started = Instant::now();
-    let mut trust_warnings = Vec::new();
-    let reader = open_authenticated(opts, &mut trust_warnings)?;
+    let mut warnings = Vec::new();
+    let reader = open_authenticated(opts, &mut warnings)?;
     let trust = ghost::Trust {
         keep_set_id: matches!(reader.auth, Auth::Verified { .. }),
     };
@@ -213,55 +215,32 @@ pub fn run(opts: &Options) -> Result<Report> {
             keep_cloexec: opts.keep_cloexec,
         },
     )?;
-    if let Some(d) = &opts.ghost_dir {
-        if !d.is_dir() {
-            bail!("--ghost-dir {}: not a directory", d.display());
-        }
-    }
-    if let spawn::Stdio::Dir(d) = &opts.stdio {
-        if !d.is_dir() {
-            bail!(
-                "--stdio {}: not a directory (nor auto, inherit or null)",
-                d.display()
-            );
-        }
-    }
+    check_options(opts)?;
     let cgroup_procs = match &opts.cgroup {
         Some(cg) => Some(cgroup::resolve(cg)?.join("cgroup.procs")),
         None => None,
     };
     let checked = validate::check(image, opts.force)?;
-    let mut warnings = trust_warnings;
-    warnings.extend(checked.warnings.iter().cloned());
-    for (pid, fd, what) in &plan.skipped {
-        warnings.push(format!(
-            "process {pid} fd {fd} ({what}) left closed (--skip-unsupported)"
-        ));
-    }
-    warnings.extend(plan.released_by_exec.iter().cloned());
-    warnings.extend(unmapped(image));
-    catch_signals();
-    let nofile_soft = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-        .map(|(soft, _)| soft)
-        .unwrap_or(1024);
-    crate::sys::raise_open_file_limit();
-    let (_, nofile_hard) =
-        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)?;
-    plan.check_fd_limit(nofile_hard)?;
+    warnings.extend(plan_warnings(image, &plan, &checked));
 
+    // ---- from here on, every step is undone on failure ----
+    catch_signals();
+    let nofile_soft = fd_limits(&plan)?;
     let ghosts = recreate_ghosts(&reader, &plan, opts, trust, &mut warnings)?;
     let files = open::descriptions(image, &plan, &ghosts, &checked)?;
     check_cancel()?;
-
-    let setup = spawn::Setup {
-        image,
-        plan: &plan,
-        files: &files,
-        stdio: &opts.stdio,
-        cgroup_procs,
-        nofile_soft,
-    };
-    let tree = spawn::spawn(&setup, &CANCEL, Duration::from_secs(60))?;
+    let tree = spawn::spawn(
+        &spawn::Setup {
+            image,
+            plan: &plan,
+            files: &files,
+            stdio: &opts.stdio,
+            cgroup_procs,
+            nofile_soft,
+        },
+        &CANCEL,
+        Duration::from_secs(60),
+    )?;
     let pids: HashMap<u32, u32> = plan
         .procs
         .iter()
@@ -289,19 +268,9 @@ pub fn run(opts: &Options) -> Result<Report> {
         .context("releasing the restored processes")?;
     drop(files);
 
-    let ppid_of: HashMap<u32, u32> = image.processes.iter().map(|p| (p.pid, p.ppid)).collect();
     Ok(Report {
         image: opts.image.display().to_string(),
-        processes: plan
-            .procs
-            .iter()
-            .map(|p| RestoredProcess {
-                old_pid: p.old_pid,
-                pid: pids[&p.old_pid],
-                old_ppid: ppid_of[&p.old_pid],
-                command: p.exec.argv(),
-            })
-            .collect(),
+        processes: restored_processes(image, &plan, &pids),
         fds: plan.procs.iter().map(|p| p.fds.len()).sum(),
         files: plan.files.len(),
         locks: plan.procs.iter().map(|p| p.locks.len()).sum(),
@@ -312,4 +281,149 @@ pub fn run(opts: &Options) -> Result<Report> {
         total_ms: started.elapsed().as_secs_f64() * 1e3,
         warnings,
     })
+}
+
+/// Options that name directories must name directories.
+fn check_options(opts: &Options) -> Result<()> {
+    if let Some(d) = &opts.ghost_dir {
+        if !d.is_dir() {
+            bail!("--ghost-dir {}: not a directory", d.display());
+        }
+    }
+    if let spawn::Stdio::Dir(d) = &opts.stdio {
+        if !d.is_dir() {
+            bail!(
+                "--stdio {}: not a directory (nor auto, inherit or null)",
+                d.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// What the restore will say it could not do as the image had it: differences
+/// accepted with --force, fds left closed, locks and leases a program's exec
+/// releases, mappings of deleted files.
+fn plan_warnings(
+    image: &crate::image::format::Image,
+    plan: &plan::Plan,
+    checked: &validate::Checked,
+) -> Vec<String> {
+    let mut out = checked.warnings.clone();
+    for (pid, fd, what) in &plan.skipped {
+        out.push(format!(
+            "process {pid} fd {fd} ({what}) left closed (--skip-unsupported)"
+        ));
+    }
+    out.extend(plan.released_by_exec.iter().cloned());
+    out.extend(unmapped(image));
+    out
+}
+
+/// Raises the open-file limit for the restore itself and refuses fd numbers beyond
+/// the hard limit; the soft limit the restored processes get back.
+fn fd_limits(plan: &plan::Plan) -> Result<u64> {
+    use nix::sys::resource::{getrlimit, Resource};
+    let nofile_soft = getrlimit(Resource::RLIMIT_NOFILE)
+        .map(|(soft, _)| soft)
+        .unwrap_or(1024);
+    crate::sys::raise_open_file_limit();
+    let (_, nofile_hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
+    plan.check_fd_limit(nofile_hard)?;
+    Ok(nofile_soft)
+}
+
+/// Each restored process: its old and new pid, its old parent, what it runs.
+fn restored_processes(
+    image: &crate::image::format::Image,
+    plan: &plan::Plan,
+    pids: &HashMap<u32, u32>,
+) -> Vec<RestoredProcess> {
+    let ppid_of: HashMap<u32, u32> = image.processes.iter().map(|p| (p.pid, p.ppid)).collect();
+    plan.procs
+        .iter()
+        .map(|p| RestoredProcess {
+            old_pid: p.old_pid,
+            pid: pids[&p.old_pid],
+            old_ppid: ppid_of[&p.old_pid],
+            command: p.exec.argv(),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::image::format::{Ghost, GhostMap, Image, Process};
+
+    fn image() -> Image {
+        let p = |pid, ppid| Process {
+            pid,
+            ppid,
+            comm: "x".into(),
+            cmdline: vec!["/bin/x".into(), "-y".into()],
+            cwd: "/".into(),
+            ..Default::default()
+        };
+        Image {
+            processes: vec![p(20, 10), p(10, 1)],
+            ghosts: vec![Ghost {
+                path: "/tmp/gone".into(),
+                size: 4096,
+                maps: vec![GhostMap {
+                    pid: 20,
+                    start: 0x1000,
+                    end: 0x2000,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }
+    }
+
+    fn plan_of(image: &Image) -> plan::Plan {
+        let none = HashMap::new();
+        plan::build(
+            image,
+            &PlanOptions {
+                exec_cmds: &none,
+                skip_unsupported: false,
+                keep_cloexec: false,
+            },
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn restored_processes_pair_old_and_new_pids_in_tree_order() {
+        let image = image();
+        let plan = plan_of(&image);
+        let pids = HashMap::from([(10, 110), (20, 120)]);
+        let got: Vec<(u32, u32, u32)> = restored_processes(&image, &plan, &pids)
+            .iter()
+            .map(|p| (p.old_pid, p.pid, p.old_ppid))
+            .collect();
+        assert_eq!(got, vec![(10, 110, 1), (20, 120, 10)]);
+    }
+
+    #[test]
+    fn warnings_say_what_the_restore_cannot_bring_back() {
+        let image = image();
+        let mut plan = plan_of(&image);
+        plan.skipped.push((20, 7, "socket:[1]".into()));
+        let checked = validate::Checked {
+            identities: HashMap::new(),
+            by_handle: HashMap::new(),
+            warnings: vec!["/etc/x changed (--force)".into()],
+        };
+        let w = plan_warnings(&image, &plan, &checked);
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert_eq!(w[0], "/etc/x changed (--force)");
+        assert!(w[1].contains("fd 7 (socket:[1]) left closed"), "{w:?}");
+        assert!(
+            w[2].contains("mapping 1000-2000 of deleted file /tmp/gone"),
+            "{w:?}"
+        );
+    }
 }
