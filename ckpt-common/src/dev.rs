@@ -75,18 +75,7 @@ mod serde_impl {
 
     impl<'de> serde::Deserialize<'de> for KernelDev {
         fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<KernelDev, D::Error> {
-            struct V;
-            impl serde::de::Visitor<'_> for V {
-                type Value = KernelDev;
-                fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-                    f.write_str("a device as \"major:minor\"")
-                }
-                fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<KernelDev, E> {
-                    KernelDev::parse(v)
-                        .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
-                }
-            }
-            d.deserialize_str(V)
+            crate::serde_str::deserialize(d, "a device as \"major:minor\"", KernelDev::parse)
         }
     }
 }

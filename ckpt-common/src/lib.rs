@@ -13,6 +13,43 @@ pub mod lease;
 pub mod lock;
 pub mod offsets;
 
+/// Reading a value written as a string ("posix", "8:1"): the one visitor that the
+/// string-named domain types share.
+#[cfg(feature = "user")]
+pub(crate) mod serde_str {
+    use core::fmt;
+
+    struct Visitor<T> {
+        expecting: &'static str,
+        parse: fn(&str) -> Option<T>,
+    }
+
+    impl<T> serde::de::Visitor<'_> for Visitor<T> {
+        type Value = T;
+
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str(self.expecting)
+        }
+
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+            (self.parse)(v).ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
+        }
+    }
+
+    /// Deserialises a string and turns it into a `T` with `parse`; `expecting` says
+    /// what was wanted when it fails.
+    pub fn deserialize<'de, D, T>(
+        d: D,
+        expecting: &'static str,
+        parse: fn(&str) -> Option<T>,
+    ) -> Result<T, D::Error>
+    where
+        D: serde::Deserializer<'de>,
+    {
+        d.deserialize_str(Visitor { expecting, parse })
+    }
+}
+
 /// Names of the maps and programs, shared so that the agent pins what the
 /// programs declare and the readers open what the agent pinned.
 pub mod names {

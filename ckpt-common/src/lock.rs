@@ -321,18 +321,7 @@ mod held_kind_serde {
 
     impl<'de> serde::Deserialize<'de> for HeldKind {
         fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<HeldKind, D::Error> {
-            struct V;
-            impl serde::de::Visitor<'_> for V {
-                type Value = HeldKind;
-                fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-                    f.write_str("posix, ofd, flock or lease")
-                }
-                fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<HeldKind, E> {
-                    HeldKind::from_name(v)
-                        .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Str(v), &self))
-                }
-            }
-            d.deserialize_str(V)
+            crate::serde_str::deserialize(d, "posix, ofd, flock or lease", HeldKind::from_name)
         }
     }
 }

@@ -1,11 +1,9 @@
-//! Per-process facts from /proc used to label locks: command names and file paths.
+//! Per-process facts from /proc: command names, file paths, whether a thread is in a
+//! lock call.
 
 use std::{collections::HashMap, os::unix::fs::MetadataExt as _, path::PathBuf};
 
-use crate::lock::{
-    proc_locks::{self, ProcLock},
-    KernelDev,
-};
+use ckpt_common::dev::KernelDev;
 
 pub fn command(pid: u32) -> Option<String> {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
@@ -75,41 +73,6 @@ fn resolve(pid: u32, fd: i32, dev: KernelDev, ino: u64) -> Option<String> {
     None
 }
 
-/// What /proc/PID/fdinfo/N says.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct FdInfo {
-    pub pos: u64,
-    /// Octal in the file; O_CLOEXEC set when the fd is close-on-exec.
-    pub flags: u32,
-    pub mnt_id: u32,
-    pub ino: u64,
-    /// `lock:` lines: the locks and leases of this fd's description (and, for POSIX,
-    /// of this process through this description).
-    pub locks: Vec<ProcLock>,
-}
-
-pub fn parse_fdinfo(text: &str) -> FdInfo {
-    let mut info = FdInfo::default();
-    let mut lock_lines = String::new();
-    for line in text.lines() {
-        let (k, v) = line.split_once(':').unwrap_or((line, ""));
-        let v = v.trim();
-        match k {
-            "pos" => info.pos = v.parse().unwrap_or(0),
-            "flags" => info.flags = u32::from_str_radix(v, 8).unwrap_or(0),
-            "mnt_id" => info.mnt_id = v.parse().unwrap_or(0),
-            "ino" => info.ino = v.parse().unwrap_or(0),
-            "lock" => {
-                lock_lines.push_str(v);
-                lock_lines.push('\n');
-            }
-            _ => {}
-        }
-    }
-    info.locks = proc_locks::parse(&lock_lines).unwrap_or_default();
-    info
-}
-
 /// A path as /proc/PID/fd and d_path show it: " (deleted)" ends an unlinked one.
 pub fn split_deleted(link: &str) -> (String, bool) {
     match link.strip_suffix(" (deleted)") {
@@ -118,20 +81,28 @@ pub fn split_deleted(link: &str) -> (String, bool) {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn fdinfo_fields_and_lock_lines() {
-        let text = "pos:\t4096\nflags:\t02100002\nmnt_id:\t31\nino:\t77\n\
-lock:\t1: POSIX  ADVISORY  WRITE 10 08:01:77 0 99\nlock:\t2: LEASE  BREAKING  UNLCK 10 08:01:77 0 EOF\n";
-        let i = parse_fdinfo(text);
-        assert_eq!((i.pos, i.mnt_id), (4096, 31));
-        assert_eq!(i.flags, 0o2100002);
-        assert_eq!(i.flags & 0o2000000, 0o2000000);
-        assert_eq!(i.ino, 77);
-        assert_eq!(i.locks.len(), 2);
-        assert_eq!(i.locks[0].end, 99);
-    }
+/// Whether thread `tid` of `tgid` is still inside a lock call: fcntl or flock, or an
+/// open or truncate blocked on a lease break (`/proc/PID/task/TID/syscall` names the
+/// call a sleeping thread is in; "running" counts as inside, as between a signal
+/// handler and a restart). None when the thread is gone.
+pub fn in_lock_call(tgid: u32, tid: u32) -> Option<bool> {
+    let s = std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/syscall")).ok()?;
+    let Some(nr) = s
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse::<i64>().ok())
+    else {
+        return Some(true);
+    };
+    Some(
+        [
+            libc::SYS_fcntl,
+            libc::SYS_flock,
+            libc::SYS_open,
+            libc::SYS_openat,
+            libc::SYS_openat2,
+            libc::SYS_truncate,
+        ]
+        .contains(&nr),
+    )
 }

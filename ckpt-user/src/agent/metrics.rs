@@ -31,7 +31,7 @@ use crate::{
     ghost,
     lock::{view::live_rows, HeldKind, LockType},
     tracer::{
-        history::{self, BreakTracker, History, WaitEndRing, WaitTracker},
+        history::{self, BreakTracker, History, WaitFollower},
         pins::PinDir,
     },
 };
@@ -346,9 +346,8 @@ impl Metrics {
 /// What `tick` remembers between two looks at the tracer's maps.
 #[derive(Default)]
 pub struct Watch {
-    waits: WaitTracker,
     /// Opened at the first tick (the agent's maps exist by then).
-    ring: Option<WaitEndRing>,
+    waits: Option<WaitFollower>,
     breaks: BreakTracker,
     lost: HashMap<&'static str, u64>,
 }
@@ -367,24 +366,15 @@ impl Watch {
         let Some(h) = History::read(pins)? else {
             return Ok(());
         };
-        let (ends, lost) = match self.ring.as_mut() {
-            Some(ring) => ring.read()?,
-            None => (Vec::new(), 0),
-        };
-        let look = self.waits.look(
-            h.waits_by_thread(),
-            &ends,
-            lost,
-            now_ns,
-            crate::lock::in_lock_call,
-        );
-        for e in look.ended.iter().filter(|e| !e.in_tracer_histogram) {
-            m.waits.observe(e.at_ns.saturating_sub(e.wait.since_ns));
+        if let Some(w) = &mut self.waits {
+            for e in w.look(&h, now_ns)?.ended.iter().filter(|e| !e.in_tracer_histogram) {
+                m.waits.observe(e.at_ns.saturating_sub(e.wait.since_ns));
+            }
         }
 
         let fresh = self.breaks.fresh(&h);
         // The first look finds breaks from before this agent: not counted.
-        for lease in fresh.iter().filter(|_| self.ring.is_some()) {
+        for lease in fresh.iter().filter(|_| self.waits.is_some()) {
             let r = &h.breaks[lease];
             // The first breaker decides: a writer's break leads to unlock, a reader's
             // (of a write lease) to read.
@@ -397,9 +387,9 @@ impl Watch {
                 .get_or_create(&vec![("target", target.to_string())])
                 .inc();
         }
-        if self.ring.is_none() {
+        if self.waits.is_none() {
             // Wait ends from now on.
-            self.ring = Some(WaitEndRing::open(pins)?);
+            self.waits = Some(WaitFollower::open(pins)?);
         }
 
         for (map, c) in LOSSES {

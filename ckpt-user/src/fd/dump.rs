@@ -16,11 +16,14 @@ use std::{
 use anyhow::{Context as _, Result};
 use ckpt_common::files::{list, FdRecord, LockLine, TaskRecord};
 
-use super::table::{FdTable, IterFd};
+use super::{
+    fdinfo::{parse_fdinfo, FdInfo},
+    table::{FdTable, IterFd},
+};
 use crate::{
     image::format::{FileKind, OpenFile, Process},
     lock::{kernel::held_kind, proc_locks::ProcLock, KernelDev, LockType},
-    procinfo::{parse_fdinfo, split_deleted, FdInfo},
+    procinfo::split_deleted,
     sys::{fown, pidfd},
     task::dump as task_dump,
 };

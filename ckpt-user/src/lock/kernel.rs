@@ -21,7 +21,7 @@ use ckpt_common::{
 
 use super::{proc_locks::ProcLock, HeldKind, KernelDev, LockKind, OFFSET_MAX};
 use crate::{
-    procinfo::parse_fdinfo,
+    fd::fdinfo::parse_fdinfo,
     tracer::iters::{Iters, Prog},
 };
 

@@ -20,28 +20,3 @@ pub use ckpt_common::{
 /// Largest file offset; the kernel's OFFSET_MAX ("EOF" in /proc/locks).
 pub const OFFSET_MAX: i64 = i64::MAX;
 
-/// Whether thread `tid` of `tgid` is still inside a lock call: fcntl or flock, or an
-/// open or truncate blocked on a lease break (`/proc/PID/task/TID/syscall` names the
-/// call a sleeping thread is in; "running" counts as inside, as between a signal
-/// handler and a restart). None when the thread is gone.
-pub fn in_lock_call(tgid: u32, tid: u32) -> Option<bool> {
-    let s = std::fs::read_to_string(format!("/proc/{tgid}/task/{tid}/syscall")).ok()?;
-    let Some(nr) = s
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse::<i64>().ok())
-    else {
-        return Some(true);
-    };
-    Some(
-        [
-            libc::SYS_fcntl,
-            libc::SYS_flock,
-            libc::SYS_open,
-            libc::SYS_openat,
-            libc::SYS_openat2,
-            libc::SYS_truncate,
-        ]
-        .contains(&nr),
-    )
-}

@@ -291,6 +291,34 @@ impl WaitTracker {
     }
 }
 
+/// Follows waits from the agent's records, from when it was opened: the ring of wait
+/// ends and the waits going on, through a `WaitTracker`.
+pub struct WaitFollower {
+    tracker: WaitTracker,
+    ring: WaitEndRing,
+}
+
+impl WaitFollower {
+    pub fn open(pins: &PinDir) -> Result<WaitFollower> {
+        Ok(WaitFollower {
+            tracker: WaitTracker::default(),
+            ring: WaitEndRing::open(pins)?,
+        })
+    }
+
+    /// What began and ended since the last look (`h`: the records read now).
+    pub fn look(&mut self, h: &History, now_ns: u64) -> Result<WaitLook> {
+        let (ends, lost) = self.ring.read()?;
+        Ok(self.tracker.look(
+            h.waits_by_thread(),
+            &ends,
+            lost,
+            now_ns,
+            crate::procinfo::in_lock_call,
+        ))
+    }
+}
+
 /// Follows the tracer's lease-break records between looks.
 #[derive(Default)]
 pub struct BreakTracker {

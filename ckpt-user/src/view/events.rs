@@ -31,7 +31,7 @@ use crate::{
         HeldKind, LockType,
     },
     tracer::{
-        history::{BreakTracker, Ended, History, WaitEndRing, WaitTracker},
+        history::{BreakTracker, Ended, History, WaitFollower},
         iters::{unavailable_hint, Iters, Prog},
         pins::PinDir,
     },
@@ -183,8 +183,7 @@ struct Pending {
 
 /// What a reader remembers between two looks.
 pub struct Follower {
-    waits: WaitTracker,
-    ring: WaitEndRing,
+    waits: WaitFollower,
     breaks: BreakTracker,
     pending: HashMap<u64, Pending>,
     deadlocks: BTreeSet<Vec<u32>>,
@@ -195,8 +194,7 @@ pub struct Follower {
 impl Follower {
     pub fn new(pins: &PinDir) -> Result<Follower> {
         Ok(Follower {
-            waits: WaitTracker::default(),
-            ring: WaitEndRing::open(pins)?,
+            waits: WaitFollower::open(pins)?,
             breaks: BreakTracker::default(),
             pending: HashMap::new(),
             deadlocks: BTreeSet::new(),
@@ -212,20 +210,14 @@ impl Follower {
             bail!("ckpt-agent stopped");
         };
         let mut out = Vec::new();
-        let (ends, lost) = self.ring.read()?;
-        if lost > 0 {
+        let look = self.waits.look(&h, now_ns)?;
+        if look.lost > 0 {
             eprintln!(
-                "ckpt-user: {lost} wait ends were overwritten before they were read: \
-                 those are shown when seen, without how they ended"
+                "ckpt-user: {} wait ends were overwritten before they were read: \
+                 those are shown when seen, without how they ended",
+                look.lost
             );
         }
-        let look = self.waits.look(
-            h.waits_by_thread(),
-            &ends,
-            lost,
-            now_ns,
-            crate::lock::in_lock_call,
-        );
         for (tid, w) in &look.began {
             let mut e = wait_event("wait_began", w.since_ns, *tid, w);
             e.path = path_of(w);
