@@ -71,6 +71,8 @@ pub struct BreakRecord {
 
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: repr(C) plain data; any bytes are a valid value.
     unsafe impl aya::Pod for super::BreakCtx {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::BreakRecord {}
 }

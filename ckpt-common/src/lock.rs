@@ -328,8 +328,11 @@ mod held_kind_serde {
 
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: repr(C) plain data; any bytes are a valid value.
     unsafe impl aya::Pod for super::WaitStart {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::HoldStart {}
+    // SAFETY: as above.
     unsafe impl aya::Pod for super::WaitEnd {}
 }
 

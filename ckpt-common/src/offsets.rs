@@ -297,4 +297,5 @@ impl KernelLayout {
 }
 
 #[cfg(feature = "user")]
+// SAFETY: repr(C) plain data; any bytes are a valid value.
 unsafe impl aya::Pod for KernelLayout {}

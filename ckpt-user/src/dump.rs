@@ -772,7 +772,7 @@ fn missing(with_iters: bool, with_agent: bool) -> Vec<String> {
         .into_iter()
         .chain((!with_agent).then_some(MISSING_WITHOUT_AGENT))
         .flatten()
-        .map(|s| s.to_string())
+        .map(std::string::ToString::to_string)
         .collect()
 }
 

@@ -558,9 +558,9 @@ fn released_by_exec(image: &Image, plan: &Plan) -> Vec<String> {
     };
     for p in &plan.procs {
         for l in &p.locks {
-            let file = match p.fds.iter().find(|d| d.fd == l.fd).map(|d| d.source) {
-                Some(FdSource::File(f)) => f,
-                _ => continue,
+            let Some(FdSource::File(file)) = p.fds.iter().find(|d| d.fd == l.fd).map(|d| d.source)
+            else {
+                continue;
             };
             let f = &image.files[file as usize];
             let lost = match l.kind {

@@ -57,11 +57,8 @@ pub fn ckpt_user_cmd() -> Command {
 
 pub fn require_root() {
     // SAFETY: getuid has no preconditions.
-    assert_eq!(
-        unsafe { libc::getuid() },
-        0,
-        "integration tests must run as root"
-    );
+    let uid = unsafe { libc::getuid() };
+    assert_eq!(uid, 0, "integration tests must run as root");
 }
 
 /// Polls `f` until it returns Some, or panics with `what` after `timeout`.
@@ -324,7 +321,9 @@ impl Locker {
 
     pub fn kill(&mut self) {
         for f in self.forks.drain(..) {
+            // SAFETY: killing and reaping our own children.
             unsafe { libc::kill(f, libc::SIGKILL) };
+            // SAFETY: as above.
             unsafe { libc::waitpid(f, std::ptr::null_mut(), 0) };
         }
         let _ = self.child.kill();
@@ -490,14 +489,14 @@ pub fn row_on(r: &Value, ids: &FileIds) -> bool {
 pub fn assert_agrees(agent: &Agent, files: Option<&FileIds>) {
     assert_agrees_on(agent, |s| {
         files.is_none_or(|f| f.contains(&(s.3.clone(), s.4)))
-    })
+    });
 }
 
 /// Like `assert_agrees`, for the locks `keep` selects: the held locks (kind, type,
 /// range, inode, pid; OFD locks show pid -1 in /proc/locks) and the set of blocked
 /// requests (the "->" rows, whatever their place in a tree) must be equal.
 pub fn assert_agrees_on(agent: &Agent, keep: impl Fn(&Shape) -> bool) {
-    assert_agrees_at(&agent.pin_dir, keep)
+    assert_agrees_at(&agent.pin_dir, keep);
 }
 
 /// `assert_agrees_on` for `ckpt-user locks` with pin directory `pins` (an agent's, or
@@ -558,6 +557,7 @@ fn with_restore_lock<T>(f: impl FnOnce() -> T) -> T {
         .ok();
     // SAFETY: plain flock on our own fd; released when it is closed.
     if let Some(l) = &lock {
+        // SAFETY: plain flock on our own fd; released when it is closed.
         unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(l), libc::LOCK_EX) };
     }
     let r = f();
@@ -567,7 +567,9 @@ fn with_restore_lock<T>(f: impl FnOnce() -> T) -> T {
 
 impl LeaseBreakTime {
     pub fn set(secs: u32) -> LeaseBreakTime {
-        let serial = LEASE_SYSCTL.lock().unwrap_or_else(|e| e.into_inner());
+        let serial = LEASE_SYSCTL
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let old = with_restore_lock(|| {
             let old = std::fs::read_to_string(LEASE_BREAK_TIME).unwrap();
             std::fs::write(LEASE_BREAK_TIME, secs.to_string()).unwrap();
@@ -656,6 +658,7 @@ impl Drop for TraceInstance {
 
 /// CLOCK_MONOTONIC now (the clock of ckpt's `*_monotonic_ns` fields).
 pub fn mono_ns() -> u64 {
+    // SAFETY: an all-zero timespec is valid.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     // SAFETY: plain syscall into a local.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
@@ -718,6 +721,7 @@ impl Drop for Cgroup {
         let _ = std::fs::write(self.path.join("freezer.state"), "THAWED");
         if let Ok(procs) = std::fs::read_to_string(self.path.join("cgroup.procs")) {
             for pid in procs.lines().filter_map(|l| l.parse::<i32>().ok()) {
+                // SAFETY: killing the test's own processes in its own cgroup.
                 unsafe { libc::kill(pid, libc::SIGKILL) };
             }
         }

@@ -32,7 +32,9 @@ static STRESS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[test]
 fn restart_after_kill9_loses_nothing_but_history() {
-    let _alone = STRESS.lock().unwrap_or_else(|e| e.into_inner());
+    let _alone = STRESS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let pin = PathBuf::from("/sys/fs/bpf").join(unique("ckpt-restart"));
     let dir = Scratch::new();
     let (f1, f2, f3) = (dir.file("1"), dir.file("2"), dir.file("3"));
@@ -115,7 +117,9 @@ fn sigterm_keeps_pins_and_unpin_removes_them() {
 /// time, which only the agent's tracer records).
 #[test]
 fn without_an_agent_locks_and_waiters_are_exact() {
-    let _alone = STRESS.lock().unwrap_or_else(|e| e.into_inner());
+    let _alone = STRESS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = Scratch::new();
     let (f1, f2, f3) = (dir.file("1"), dir.file("2"), dir.file("3"));
     let ino = file_ids(&[&f1, &f2, &f3]);
@@ -155,7 +159,9 @@ fn without_an_agent_locks_and_waiters_are_exact() {
 
 #[test]
 fn without_root_locks_falls_back_to_proc_and_says_so() {
-    let _alone = STRESS.lock().unwrap_or_else(|e| e.into_inner());
+    let _alone = STRESS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = Scratch::new();
     let f = dir.file("fallback");
     let mut a = Locker::spawn();
@@ -184,7 +190,9 @@ fn without_root_locks_falls_back_to_proc_and_says_so() {
 /// recycled lock memory read mid-change is caught by the walk's checks.
 #[test]
 fn churn_never_yields_an_inconsistent_row() {
-    let _alone = STRESS.lock().unwrap_or_else(|e| e.into_inner());
+    let _alone = STRESS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let dir = Scratch::new();
     let f = dir.file("churn");
     let ids = file_ids(&[&f]);
@@ -192,7 +200,7 @@ fn churn_never_yields_an_inconsistent_row() {
     for l in &mut lockers {
         l.cmd(&format!("seqlock {f}"));
     }
-    let pids: Vec<u32> = lockers.iter().map(|l| l.pid()).collect();
+    let pids: Vec<u32> = lockers.iter().map(ckpt_tests::Locker::pid).collect();
     // Reads through the agent's pinned iterators: the same walk as without an agent
     // (`without_an_agent_locks_and_waiters_are_exact` covers the self-loaded one), but
     // without 200 program loads, which take seconds each in a TCG guest.
@@ -207,7 +215,7 @@ fn churn_never_yields_an_inconsistent_row() {
             let seq = start & 0xffff_ffff;
             // locker `seqlock`: write locks of 1 byte at pid * 2^32 + seq, seq even.
             assert!(pids.contains(&pid), "a lock of an unknown pid: {r}");
-            assert_eq!(start >> 32, pid as i64, "range not of its pid: {r}");
+            assert_eq!(start >> 32, i64::from(pid), "range not of its pid: {r}");
             assert_eq!(seq % 2, 0, "a sequence number the pid never took: {r}");
             assert_eq!(r["end"].as_i64(), Some(start), "one byte: {r}");
             assert_eq!(r["type"], "write", "{r}");
@@ -225,7 +233,9 @@ fn churn_never_yields_an_inconsistent_row() {
 /// killed with SIGKILL and restarted under the flood, and the very next check holds.
 #[test]
 fn agrees_with_proc_locks_under_stress_ng() {
-    let _alone = STRESS.lock().unwrap_or_else(|e| e.into_inner());
+    let _alone = STRESS
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let pin = PathBuf::from("/sys/fs/bpf").join(unique("ckpt-stress"));
     let mut agent = Agent::start_on(&pin, &[]);
     let dir = Scratch::new();
@@ -272,7 +282,7 @@ fn agrees_with_proc_locks_under_stress_ng() {
         .expect("stress-ng (apt install stress-ng; `cargo xtask setup` does it)");
     let pgid = stress.id() as i32;
     std::thread::sleep(Duration::from_millis(800));
-    let mut seed = std::process::id() as u64;
+    let mut seed = u64::from(std::process::id());
     let mut checked_locks = 0;
     let mut checked_waiters = 0;
     for round in 0..8 {
@@ -293,8 +303,10 @@ fn agrees_with_proc_locks_under_stress_ng() {
             .iter()
             .filter(|s| s.3 == st_dev)
             .count();
+        // SAFETY: signalling our own stress-ng process group.
         unsafe { libc::kill(-pgid, libc::SIGCONT) };
     }
+    // SAFETY: as above.
     unsafe { libc::kill(-pgid, libc::SIGKILL) };
     let _ = stress.wait();
     assert!(

@@ -186,7 +186,7 @@ fn deleted_files_on_every_filesystem() {
             .collect();
         assert_eq!(
             pids_f,
-            BTreeSet::from([pid as u64, child as u64]),
+            BTreeSet::from([u64::from(pid), u64::from(child)]),
             "{fs}: after fork"
         );
         p.cmd("close f");
@@ -320,7 +320,7 @@ fn the_table_agrees_with_a_proc_scan_under_a_workload() {
     let agent = Agent::start();
     let fss = Filesystems::new();
     let mut workers: Vec<Locker> = (0..3).map(|_| Locker::spawn()).collect();
-    let pids: Vec<u32> = workers.iter().map(|w| w.pid()).collect();
+    let pids: Vec<u32> = workers.iter().map(ckpt_tests::Locker::pid).collect();
     // Another process keeps creating and unlinking files all along: the agent keeps
     // rescanning while the compared processes are quiet.
     let mut noise = Locker::spawn();

@@ -135,7 +135,7 @@ fn image_matches_the_kernel_field_by_field() {
         pids,
         [p.pid(), child, q.pid(), r.pid()]
             .iter()
-            .map(|&x| x as u64)
+            .map(|&x| u64::from(x))
             .collect()
     );
     let proc_p = image["processes"]
@@ -169,8 +169,8 @@ fn image_matches_the_kernel_field_by_field() {
         .map(|h| (h[0].as_u64().unwrap(), h[1].as_i64().unwrap()))
         .collect();
     assert!(
-        holders.contains(&(p.pid() as u64, fd_fl as i64))
-            && holders.contains(&(child as u64, fd_fl as i64))
+        holders.contains(&(u64::from(p.pid()), i64::from(fd_fl)))
+            && holders.contains(&(u64::from(child), i64::from(fd_fl)))
     );
     assert_ne!(
         file_of(&image, q.pid(), 3)["id"],

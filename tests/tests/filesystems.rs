@@ -30,7 +30,7 @@ fn locks_and_deleted_files_on_every_filesystem() {
             .filter(|r| r["path"] == f.as_str())
             .collect();
         assert_eq!(rows.len(), 2, "{fs}: {rows:?}");
-        assert_agrees_on(&agent, |s| s.2 == Some(p.pid() as i64) || s.0 == "ofd");
+        assert_agrees_on(&agent, |s| s.2 == Some(i64::from(p.pid())) || s.0 == "ofd");
 
         // The dump places both locks and keeps the deleted file's holes and bytes.
         let img = mnt.join("img").display().to_string();

@@ -72,7 +72,11 @@ fn a_deadlock_across_flock_and_posix_is_found_and_a_chain_is_not_one() {
     let pids: Vec<u64> = steps.iter().map(|s| s["pid"].as_u64().unwrap()).collect();
     let mut sorted = pids.clone();
     sorted.sort();
-    let mut want = vec![p1.pid() as u64, p2.pid() as u64, p3.pid() as u64];
+    let mut want = vec![
+        u64::from(p1.pid()),
+        u64::from(p2.pid()),
+        u64::from(p3.pid()),
+    ];
     want.sort();
     assert_eq!(sorted, want, "{g}");
     // Each step waits on a lock the next step holds, and the kinds are the ones taken.

@@ -232,9 +232,13 @@ fn several_breakers_and_an_o_nonblock_one() {
         .iter()
         .map(|b| b["pid"].as_u64().unwrap())
         .collect();
-    assert_eq!(pids[0], nb.pid() as u64, "the first breaker stays first");
+    assert_eq!(
+        pids[0],
+        u64::from(nb.pid()),
+        "the first breaker stays first"
+    );
     pids[1..].sort();
-    let mut later = [b1.pid() as u64, b2.pid() as u64];
+    let mut later = [u64::from(b1.pid()), u64::from(b2.pid())];
     later.sort();
     assert_eq!(
         pids[1..],

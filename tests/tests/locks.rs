@@ -228,7 +228,10 @@ fn two_processes_on_one_file() {
     assert_eq!(b.try_cmd("posix x w 0 10"), format!("err {}", libc::EAGAIN));
     let rows = on(agent.locks(&[]), &f);
     let pids: BTreeSet<u64> = rows.iter().map(|r| r["pid"].as_u64().unwrap()).collect();
-    assert_eq!(pids, BTreeSet::from([a.pid() as u64, b.pid() as u64]));
+    assert_eq!(
+        pids,
+        BTreeSet::from([u64::from(a.pid()), u64::from(b.pid())])
+    );
     assert_ne!(rows[0]["owner"], rows[1]["owner"]);
     assert_agrees(&agent, Some(&ino));
     // --pid filter
@@ -372,7 +375,7 @@ fn cgroup_filter_v2_and_v1() {
     ]
     .iter()
     .filter(|r| std::path::Path::new(r).join("cgroup.procs").exists())
-    .map(|r| r.to_string())
+    .map(std::string::ToString::to_string)
     .collect();
     assert!(!roots.is_empty(), "no cgroup hierarchy found");
     for root in roots {

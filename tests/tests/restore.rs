@@ -488,10 +488,12 @@ fn lease_scenario(
         .map(|c| c.id() as i32);
     // SAFETY: stopping and continuing our own child.
     if let Some(pid) = paused {
+        // SAFETY: stopping our own child.
         unsafe { libc::kill(pid, libc::SIGSTOP) };
     }
     let report = restore(&img, &into, &args);
     if let Some(pid) = paused {
+        // SAFETY: continuing our own child.
         unsafe { libc::kill(pid, libc::SIGCONT) };
     }
     // For a failure's story: the deadline as restore planned it, and as the agent
@@ -684,7 +686,7 @@ fn refusals_leave_nothing_behind() {
             .open(path)
             .unwrap()
             .set_times(std::fs::FileTimes::new().set_modified(orig.modified().unwrap()))
-            .unwrap()
+            .unwrap();
     };
     std::fs::write(&f, "ORIGINAL").unwrap();
     keep_mtime(&f);
@@ -1016,6 +1018,7 @@ fn a_leftover_lease_break_time_is_repaired_by_any_command_but_not_under_a_restor
     let held = std::fs::File::open(&lock_file).unwrap();
     // SAFETY: plain flock on our own fd.
     assert_eq!(
+        // SAFETY: plain flock on our own fd.
         unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&held), libc::LOCK_EX) },
         0
     );

@@ -131,7 +131,7 @@ fn vm_matrix(opts: &Options, tally: &mut Tally) -> Result<bool> {
     let accel = vm::pick_accel(&prepared[0].0, &prepared[0].1)?;
     // The VMs run side by side, one per CPU: under TCG each guest is one host thread
     // (thread=single), so the matrix takes as long as its slowest kernel, not the sum.
-    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpus = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
     let mut ok = true;
     for batch in prepared.chunks(cpus) {
         let names: Vec<&str> = batch.iter().map(|(k, _)| k.release.as_str()).collect();

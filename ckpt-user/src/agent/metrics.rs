@@ -367,7 +367,12 @@ impl Watch {
             return Ok(());
         };
         if let Some(w) = &mut self.waits {
-            for e in w.look(&h, now_ns)?.ended.iter().filter(|e| !e.in_tracer_histogram) {
+            for e in w
+                .look(&h, now_ns)?
+                .ended
+                .iter()
+                .filter(|e| !e.in_tracer_histogram)
+            {
                 m.waits.observe(e.at_ns.saturating_sub(e.wait.since_ns));
             }
         }

@@ -265,7 +265,7 @@ fn proc_lock_of(r: &FdRecord, l: &LockLine) -> ProcLock {
     let kind = held_kind(l.list, l.flags);
     let (state, lock_type, pid) = match l.list {
         list::POSIX if l.flags & FL_OFDLCK != 0 => ("ADVISORY", ty(l.lock_type as u8), -1),
-        list::POSIX | list::FLOCK => ("ADVISORY", ty(l.lock_type as u8), l.pid as i64),
+        list::POSIX | list::FLOCK => ("ADVISORY", ty(l.lock_type as u8), i64::from(l.pid)),
         _ => {
             // As the kernel's lock_get_status prints leases: a breaking lease shows
             // its target type.
@@ -280,7 +280,7 @@ fn proc_lock_of(r: &FdRecord, l: &LockLine) -> ProcLock {
             (
                 if breaking { "BREAKING" } else { "ACTIVE" },
                 target,
-                l.pid as i64,
+                i64::from(l.pid),
             )
         }
     };
@@ -418,10 +418,10 @@ pub fn assemble<'a>(
             dev: KernelDev::from_st_dev(known.st_dev),
             ino: r.ino,
             mode: r.i_mode,
-            nlink: r.nlink as u64,
+            nlink: u64::from(r.nlink),
             size: r.size as u64,
-            mtime_ns: r.mtime_sec * 1_000_000_000 + r.mtime_nsec as i64,
-            ctime_ns: r.ctime_sec * 1_000_000_000 + r.ctime_nsec as i64,
+            mtime_ns: r.mtime_sec * 1_000_000_000 + i64::from(r.mtime_nsec),
+            ctime_ns: r.ctime_sec * 1_000_000_000 + i64::from(r.ctime_nsec),
             owner: (r.owner_pid != 0).then_some((r.owner_type as i32, r.owner_pid)),
             sig: r.signum as i32,
             handle: known.handle.clone(),

@@ -55,16 +55,16 @@ fn open_one(path: &Path, f: &OpenFile) -> std::io::Result<OwnedFd> {
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
+    // SAFETY: a new fd open(2) just gave us, owned by nothing else.
     let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     if f.flags as i32 & libc::O_PATH == 0 {
-        // SAFETY: plain fcntl on our fd.
-        unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, f.flags as i32 & SETFL_FLAGS) };
+        let flags = nix::fcntl::OFlag::from_bits_truncate(f.flags as i32 & SETFL_FLAGS);
+        let _ = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_SETFL(flags));
         if matches!(
             f.kind,
             FileKind::Regular | FileKind::Directory | FileKind::BlockDevice
-        ) && unsafe { libc::lseek(fd.as_raw_fd(), f.pos as i64, libc::SEEK_SET) } < 0
-        {
-            return Err(std::io::Error::last_os_error());
+        ) {
+            nix::unistd::lseek(fd.as_raw_fd(), f.pos as i64, nix::unistd::Whence::SeekSet)?;
         }
     }
     Ok(fd)

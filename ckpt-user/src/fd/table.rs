@@ -137,7 +137,7 @@ impl<'a> FdTable<'a> {
             bail!("no fd-table iterator link was prepared for process {pid}");
         }
         let readers = std::thread::available_parallelism()
-            .map_or(1, |n| n.get())
+            .map_or(1, std::num::NonZero::get)
             .clamp(1, MAX_READERS)
             .min(wanted.len().max(1));
         let links = &self.links;

@@ -52,7 +52,7 @@ pub fn set_path(v: &mut DeletedValue, path: &str) {
     let n = b.len().min(DELETED_PATH_MAX - 1);
     v.path = [0; DELETED_PATH_MAX];
     v.path[..n].copy_from_slice(&b[..n]);
-    v.path_cut = (n < b.len()) as u32;
+    v.path_cut = u32::from(n < b.len());
 }
 
 pub fn path_of(v: &DeletedValue) -> String {
@@ -116,7 +116,7 @@ pub fn build(
                 },
                 paths
                     .get(&inode)
-                    .map(|p| p.to_string())
+                    .map(std::string::ToString::to_string)
                     .or_else(|| map_path(r.tgid, r.start, r.end)),
             ),
             _ => continue,

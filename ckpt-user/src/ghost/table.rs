@@ -78,7 +78,7 @@ impl<'a> DeletedTable<'a> {
         exact: bool,
     ) -> Result<DeletedTable<'a>> {
         // A previous agent's table: start from what is true now instead.
-        let old: Vec<DeletedKey> = map.keys().filter_map(|k| k.ok()).collect();
+        let old: Vec<DeletedKey> = map.keys().filter_map(std::result::Result::ok).collect();
         for k in &old {
             remove_quiet(&mut map, k)?;
         }

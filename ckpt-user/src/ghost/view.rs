@@ -164,7 +164,7 @@ pub fn entries(pins: &PinDir, max_age: Option<Duration>) -> Result<(Entries, Vec
             .into_iter()
             .map(|(k, v)| ((k.dev, k.ino), (v.unlinked_ns, v.found_ns)))
             .collect();
-        for (k, v) in now.iter_mut() {
+        for (k, v) in &mut now {
             if let Some(&(unlinked, found)) = times.get(&(k.dev, k.ino)) {
                 v.unlinked_ns = unlinked;
                 v.found_ns = found;

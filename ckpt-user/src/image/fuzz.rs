@@ -672,7 +672,7 @@ impl QuietPanics {
                 let msg = info
                     .payload()
                     .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
+                    .map(std::string::ToString::to_string)
                     .or_else(|| info.payload().downcast_ref::<String>().cloned())
                     .unwrap_or_default();
                 LAST_PANIC.with(|p| *p.borrow_mut() = format!("{msg}{at}"));

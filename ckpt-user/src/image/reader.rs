@@ -441,7 +441,7 @@ mod hostile {
                 notified: false,
                 signal: None,
                 breakers: vec![],
-            })
+            });
         });
         let p = written("d1", &img);
         let r = ImageReader::open(&p, None).unwrap();

@@ -159,10 +159,9 @@ pub fn repair_with(files: &SysctlFiles) -> Option<String> {
         .write(true)
         .open(&files.lock)
         .ok()?;
-    let lock = match Flock::lock(lock, FlockArg::LockExclusiveNonblock) {
-        Ok(l) => l,
-        // EWOULDBLOCK: a restore holds it.
-        Err(_) => return None,
+    // EWOULDBLOCK: a restore holds it.
+    let Ok(lock) = Flock::lock(lock, FlockArg::LockExclusiveNonblock) else {
+        return None;
     };
     repair_locked(files, &lock).ok().flatten()
 }
@@ -295,6 +294,7 @@ fn start_break(fd: RawFd, target: Option<LockType>) -> Result<()> {
     // SAFETY: plain syscall.
     let r = unsafe { libc::open(path.as_ptr(), mode | libc::O_NONBLOCK | libc::O_CLOEXEC) };
     if r >= 0 {
+        // SAFETY: closing the fd open(2) just gave us.
         unsafe { libc::close(r) };
         bail!("the lease was not in place to be broken");
     }

@@ -245,7 +245,7 @@ mod tests {
         for x in &b {
             let r = x.remaining.as_millis() as u64;
             let go_minus_break = x.lead.as_millis() as u64;
-            assert_eq!(x.sysctl_s as u64 * 1000 + 2 - go_minus_break, r);
+            assert_eq!(u64::from(x.sysctl_s) * 1000 + 2 - go_minus_break, r);
             assert!(x.lead >= SLACK);
         }
     }

@@ -230,7 +230,7 @@ pub fn from_proc_line(holder: Holder, p: &ProcLock) -> Option<KLock> {
         kind,
         lock_type: p
             .lock_type
-            .map(|t| t.to_fl_type())
+            .map(ckpt_common::lock::LockType::to_fl_type)
             .unwrap_or(fl_type::F_UNLCK),
         flags: if breaking {
             fl_flags::FL_UNLOCK_PENDING

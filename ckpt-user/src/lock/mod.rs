@@ -19,4 +19,3 @@ pub use ckpt_common::{
 
 /// Largest file offset; the kernel's OFFSET_MAX ("EOF" in /proc/locks).
 pub const OFFSET_MAX: i64 = i64::MAX;
-

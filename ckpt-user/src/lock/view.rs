@@ -407,7 +407,7 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
                 let breaking = p.state == "BREAKING";
                 let target = p
                     .lock_type
-                    .map(|t| t.to_fl_type())
+                    .map(ckpt_common::lock::LockType::to_fl_type)
                     .unwrap_or(fl_type::F_UNLCK);
                 (
                     HeldKind::Lease,

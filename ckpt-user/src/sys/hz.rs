@@ -62,9 +62,9 @@ fn nearest(rate: f64) -> u32 {
     *KNOWN
         .iter()
         .min_by(|a, b| {
-            (**a as f64 - rate)
+            (f64::from(**a) - rate)
                 .abs()
-                .total_cmp(&(**b as f64 - rate).abs())
+                .total_cmp(&(f64::from(**b) - rate).abs())
         })
         .expect("KNOWN is not empty")
 }

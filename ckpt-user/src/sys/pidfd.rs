@@ -17,6 +17,7 @@ pub fn pidfd_open(pid: u32) -> Result<OwnedFd> {
     if r < 0 {
         bail!("pidfd_open({pid}): {}", last_err());
     }
+    // SAFETY: a new fd the kernel just gave us, owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }
 
@@ -27,6 +28,7 @@ pub fn pidfd_getfd(pidfd: &OwnedFd, fd: i32) -> Result<OwnedFd> {
     if r < 0 {
         bail!("pidfd_getfd(fd {fd}): {}", last_err());
     }
+    // SAFETY: a new fd the kernel just gave us, owned by nothing else.
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
 }
 

@@ -138,6 +138,7 @@ pub fn spawn(setup: &Setup, cancel: &AtomicBool, timeout: Duration) -> Result<Tr
                     pgid = pid;
                 }
                 // Also from this side, so the group exists before anyone signals it.
+                // SAFETY: plain syscall on our own child.
                 unsafe { libc::setpgid(pid, pgid) };
                 roots.push(pid);
             }
@@ -243,6 +244,7 @@ fn read_lines(fd: &OwnedFd, pending: &mut String) -> Result<Option<Vec<String>>>
         return Ok(Some(Vec::new()));
     }
     let mut buf = [0u8; 4096];
+    // SAFETY: reading into our own buffer, of its length, from our own fd.
     let r = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
     if r < 0 {
         let e = std::io::Error::last_os_error();
@@ -297,6 +299,7 @@ fn helper(setup: &Setup, ctl: &Control, idx: usize, group: Option<i32>) -> ! {
         (Ok(s), Ok(r)) => (s, r),
         (Err(e), _) | (_, Err(e)) => {
             say(ctl.status_w.as_raw_fd(), 'E', idx, &format!("{e:#}"));
+            // SAFETY: leaving the helper without unwinding or atexit handlers (after fork).
             unsafe { libc::_exit(1) }
         }
     };
@@ -308,10 +311,12 @@ fn helper(setup: &Setup, ctl: &Control, idx: usize, group: Option<i32>) -> ! {
             unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
             let e = exec.run();
             say(status, 'X', idx, &format!("{}: {e}", exec.path.display()));
+            // SAFETY: as above.
             unsafe { libc::_exit(127) }
         }
         Err(e) => {
             say(status, 'E', idx, &format!("{e:#}"));
+            // SAFETY: as above.
             unsafe { libc::_exit(1) }
         }
     }
@@ -326,6 +331,7 @@ fn wait_release(fd: RawFd) {
             return;
         }
         if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            // SAFETY: as above.
             unsafe { libc::_exit(1) };
         }
     }
@@ -484,7 +490,7 @@ fn fd_base(setup: &Setup, p: &ProcPlan, ctl: &Control) -> RawFd {
     p.fds
         .iter()
         .map(|d| d.fd)
-        .chain(setup.files.values().map(|f| f.as_raw_fd()))
+        .chain(setup.files.values().map(std::os::fd::AsRawFd::as_raw_fd))
         .chain([2, ctl.status_w.as_raw_fd(), ctl.release_r.as_raw_fd()])
         .max()
         .unwrap_or(2)
@@ -527,6 +533,7 @@ fn arrange_fds(setup: &Setup, p: &ProcPlan, base: RawFd) -> Result<()> {
         }
     }
     for m in moved {
+        // SAFETY: closing the temporary duplicates this function made.
         unsafe { libc::close(m) };
     }
     Ok(())

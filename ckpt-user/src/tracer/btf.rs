@@ -142,9 +142,9 @@ impl Btf {
                         let val = u32_at(d, m + 4)?;
                         // kind_flag: signed values.
                         let val = if kind_flag {
-                            val as i32 as i64
+                            i64::from(val as i32)
                         } else {
-                            val as i64
+                            i64::from(val)
                         };
                         enumerators.insert(name(u32_at(d, m)?), val);
                     }
@@ -153,8 +153,8 @@ impl Btf {
                 KIND_ENUM64 => {
                     for i in 0..vlen {
                         let m = o + i * 12;
-                        let lo = u32_at(d, m + 4)? as u64;
-                        let hi = u32_at(d, m + 8)? as u64;
+                        let lo = u64::from(u32_at(d, m + 4)?);
+                        let hi = u64::from(u32_at(d, m + 8)?);
                         enumerators.insert(name(u32_at(d, m)?), (hi << 32 | lo) as i64);
                     }
                     o += vlen * 12;
@@ -193,7 +193,7 @@ impl Btf {
                 .ok_or_else(|| anyhow!("BTF type {id} missing"))?;
             match t.kind {
                 KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    id = t.target
+                    id = t.target;
                 }
                 _ => return Ok(t),
             }

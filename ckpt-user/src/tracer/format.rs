@@ -234,7 +234,7 @@ pub fn file_iter_offsets(btf: &Btf) -> Result<FileIterOffsets> {
         file_path: btf.offset_of("file", "f_path")?,
         file_mnt: btf.offset_of("file", "f_path.mnt")?,
         file_owner: btf.offset_of("file", "f_owner")?,
-        owner_is_ptr: btf.is_pointer("file", "f_owner")? as u32,
+        owner_is_ptr: u32::from(btf.is_pointer("file", "f_owner")?),
         fown_pid: btf.offset_of("fown_struct", "pid")?,
         fown_pid_type: btf.offset_of("fown_struct", "pid_type")?,
         fown_signum: btf.offset_of("fown_struct", "signum")?,

@@ -86,7 +86,7 @@ impl WaitEndRing {
     /// overwritten before they could be read (a lap behind).
     pub fn read(&mut self) -> Result<(Vec<WaitEnd>, u64)> {
         let seqs = self.seqs.get(&0, 0)?.to_vec();
-        let (wanted, mut lost) = ring_span(&mut self.next, &seqs, capacity::WAIT_ENDS as u64);
+        let (wanted, mut lost) = ring_span(&mut self.next, &seqs, u64::from(capacity::WAIT_ENDS));
         let mut out = Vec::new();
         for (slot, want) in wanted {
             // Read twice: a slot being rewritten while copied gives two copies that

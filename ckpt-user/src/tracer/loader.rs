@@ -91,7 +91,7 @@ pub fn load_and_attach(pins: &PinDir, tracing: Tracing) -> Result<Loaded> {
         info!("mounted bpffs at {}", mounts::BPFFS);
     }
     let mut layout = resolve_layout().context("resolving tracepoint layout")?;
-    layout.hold_times = tracing.hold_times as u32;
+    layout.hold_times = u32::from(tracing.hold_times);
     debug!(?layout, "tracepoint layout");
 
     for dir in [pins.maps_dir(), pins.progs_dir(), pins.links_dir()] {

@@ -267,7 +267,11 @@ pub fn lines(s: &Snapshot, sort: Sort, now_ns: u64) -> (Vec<String>, Vec<String>
         .deleted
         .iter()
         .map(|f| {
-            let pids: std::collections::BTreeSet<u32> = f.holders.iter().map(|h| h.pid()).collect();
+            let pids: std::collections::BTreeSet<u32> = f
+                .holders
+                .iter()
+                .map(super::super::ghost::view::Holder::pid)
+                .collect();
             let holders: Vec<String> = pids.iter().map(u32::to_string).collect();
             format!(
                 " {:>8} {:<40} {}",

@@ -56,6 +56,9 @@
 //! instead of stdin (a restored locker has the test's old pipes, or none).
 //! A blocking command replies when it returns. SIGUSR1 interrupts it (no SA_RESTART),
 //! so a test can make a waiter give up.
+// A test helper whose every command is a raw system call on its own fds, named
+// by the command itself: one SAFETY line per call would repeat the command.
+#![allow(clippy::undocumented_unsafe_blocks)]
 use std::{
     collections::HashMap,
     ffi::CString,
@@ -244,7 +247,7 @@ fn serve(input: impl BufRead, mut out: impl Write) {
                 }
             }
             ["lease", name, t] => {
-                let r = unsafe { libc::fcntl(fd(name), libc::F_SETLEASE, lock_type(t) as i32) };
+                let r = unsafe { libc::fcntl(fd(name), libc::F_SETLEASE, i32::from(lock_type(t))) };
                 if r < 0 {
                     format!("err {}", errno())
                 } else {
@@ -260,7 +263,7 @@ fn serve(input: impl BufRead, mut out: impl Write) {
                 }
             }
             ["pollease", name, t, ms] => {
-                let want = lock_type(t) as i32;
+                let want = i32::from(lock_type(t));
                 let deadline = mono_ns() + ms.parse::<u64>().unwrap() * 1_000_000;
                 loop {
                     let r = unsafe { libc::fcntl(fd(name), libc::F_GETLEASE) };
@@ -599,7 +602,7 @@ fn serve(input: impl BufRead, mut out: impl Write) {
                 if f < 0 {
                     format!("err {}", errno())
                 } else {
-                    let base = (std::process::id() as i64) << 32;
+                    let base = i64::from(std::process::id()) << 32;
                     std::thread::spawn(move || {
                         let set = |t: i32, at: i64| {
                             let mut fl: libc::flock = unsafe { std::mem::zeroed() };

@@ -252,7 +252,7 @@ pub struct Stats {
 }
 
 pub fn stats(mut v: Vec<f64>) -> Stats {
-    v.sort_by(|a, b| a.total_cmp(b));
+    v.sort_by(f64::total_cmp);
     if v.is_empty() {
         return Stats {
             median: 0.0,

@@ -118,7 +118,7 @@ fn field(event: &str, names: &[&str]) -> Result<String> {
     names
         .iter()
         .find(|n| text.contains(&format!(" {n};")))
-        .map(|n| n.to_string())
+        .map(std::string::ToString::to_string)
         .with_context(|| format!("{event} has none of {names:?}"))
 }
 
@@ -255,7 +255,7 @@ fn prog_stats(pid: u32) -> (u64, u64) {
 /// stress-ng --fcntl run.
 fn per_event_ns(mode: Mode, ctx: &Ctx, scripts: &Scripts) -> Result<f64> {
     let child = start(mode, ctx, scripts)?;
-    let pid = child.as_ref().map(|c| c.id()).unwrap_or(0);
+    let pid = child.as_ref().map(std::process::Child::id).unwrap_or(0);
     let _ = std::fs::write("/proc/sys/kernel/bpf_stats_enabled", "1");
     let (p0, c0) = (prog_stats(pid), cpu_s(pid));
     let run = stress("fcntl");
