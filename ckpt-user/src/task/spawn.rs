@@ -13,13 +13,19 @@
 use std::{
     collections::BTreeMap,
     ffi::CString,
-    os::fd::{AsRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd, RawFd},
     path::{Path, PathBuf},
     sync::atomic::{AtomicBool, Ordering},
     time::{Duration, Instant},
 };
 
 use anyhow::{anyhow, bail, Result};
+use nix::{
+    errno::Errno,
+    fcntl::{fcntl, FcntlArg, OFlag},
+    sys::signal::{kill, killpg, Signal},
+    unistd::{fork, setpgid, ForkResult, Pid},
+};
 
 use super::creds;
 use crate::{
@@ -55,18 +61,16 @@ impl Drop for Tree {
         if self.released {
             return;
         }
-        // SAFETY: signalling and reaping our own helpers.
-        unsafe {
-            if self.pgid > 0 {
-                libc::kill(-self.pgid, libc::SIGKILL);
-            }
-            for &p in self.pids.iter().filter(|p| **p > 0) {
-                libc::kill(p as i32, libc::SIGKILL);
-            }
-            for &r in &self.roots {
-                libc::kill(r, libc::SIGKILL);
-                libc::waitpid(r, std::ptr::null_mut(), 0);
-            }
+        // Our own helpers: signalled, and the roots reaped.
+        if self.pgid > 0 {
+            let _ = killpg(Pid::from_raw(self.pgid), Signal::SIGKILL);
+        }
+        for &p in self.pids.iter().filter(|p| **p > 0) {
+            let _ = kill(Pid::from_raw(p as i32), Signal::SIGKILL);
+        }
+        for &r in &self.roots {
+            let _ = kill(Pid::from_raw(r), Signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(Pid::from_raw(r), None);
         }
     }
 }
@@ -130,17 +134,15 @@ pub fn spawn(setup: &Setup, cancel: &AtomicBool, timeout: Duration) -> Result<Tr
     let mut roots = Vec::new();
     for &root in &setup.plan.roots {
         // SAFETY: ckpt-user restore is single-threaded; the child never returns.
-        match unsafe { libc::fork() } {
-            -1 => bail!("fork: {}", std::io::Error::last_os_error()),
-            0 => helper(setup, &ctl, root, Some(pgid)),
-            pid => {
+        match unsafe { fork() }.map_err(|e| anyhow!("fork: {e}"))? {
+            ForkResult::Child => helper(setup, &ctl, root, Some(pgid)),
+            ForkResult::Parent { child } => {
                 if pgid == 0 {
-                    pgid = pid;
+                    pgid = child.as_raw();
                 }
                 // Also from this side, so the group exists before anyone signals it.
-                // SAFETY: plain syscall on our own child.
-                unsafe { libc::setpgid(pid, pgid) };
-                roots.push(pid);
+                let _ = setpgid(child, Pid::from_raw(pgid));
+                roots.push(child.as_raw());
             }
         }
     }
@@ -233,30 +235,22 @@ fn parse_status(line: &str) -> Option<(char, usize, &str)> {
 
 /// Whole lines read within 100 ms; None at end of file.
 fn read_lines(fd: &OwnedFd, pending: &mut String) -> Result<Option<Vec<String>>> {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: plain syscalls on our pipe.
-    let n = unsafe { libc::poll(&mut pfd, 1, 100) };
-    if n <= 0 {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut pfd = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
+    // An error (EINTR) is a look with nothing to read.
+    if poll(&mut pfd, PollTimeout::from(100u8)).unwrap_or(0) <= 0 {
         return Ok(Some(Vec::new()));
     }
     let mut buf = [0u8; 4096];
-    // SAFETY: reading into our own buffer, of its length, from our own fd.
-    let r = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-    if r < 0 {
-        let e = std::io::Error::last_os_error();
-        if e.kind() == std::io::ErrorKind::Interrupted {
-            return Ok(Some(Vec::new()));
-        }
-        bail!("reading the restored processes' status: {e}");
-    }
+    let r = match nix::unistd::read(fd.as_raw_fd(), &mut buf) {
+        Ok(r) => r,
+        Err(Errno::EINTR) => return Ok(Some(Vec::new())),
+        Err(e) => bail!("reading the restored processes' status: {e}"),
+    };
     if r == 0 {
         return Ok(None);
     }
-    pending.push_str(&String::from_utf8_lossy(&buf[..r as usize]));
+    pending.push_str(&String::from_utf8_lossy(&buf[..r]));
     let mut out = Vec::new();
     while let Some(nl) = pending.find('\n') {
         out.push(pending[..nl].to_string());
@@ -280,15 +274,16 @@ fn os_err(what: impl std::fmt::Display) -> anyhow::Error {
 /// A helper process: becomes process `idx` of the plan, then its program.
 /// `group`: for a root, the process group to join (0: start it); children inherit it.
 fn helper(setup: &Setup, ctl: &Control, idx: usize, group: Option<i32>) -> ! {
-    // SAFETY: our own process; the orchestrator's ends of the pipes are not ours.
-    unsafe {
-        libc::close(ctl.status_r.as_raw_fd());
-        libc::close(ctl.release_w.as_raw_fd());
-        libc::signal(libc::SIGINT, libc::SIG_DFL);
-        libc::signal(libc::SIGTERM, libc::SIG_DFL);
-        if let Some(pgid) = group {
-            libc::setpgid(0, pgid);
-        }
+    // The orchestrator's ends of the pipes are not ours (their OwnedFds are never
+    // dropped here: a helper never returns).
+    let _ = nix::unistd::close(ctl.status_r.as_raw_fd());
+    let _ = nix::unistd::close(ctl.release_w.as_raw_fd());
+    for sig in [Signal::SIGINT, Signal::SIGTERM] {
+        // SAFETY: the default disposition, in a single-threaded process.
+        let _ = unsafe { nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl) };
+    }
+    if let Some(pgid) = group {
+        let _ = setpgid(Pid::from_raw(0), Pid::from_raw(pgid));
     }
     // Our control fds move above every fd number this process will use.
     let base = fd_base(setup, &setup.plan.procs[idx], ctl);
@@ -307,8 +302,8 @@ fn helper(setup: &Setup, ctl: &Control, idx: usize, group: Option<i32>) -> ! {
         Ok(exec) => {
             say(status, 'R', idx, &std::process::id().to_string());
             wait_release(release);
-            // SAFETY: the program must not die with its parent.
-            unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, 0) };
+            // The program must not die with its parent.
+            let _ = nix::sys::prctl::set_pdeathsig(None);
             let e = exec.run();
             say(status, 'X', idx, &format!("{}: {e}", exec.path.display()));
             // SAFETY: as above.
@@ -322,27 +317,22 @@ fn helper(setup: &Setup, ctl: &Control, idx: usize, group: Option<i32>) -> ! {
     }
 }
 
+/// Reads our pipe until the orchestrator closes it.
 fn wait_release(fd: RawFd) {
     let mut b = [0u8; 1];
     loop {
-        // SAFETY: reading our pipe until the orchestrator closes it.
-        let r = unsafe { libc::read(fd, b.as_mut_ptr().cast(), 1) };
-        if r == 0 {
-            return;
-        }
-        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
-            // SAFETY: as above.
-            unsafe { libc::_exit(1) };
+        match nix::unistd::read(fd, &mut b) {
+            Ok(0) => return,
+            Ok(_) | Err(Errno::EINTR) => {}
+            // SAFETY: leaving the helper without unwinding or atexit handlers.
+            Err(_) => unsafe { libc::_exit(1) },
         }
     }
 }
 
 fn die_with_parent() -> Result<()> {
-    // SAFETY: plain prctl on ourselves.
-    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) } < 0 {
-        return Err(os_err("prctl(PR_SET_PDEATHSIG)"));
-    }
-    Ok(())
+    nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+        .map_err(|e| anyhow!("prctl(PR_SET_PDEATHSIG): {e}"))
 }
 
 /// The program a ready helper executes.
@@ -352,16 +342,13 @@ struct Program {
 }
 
 impl Program {
+    /// Executes the program with this process's environment; returns only on failure.
     fn run(&self) -> std::io::Error {
-        let mut argv: Vec<*const libc::c_char> = self.argv.iter().map(|a| a.as_ptr()).collect();
-        argv.push(std::ptr::null());
         let path = CString::new(self.path.as_os_str().as_encoded_bytes()).unwrap_or_default();
-        extern "C" {
-            static environ: *const *const libc::c_char;
+        match nix::unistd::execv(&path, &self.argv) {
+            Err(e) => e.into(),
+            Ok(never) => match never {},
         }
-        // SAFETY: NUL-terminated argv; environ is the process's environment.
-        unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), environ) };
-        std::io::Error::last_os_error()
     }
 }
 
@@ -374,10 +361,8 @@ fn become_process(setup: &Setup, ctl: &Control, idx: usize, base: RawFd) -> Resu
     }
     for &child in &p.children {
         // SAFETY: we are single-threaded; the child never returns.
-        match unsafe { libc::fork() } {
-            -1 => return Err(os_err("fork")),
-            0 => helper(setup, ctl, child, None),
-            _ => {}
+        if let ForkResult::Child = unsafe { fork() }.map_err(|e| anyhow!("fork: {e}"))? {
+            helper(setup, ctl, child, None);
         }
     }
     arrange_fds(setup, p, base)?;
@@ -393,15 +378,12 @@ fn become_process(setup: &Setup, ctl: &Control, idx: usize, base: RawFd) -> Resu
         set_lease(setup, p, l)?;
     }
     for &fd in &p.async_fds {
-        // SAFETY: plain fcntl on our fd.
-        unsafe {
-            let fl = libc::fcntl(fd, libc::F_GETFL);
-            if libc::fcntl(fd, libc::F_SETFL, fl | libc::O_ASYNC) < 0 {
-                return Err(os_err(format!("setting O_ASYNC on fd {fd}")));
-            }
-        }
+        let fl = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+        fcntl(fd, FcntlArg::F_SETFL(fl | OFlag::O_ASYNC))
+            .map_err(|e| anyhow!("setting O_ASYNC on fd {fd}: {e}"))?;
     }
     if !p.block_signals.is_empty() {
+        // Raw: F_SETSIG may name a real-time signal, which nix's Signal cannot hold.
         // SAFETY: building and installing a signal mask for ourselves.
         unsafe {
             let mut set: libc::sigset_t = std::mem::zeroed();
@@ -459,8 +441,7 @@ fn stdio_fds(setup: &Setup, p: &ProcPlan) -> Result<[RawFd; 3]> {
         }
         out[n as usize] = match setup.stdio {
             Stdio::Inherit => n,
-            // SAFETY: isatty only inspects the fd.
-            Stdio::Auto if unsafe { libc::isatty(n) } == 1 => n,
+            Stdio::Auto if nix::unistd::isatty(n).unwrap_or(false) => n,
             Stdio::Auto | Stdio::Null => null()?,
             Stdio::Dir(_) if n == 0 => null()?,
             Stdio::Dir(dir) => {
@@ -498,18 +479,17 @@ fn fd_base(setup: &Setup, p: &ProcPlan, ctl: &Control) -> RawFd {
 }
 
 fn dup_high(fd: RawFd, base: RawFd) -> Result<RawFd> {
-    // SAFETY: plain fcntl; the copy is ours.
-    let r = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, base) };
-    if r < 0 {
+    let r = fcntl(fd, FcntlArg::F_DUPFD_CLOEXEC(base));
+    if let Err(e) = r {
         // EINVAL: `base` is at or above the open-file limit (`Plan::check_fd_limit`
         // refuses such plans up front; this names the limit should it still happen).
         let limit = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
             .map_or(String::new(), |(soft, hard)| {
                 format!(" (fd numbers from {base}; RLIMIT_NOFILE soft {soft}, hard {hard})")
             });
-        return Err(os_err(format!("moving fd {fd}{limit}")));
+        return Err(anyhow!("moving fd {fd}{limit}: {e}"));
     }
-    Ok(r)
+    Ok(r?)
 }
 
 /// Puts every description at its fd number and closes everything else below `base`
@@ -526,15 +506,17 @@ fn arrange_fds(setup: &Setup, p: &ProcPlan, base: RawFd) -> Result<()> {
     }
     close_below(base)?;
     for (d, &m) in p.fds.iter().zip(&moved) {
-        let flags = if d.cloexec { libc::O_CLOEXEC } else { 0 };
-        // SAFETY: plain syscall; `m` >= base > d.fd.
-        if unsafe { libc::dup3(m, d.fd, flags) } < 0 {
-            return Err(os_err(format!("placing fd {}", d.fd)));
-        }
+        let flags = if d.cloexec {
+            OFlag::O_CLOEXEC
+        } else {
+            OFlag::empty()
+        };
+        // `m` >= base > d.fd.
+        nix::unistd::dup3(m, d.fd, flags).map_err(|e| anyhow!("placing fd {}: {e}", d.fd))?;
     }
     for m in moved {
-        // SAFETY: closing the temporary duplicates this function made.
-        unsafe { libc::close(m) };
+        // The temporary duplicates this function made.
+        let _ = nix::unistd::close(m);
     }
     Ok(())
 }
@@ -542,6 +524,7 @@ fn arrange_fds(setup: &Setup, p: &ProcPlan, base: RawFd) -> Result<()> {
 /// Closes every fd below `base`.
 fn close_below(base: RawFd) -> Result<()> {
     if base > 0 {
+        // Raw: nix 0.29 has no close_range.
         // SAFETY: plain syscall on our own fd table.
         if unsafe { libc::syscall(libc::SYS_close_range, 0u32, (base - 1) as u32, 0) } < 0 {
             return Err(os_err("close_range"));
@@ -565,6 +548,8 @@ fn take_lock(setup: &Setup, p: &ProcPlan, l: &LockOp) -> Result<()> {
             path_of(setup, p, l.fd)
         )
     };
+    // Raw flock(2): nix's Flock owns its fd and unlocks on drop, and this lock must
+    // stay with the process this helper becomes.
     // SAFETY: plain syscalls on our own fds.
     let r = unsafe {
         match l.kind {
@@ -606,6 +591,7 @@ fn take_lock(setup: &Setup, p: &ProcPlan, l: &LockOp) -> Result<()> {
 }
 
 fn set_lease(setup: &Setup, p: &ProcPlan, l: &LeaseOp) -> Result<()> {
+    // Raw: nix has no F_SETLEASE.
     // SAFETY: plain fcntl on our own fd.
     if unsafe { libc::fcntl(l.fd, libc::F_SETLEASE, l.lease_type.fcntl_type()) } < 0 {
         let e = std::io::Error::last_os_error();
@@ -653,7 +639,8 @@ fn executable(p: &Path) -> bool {
     let Ok(c) = CString::new(p.as_os_str().as_encoded_bytes()) else {
         return false;
     };
-    // SAFETY: plain syscall.
+    use nix::{fcntl::AtFlags, unistd::AccessFlags};
     p.is_file()
-        && unsafe { libc::faccessat(libc::AT_FDCWD, c.as_ptr(), libc::X_OK, libc::AT_EACCESS) } == 0
+        && nix::unistd::faccessat(None, c.as_c_str(), AccessFlags::X_OK, AtFlags::AT_EACCESS)
+            .is_ok()
 }
