@@ -70,7 +70,31 @@ pub fn run(purpose: Purpose) -> Result<()> {
     apt(&packages)?;
     nightly()?;
     bpf_linker()?;
+    if purpose == Purpose::Test {
+        lint_tools()?;
+    }
     Ok(())
+}
+
+/// clippy and rustfmt on the default toolchain: the test command checks the code
+/// with them first.
+fn lint_tools() -> Result<()> {
+    let components = output(Command::new("rustup").args(["component", "list", "--installed"]))
+        .unwrap_or_default();
+    let missing: Vec<&str> = ["clippy", "rustfmt"]
+        .into_iter()
+        .filter(|c| !components.lines().any(|l| l.starts_with(c)))
+        .collect();
+    if missing.is_empty() {
+        step("lint tools", "clippy and rustfmt present");
+        return Ok(());
+    }
+    step("lint tools", &format!("adding {}", missing.join(" and ")));
+    quiet(
+        Command::new("rustup")
+            .args(["component", "add"])
+            .args(&missing),
+    )
 }
 
 fn installed(pkg: &str) -> bool {

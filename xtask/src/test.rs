@@ -49,6 +49,31 @@ fn cargo_test(args: &[&str], envs: &[(&str, String)], tally: &mut Tally) -> Resu
     Ok(child.wait()?.success())
 }
 
+/// The code as the workspace keeps it: formatted, and clean of every lint in
+/// `[workspace.lints]` and clippy's defaults. A failure is counted, and the tests
+/// still run.
+fn lint() -> Result<bool> {
+    let fmt = Command::new("cargo")
+        .current_dir(workspace())
+        .args(["fmt", "--all", "--check"])
+        .status()
+        .context("running cargo fmt")?
+        .success();
+    let clippy = Command::new("cargo")
+        .current_dir(workspace())
+        .args(["clippy", "--all-targets", "--", "-D", "warnings"])
+        .status()
+        .context("running cargo clippy")?
+        .success();
+    if !fmt {
+        println!("lint: cargo fmt --check found unformatted code");
+    }
+    if !clippy {
+        println!("lint: cargo clippy found warnings");
+    }
+    Ok(fmt && clippy)
+}
+
 pub struct Options {
     pub unit_only: bool,
     pub host_only: bool,
@@ -62,6 +87,9 @@ pub fn run(opts: &Options) -> Result<()> {
     let unit_only = opts.unit_only;
     let mut tally = Tally::default();
     let mut ok = true;
+
+    println!("== lint (cargo fmt --check, cargo clippy -D warnings)");
+    ok &= lint()?;
 
     println!("== unit tests");
     let mut args = vec!["--release"];
