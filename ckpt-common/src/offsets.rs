@@ -92,26 +92,6 @@ pub struct LockListOffsets {
     pub end: u32,
 }
 
-impl LockListOffsets {
-    pub const ZERO: LockListOffsets = LockListOffsets {
-        inode_flctx: 0,
-        ctx_posix: 0,
-        ctx_flock: 0,
-        ctx_lease: 0,
-        list: 0,
-        file: 0,
-        owner: 0,
-        flags: 0,
-        lock_type: 0,
-        pid: 0,
-        blocker: 0,
-        blocked_requests: 0,
-        blocked_member: 0,
-        start: 0,
-        end: 0,
-    };
-}
-
 /// Offsets for the task_file iterator (BTF): what /proc/PID/fd, fdinfo and fstat tell
 /// about an fd, read from the kernel's structs in one pass.
 #[repr(C)]
@@ -155,42 +135,6 @@ pub struct FileIterOffsets {
     pub sb_dev: u32,
 }
 
-impl FileIterOffsets {
-    pub const ZERO: FileIterOffsets = FileIterOffsets {
-        task_tgid: 0,
-        task_files: 0,
-        files_fdt: 0,
-        fdt_close_on_exec: 0,
-        file_pos: 0,
-        file_flags: 0,
-        file_mode: 0,
-        file_inode: 0,
-        file_path: 0,
-        file_mnt: 0,
-        file_owner: 0,
-        owner_is_ptr: 0,
-        fown_pid: 0,
-        fown_pid_type: 0,
-        fown_signum: 0,
-        pid_nr: 0,
-        vfsmount_mnt_id: 0,
-        inode_ino: 0,
-        inode_sb: 0,
-        inode_mode: 0,
-        inode_nlink: 0,
-        inode_size: 0,
-        inode_blocks: 0,
-        inode_generation: 0,
-        inode_mtime_sec: 0,
-        inode_mtime_nsec: 0,
-        inode_ctime_sec: 0,
-        inode_ctime_nsec: 0,
-        inode_state: 0,
-        i_linkable: 0,
-        sb_dev: 0,
-    };
-}
-
 /// Offsets for the per-process record of the task_file iterator (BTF): what
 /// /proc/PID/status, comm and cwd would tell, plus the identities that show whether a
 /// process changed since a read before freezing (exec, credentials, cwd).
@@ -213,24 +157,6 @@ pub struct TaskIterOffsets {
     pub cred_egid: u32,
 }
 
-impl TaskIterOffsets {
-    pub const ZERO: TaskIterOffsets = TaskIterOffsets {
-        real_parent: 0,
-        real_cred: 0,
-        self_exec_id: 0,
-        comm: 0,
-        exit_state: 0,
-        flags: 0,
-        fs: 0,
-        fs_pwd_mnt: 0,
-        fs_pwd_dentry: 0,
-        cred_uid: 0,
-        cred_euid: 0,
-        cred_gid: 0,
-        cred_egid: 0,
-    };
-}
-
 /// Everything the programs need to know about this kernel, in one global so that a
 /// single `override_global` call configures them. `valid` is 1 once userspace filled it:
 /// the programs do nothing while it is 0, so a mis-loaded object cannot record garbage.
@@ -250,50 +176,10 @@ pub struct KernelLayout {
 }
 
 impl KernelLayout {
-    pub const ZERO: KernelLayout = KernelLayout {
-        lease: LeaseTpOffsets {
-            fl: 0,
-            i_ino: 0,
-            s_dev: 0,
-            owner: 0,
-            flags: 0,
-            lease_type: 0,
-            break_time: 0,
-            downgrade_time: 0,
-        },
-        brk: BreakTpOffsets {
-            conflict_lease: 0,
-            conflict_breaker: 0,
-            conflict_b_type: 0,
-            conflict: 0,
-            signal_sig: 0,
-            signal_pid: 0,
-            signal_result: 0,
-            deliver_handler: 0,
-            deliver_flags: 0,
-        },
-        lease_struct: LeaseStructOffsets {
-            break_time: 0,
-            downgrade_time: 0,
-        },
-        lock_lists: LockListOffsets::ZERO,
-        files: FileIterOffsets::ZERO,
-        tasks: TaskIterOffsets::ZERO,
-        deleted: DeletedTpOffsets {
-            close_fd: 0,
-            openat_flags: 0,
-            open_flags: 0,
-            openat2_how: 0,
-            exit_ret: 0,
-            fdt_fd: 0,
-            fdt_max_fds: 0,
-            vma_start: 0,
-            vma_end: 0,
-            vma_file: 0,
-        },
-        hold_times: 0,
-        valid: 0,
-    };
+    /// Every offset 0 (and `valid` 0): the eBPF object's initial value, which the
+    /// loader overrides with this kernel's layout.
+    // SAFETY: the struct is repr(C) integers only, for which all-zero bytes are valid.
+    pub const ZERO: KernelLayout = unsafe { core::mem::zeroed() };
 }
 
 #[cfg(feature = "user")]
