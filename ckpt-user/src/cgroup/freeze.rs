@@ -150,15 +150,12 @@ pub fn lineage(pid: u32) -> Vec<u32> {
     let mut out = vec![pid];
     let mut at = pid;
     while at > 1 && out.len() < 4096 {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{at}/stat")) else {
+        let Ok(ppid) = procfs::process::Process::new(at as i32)
+            .and_then(|p| p.stat())
+            .map(|s| s.ppid.max(0) as u32)
+        else {
             break;
         };
-        // The ppid is the second field after the command, which may hold spaces and ')'.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
-            .and_then(|p| p.parse::<u32>().ok())
-            .unwrap_or(0);
         if ppid == 0 {
             break;
         }

@@ -23,7 +23,9 @@ pub struct CgroupMount {
     pub controllers: Vec<String>,
 }
 
-/// Parses mountinfo text and returns cgroup mounts, cgroup2 first.
+/// Parses mountinfo text and returns cgroup mounts, cgroup2 first. By hand, not with
+/// procfs: its MountInfo keeps the `\040` escapes in mount points and the options in a
+/// HashMap, which loses the controllers' order.
 pub fn parse_mounts(mountinfo: &str) -> Vec<CgroupMount> {
     let mut out: Vec<CgroupMount> = mountinfo
         .lines()

@@ -1,5 +1,6 @@
 //! /proc/PID/fdinfo/N: an fd's offset, flags, mount and inode, and the locks and
-//! leases of its description as the kernel prints them under `flc_lock`.
+//! leases of its description as the kernel prints them under `flc_lock`. Parsed here,
+//! not by procfs, which does not read the `lock:` lines.
 
 use crate::lock::proc_locks::{self, ProcLock};
 

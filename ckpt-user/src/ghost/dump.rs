@@ -211,53 +211,45 @@ pub fn mappings_from_scan(
         .collect()
 }
 
-/// One line of /proc/PID/maps: (start, end, perms, offset, inode, path).
-/// Parsed by hand: the format is fixed since Linux 2.6, and procfs (which would parse
-/// it) is not a dependency of this crate.
-fn maps_line(l: &str) -> Option<(u64, u64, &str, u64, u64, &str)> {
-    let mut w = l.splitn(6, ' ');
-    let (range, perms, offset, _dev, inode) =
-        (w.next()?, w.next()?, w.next()?, w.next()?, w.next()?);
-    let path = w.next().unwrap_or("").trim_start();
-    let (a, b) = range.split_once('-')?;
-    Some((
-        u64::from_str_radix(a, 16).ok()?,
-        u64::from_str_radix(b, 16).ok()?,
-        perms,
-        u64::from_str_radix(offset, 16).ok()?,
-        inode.parse().ok()?,
-        path,
-    ))
-}
-
 /// The deleted-file mappings of `pid` from /proc/PID/maps (no iterators): every
 /// mapping of a file whose path ends in " (deleted)" (which includes names removed
 /// while another link is left; the caller keeps those with no link).
 pub fn mappings_from_proc(pid: u32) -> Result<Vec<Mapping>> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))
-        .with_context(|| format!("process {pid} exited during the dump"))?;
-    Ok(text
-        .lines()
-        .filter_map(maps_line)
-        .filter(|&(.., inode, path)| inode != 0 && path.ends_with(" (deleted)"))
-        .map(|(start, end, ..)| Mapping { pid, start, end })
+    Ok(maps_of(pid)
+        .with_context(|| format!("process {pid} exited during the dump"))?
+        .into_iter()
+        .filter(|m| m.inode != 0 && deleted_path(&m.pathname))
+        .map(|m| Mapping {
+            pid,
+            start: m.address.0,
+            end: m.address.1,
+        })
         .collect())
+}
+
+/// /proc/PID/maps, through procfs.
+fn maps_of(pid: u32) -> procfs::ProcResult<Vec<procfs::process::MemoryMap>> {
+    Ok(procfs::process::Process::new(pid as i32)?.maps()?.0)
+}
+
+/// A file's path as maps shows it, ending in " (deleted)" once unlinked.
+fn deleted_path(p: &procfs::process::MMapPath) -> bool {
+    matches!(p, procfs::process::MMapPath::Path(path) if path.as_os_str().as_encoded_bytes().ends_with(b" (deleted)"))
 }
 
 /// Offset and permissions of each mapping in `maps` (read only for processes that map
 /// a deleted file).
 pub fn describe(maps: &[Mapping]) -> Vec<GhostMap> {
-    let mut texts: HashMap<u32, String> = HashMap::new();
+    let mut read: HashMap<u32, Vec<procfs::process::MemoryMap>> = HashMap::new();
     maps.iter()
         .map(|m| {
-            let text = texts.entry(m.pid).or_insert_with(|| {
-                std::fs::read_to_string(format!("/proc/{}/maps", m.pid)).unwrap_or_default()
-            });
-            let (offset, perms) = text
-                .lines()
-                .filter_map(maps_line)
-                .find(|&(s, e, ..)| (s, e) == (m.start, m.end))
-                .map_or((0, String::new()), |(_, _, p, o, ..)| (o, p.to_string()));
+            let all = read
+                .entry(m.pid)
+                .or_insert_with(|| maps_of(m.pid).unwrap_or_default());
+            let (offset, perms) = all
+                .iter()
+                .find(|x| x.address == (m.start, m.end))
+                .map_or((0, String::new()), |x| (x.offset, x.perms.as_str()));
             GhostMap {
                 pid: m.pid,
                 start: m.start,
@@ -274,24 +266,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_maps_line_gives_range_perms_offset_inode_and_path() {
-        let l = "7f12a000-7f12c000 rw-s 00002000 08:01 1234                       /tmp/x (deleted)";
-        assert_eq!(
-            maps_line(l),
-            Some((
-                0x7f12a000,
-                0x7f12c000,
-                "rw-s",
-                0x2000,
-                1234,
-                "/tmp/x (deleted)"
-            ))
-        );
-        assert_eq!(
-            maps_line("7ffd1000-7ffd2000 r-xp 00000000 00:00 0 [vdso]").map(|m| m.4),
-            Some(0)
-        );
-        assert_eq!(maps_line("garbage"), None);
+    fn a_deleted_mapping_is_found_with_its_offset_and_permissions() {
+        // A file of our own, mapped shared at page 1, then unlinked.
+        let dir = std::env::temp_dir().join(format!("ckpt-maps-{}", std::process::id()));
+        let path = dir.with_extension("f");
+        std::fs::write(&path, vec![7u8; 3 * 4096]).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        // SAFETY: a new shared mapping of our own file, unmapped below.
+        let at = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                4096,
+            )
+        };
+        assert_ne!(at, libc::MAP_FAILED);
+        std::fs::remove_file(&path).unwrap();
+        let me = std::process::id();
+        let found = mappings_from_proc(me).unwrap();
+        let start = at as u64;
+        let ours: Vec<&Mapping> = found.iter().filter(|m| m.start == start).collect();
+        assert_eq!(ours.len(), 1, "{found:?}");
+        assert_eq!(ours[0].end, start + 4096);
+        let d = describe(&[ours[0].clone()]);
+        assert_eq!((d[0].offset, d[0].perms.as_str()), (4096, "rw-s"));
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(at, 4096) };
     }
 
     #[test]

@@ -262,13 +262,11 @@ pub fn mark(rows: &mut [LockRow], a: &Analysis) {
 
 /// Threads of a process, from /proc/PID/status (None if it is gone).
 pub fn threads_of(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Threads:"))?
-        .trim()
-        .parse()
-        .ok()
+    let status = procfs::process::Process::new(pid as i32)
+        .ok()?
+        .status()
+        .ok()?;
+    u32::try_from(status.threads).ok()
 }
 
 fn describe(r: &LockRow) -> String {

@@ -1,6 +1,8 @@
-//! Parser for /proc/locks (fs/locks.c: lock_get_status), the kernel's own view used to
-//! reconcile the agent at start, as the fallback when no agent runs, and as the oracle
-//! in agreement tests.
+//! Parser for /proc/locks (fs/locks.c: lock_get_status), the kernel's own text: the
+//! fallback when the iterators cannot be loaded, the format of fdinfo's `lock:` lines,
+//! and the oracle of the agreement tests. By hand, not with procfs: its Lock drops the
+//! line's id and the "->" mark that tie a blocked request to its blocker, and the
+//! lease states (ACTIVE, BREAKING, BREAKER).
 
 use super::{HeldKind, KernelDev, LockType, OFFSET_MAX};
 

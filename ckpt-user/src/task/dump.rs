@@ -1,22 +1,22 @@
-//! Per-process facts: parent, command line, working directory, credentials.
+//! Per-process facts: parent, command line, working directory, credentials (from
+//! the fd-table iterator's task record, or /proc through the procfs crate).
 
 use anyhow::{bail, Context as _, Result};
+use procfs::process::Status;
 
 use ckpt_common::files::{TaskRecord, PF_EXITING};
 
 use crate::image::format::Process;
 
-/// `Uid:`/`Gid:` lines: real, effective, saved, filesystem.
-fn ids(status: &str, key: &str) -> Vec<u32> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .map(|v| {
-            v.split_whitespace()
-                .filter_map(|x| x.parse().ok())
-                .collect()
-        })
-        .unwrap_or_default()
+/// /proc/PID, failing as "exited" when the process is gone.
+fn proc_of(pid: u32) -> Result<procfs::process::Process> {
+    procfs::process::Process::new(pid as i32)
+        .with_context(|| format!("process {pid} exited during the dump"))
+}
+
+fn status_of(p: &procfs::process::Process, pid: u32) -> Result<Status> {
+    p.status()
+        .with_context(|| format!("process {pid} exited during the dump"))
 }
 
 /// Fails if `pid` exited, became a zombie or was killed since the freeze.
@@ -28,19 +28,12 @@ fn ids(status: &str, key: &str) -> Vec<u32> {
 /// so a kill made before this check (e.g. by --snapshot-cmd) is always seen here, and
 /// one made after it cannot have changed what was already read.
 pub fn still_alive(pid: u32) -> Result<()> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .with_context(|| format!("process {pid} exited during the dump"))?;
-    alive_in(pid, &status)
+    alive_in(pid, &status_of(&proc_of(pid)?, pid)?)
 }
 
-/// The same check on a `status` text already read.
-fn alive_in(pid: u32, status: &str) -> Result<()> {
-    let state = status
-        .lines()
-        .find_map(|l| l.strip_prefix("State:"))
-        .unwrap_or("")
-        .trim();
-    if state.starts_with('Z') || state.starts_with('X') {
+/// The same check on a status already read.
+fn alive_in(pid: u32, status: &Status) -> Result<()> {
+    if status.state.starts_with('Z') || status.state.starts_with('X') {
         bail!("process {pid} exited during the dump");
     }
     if killed(status) {
@@ -49,47 +42,35 @@ fn alive_in(pid: u32, status: &str) -> Result<()> {
     Ok(())
 }
 
-/// SIGKILL pending, for the thread or its process (`SigPnd:`/`ShdPnd:`, hex masks).
-fn killed(status: &str) -> bool {
+/// SIGKILL pending, for the thread or its process (`SigPnd`/`ShdPnd`).
+fn killed(status: &Status) -> bool {
     let bit = 1u64 << (libc::SIGKILL - 1);
-    status.lines().any(|l| {
-        l.strip_prefix("SigPnd:")
-            .or_else(|| l.strip_prefix("ShdPnd:"))
-            .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
-            .is_some_and(|m| m & bit != 0)
-    })
+    (status.sigpnd | status.shdpnd) & bit != 0
 }
 
 /// Reads everything but the fds.
 pub fn read(pid: u32) -> Result<Process> {
-    let dir = format!("/proc/{pid}");
-    let status = std::fs::read_to_string(format!("{dir}/status"))
-        .with_context(|| format!("process {pid} exited during the dump"))?;
+    let p = proc_of(pid)?;
+    let status = status_of(&p, pid)?;
     // A zombie (killed while frozen) still has /proc entries, but no files.
     alive_in(pid, &status)?;
-    let uid = ids(&status, "Uid:");
-    let gid = ids(&status, "Gid:");
-    let cmdline = std::fs::read(format!("{dir}/cmdline")).unwrap_or_default();
     Ok(Process {
         pid,
-        ppid: ids(&status, "PPid:").first().copied().unwrap_or(0),
-        comm: std::fs::read_to_string(format!("{dir}/comm"))
+        ppid: status.ppid.max(0) as u32,
+        // stat's comm is the name as it is (status escapes some bytes).
+        comm: p.stat().map_or_else(|_| status.name.clone(), |s| s.comm),
+        cmdline: p
+            .cmdline()
             .unwrap_or_default()
-            .trim_end()
-            .to_string(),
-        cmdline: cmdline
-            .split(|b| *b == 0)
+            .into_iter()
             .filter(|s| !s.is_empty())
-            .map(|s| String::from_utf8_lossy(s).into_owned())
             .collect(),
-        cwd: std::fs::read_link(format!("{dir}/cwd"))
-            .map(|p| p.display().to_string())
-            .unwrap_or_default(),
-        uid: uid.first().copied().unwrap_or(0),
-        euid: uid.get(1).copied().unwrap_or(0),
-        gid: gid.first().copied().unwrap_or(0),
-        egid: gid.get(1).copied().unwrap_or(0),
-        groups: ids(&status, "Groups:"),
+        cwd: p.cwd().map(|c| c.display().to_string()).unwrap_or_default(),
+        uid: status.ruid,
+        euid: status.euid,
+        gid: status.rgid,
+        egid: status.egid,
+        groups: status.groups.iter().map(|&g| g as u32).collect(),
         fds: Vec::new(),
     })
 }
@@ -189,22 +170,36 @@ mod tests {
     }
 
     #[test]
-    fn a_pending_sigkill_counts_as_exited() {
-        let s = |pnd: &str| {
-            format!("State:\tS (sleeping)\nSigPnd:\t0000000000000000\nShdPnd:\t{pnd}\n")
-        };
-        assert!(alive_in(1, &s("0000000000000000")).is_ok());
-        assert!(alive_in(1, &s("0000000000004000")).is_ok()); // SIGTERM: not fatal yet
-        let e = alive_in(1, &s("0000000000000100")).unwrap_err().to_string();
+    fn a_pending_sigkill_counts_as_exited_and_a_zombie_too() {
+        // Our own status, as procfs reads it, with pending signals set by hand.
+        let me = std::process::id();
+        let mine = status_of(&proc_of(me).unwrap(), me).unwrap();
+        assert!(alive_in(1, &mine).is_ok());
+        let mut s = mine.clone();
+        s.shdpnd = 1 << (libc::SIGTERM - 1); // not fatal yet
+        assert!(alive_in(1, &s).is_ok());
+        s.sigpnd = 1 << (libc::SIGKILL - 1);
+        let e = alive_in(1, &s).unwrap_err().to_string();
         assert!(e.contains("killed while frozen"), "{e}");
+        let mut z = mine;
+        z.state = "Z (zombie)".into();
+        assert!(alive_in(1, &z).is_err());
     }
 
     #[test]
-    fn status_ids() {
-        let s = "Name:\tx\nPPid:\t1\nUid:\t1000\t1001\t1000\t1000\nGid:\t50\t50\t50\t50\nGroups:\t4 24 27 \n";
-        assert_eq!(ids(s, "Uid:"), vec![1000, 1001, 1000, 1000]);
-        assert_eq!(ids(s, "PPid:"), vec![1]);
-        assert_eq!(ids(s, "Groups:"), vec![4, 24, 27]);
-        assert!(ids("Groups:\n", "Groups:").is_empty());
+    fn our_own_process_reads_as_it_is() {
+        let me = std::process::id();
+        let p = read(me).unwrap();
+        // SAFETY: getuid/getppid have no preconditions.
+        let (uid, ppid) = unsafe { (libc::getuid(), libc::getppid()) };
+        assert_eq!((p.uid, p.ppid), (uid, ppid as u32));
+        assert_eq!(
+            p.cwd,
+            std::env::current_dir().unwrap().display().to_string()
+        );
+        assert_eq!(
+            p.cmdline.first().map(String::as_str),
+            std::env::args().next().as_deref()
+        );
     }
 }
