@@ -341,135 +341,22 @@ pub fn run_user(args: UserArgs) -> Result<()> {
     let pins = PinDir::new(args.pin_dir);
     let key_path = key::key_path(args.key.as_deref());
     match args.command {
-        UserCommand::Deleted {
-            select: Selection { cgroup, pid, json },
-            max_age,
-        } => {
-            let pids = pid_filter(cgroup.as_deref(), pid)?;
-            let (entries, notes, source) =
-                deleted::entries(&pins, max_age.map(std::time::Duration::from_millis))?;
-            for n in notes {
-                eprintln!("ckpt-user: {n}");
-            }
-            let mut files = deleted::group(&entries, |p| {
-                pids.as_ref().is_none_or(|set| set.contains(&p))
-            });
-            deleted::refresh_sizes(&mut files, source);
-            // Buffered: pretty JSON of 10,000 rows was 180,000 line-sized writes.
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            if json {
-                write_json(&mut out, &files)?;
-                writeln!(out)?;
-            } else {
-                out.write_all(deleted::render(&files).as_bytes())?;
-            }
-            out.flush()?;
-            Ok(())
-        }
+        UserCommand::Deleted { select, max_age } => cmd_deleted(&pins, select, max_age),
         UserCommand::Docs { dir } => crate::docs::write(&dir),
-        UserCommand::Check { json } => {
-            let items = crate::check::run();
-            let mut out = std::io::stdout().lock();
-            if json {
-                write_json(&mut out, &items)?;
-                writeln!(out)?;
-            } else {
-                out.write_all(crate::check::render(&items).as_bytes())?;
-            }
-            out.flush()?;
-            if !crate::check::usable(&items) {
-                let missing: Vec<&str> = items
-                    .iter()
-                    .filter(|i| !i.ok && i.need == crate::check::Need::Required)
-                    .map(|i| i.name.as_str())
-                    .collect();
-                bail!(
-                    "dump and restore with ckpt-agent cannot work here: missing {}",
-                    missing.join(", ")
-                );
-            }
-            Ok(())
-        }
-        UserCommand::Events { json } => {
-            let mut out = std::io::stdout().lock();
-            events::run(&pins, json, &mut out)
-        }
+        UserCommand::Check { json } => cmd_check(json),
+        UserCommand::Events { json } => events::run(&pins, json, &mut std::io::stdout().lock()),
         UserCommand::Top {
             cgroup,
             pid,
             delay,
             batch,
-        } => {
-            if !(0.1..=3600.0).contains(&delay) {
-                bail!("-d {delay}: give between 0.1 and 3600 seconds");
-            }
-            let opts = top::Options {
-                pins,
-                cgroup,
-                pid,
-                delay: std::time::Duration::from_secs_f64(delay),
-            };
-            if batch {
-                let mut out = std::io::stdout().lock();
-                out.write_all(top::batch(&opts)?.as_bytes())?;
-                return Ok(());
-            }
-            top::run(opts)
-        }
+        } => cmd_top(pins, cgroup, pid, delay, batch),
         UserCommand::Graph {
             cgroup,
             pid,
             format,
-        } => {
-            let pids = pid_filter(cgroup.as_deref(), pid)?;
-            let (rows, notes) = live_rows(&pins)?;
-            for n in notes {
-                eprintln!("ckpt-user: {n}");
-            }
-            let mut a = graph::analyse(&rows, graph::threads_of);
-            if let Some(p) = &pids {
-                graph::select(&mut a, &rows, p);
-            }
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            match format {
-                GraphFormat::Text => out.write_all(graph::render_text(&rows, &a).as_bytes())?,
-                GraphFormat::Dot => out.write_all(graph::render_dot(&rows, &a).as_bytes())?,
-                GraphFormat::Json => {
-                    write_json(&mut out, &graph::to_json(&rows, &a))?;
-                    writeln!(out)?;
-                }
-            }
-            out.flush()?;
-            if graph::has_deadlock(&a) {
-                std::process::exit(EXIT_DEADLOCK);
-            }
-            Ok(())
-        }
-        UserCommand::Locks {
-            select: Selection { cgroup, pid, json },
-        } => {
-            let pids = pid_filter(cgroup.as_deref(), pid)?;
-            let (mut rows, notes) = live_rows(&pins)?;
-            for n in notes {
-                eprintln!("ckpt-user: {n}");
-            }
-            // On every row, before the filter: a cycle may pass outside the selection.
-            if rows.iter().any(|r| !r.waiters.is_empty()) {
-                let a = graph::analyse(&rows, graph::threads_of);
-                graph::mark(&mut rows, &a);
-            }
-            let rows = filter(rows, &pids);
-            // Buffered: pretty JSON of 10,000 rows was 180,000 line-sized writes.
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            if json {
-                write_json(&mut out, &rows)?;
-                writeln!(out)?;
-            } else {
-                out.write_all(render_table(&rows).as_bytes())?;
-            }
-            out.flush()?;
-            Ok(())
-        }
+        } => cmd_graph(&pins, cgroup, pid, format),
+        UserCommand::Locks { select } => cmd_locks(&pins, select),
         UserCommand::Dump {
             cgroup,
             output,
@@ -491,31 +378,7 @@ pub fn run_user(args: UserArgs) -> Result<()> {
                 freeze_timeout: std::time::Duration::from_secs(freeze_timeout),
                 timings,
             })?;
-            // Buffered: pretty JSON of 10,000 rows was 180,000 line-sized writes.
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            if json {
-                write_json(&mut out, &report)?;
-                writeln!(out)?;
-            } else {
-                writeln!(
-                    out,
-                    "{}: {} processes, {} fds, {} locks, {} leases, {} waiters, {} deleted files; frozen {:.2} ms (after {:.2} ms freezing), total {:.1} ms (locks from {}, fd tables from {})",
-                    report.image,
-                    report.processes,
-                    report.fds,
-                    report.locks,
-                    report.leases,
-                    report.waiters,
-                    report.ghosts,
-                    report.frozen_ms,
-                    report.freezing_ms,
-                    report.total_ms,
-                    report.source,
-                    report.fd_tables
-                )?;
-            }
-            out.flush()?;
-            Ok(())
+            emit(json, &report, || dump_summary(&report))
         }
         UserCommand::Restore {
             image,
@@ -547,69 +410,197 @@ pub fn run_user(args: UserArgs) -> Result<()> {
             for w in &report.warnings {
                 eprintln!("ckpt-user: warning: {w}");
             }
-            let mut out = std::io::stdout().lock();
-            if json {
-                write_json(&mut out, &report)?;
-                writeln!(out)?;
-            } else {
-                let pids: Vec<String> = report
-                    .processes
-                    .iter()
-                    .map(|p| format!("{}->{}", p.old_pid, p.pid))
-                    .collect();
-                writeln!(
-                    out,
-                    "{}: restored {} processes ({}), {} fds, {} locks, {} leases, {} deleted files in {:.1} ms",
-                    report.image,
-                    report.processes.len(),
-                    pids.join(" "),
-                    report.fds,
-                    report.locks,
-                    report.leases.len(),
-                    report.ghosts,
-                    report.total_ms
-                )?;
-                for l in report.leases.iter().filter(|l| l.breaking) {
-                    writeln!(
-                        out,
-                        "  lease on {} (pid {}): revoked {:.3} s after the release ({})",
-                        l.path,
-                        l.pid,
-                        l.remaining_ns.unwrap_or(0) as f64 / 1e9,
-                        report.lease_time
-                    )?;
-                }
-            }
-            out.flush()?;
-            Ok(())
+            emit(json, &report, || restore_summary(&report))
         }
-        UserCommand::Inspect { image, json, tree } => {
-            // The MAC is reported, never required: inspect reads any image, and a
-            // key it cannot read (not root, none yet) only means "not checked".
-            let host_key = HostKey::load(&key_path).ok();
-            let r = ImageReader::open(&image, host_key.as_ref())?;
-            let auth = format!("authentication: {}", r.auth.describe());
-            // Buffered: pretty JSON of 10,000 rows was 180,000 line-sized writes.
-            let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-            if json {
-                // stdout stays one JSON document (the image's schema).
-                eprintln!("ckpt-user: {auth}");
-                write_json(&mut out, &r.image)?;
-                writeln!(out)?;
-            } else if tree {
-                writeln!(out, "image/{auth}")?;
-                out.write_all(inspect::tree(&r.image).as_bytes())?;
-            } else {
-                out.write_all(inspect::summary(&r.image).as_bytes())?;
-                writeln!(out, "{auth}")?;
-            }
-            out.flush()?;
-            Ok(())
-        }
+        UserCommand::Inspect { image, json, tree } => cmd_inspect(&key_path, &image, json, tree),
         UserCommand::Watchdog { file, thaw, temp } => {
             crate::cgroup::freeze::watchdog_main(&file, &thaw, &temp)
         }
     }
+}
+
+/// Writes `value` as one JSON document, or `text()`, to stdout, buffered (pretty JSON
+/// of 10,000 rows was 180,000 line-sized writes).
+fn emit<T: serde::Serialize>(json: bool, value: &T, text: impl FnOnce() -> String) -> Result<()> {
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    if json {
+        write_json(&mut out, value)?;
+        writeln!(out)?;
+    } else {
+        out.write_all(text().as_bytes())?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn say_notes(notes: &[String]) {
+    for n in notes {
+        eprintln!("ckpt-user: {n}");
+    }
+}
+
+fn cmd_deleted(pins: &PinDir, select: Selection, max_age: Option<u64>) -> Result<()> {
+    let pids = pid_filter(select.cgroup.as_deref(), select.pid)?;
+    let (entries, notes, source) =
+        deleted::entries(pins, max_age.map(std::time::Duration::from_millis))?;
+    say_notes(&notes);
+    let mut files = deleted::group(&entries, |p| {
+        pids.as_ref().is_none_or(|set| set.contains(&p))
+    });
+    deleted::refresh_sizes(&mut files, source);
+    emit(select.json, &files, || deleted::render(&files))
+}
+
+fn cmd_check(json: bool) -> Result<()> {
+    let items = crate::check::run();
+    emit(json, &items, || crate::check::render(&items))?;
+    if !crate::check::usable(&items) {
+        let missing: Vec<&str> = items
+            .iter()
+            .filter(|i| !i.ok && i.need == crate::check::Need::Required)
+            .map(|i| i.name.as_str())
+            .collect();
+        bail!(
+            "dump and restore with ckpt-agent cannot work here: missing {}",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+fn cmd_top(
+    pins: PinDir,
+    cgroup: Option<String>,
+    pid: Option<u32>,
+    delay: f64,
+    batch: bool,
+) -> Result<()> {
+    if !(0.1..=3600.0).contains(&delay) {
+        bail!("-d {delay}: give between 0.1 and 3600 seconds");
+    }
+    let opts = top::Options {
+        pins,
+        cgroup,
+        pid,
+        delay: std::time::Duration::from_secs_f64(delay),
+    };
+    if batch {
+        let mut out = std::io::stdout().lock();
+        out.write_all(top::batch(&opts)?.as_bytes())?;
+        return Ok(());
+    }
+    top::run(opts)
+}
+
+/// Exits with EXIT_DEADLOCK when a deadlock exists (for cron jobs and tests).
+fn cmd_graph(
+    pins: &PinDir,
+    cgroup: Option<String>,
+    pid: Option<u32>,
+    format: GraphFormat,
+) -> Result<()> {
+    let pids = pid_filter(cgroup.as_deref(), pid)?;
+    let (rows, notes) = live_rows(pins)?;
+    say_notes(&notes);
+    let mut a = graph::analyse(&rows, graph::threads_of);
+    if let Some(p) = &pids {
+        graph::select(&mut a, &rows, p);
+    }
+    match format {
+        GraphFormat::Text => emit(false, &(), || graph::render_text(&rows, &a))?,
+        GraphFormat::Dot => emit(false, &(), || graph::render_dot(&rows, &a))?,
+        GraphFormat::Json => emit(true, &graph::to_json(&rows, &a), String::new)?,
+    }
+    if graph::has_deadlock(&a) {
+        std::process::exit(EXIT_DEADLOCK);
+    }
+    Ok(())
+}
+
+fn cmd_locks(pins: &PinDir, select: Selection) -> Result<()> {
+    let pids = pid_filter(select.cgroup.as_deref(), select.pid)?;
+    let (mut rows, notes) = live_rows(pins)?;
+    say_notes(&notes);
+    // On every row, before the filter: a cycle may pass outside the selection.
+    if rows.iter().any(|r| !r.waiters.is_empty()) {
+        let a = graph::analyse(&rows, graph::threads_of);
+        graph::mark(&mut rows, &a);
+    }
+    let rows = filter(rows, &pids);
+    emit(select.json, &rows, || render_table(&rows))
+}
+
+fn cmd_inspect(
+    key_path: &std::path::Path,
+    image: &std::path::Path,
+    json: bool,
+    tree: bool,
+) -> Result<()> {
+    // The MAC is reported, never required: inspect reads any image, and a key it
+    // cannot read (not root, none yet) only means "not checked".
+    let host_key = HostKey::load(key_path).ok();
+    let r = ImageReader::open(image, host_key.as_ref())?;
+    let auth = format!("authentication: {}", r.auth.describe());
+    if json {
+        // stdout stays one JSON document (the image's schema).
+        eprintln!("ckpt-user: {auth}");
+    }
+    emit(json, &r.image, || {
+        if tree {
+            format!("image/{auth}\n{}", inspect::tree(&r.image))
+        } else {
+            format!("{}{auth}\n", inspect::summary(&r.image))
+        }
+    })
+}
+
+/// One line for a person: what a dump saved and how long the cgroup stayed frozen.
+fn dump_summary(r: &dump::Report) -> String {
+    format!(
+        "{}: {} processes, {} fds, {} locks, {} leases, {} waiters, {} deleted files; frozen {:.2} ms (after {:.2} ms freezing), total {:.1} ms (locks from {}, fd tables from {})\n",
+        r.image,
+        r.processes,
+        r.fds,
+        r.locks,
+        r.leases,
+        r.waiters,
+        r.ghosts,
+        r.frozen_ms,
+        r.freezing_ms,
+        r.total_ms,
+        r.source,
+        r.fd_tables
+    )
+}
+
+/// What a restore brought back, and when each lease being broken is revoked.
+fn restore_summary(r: &restore::Report) -> String {
+    let pids: Vec<String> = r
+        .processes
+        .iter()
+        .map(|p| format!("{}->{}", p.old_pid, p.pid))
+        .collect();
+    let mut out = format!(
+        "{}: restored {} processes ({}), {} fds, {} locks, {} leases, {} deleted files in {:.1} ms\n",
+        r.image,
+        r.processes.len(),
+        pids.join(" "),
+        r.fds,
+        r.locks,
+        r.leases.len(),
+        r.ghosts,
+        r.total_ms
+    );
+    for l in r.leases.iter().filter(|l| l.breaking) {
+        out.push_str(&format!(
+            "  lease on {} (pid {}): revoked {:.3} s after the release ({})\n",
+            l.path,
+            l.pid,
+            l.remaining_ns.unwrap_or(0) as f64 / 1e9,
+            r.lease_time
+        ));
+    }
+    out
 }
 
 /// Prints `err` as one line and returns the exit code.
