@@ -840,26 +840,7 @@ mod tests {
     use crate::{image::format::Process, lock::proc_locks::ProcLock};
 
     fn found(pid: u32, fd: i32, ino: u64, mode: u32, nlink: u64) -> FoundFd {
-        FoundFd {
-            pid,
-            fd,
-            path: format!("/f{ino}"),
-            unlinked: nlink == 0,
-            info: Default::default(),
-            dev: KernelDev::new(8, 1),
-            ino,
-            mode,
-            nlink,
-            size: 10,
-            mtime_ns: 1,
-            ctime_ns: 2,
-            owner: None,
-            sig: 0,
-            handle: None,
-            linkable: None,
-            kernel: None,
-            lines: Vec::new(),
-        }
+        FoundFd::for_test(pid, fd, ino, mode, nlink)
     }
 
     const REG: u32 = libc::S_IFREG | 0o644;

@@ -68,6 +68,32 @@ pub struct KernelIds {
 }
 
 impl FoundFd {
+    /// An fd for unit tests: `pid`'s fd `fd` on inode `ino` of device 8:1, with mode
+    /// `mode` and `nlink` links (0: deleted), nothing else known.
+    #[cfg(test)]
+    pub fn for_test(pid: u32, fd: i32, ino: u64, mode: u32, nlink: u64) -> FoundFd {
+        FoundFd {
+            pid,
+            fd,
+            path: format!("/f{ino}"),
+            unlinked: nlink == 0,
+            info: FdInfo::default(),
+            dev: KernelDev::new(8, 1),
+            ino,
+            mode,
+            nlink,
+            size: 10,
+            mtime_ns: 1,
+            ctime_ns: 2,
+            owner: None,
+            sig: 0,
+            handle: None,
+            linkable: None,
+            kernel: None,
+            lines: Vec::new(),
+        }
+    }
+
     pub fn kind(&self) -> FileKind {
         match self.mode & libc::S_IFMT {
             libc::S_IFREG => FileKind::Regular,
@@ -523,4 +549,41 @@ pub fn descriptions(fds: &[FoundFd]) -> Result<(Vec<u32>, Vec<OpenFile>)> {
 
 pub fn cloexec(f: &FoundFd) -> bool {
     f.info.flags & O_CLOEXEC != 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REG: u32 = libc::S_IFREG | 0o644;
+
+    fn on(pid: u32, fd: i32, file: u64, flags: u32) -> FoundFd {
+        let mut f = FoundFd::for_test(pid, fd, 7, REG, 1);
+        f.info.flags = flags;
+        f.kernel = Some(KernelIds {
+            file,
+            files: u64::from(pid),
+            s_dev: KernelDev::new(8, 1),
+        });
+        f
+    }
+
+    #[test]
+    fn fds_on_one_kernel_file_are_one_description_with_every_holder() {
+        // A dup in process 10 and a fork's copy in 11 share file 0xa; 0xb is apart.
+        let fds = [
+            on(10, 3, 0xa, O_CLOEXEC | 2),
+            on(10, 4, 0xa, 2),
+            on(11, 3, 0xa, 2),
+            on(10, 5, 0xb, 0),
+        ];
+        let (desc_of, files) = descriptions_by_file(&fds);
+        assert_eq!(desc_of, vec![0, 0, 0, 1]);
+        assert_eq!(files.len(), 2);
+        assert_eq!(files[0].holders, vec![(10, 3), (10, 4), (11, 3)]);
+        // Close-on-exec belongs to the fd, not the description.
+        assert_eq!(files[0].flags, 2);
+        assert!(cloexec(&fds[0]) && !cloexec(&fds[1]));
+        assert_eq!(files[1].holders, vec![(10, 5)]);
+    }
 }

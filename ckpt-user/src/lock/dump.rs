@@ -209,10 +209,7 @@ fn lease(
     let deadline = BreakState::of(e.flags, e.clock.as_ref(), hz).primary;
     let as_klock = KLock {
         kind: e.kind,
-        lock_type: e.lock_type.map_or(fl_type::F_UNLCK, |t| match t {
-            LockType::Read => fl_type::F_RDLCK,
-            LockType::Write => fl_type::F_WRLCK,
-        }),
+        lock_type: e.lock_type.map_or(fl_type::F_UNLCK, LockType::to_fl_type),
         flags: e.flags,
         pid: e.pid,
         start: e.start,
@@ -259,5 +256,114 @@ fn lease(
                     .collect()
             })
             .unwrap_or_default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ckpt_common::lock::WaitStart;
+
+    const REG: u32 = libc::S_IFREG | 0o644;
+
+    /// An fdinfo `lock:` line as /proc shows it.
+    fn line(kind: LockKind, lock_type: LockType, pid: i64, start: i64, end: i64) -> ProcLock {
+        ProcLock {
+            id: 1,
+            blocked: false,
+            kind: Some(HeldKind::Lock(kind)),
+            state: "ADVISORY".into(),
+            lock_type: Some(lock_type),
+            pid,
+            dev: KernelDev::new(8, 1),
+            ino: 7,
+            start,
+            end,
+        }
+    }
+
+    fn fd_with(pid: u32, fd: i32, locks: Vec<ProcLock>) -> FoundFd {
+        let mut f = FoundFd::for_test(pid, fd, 7, REG, 1);
+        f.info.locks = locks;
+        f
+    }
+
+    #[test]
+    fn each_lock_once_on_its_description_with_its_owner() {
+        let posix = line(LockKind::Posix, LockType::Write, 10, 0, 9);
+        // An OFD lock as fdinfo shows it: pid -1, seen through two processes' fds on
+        // one description.
+        let ofd = line(LockKind::Ofd, LockType::Read, -1, 20, 29);
+        let fds = [
+            fd_with(10, 3, vec![posix.clone(), ofd.clone()]),
+            fd_with(10, 4, vec![posix]), // a dup: the same lock
+            fd_with(11, 3, vec![ofd]),
+        ];
+        let c = collect(
+            &fds,
+            &[0, 0, 0],
+            &BTreeSet::from([10, 11]),
+            &[],
+            None,
+            0,
+            250,
+        );
+        let got: Vec<(LockKind, LockType, i64, u32, u32)> = c
+            .locks
+            .iter()
+            .map(|l| (l.kind, l.lock_type, l.start, l.pid, l.file))
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                (LockKind::Posix, LockType::Write, 0, 10, 0),
+                (LockKind::Ofd, LockType::Read, 20, 10, 0),
+            ]
+        );
+        assert!(c.leases.is_empty() && c.waiters.is_empty());
+    }
+
+    #[test]
+    fn a_waiter_of_the_dumped_processes_keeps_how_long_it_had_waited() {
+        let blocked = |pid: i32, addr: u64| KLock {
+            kind: HeldKind::Lock(LockKind::Flock),
+            lock_type: fl_type::F_WRLCK,
+            flags: 0,
+            pid,
+            start: 0,
+            end: i64::MAX,
+            dev: KernelDev::new(8, 1),
+            ino: 7,
+            owner: None,
+            addr: Some(addr),
+            blocker: None,
+            lease: None,
+            holder: Default::default(),
+        };
+        let mut h = History::default();
+        h.waits.insert(
+            0xb0,
+            (
+                12,
+                WaitStart {
+                    since_ns: 1_000,
+                    tgid: 10,
+                    ..WaitStart::default()
+                },
+            ),
+        );
+        let c = collect(
+            &[],
+            &[],
+            &BTreeSet::from([10]),
+            &[blocked(10, 0xb0), blocked(99, 0xc0)],
+            Some(&h),
+            5_000,
+            250,
+        );
+        assert_eq!(c.waiters.len(), 1, "process 99 is not dumped");
+        let w = &c.waiters[0];
+        assert_eq!((w.pid, w.tid, w.waited_ns), (10, 12, Some(4_000)));
+        assert_eq!(w.kind, HeldKind::Lock(LockKind::Flock));
     }
 }

@@ -644,3 +644,26 @@ fn executable(p: &Path) -> bool {
         && nix::unistd::faccessat(None, c.as_c_str(), AccessFlags::X_OK, AtFlags::AT_EACCESS)
             .is_ok()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_helper_s_status_line_and_the_stdio_choice_parse() {
+        assert_eq!(parse_status("R 3 12345"), Some(('R', 3, "12345")));
+        assert_eq!(
+            parse_status("E 0 cannot take its lock: busy"),
+            Some(('E', 0, "cannot take its lock: busy"))
+        );
+        assert_eq!(parse_status("R x"), None);
+        assert_eq!(parse_status(""), None);
+        assert_eq!("auto".parse::<Stdio>(), Ok(Stdio::Auto));
+        assert_eq!("null".parse::<Stdio>(), Ok(Stdio::Null));
+        assert_eq!(
+            "/tmp/out".parse::<Stdio>(),
+            Ok(Stdio::Dir(PathBuf::from("/tmp/out")))
+        );
+        assert!("".parse::<Stdio>().is_err());
+    }
+}
