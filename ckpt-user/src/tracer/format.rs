@@ -1,8 +1,6 @@
-//! Tracepoint `format` files and the [`KernelLayout`] derived from them.
-//!
-//! Field names changed across kernels (6.1: `fl_owner`, `fl_flags`, `fl_type`,
-//! `fl_pid`, `fl_blocker`; 6.9+: `owner`, `flags`, `type`, `pid`, `blocker`), so each
-//! logical field lists the names it may have, newest first.
+//! Tracepoint `format` files, and the [`KernelLayout`] the programs get: each offset
+//! bound to its entry in `layouts`, the one table of where the kernel keeps what (the
+//! names a field has had across kernels, newest first).
 
 use std::collections::HashMap;
 
@@ -13,7 +11,7 @@ use ckpt_common::offsets::{
     LeaseTpOffsets, LockListOffsets, TaskIterOffsets,
 };
 
-use super::btf::Btf;
+use super::{btf::Btf, layouts};
 use crate::sys::mounts::event_dir;
 
 /// A field of a tracepoint record.
@@ -94,15 +92,16 @@ impl Format {
 
 /// Offsets of the filelock_lease event class.
 pub fn lease_offsets(f: &Format) -> Result<LeaseTpOffsets> {
+    use layouts::lease::tp;
     Ok(LeaseTpOffsets {
-        fl: f.offset(&["fl"], 8)?,
-        i_ino: f.offset(&["i_ino"], 8)?,
-        s_dev: f.offset(&["s_dev"], 4)?,
-        owner: f.offset(&["owner", "fl_owner"], 8)?,
-        flags: f.offset(&["flags", "fl_flags"], 4)?,
-        lease_type: f.offset(&["type", "fl_type"], 1)?,
-        break_time: f.offset(&["break_time", "fl_break_time"], 8)?,
-        downgrade_time: f.offset(&["downgrade_time", "fl_downgrade_time"], 8)?,
+        fl: tp::FL.offset(f)?,
+        i_ino: tp::I_INO.offset(f)?,
+        s_dev: tp::S_DEV.offset(f)?,
+        owner: tp::OWNER.offset(f)?,
+        flags: tp::FLAGS.offset(f)?,
+        lease_type: tp::TYPE.offset(f)?,
+        break_time: tp::BREAK_TIME.offset(f)?,
+        downgrade_time: tp::DOWNGRADE_TIME.offset(f)?,
     })
 }
 
@@ -116,51 +115,40 @@ const LEASE_CLASS: &[&str] = &[
     "time_out_leases",
 ];
 
-/// Offsets inside the kernel's lease object, from BTF: `struct file_lease` (6.9+) or
-/// `struct file_lock` (before 6.9).
+/// Offsets inside the kernel's lease object, from BTF.
 pub fn lease_struct_offsets(btf: &Btf) -> Result<LeaseStructOffsets> {
-    let s = if btf.has_struct("file_lease") {
-        // Its common part must sit where a file_lock's does: lock_list_offsets
-        // serves both.
-        if btf.offset_of("file_lease", "c")? != btf.offset_of("file_lock", "c")? {
-            bail!("struct file_lease and struct file_lock start differently");
-        }
-        "file_lease"
-    } else {
-        "file_lock"
-    };
+    // A struct file_lease's common part must sit where a file_lock's does:
+    // lock_list_offsets serves both.
+    if btf.has_struct("file_lease")
+        && btf.offset_of("file_lease", "c")? != btf.offset_of("file_lock", "c")?
+    {
+        bail!("struct file_lease and struct file_lock start differently");
+    }
     Ok(LeaseStructOffsets {
-        break_time: btf.offset_of(s, "fl_break_time")?,
-        downgrade_time: btf.offset_of(s, "fl_downgrade_time")?,
+        break_time: layouts::lease::BREAK_TIME.offset(btf)?,
+        downgrade_time: layouts::lease::DOWNGRADE_TIME.offset(btf)?,
     })
 }
 
-/// Offsets of an inode's lock lists and of the fields every lock has, from BTF: 6.9+
-/// keeps them in `c` (struct file_lock_core), 6.1 in struct file_lock as `fl_*`.
+/// Offsets of an inode's lock lists and of the fields every lock has, from BTF.
 pub fn lock_list_offsets(btf: &Btf, lease: &LeaseStructOffsets) -> Result<LockListOffsets> {
-    let common = |name: &str| -> Result<u32> {
-        if btf.has_struct("file_lock_core") {
-            btf.offset_of("file_lock", &format!("c.flc_{name}"))
-        } else {
-            btf.offset_of("file_lock", &format!("fl_{name}"))
-        }
-    };
+    use layouts::lock as l;
     let o = LockListOffsets {
-        inode_flctx: btf.offset_of("inode", "i_flctx")?,
-        ctx_posix: btf.offset_of("file_lock_context", "flc_posix")?,
-        ctx_flock: btf.offset_of("file_lock_context", "flc_flock")?,
-        ctx_lease: btf.offset_of("file_lock_context", "flc_lease")?,
-        list: common("list")?,
-        file: common("file")?,
-        owner: common("owner")?,
-        flags: common("flags")?,
-        lock_type: common("type")?,
-        pid: common("pid")?,
-        blocker: common("blocker")?,
-        blocked_requests: common("blocked_requests")?,
-        blocked_member: common("blocked_member")?,
-        start: btf.offset_of("file_lock", "fl_start")?,
-        end: btf.offset_of("file_lock", "fl_end")?,
+        inode_flctx: l::INODE_FLCTX.offset(btf)?,
+        ctx_posix: l::CTX_POSIX.offset(btf)?,
+        ctx_flock: l::CTX_FLOCK.offset(btf)?,
+        ctx_lease: l::CTX_LEASE.offset(btf)?,
+        list: l::LIST.offset(btf)?,
+        file: l::FILE.offset(btf)?,
+        owner: l::OWNER.offset(btf)?,
+        flags: l::FLAGS.offset(btf)?,
+        lock_type: l::TYPE.offset(btf)?,
+        pid: l::PID.offset(btf)?,
+        blocker: l::BLOCKER.offset(btf)?,
+        blocked_requests: l::BLOCKED_REQUESTS.offset(btf)?,
+        blocked_member: l::BLOCKED_MEMBER.offset(btf)?,
+        start: l::START.offset(btf)?,
+        end: l::END.offset(btf)?,
     };
     check_spans(&o, lease)?;
     Ok(o)
@@ -197,84 +185,64 @@ fn check_spans(o: &LockListOffsets, lease: &LeaseStructOffsets) -> Result<()> {
     Ok(())
 }
 
-/// Offsets for the task_file iterator, from BTF. Inode timestamps moved twice: a
-/// `struct timespec64 i_mtime` (6.1), `__i_mtime`/`__i_ctime` (6.6-6.10), then
-/// separate `i_mtime_sec`/`i_mtime_nsec` fields (6.11+).
+/// Offsets for the task_file iterator, from BTF.
 pub fn file_iter_offsets(btf: &Btf) -> Result<FileIterOffsets> {
-    let first = |s: &str, names: &[&str]| -> Result<u32> {
-        names
-            .iter()
-            .find_map(|n| btf.offset_of(s, n).ok())
-            .ok_or_else(|| anyhow!("struct {s} has none of the members {names:?}"))
-    };
-    let (mtime_sec, mtime_nsec, ctime_sec, ctime_nsec) = if btf.has_member("inode", "i_mtime_sec") {
-        (
-            btf.offset_of("inode", "i_mtime_sec")?,
-            btf.offset_of("inode", "i_mtime_nsec")?,
-            btf.offset_of("inode", "i_ctime_sec")?,
-            btf.offset_of("inode", "i_ctime_nsec")?,
-        )
-    } else {
-        let m = first("inode", &["i_mtime", "__i_mtime"])?;
-        let c = first("inode", &["i_ctime", "__i_ctime"])?;
-        let nsec = btf.offset_of("timespec64", "tv_nsec")?;
-        (m, m + nsec, c, c + nsec)
-    };
-    let mount_mnt = btf.offset_of("mount", "mnt")?;
-    let mount_id = btf.offset_of("mount", "mnt_id")?;
+    use layouts::{file as f, inode as i};
+    let mount_mnt = f::MOUNT_MNT.offset(btf)?;
+    let mount_id = f::MOUNT_ID.offset(btf)?;
     Ok(FileIterOffsets {
-        task_tgid: btf.offset_of("task_struct", "tgid")?,
-        task_files: btf.offset_of("task_struct", "files")?,
-        files_fdt: btf.offset_of("files_struct", "fdt")?,
-        fdt_close_on_exec: btf.offset_of("fdtable", "close_on_exec")?,
-        file_pos: btf.offset_of("file", "f_pos")?,
-        file_flags: btf.offset_of("file", "f_flags")?,
-        file_mode: btf.offset_of("file", "f_mode")?,
-        file_inode: btf.offset_of("file", "f_inode")?,
-        file_path: btf.offset_of("file", "f_path")?,
-        file_mnt: btf.offset_of("file", "f_path.mnt")?,
-        file_owner: btf.offset_of("file", "f_owner")?,
-        owner_is_ptr: u32::from(btf.is_pointer("file", "f_owner")?),
-        fown_pid: btf.offset_of("fown_struct", "pid")?,
-        fown_pid_type: btf.offset_of("fown_struct", "pid_type")?,
-        fown_signum: btf.offset_of("fown_struct", "signum")?,
-        pid_nr: btf.offset_of("pid", "numbers")? + btf.offset_of("upid", "nr")?,
+        task_tgid: f::TASK_TGID.offset(btf)?,
+        task_files: f::TASK_FILES.offset(btf)?,
+        files_fdt: f::FILES_FDT.offset(btf)?,
+        fdt_close_on_exec: f::FDT_CLOSE_ON_EXEC.offset(btf)?,
+        file_pos: f::POS.offset(btf)?,
+        file_flags: f::FLAGS.offset(btf)?,
+        file_mode: f::MODE.offset(btf)?,
+        file_inode: f::INODE.offset(btf)?,
+        file_path: f::PATH.offset(btf)?,
+        file_mnt: f::MNT.offset(btf)?,
+        file_owner: f::OWNER.offset(btf)?,
+        owner_is_ptr: u32::from(f::OWNER.is_pointer(btf)?),
+        fown_pid: f::FOWN_PID.offset(btf)?,
+        fown_pid_type: f::FOWN_PID_TYPE.offset(btf)?,
+        fown_signum: f::FOWN_SIGNUM.offset(btf)?,
+        pid_nr: f::PID_NUMBERS.offset(btf)? + f::UPID_NR.offset(btf)?,
         vfsmount_mnt_id: mount_id as i32 - mount_mnt as i32,
-        inode_ino: btf.offset_of("inode", "i_ino")?,
-        inode_sb: btf.offset_of("inode", "i_sb")?,
-        inode_mode: btf.offset_of("inode", "i_mode")?,
-        inode_nlink: btf.offset_of("inode", "i_nlink")?,
-        inode_size: btf.offset_of("inode", "i_size")?,
-        inode_blocks: btf.offset_of("inode", "i_blocks")?,
-        inode_generation: btf.offset_of("inode", "i_generation")?,
-        inode_mtime_sec: mtime_sec,
-        inode_mtime_nsec: mtime_nsec,
-        inode_ctime_sec: ctime_sec,
-        inode_ctime_nsec: ctime_nsec,
-        inode_state: btf.offset_of("inode", "i_state")?,
-        // An enumerator since 6.13 (and renumbered since); before that a #define of
-        // 1 << 10 that BTF does not carry.
-        i_linkable: btf.enumerator("I_LINKABLE").map_or(1 << 10, |v| v as u32),
-        sb_dev: btf.offset_of("super_block", "s_dev")?,
+        inode_ino: i::INO.offset(btf)?,
+        inode_sb: i::SB.offset(btf)?,
+        inode_mode: i::MODE.offset(btf)?,
+        inode_nlink: i::NLINK.offset(btf)?,
+        inode_size: i::SIZE.offset(btf)?,
+        inode_blocks: i::BLOCKS.offset(btf)?,
+        inode_generation: i::GENERATION.offset(btf)?,
+        inode_mtime_sec: i::MTIME_SEC.offset(btf)?,
+        inode_mtime_nsec: i::MTIME_NSEC.offset(btf)?,
+        inode_ctime_sec: i::CTIME_SEC.offset(btf)?,
+        inode_ctime_nsec: i::CTIME_NSEC.offset(btf)?,
+        inode_state: i::STATE.offset(btf)?,
+        i_linkable: btf
+            .enumerator("I_LINKABLE")
+            .map_or(i::I_LINKABLE_BEFORE_6_13, |v| v as u32),
+        sb_dev: i::SB_DEV.offset(btf)?,
     })
 }
 
 pub fn task_iter_offsets(btf: &Btf) -> Result<TaskIterOffsets> {
-    let pwd = btf.offset_of("fs_struct", "pwd")?;
+    use layouts::task as t;
     Ok(TaskIterOffsets {
-        real_parent: btf.offset_of("task_struct", "real_parent")?,
-        real_cred: btf.offset_of("task_struct", "real_cred")?,
-        self_exec_id: btf.offset_of("task_struct", "self_exec_id")?,
-        comm: btf.offset_of("task_struct", "comm")?,
-        exit_state: btf.offset_of("task_struct", "exit_state")?,
-        flags: btf.offset_of("task_struct", "flags")?,
-        fs: btf.offset_of("task_struct", "fs")?,
-        fs_pwd_mnt: pwd + btf.offset_of("path", "mnt")?,
-        fs_pwd_dentry: pwd + btf.offset_of("path", "dentry")?,
-        cred_uid: btf.offset_of("cred", "uid")?,
-        cred_euid: btf.offset_of("cred", "euid")?,
-        cred_gid: btf.offset_of("cred", "gid")?,
-        cred_egid: btf.offset_of("cred", "egid")?,
+        real_parent: t::REAL_PARENT.offset(btf)?,
+        real_cred: t::REAL_CRED.offset(btf)?,
+        self_exec_id: t::SELF_EXEC_ID.offset(btf)?,
+        comm: t::COMM.offset(btf)?,
+        exit_state: t::EXIT_STATE.offset(btf)?,
+        flags: t::FLAGS.offset(btf)?,
+        fs: t::FS.offset(btf)?,
+        fs_pwd_mnt: t::FS_PWD_MNT.offset(btf)?,
+        fs_pwd_dentry: t::FS_PWD_DENTRY.offset(btf)?,
+        cred_uid: t::CRED_UID.offset(btf)?,
+        cred_euid: t::CRED_EUID.offset(btf)?,
+        cred_gid: t::CRED_GID.offset(btf)?,
+        cred_egid: t::CRED_EGID.offset(btf)?,
     })
 }
 
@@ -303,21 +271,22 @@ pub const DELETED_EXITS: &[&str] = &[
 /// Offsets for the deleted-file triggers and scans. Optional syscalls (no `open` on
 /// some architectures) read as 0: their programs are not attached.
 pub fn deleted_offsets(btf: &Btf) -> Result<DeletedTpOffsets> {
-    let optional = |event: &str, field: &str| -> Result<u32> {
+    use layouts::{file as f, syscalls as sc};
+    let optional = |event: &str, field: &layouts::TpField| -> Result<u32> {
         match Format::read("syscalls", event) {
-            Ok(f) => f
-                .offset(&[field], 8)
+            Ok(fmt) => field
+                .offset(&fmt)
                 .with_context(|| format!("syscalls:{event}")),
             Err(_) => Ok(0),
         }
     };
     let mut exit_ret = None;
     for event in DELETED_EXITS {
-        let Ok(f) = Format::read("syscalls", event) else {
+        let Ok(fmt) = Format::read("syscalls", event) else {
             continue;
         };
-        let off = f
-            .offset(&["ret"], 8)
+        let off = sc::RET
+            .offset(&fmt)
             .with_context(|| format!("syscalls:{event}"))?;
         match exit_ret {
             None => exit_ret = Some(off),
@@ -328,21 +297,22 @@ pub fn deleted_offsets(btf: &Btf) -> Result<DeletedTpOffsets> {
         }
     }
     Ok(DeletedTpOffsets {
-        close_fd: Format::read("syscalls", "sys_enter_close")?.offset(&["fd"], 8)?,
-        openat_flags: Format::read("syscalls", "sys_enter_openat")?.offset(&["flags"], 8)?,
-        open_flags: optional("sys_enter_open", "flags")?,
-        openat2_how: optional("sys_enter_openat2", "how")?,
+        close_fd: sc::FD.offset(&Format::read("syscalls", "sys_enter_close")?)?,
+        openat_flags: sc::FLAGS.offset(&Format::read("syscalls", "sys_enter_openat")?)?,
+        open_flags: optional("sys_enter_open", &sc::FLAGS)?,
+        openat2_how: optional("sys_enter_openat2", &sc::HOW)?,
         exit_ret: exit_ret.ok_or_else(|| anyhow!("no syscall exit tracepoint found"))?,
-        fdt_fd: btf.offset_of("fdtable", "fd")?,
-        fdt_max_fds: btf.offset_of("fdtable", "max_fds")?,
-        vma_start: btf.offset_of("vm_area_struct", "vm_start")?,
-        vma_end: btf.offset_of("vm_area_struct", "vm_end")?,
-        vma_file: btf.offset_of("vm_area_struct", "vm_file")?,
+        fdt_fd: f::FDT_FD.offset(btf)?,
+        fdt_max_fds: f::FDT_MAX_FDS.offset(btf)?,
+        vma_start: f::VMA_START.offset(btf)?,
+        vma_end: f::VMA_END.offset(btf)?,
+        vma_file: f::VMA_FILE.offset(btf)?,
     })
 }
 
 /// Reads this kernel's format files and BTF and builds the layout the programs need.
 pub fn resolve_layout() -> Result<KernelLayout> {
+    use layouts::{lease::conflict as c, signal as sg};
     let mut lease = None;
     for name in LEASE_CLASS {
         let o = lease_offsets(&Format::read("filelock", name)?)
@@ -363,15 +333,15 @@ pub fn resolve_layout() -> Result<KernelLayout> {
     Ok(KernelLayout {
         lease: lease.expect("LEASE_CLASS is not empty"),
         brk: BreakTpOffsets {
-            conflict_lease: conflict.offset(&["lease"], 8)?,
-            conflict_breaker: conflict.offset(&["breaker"], 8)?,
-            conflict_b_type: conflict.offset(&["b_fl_type"], 1)?,
-            conflict: conflict.offset(&["conflict"], 1)?,
-            signal_sig: signal.offset(&["sig"], 4)?,
-            signal_pid: signal.offset(&["pid"], 4)?,
-            signal_result: signal.offset(&["result"], 4)?,
-            deliver_handler: deliver.offset(&["sa_handler"], 8)?,
-            deliver_flags: deliver.offset(&["sa_flags"], 8)?,
+            conflict_lease: c::LEASE.offset(&conflict)?,
+            conflict_breaker: c::BREAKER.offset(&conflict)?,
+            conflict_b_type: c::BREAKER_TYPE.offset(&conflict)?,
+            conflict: c::CONFLICT.offset(&conflict)?,
+            signal_sig: sg::SIG.offset(&signal)?,
+            signal_pid: sg::PID.offset(&signal)?,
+            signal_result: sg::RESULT.offset(&signal)?,
+            deliver_handler: sg::HANDLER.offset(&deliver)?,
+            deliver_flags: sg::FLAGS.offset(&deliver)?,
         },
         lease_struct,
         lock_lists: lock_list_offsets(&btf, &lease_struct).context("lock list offsets from BTF")?,
@@ -445,4 +415,22 @@ print fmt: \"fl=%p\"
         let f = Format::parse("\tfield:char comm[16];\toffset:8;\tsize:16;\tsigned:0;\n").unwrap();
         assert_eq!(f.offset(&["comm"], 16).unwrap(), 8);
     }
+
+    /// The table's struct members all resolve on the kernel this runs on (its BTF is
+    /// world-readable), to a consistent layout.
+    #[test]
+    fn every_member_in_the_layout_table_resolves_on_this_kernel() {
+        let btf = Btf::from_sys_fs().expect("this kernel's BTF");
+        let lease = lease_struct_offsets(&btf).unwrap();
+        let locks = lock_list_offsets(&btf, &lease).unwrap();
+        let files = file_iter_offsets(&btf).unwrap();
+        let tasks = task_iter_offsets(&btf).unwrap();
+        assert!(locks.end > locks.start);
+        assert!(lease.downgrade_time > lease.break_time);
+        assert!(files.inode_mtime_nsec > files.inode_mtime_sec);
+        assert!(files.inode_ctime_nsec > files.inode_ctime_sec);
+        assert_ne!(tasks.cred_euid, tasks.cred_uid);
+        assert_ne!(tasks.fs_pwd_dentry, tasks.fs_pwd_mnt);
+    }
+
 }
