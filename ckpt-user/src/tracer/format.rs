@@ -432,5 +432,4 @@ print fmt: \"fl=%p\"
         assert_ne!(tasks.cred_euid, tasks.cred_uid);
         assert_ne!(tasks.fs_pwd_dentry, tasks.fs_pwd_mnt);
     }
-
 }
