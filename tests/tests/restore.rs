@@ -26,12 +26,23 @@ fn ppid(pid: u32) -> u32 {
 
 /// Lines of /proc/locks about `path`'s inode (held locks and leases, not waiters).
 fn proc_locks_on(path_ino: u64) -> Vec<String> {
-    std::fs::read_to_string("/proc/locks")
-        .unwrap()
-        .lines()
-        .filter(|l| !l.contains("->") && l.contains(&format!(":{path_ino} ")))
-        .map(|l| l.split_whitespace().skip(1).collect::<Vec<_>>().join(" "))
-        .collect()
+    // Read twice and merged: /proc/locks comes a page at a time from a global list,
+    // and a line can be skipped when other tests' processes change their locks
+    // between two pages.
+    let mut out: Vec<String> = Vec::new();
+    for _ in 0..2 {
+        for l in std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .filter(|l| !l.contains("->") && l.contains(&format!(":{path_ino} ")))
+        {
+            let l = l.split_whitespace().skip(1).collect::<Vec<_>>().join(" ");
+            if !out.contains(&l) {
+                out.push(l);
+            }
+        }
+    }
+    out
 }
 
 /// `--exec-cmd` value: process `pid` runs `sleep` instead of its program.

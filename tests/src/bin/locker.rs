@@ -18,8 +18,8 @@
 //!   pollease NAME r|w|u MS     polls F_GETLEASE until it returns that type; replies
 //!                              "ok MONO_NS" (CLOCK_MONOTONIC when it did)
 //!   pollproc NAME ACTIVE|gone MS  calls F_GETLEASE (which makes the kernel time out
-//!                              leases past their deadline) until /proc/locks shows
-//!                              this file's lease ACTIVE, or no lease; "ok MONO_NS"
+//!                              leases past their deadline) until the fd's fdinfo
+//!                              shows its lease ACTIVE, or no lease; "ok MONO_NS"
 //!   truncate PATH LEN          truncate(2) (breaks leases like an open for writing)
 //!   setsig NAME SIG            fcntl F_SETSIG
 //!   pwrite NAME OFF TEXT       pwrite TEXT at OFF
@@ -285,7 +285,13 @@ fn serve(input: impl BufRead, mut out: impl Write) {
                 loop {
                     unsafe { libc::fcntl(fd(name), libc::F_GETLEASE) };
                     let now = mono_ns();
-                    let locks = std::fs::read_to_string("/proc/locks").unwrap_or_default();
+                    // This fd's own lock lines, which the kernel prints under the
+                    // inode's lock: /proc/locks is read a page at a time from a
+                    // global list, and a line can be skipped when other processes
+                    // change their locks between two pages (seen as a lease "gone"
+                    // 2.4 s early in a VM while other tests ran).
+                    let locks = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd(name)))
+                        .unwrap_or_default();
                     let line = locks
                         .lines()
                         .find(|l| l.contains("LEASE") && !l.contains("->") && l.contains(&tag));
