@@ -24,6 +24,16 @@ pub enum Counter {
 
 impl Counter {
     pub const COUNT: u32 = 7;
+
+    /// The counters that mean records were lost, each with the map (or limit) it is
+    /// about, as the metrics' `map` label and the views name it.
+    pub const LOSSES: [(Counter, &'static str); 5] = [
+        (Counter::WaitsFull, "waits"),
+        (Counter::BreakCtxFull, "break_contexts"),
+        (Counter::BreakLeasesOverflow, "break_leases"),
+        (Counter::BreaksFull, "breaks"),
+        (Counter::HoldsFull, "holds"),
+    ];
     pub const ALL: [Counter; Counter::COUNT as usize] = [
         Counter::Deferred,
         Counter::WaitsFull,

@@ -46,6 +46,11 @@ fn matches(link: &PathBuf, dev: KernelDev, ino: u64, exact: bool) -> bool {
         .unwrap_or(false)
 }
 
+/// The path of (dev, inode) among `pid`'s open fds, " (deleted)" taken off.
+pub fn path_of(pid: u32, dev: KernelDev, ino: u64) -> Option<String> {
+    resolve(pid, -1, dev, ino).map(|p| split_deleted(&p).0)
+}
+
 fn resolve(pid: u32, fd: i32, dev: KernelDev, ino: u64) -> Option<String> {
     let dir = PathBuf::from(format!("/proc/{pid}/fd"));
     let read = |link: &PathBuf| {

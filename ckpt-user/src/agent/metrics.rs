@@ -121,15 +121,6 @@ impl EncodeMetric for WaitHistogram {
     }
 }
 
-/// The tracer's loss counters, by the name of the map they are about.
-const LOSSES: [(&str, TracerCounter); 5] = [
-    ("waits", TracerCounter::WaitsFull),
-    ("break_contexts", TracerCounter::BreakCtxFull),
-    ("break_leases", TracerCounter::BreakLeasesOverflow),
-    ("breaks", TracerCounter::BreaksFull),
-    ("holds", TracerCounter::HoldsFull),
-];
-
 /// Every metric, shared by the agent's loop and the server thread.
 #[derive(Clone)]
 pub struct Metrics {
@@ -371,7 +362,7 @@ impl Watch {
                 .look(&h, now_ns)?
                 .ended
                 .iter()
-                .filter(|e| !e.in_tracer_histogram)
+                .filter(|e| !e.in_tracer_histogram())
             {
                 m.waits.observe(e.at_ns.saturating_sub(e.wait.since_ns));
             }
@@ -397,7 +388,7 @@ impl Watch {
             self.waits = Some(WaitFollower::open(pins)?);
         }
 
-        for (map, c) in LOSSES {
+        for (c, map) in TracerCounter::LOSSES {
             let n = crate::agent::counter_total(counters, c)?;
             let seen = self.lost.entry(map).or_default();
             if n > *seen {

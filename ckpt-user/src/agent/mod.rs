@@ -80,14 +80,6 @@ pub fn counter_total(counters: &PerCpuArray<MapData, u64>, c: Counter) -> Result
     Ok(counters.get(&(c as u32), 0)?.iter().sum())
 }
 
-/// Counters that mean something was not recorded.
-const LOSSES: [Counter; 4] = [
-    Counter::WaitsFull,
-    Counter::BreakCtxFull,
-    Counter::BreaksFull,
-    Counter::HoldsFull,
-];
-
 pub async fn run(opts: Options) -> Result<()> {
     // First, so that SIGINT/SIGTERM during start-up also end in a clean exit.
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -124,7 +116,7 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut deleted_tick = tokio::time::interval(Duration::from_millis(5));
     deleted_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let mut reported = [0u64; LOSSES.len()];
+    let mut reported = [0u64; Counter::LOSSES.len()];
     let metrics = start_metrics(&opts)?;
     // Waits that ended and breaks that began, for the metrics: the tracer's small
     // maps looked at 10 times a second (only with --metrics*).
@@ -141,7 +133,7 @@ pub async fn run(opts: Options) -> Result<()> {
                 }
             }
             _ = tick.tick() => {
-                for (i, c) in LOSSES.iter().enumerate() {
+                for (i, (c, _)) in Counter::LOSSES.iter().enumerate() {
                     let n = counter_total(&counters, *c)?;
                     if n > reported[i] {
                         warn!(count = n - reported[i], counter = c.name(), "tracer map full: some records are missing");

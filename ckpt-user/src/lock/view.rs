@@ -177,7 +177,7 @@ pub fn live_rows(pins: &PinDir) -> Result<(Vec<LockRow>, Vec<String>)> {
     // After the table: the tracer writes a wait's start just after the kernel queues
     // the request, so every request just read has its record by now.
     let mut notes = Vec::new();
-    let history = History::read(pins).unwrap_or_else(|e| {
+    let history = History::read_with_holds(pins).unwrap_or_else(|e| {
         notes.push(format!(
             "ckpt-agent's records cannot be read ({e:#}): no waiting times or break starts"
         ));

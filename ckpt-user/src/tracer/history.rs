@@ -39,8 +39,10 @@ fn open(pins: &PinDir, name: &str) -> Result<MapData> {
 }
 
 impl History {
-    /// None when no agent runs on `pins` (its maps would hold only what happened while
-    /// one ran).
+    /// The wait starts and lease breaks; None when no agent runs on `pins` (its maps
+    /// would hold only what happened while one ran). `holds` stays empty: with
+    /// `--hold-times` it can hold 262,144 entries, and only the lock table shows them
+    /// (`read_with_holds`), not the 100 ms looks of the metrics and events.
     pub fn read(pins: &PinDir) -> Result<Option<History>> {
         if !pins.agent_running() {
             return Ok(None);
@@ -48,15 +50,24 @@ impl History {
         let waits: Vec<(u32, WaitStart)> = map_batch::dump(open(pins, names::WAITS)?.fd().as_fd())?;
         let breaks: Vec<(u64, BreakRecord)> =
             map_batch::dump(open(pins, names::BREAKS)?.fd().as_fd())?;
-        let holds: Vec<(u64, HoldStart)> = map_batch::dump(open(pins, names::HOLDS)?.fd().as_fd())?;
         Ok(Some(History {
             waits: waits
                 .into_iter()
                 .map(|(tid, w)| (w.request, (tid, w)))
                 .collect(),
             breaks: breaks.into_iter().collect(),
-            holds: holds.into_iter().collect(),
+            holds: HashMap::new(),
         }))
+    }
+
+    /// `read`, and when each lock was taken (`ckpt-agent --hold-times`).
+    pub fn read_with_holds(pins: &PinDir) -> Result<Option<History>> {
+        let Some(mut h) = History::read(pins)? else {
+            return Ok(None);
+        };
+        let holds: Vec<(u64, HoldStart)> = map_batch::dump(open(pins, names::HOLDS)?.fd().as_fd())?;
+        h.holds = holds.into_iter().collect();
+        Ok(Some(h))
     }
 
     /// The waits going on, by thread.
@@ -181,12 +192,17 @@ pub struct Ended {
     pub how: Option<EndHow>,
     /// The tracer recorded the end (else: seen, up to one look late).
     pub exact: bool,
-    /// The tracer's wait-time histogram has it (every exact end but a lease
-    /// breaker's, which may have gone on waiting).
-    pub in_tracer_histogram: bool,
     /// Seen ended while the tracer still lists it (its thread left the lock call
     /// without an event: an interrupted wait the kernel gives no event for).
     pub still_listed: bool,
+}
+
+impl Ended {
+    /// Whether the tracer's wait-time histogram has it: every end it recorded but a
+    /// lease breaker's (which may have gone on waiting).
+    pub fn in_tracer_histogram(&self) -> bool {
+        self.exact && self.how != Some(EndHow::Unblocked)
+    }
 }
 
 /// What one look found.
@@ -256,7 +272,6 @@ impl WaitTracker {
                 at_ns: e.ended_ns,
                 how,
                 exact: true,
-                in_tracer_histogram: how != Some(EndHow::Unblocked),
                 still_listed: false,
             });
         }
@@ -346,7 +361,6 @@ fn seen_end(tid: u32, w: &WaitStart, now_ns: u64, still_listed: bool) -> Ended {
         at_ns: now_ns,
         how: None,
         exact: false,
-        in_tracer_histogram: false,
         still_listed,
     }
 }
@@ -436,7 +450,7 @@ mod tests {
         assert_eq!(l.ended.len(), 1);
         assert_eq!(l.ended[0].at_ns, 130);
         assert_eq!(l.ended[0].how, Some(EndHow::Granted));
-        assert!(l.ended[0].exact && l.ended[0].in_tracer_histogram);
+        assert!(l.ended[0].exact && l.ended[0].in_tracer_histogram());
     }
 
     #[test]
@@ -462,7 +476,7 @@ mod tests {
             |_, _| Some(true),
         );
         assert_eq!(l.ended.len(), 1);
-        assert!(!l.ended[0].in_tracer_histogram, "the agent counts it");
+        assert!(!l.ended[0].in_tracer_histogram(), "the agent counts it");
     }
 
     #[test]

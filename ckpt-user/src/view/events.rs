@@ -160,17 +160,7 @@ fn grants(held: &KLock, w: &WaitStart) -> bool {
 /// The file a waiter asks to lock: its own fd on that inode (a waiter's fd holds no
 /// lock, so the lock-table walk does not list it). Waits are rare: a look at its fds.
 fn path_of(w: &WaitStart) -> Option<String> {
-    use std::os::unix::fs::MetadataExt as _;
-    for entry in std::fs::read_dir(format!("/proc/{}/fd", w.tgid))
-        .ok()?
-        .flatten()
-    {
-        if std::fs::metadata(entry.path()).is_ok_and(|m| m.ino() == w.ino) {
-            let link = std::fs::read_link(entry.path()).ok()?;
-            return Some(crate::procinfo::split_deleted(&link.display().to_string()).0);
-        }
-    }
-    None
+    crate::procinfo::path_of(w.tgid, crate::lock::KernelDev(w.dev), w.ino)
 }
 
 /// A lease being broken, as first seen.

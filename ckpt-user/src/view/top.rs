@@ -106,15 +106,10 @@ fn health(pins: &PinDir) -> Health {
     };
     Health {
         running: true,
-        lost: [
-            ("waits", Counter::WaitsFull),
-            ("breaks", Counter::BreaksFull),
-            ("break contexts", Counter::BreakCtxFull),
-            ("holds", Counter::HoldsFull),
-        ]
-        .into_iter()
-        .map(|(what, c)| (what, total(c)))
-        .collect(),
+        lost: Counter::LOSSES
+            .into_iter()
+            .map(|(c, what)| (what, total(c)))
+            .collect(),
     }
 }
 
