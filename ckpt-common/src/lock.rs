@@ -189,6 +189,29 @@ impl LockType {
     }
 }
 
+/// Who owns a lock, as the kernel decides conflicts: a POSIX lock's fd table (`struct
+/// files_struct *`), an OFD or flock lock's or a lease's open file description
+/// (`struct file *`). Opaque: equal owners never conflict. Written in lowercase hex.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LockOwner(pub u64);
+
+impl LockOwner {
+    /// Lowercase hex, as JSON shows it; None for anything else.
+    pub fn parse(s: &str) -> Option<LockOwner> {
+        // from_str_radix alone would take a leading '+'.
+        if s.is_empty() || s.len() > 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        u64::from_str_radix(s, 16).ok().map(LockOwner)
+    }
+}
+
+impl core::fmt::Display for LockOwner {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        write!(f, "{:x}", self.0)
+    }
+}
+
 /// When a thread's blocked request began to wait, keyed by thread id in `WAITS`.
 ///
 /// Written when the kernel defers a request (`FILE_LOCK_DEFERRED`), or by the lease
@@ -326,6 +349,36 @@ mod held_kind_serde {
     }
 }
 
+/// A `LockOwner` is written as its hex string.
+#[cfg(feature = "user")]
+mod lock_owner_serde {
+    use super::LockOwner;
+
+    impl serde::Serialize for LockOwner {
+        fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            // No allocator here: 16 hex digits at most, made by hand.
+            let mut buf = [0u8; 16];
+            let mut at = buf.len();
+            let mut v = self.0;
+            loop {
+                at -= 1;
+                buf[at] = b"0123456789abcdef"[(v & 0xf) as usize];
+                v >>= 4;
+                if v == 0 {
+                    break;
+                }
+            }
+            s.serialize_str(core::str::from_utf8(&buf[at..]).map_err(serde::ser::Error::custom)?)
+        }
+    }
+
+    impl<'de> serde::Deserialize<'de> for LockOwner {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<LockOwner, D::Error> {
+            crate::serde_str::deserialize(d, "a lock owner in hex", LockOwner::parse)
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: repr(C) plain data; any bytes are a valid value.
@@ -339,6 +392,20 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_owner_round_trips_through_hex_and_refuses_anything_else() {
+        extern crate std;
+        use std::string::ToString;
+        for v in [0, 1, 0xffff_8882_4d89_6940, u64::MAX] {
+            let o = LockOwner(v);
+            assert_eq!(LockOwner::parse(&o.to_string()), Some(o));
+        }
+        assert_eq!(LockOwner(0xab).to_string(), "ab");
+        for bad in ["", "-1", "+1", "xyz", "0x10", "10000000000000000"] {
+            assert_eq!(LockOwner::parse(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn a_kind_comes_from_its_flags_and_round_trips_by_name_and_label() {

@@ -433,6 +433,66 @@ fn emit<T: serde::Serialize>(json: bool, value: &T, text: impl FnOnce() -> Strin
     Ok(())
 }
 
+/// `emit` for a long list: compact JSON made on every CPU (serde_json's one thread
+/// took 50 ms of `locks --json` at 100,000 rows), the same bytes as `emit`'s.
+fn emit_list<T: serde::Serialize + Sync>(
+    json: bool,
+    items: &[T],
+    text: impl FnOnce() -> String,
+) -> Result<()> {
+    if !json || std::io::stdout().is_terminal() || items.len() < PARALLEL_JSON_MIN {
+        return emit(json, &items, text);
+    }
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for part in json_array_parts(items, threads) {
+        out.write_all(&part?)?;
+    }
+    writeln!(out)?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Below this many items one thread is as quick.
+const PARALLEL_JSON_MIN: usize = 4096;
+
+/// A JSON array of `items`, compact, in pieces made on up to `threads` threads: the
+/// concatenation is what `serde_json::to_vec(items)` gives.
+fn json_array_parts<T: serde::Serialize + Sync>(
+    items: &[T],
+    threads: usize,
+) -> Vec<serde_json::Result<Vec<u8>>> {
+    let chunk = items.len().div_ceil(threads.max(1)).max(1);
+    let mut parts: Vec<serde_json::Result<Vec<u8>>> = std::thread::scope(|s| {
+        let workers: Vec<_> = items
+            .chunks(chunk)
+            .enumerate()
+            .map(|(n, c)| {
+                s.spawn(move || {
+                    let mut buf = Vec::with_capacity(c.len() * 256);
+                    buf.push(if n == 0 { b'[' } else { b',' });
+                    for (i, item) in c.iter().enumerate() {
+                        if i > 0 {
+                            buf.push(b',');
+                        }
+                        serde_json::to_writer(&mut buf, item)?;
+                    }
+                    Ok(buf)
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("a JSON thread panicked"))
+            .collect()
+    });
+    if parts.is_empty() {
+        parts.push(Ok(b"[".to_vec()));
+    }
+    parts.push(Ok(b"]".to_vec()));
+    parts
+}
+
 fn say_notes(notes: &[String]) {
     for n in notes {
         eprintln!("ckpt-user: {n}");
@@ -527,7 +587,10 @@ fn cmd_locks(pins: &PinDir, select: Selection) -> Result<()> {
         graph::mark(&mut rows, &a);
     }
     let rows = filter(rows, &pids);
-    emit(select.json, &rows, || render_table(&rows))
+    emit_list(select.json, &rows, || render_table(&rows))?;
+    // The process ends here: freeing 100,000 rows one by one would only delay it.
+    std::mem::forget(rows);
+    Ok(())
 }
 
 fn cmd_inspect(
@@ -607,4 +670,37 @@ fn restore_summary(r: &restore::Report) -> String {
 pub fn report(prog: &str, err: &anyhow::Error) -> i32 {
     eprintln!("{prog}: error: {err:#}");
     1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_list_made_on_several_threads_is_the_json_of_one() {
+        #[derive(serde::Serialize)]
+        struct Row {
+            n: usize,
+            s: String,
+        }
+        for len in [0, 1, 2, 3, 7, 100] {
+            let rows: Vec<Row> = (0..len)
+                .map(|n| Row {
+                    n,
+                    s: format!("\"{n}\"\n"),
+                })
+                .collect();
+            for threads in [1, 2, 3, 8] {
+                let joined: Vec<u8> = json_array_parts(&rows, threads)
+                    .into_iter()
+                    .flat_map(|p| p.unwrap())
+                    .collect();
+                assert_eq!(
+                    joined,
+                    serde_json::to_vec(&rows).unwrap(),
+                    "{len} rows on {threads} threads"
+                );
+            }
+        }
+    }
 }

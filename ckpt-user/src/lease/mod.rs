@@ -98,7 +98,7 @@ pub fn target_type(l: &KLock) -> u8 {
 pub fn record_matches(r: &BreakRecord, l: &KLock) -> bool {
     let Some(c) = &l.lease else { return false };
     BreakState::breaking(l.flags)
-        && l.owner == Some(r.owner)
+        && l.owner == Some(ckpt_common::lock::LockOwner(r.owner))
         && r.break_time == c.break_time
         && r.downgrade_time == c.downgrade_time
 }

@@ -216,7 +216,7 @@ fn lease(
         end: e.end,
         dev: e.dev,
         ino: e.ino,
-        owner: e.owner,
+        owner: e.owner.map(ckpt_common::lock::LockOwner),
         addr: e.addr,
         blocker: None,
         lease: e.clock,

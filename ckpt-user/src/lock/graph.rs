@@ -548,7 +548,7 @@ mod tests {
     /// A lock held by `holders`, waited on by `waiters`.
     fn held(kind: HeldKind, holders: &[u32], waiters: &[u32]) -> LockRow {
         let mut r = test_row(kind, holders[0]);
-        r.holders = holders.to_vec();
+        r.holders = holders.into();
         r.waiters = waiters.iter().map(|&p| waiter(p)).collect();
         r
     }

@@ -5,11 +5,14 @@
 //! times, break starts and breakers, hold times). When the iterators cannot be loaded
 //! (not root, a kernel before 6.1), rows come from /proc/locks (`source: "proc"`).
 
-use std::collections::{BTreeSet, HashMap};
+use std::{
+    collections::{BTreeSet, HashMap},
+    sync::Arc,
+};
 
 use anyhow::{Context as _, Result};
-use ckpt_common::lock::fl_type;
-use serde::Serialize;
+use ckpt_common::lock::{fl_type, LockOwner};
+use serde::{Serialize, Serializer};
 
 use crate::{
     lease::{self, BreakState},
@@ -32,7 +35,7 @@ pub struct WaiterRow {
     pub pid: u32,
     /// Thread id (from the agent's record of the wait).
     pub tid: Option<u32>,
-    pub command: Option<String>,
+    pub command: Option<Arc<str>>,
     /// "posix", "ofd", "flock", or "lease" for an open() blocked by a lease break.
     pub kind: HeldKind,
     #[serde(rename = "type")]
@@ -50,7 +53,7 @@ pub struct WaiterRow {
 pub struct BreakerRow {
     pub pid: u32,
     pub tid: Option<u32>,
-    pub command: Option<String>,
+    pub command: Option<Arc<str>>,
     /// "write" (open for writing or truncate) or "read".
     #[serde(rename = "type")]
     pub lock_type: LockType,
@@ -103,8 +106,8 @@ pub struct LockRow {
     pub lock_type: Option<LockType>,
     /// Creator's pid (None for OFD locks read from /proc, which the kernel hides).
     pub pid: Option<u32>,
-    pub command: Option<String>,
-    pub path: Option<String>,
+    pub command: Option<Arc<str>>,
+    pub path: Option<Arc<str>>,
     /// "major:minor" of the filesystem.
     pub dev: KernelDev,
     pub inode: u64,
@@ -114,11 +117,11 @@ pub struct LockRow {
     pub eof: bool,
     /// Opaque owner identity: equal for locks of one POSIX process or one open file
     /// description (fork-shared descriptions included). None when unknown.
-    pub owner: Option<String>,
+    pub owner: Option<LockOwner>,
     /// fd the lock is held through (the lowest-numbered one the walk met first).
     pub fd: Option<i32>,
     /// Held only through a memory mapping ("start-end", hex).
-    pub mapping: Option<String>,
+    pub mapping: Option<MappingRange>,
     /// "kernel" (read from the inode's lists), "fdinfo" (those lists changed under
     /// the walk: from /proc/PID/fdinfo) or "proc" (read from /proc/locks).
     pub origin: &'static str,
@@ -127,7 +130,7 @@ pub struct LockRow {
     /// The processes that hold it: a POSIX lock's owner; for OFD and flock locks and
     /// leases, every process with an fd or mapping on its open file description
     /// (any of them can release it).
-    pub holders: Vec<u32>,
+    pub holders: Holders,
     /// Part of a deadlock (`ckpt-user graph`): a waiter of this lock waits, through a
     /// cycle, on itself, and nothing in the cycle can end by itself.
     pub deadlock: bool,
@@ -138,6 +141,22 @@ pub struct LockRow {
     /// Boxed: most rows are locks, and an inline lease part tripled a row's size.
     pub lease: Option<Box<LeaseInfo>>,
 }
+
+/// A mapping's addresses, written "start-end" in hex as /proc/PID/maps has them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MappingRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+impl Serialize for MappingRange {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:x}-{:x}", self.start, self.end))
+    }
+}
+
+/// The processes holding a lock: one nearly always.
+pub type Holders = smallvec::SmallVec<[u32; 2]>;
 
 /// Restricts rows to some processes (from --pid or --cgroup).
 pub type PidFilter = Option<BTreeSet<u32>>;
@@ -226,7 +245,13 @@ fn gaps(table: &KernelLocks, history: Option<&History>) -> Vec<String> {
 /// until sorted, with the blocked requests that conflict with it.
 pub fn from_kernel(table: &KernelLocks, cx: &Context) -> Vec<LockRow> {
     let mut commands = Commands::default();
-    let mut comm = |pid: u32| table.comms.get(&pid).cloned().or_else(|| commands.of(pid));
+    let mut comm = |pid: u32| {
+        table
+            .comms
+            .get(&pid)
+            .cloned()
+            .or_else(|| commands.of(pid).map(Arc::from))
+    };
     // In display order from the start: sorting 100,000 built rows (moving them) cost
     // 30 ms.
     let mut order: Vec<usize> = (0..table.held.len()).collect();
@@ -242,9 +267,12 @@ pub fn from_kernel(table: &KernelLocks, cx: &Context) -> Vec<LockRow> {
         .iter()
         .map(|&i| row(&table.held[i], &table.reached_by, &mut comm, cx))
         .collect();
+    // Only when there are waiters: 100,000 small vectors cost 10 ms.
     let mut by_inode: HashMap<(KernelDev, u64), Vec<usize>> = HashMap::new();
-    for (i, l) in table.held.iter().enumerate() {
-        by_inode.entry((l.dev, l.ino)).or_default().push(i);
+    if !table.blocked.is_empty() {
+        for (i, l) in table.held.iter().enumerate() {
+            by_inode.entry((l.dev, l.ino)).or_default().push(i);
+        }
     }
     for w in &table.blocked {
         let Some(lock_type) = LockType::from_fl_type(w.lock_type) else {
@@ -310,13 +338,13 @@ fn add_blocked_breaker(lease: &mut LeaseInfo, w: &WaiterRow) {
 fn row(
     l: &KLock,
     reached: &HashMap<u64, Vec<u32>>,
-    comm: &mut impl FnMut(u32) -> Option<String>,
+    comm: &mut impl FnMut(u32) -> Option<Arc<str>>,
     cx: &Context,
 ) -> LockRow {
     let pid = row_pid(l);
     let held_since = l.addr.and_then(|a| {
         let h = cx.history?.holds.get(&a)?;
-        (Some(h.owner) == l.owner).then_some(h.since_ns)
+        (Some(LockOwner(h.owner)) == l.owner).then_some(h.since_ns)
     });
     LockRow {
         kind: l.kind,
@@ -329,18 +357,20 @@ fn row(
         start: l.start,
         end: l.end,
         eof: l.end == OFFSET_MAX,
-        owner: l.owner.map(|o| format!("{o:x}")),
+        owner: l.owner,
         fd: l.holder.fd,
-        mapping: l.holder.mapping.map(|(a, b)| format!("{a:x}-{b:x}")),
+        mapping: l
+            .holder
+            .mapping
+            .map(|(start, end)| MappingRange { start, end }),
         origin: if l.addr.is_some() { "kernel" } else { "fdinfo" },
         held_ms: held_since.map(|t| cx.now_ns.saturating_sub(t) / 1_000_000),
         holders: match l.kind {
-            HeldKind::Lock(LockKind::Posix) => vec![pid],
+            HeldKind::Lock(LockKind::Posix) => smallvec::smallvec![pid],
             _ => l
                 .addr
                 .and_then(|a| reached.get(&a))
-                .cloned()
-                .unwrap_or_else(|| vec![pid]),
+                .map_or_else(|| smallvec::smallvec![pid], |p| p.as_slice().into()),
         },
         deadlock: false,
         waiters: Vec::new(),
@@ -349,7 +379,11 @@ fn row(
     }
 }
 
-fn lease_info(l: &KLock, comm: &mut impl FnMut(u32) -> Option<String>, cx: &Context) -> LeaseInfo {
+fn lease_info(
+    l: &KLock,
+    comm: &mut impl FnMut(u32) -> Option<Arc<str>>,
+    cx: &Context,
+) -> LeaseInfo {
     let breaking = BreakState::breaking(l.flags);
     let state = BreakState::of(l.flags, l.lease.as_ref(), cx.hz);
     let record = l
@@ -440,8 +474,10 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
                 // /proc shows a breaking lease's target, not its own type.
                 lock_type: if breaking { None } else { p.lock_type },
                 pid,
-                command: pid.and_then(command),
-                path: pid.and_then(|pid| paths.path(pid, -1, p.dev, p.ino)),
+                command: pid.and_then(command).map(Arc::from),
+                path: pid
+                    .and_then(|pid| paths.path(pid, -1, p.dev, p.ino))
+                    .map(Arc::from),
                 dev: p.dev,
                 inode: p.ino,
                 start: p.start,
@@ -471,7 +507,10 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
             row.waiters.push(WaiterRow {
                 pid: p.pid.max(0) as u32,
                 tid: None,
-                command: (p.pid > 0).then(|| command(p.pid as u32)).flatten(),
+                command: (p.pid > 0)
+                    .then(|| command(p.pid as u32))
+                    .flatten()
+                    .map(Arc::from),
                 kind,
                 lock_type,
                 start: p.start,
@@ -595,7 +634,7 @@ pub fn render_table(rows: &[LockRow]) -> String {
             .collect::<Vec<_>>()
             .join(",");
         cells.push([
-            r.command.clone().unwrap_or_else(|| "?".into()),
+            r.command.as_deref().unwrap_or("?").to_string(),
             r.pid.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
             r.kind.label().to_string(),
             type_label(r.lock_type).to_string(),
@@ -605,7 +644,7 @@ pub fn render_table(rows: &[LockRow]) -> String {
             } else {
                 r.end.to_string()
             },
-            r.path.clone().unwrap_or_else(|| "?".into()),
+            r.path.as_deref().unwrap_or("?").to_string(),
             format!("{}:{}", r.dev, r.inode),
             if waiters.is_empty() {
                 "-".into()
@@ -648,7 +687,7 @@ pub fn test_row(kind: HeldKind, pid: u32) -> LockRow {
         lock_type: Some(LockType::Write),
         pid: Some(pid),
         command: None,
-        path: Some(format!("/tmp/f{pid}")),
+        path: Some(format!("/tmp/f{pid}").into()),
         dev: KernelDev(0x800001),
         inode: u64::from(pid),
         start: 0,
@@ -659,7 +698,7 @@ pub fn test_row(kind: HeldKind, pid: u32) -> LockRow {
         mapping: None,
         origin: "kernel",
         held_ms: None,
-        holders: vec![pid],
+        holders: smallvec::smallvec![pid],
         deadlock: false,
         waiters: Vec::new(),
         source: "kernel",
@@ -703,7 +742,7 @@ mod tests {
             end: start,
             dev: KernelDev(8),
             ino,
-            owner: Some(addr),
+            owner: Some(LockOwner(addr)),
             addr: Some(addr),
             blocker: None,
             lease: None,
@@ -711,7 +750,7 @@ mod tests {
                 pid,
                 fd: Some(3),
                 mapping: None,
-                path: Some(format!("/f{ino}")),
+                path: Some(format!("/f{ino}").into()),
             },
         }
     }

@@ -151,7 +151,7 @@ fn wait_event(event: &'static str, at: u64, tid: u32, w: &WaitStart) -> Event {
 /// Whether `held` is what request `w` asked for (same owner, covering its range, of
 /// its type): the request was granted.
 fn grants(held: &KLock, w: &WaitStart) -> bool {
-    held.owner == Some(w.owner)
+    held.owner == Some(ckpt_common::lock::LockOwner(w.owner))
         && held.start <= w.start
         && held.end >= w.end
         && (held.lock_type == w.lock_type || held.lock_type == fl_type::F_WRLCK)
@@ -237,7 +237,7 @@ impl Follower {
                     .map(|d| d.monotonic_ns);
                 let p = Pending {
                     holder: l.holder.pid,
-                    path: l.holder.path.clone(),
+                    path: l.holder.path.as_deref().map(String::from),
                     started_ns: r.started_ns,
                     deadline_ns: deadline,
                 };
@@ -418,16 +418,16 @@ mod tests {
             end: 20,
             dev: crate::lock::KernelDev(8),
             ino: 7,
-            owner: Some(0x20),
+            owner: Some(ckpt_common::lock::LockOwner(0x20)),
             addr: Some(0x30),
             blocker: None,
             lease: None,
             holder: Default::default(),
         };
         assert!(grants(&l, &w), "a write lock covers a read request");
-        l.owner = Some(0x21);
+        l.owner = Some(ckpt_common::lock::LockOwner(0x21));
         assert!(!grants(&l, &w), "another owner's lock");
-        l.owner = Some(0x20);
+        l.owner = Some(ckpt_common::lock::LockOwner(0x20));
         l.end = 5;
         assert!(!grants(&l, &w), "not the whole range");
     }
