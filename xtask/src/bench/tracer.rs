@@ -341,13 +341,23 @@ pub fn run(ctx: &Ctx) -> Result<String> {
         table.push_str(&row);
         table.push('\n');
     }
-    let ckpt_ns = per_event_ns(Mode::Ckpt, ctx, &scripts)?;
-    let bt_ns = per_event_ns(Mode::Bpftrace, ctx, &scripts)?;
+    // Interleaved, three each: one run's figure moves by a few ns.
+    let mut per_hit = [Vec::new(), Vec::new(), Vec::new()];
+    for _ in 0..3 {
+        for (i, mode) in [Mode::Ckpt, Mode::Bpftrace, Mode::Floor]
+            .into_iter()
+            .enumerate()
+        {
+            per_hit[i].push(per_event_ns(mode, ctx, &scripts)?);
+        }
+    }
+    let [ckpt_ns, bt_ns, floor_ns] = per_hit.map(|v| stats(v).median);
+    let added_ns = ckpt_ns - floor_ns;
     const IDLE_S: u64 = 10;
     let (idle, flood) = agent_cpu(ctx, IDLE_S)?;
     println!("bench: agent CPU idle {idle:.2}%, under a flock flood {flood:.2}%");
     Ok(format!(
-        "Throughput of lock-heavy workloads (higher is better) with no tracer; with ckpt-agent in its default configuration ({} programs: {}); with bpftrace ({}) recording what ckpt records on the same tracepoints as classic tracepoints (a map update when a request starts to wait, and when a lease break starts); and with empty programs on every tracepoint ckpt-agent attaches, each as the same kind (`tracepoint_floor`, checked against the agent's links: BTF tracepoints for the two that fire on every lock call, which bpftrace 0.17 cannot attach), which is the floor of any tracer on them. Each stress-ng figure is a {SECONDS} s run of two instances; --lease is not a measure of a tracer's cost: untraced, its runs alone range from about 1,400 to over 60,000 ops/s (whether its breakers wait out a lease break is a scheduling race), so its ratios are noise; sqlite3 inserts {SQLITE_TX} rows, one per transaction, into a database on tmpfs (on disk, fsync jitter hid the tracer's cost).\n\n{table}\nCost per tracepoint hit, during stress-ng --fcntl (programs' run time from kernel.bpf_stats_enabled, plus the tracer process's CPU time, divided by program runs): ckpt {ckpt_ns:.0} ns, bpftrace {bt_ns:.0} ns.\n\nckpt-agent's own CPU (user + system, of one CPU): {idle:.2} % idle ({IDLE_S} s), {flood:.2} % while stress-ng --flock floods the host with lock calls (its programs' time is in the lock callers' CPU, above). Idle, its work is the background deleted-file scan (once a second, paced to at most 5 % of a CPU).\n",
+        "Throughput of lock-heavy workloads (higher is better) with no tracer; with ckpt-agent in its default configuration ({} programs: {}); with bpftrace ({}) recording what ckpt records on the same tracepoints as classic tracepoints (a map update when a request starts to wait, and when a lease break starts); and with empty programs on every tracepoint ckpt-agent attaches, each as the same kind (`tracepoint_floor`, checked against the agent's links: BTF tracepoints for the two that fire on every lock call, which bpftrace 0.17 cannot attach), which is the floor of any tracer on them. Each stress-ng figure is a {SECONDS} s run of two instances; --lease is not a measure of a tracer's cost: untraced, its runs alone range from about 1,400 to over 60,000 ops/s (whether its breakers wait out a lease break is a scheduling race), so its ratios are noise; sqlite3 inserts {SQLITE_TX} rows, one per transaction, into a database on tmpfs (on disk, fsync jitter hid the tracer's cost).\n\n{table}\nCost per tracepoint hit, during stress-ng --fcntl (programs' run time from kernel.bpf_stats_enabled, plus the tracer process's CPU time, divided by program runs; median of 3 interleaved runs each): ckpt {ckpt_ns:.1} ns, bpftrace {bt_ns:.1} ns, empty programs {floor_ns:.1} ns. Each includes the timing that bpf_stats itself adds to every run (the empty programs' figure is mostly that), so what ckpt's programs add to a lock call is the difference from the empty ones: {added_ns:.1} ns.\n\nckpt-agent's own CPU (user + system, of one CPU): {idle:.2} % idle ({IDLE_S} s), {flood:.2} % while stress-ng --flock floods the host with lock calls (its programs' time is in the lock callers' CPU, above). Idle, its work is the background deleted-file scan (once a second, paced to at most 5 % of a CPU).\n",
         floor_progs.len(),
         floor_progs.join(", "),
         output_version(),
