@@ -85,6 +85,35 @@ pub async fn run(opts: Options) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let _instance = instance::InstanceLock::acquire(&opts.pins)?;
+    let Tracer {
+        mut ebpf,
+        counters,
+        iters,
+    } = attach(&opts)?;
+    let deleted = open_deleted(&mut ebpf, &iters, &opts)?;
+    notify(sd_notify::NotifyState::Ready);
+    let metrics = start_metrics(&opts)?;
+    tokio::select! {
+        served = serve(&opts, &counters, deleted, metrics) => served?,
+        _ = sigint.recv() => info!("SIGINT: exiting"),
+        _ = sigterm.recv() => info!("SIGTERM: exiting"),
+    }
+    notify(sd_notify::NotifyState::Stopping);
+    leave(&opts)
+}
+
+/// What the agent holds while it serves: its programs (attached, maps pinned), their
+/// loss counters, and the pinned iterators.
+struct Tracer {
+    /// Its programs and links (the deleted-file table takes its maps).
+    ebpf: aya::Ebpf,
+    counters: PerCpuArray<MapData, u64>,
+    iters: Iters,
+}
+
+/// Loads and attaches the tracepoint programs (re-adopting pinned maps), and loads
+/// and pins the iterators for readers.
+fn attach(opts: &Options) -> Result<Tracer> {
     let loader::Loaded { mut ebpf, adopted } = loader::load_and_attach(&opts.pins, opts.tracing)?;
     info!(
         pin_dir = %opts.pins.root().display(),
@@ -94,30 +123,55 @@ pub async fn run(opts: Options) -> Result<()> {
         "programs attached{}",
         if adopted { "; re-adopting pinned maps" } else { "" }
     );
-    let counters: PerCpuArray<MapData, u64> = take(&mut ebpf, names::COUNTERS)?;
+    let counters = take(&mut ebpf, names::COUNTERS)?;
     let iters = Iters::load(&Prog::ALL)?;
     iters.pin(&opts.pins)?;
+    Ok(Tracer {
+        ebpf,
+        counters,
+        iters,
+    })
+}
+
+/// The deleted-file table, made once before the agent says it is ready.
+fn open_deleted<'a>(
+    ebpf: &mut aya::Ebpf,
+    iters: &'a Iters,
+    opts: &Options,
+) -> Result<DeletedTable<'a>> {
     let mut deleted = DeletedTable::open(
-        take(&mut ebpf, names::FILE_TRIGGERS)?,
-        take(&mut ebpf, names::DELETED)?,
-        take(&mut ebpf, names::HOLDERS)?,
-        take(&mut ebpf, names::DELETED_SCAN)?,
-        &iters,
+        take(ebpf, names::FILE_TRIGGERS)?,
+        take(ebpf, names::DELETED)?,
+        take(ebpf, names::HOLDERS)?,
+        take(ebpf, names::DELETED_SCAN)?,
+        iters,
         opts.tracing.exact_deleted,
     )?;
     deleted.refresh()?;
     info!(holders = deleted.len(), "deleted-but-open files scanned");
-    // Serving: programs attached, iterators pinned, the deleted-file table made.
-    // (systemd Type=notify; nothing without NOTIFY_SOCKET.)
-    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
-        warn!(error = %e, "readiness notification failed");
+    Ok(deleted)
+}
+
+/// systemd Type=notify (nothing without NOTIFY_SOCKET).
+fn notify(state: sd_notify::NotifyState) {
+    if let Err(e) = sd_notify::notify(false, &[state]) {
+        warn!(error = %e, "systemd notification failed");
     }
+}
+
+/// The agent's work until it is stopped (returns only on an error): the deleted-file
+/// table kept fresh, lost records reported, and the metrics fed.
+async fn serve(
+    opts: &Options,
+    counters: &PerCpuArray<MapData, u64>,
+    mut deleted: DeletedTable<'_>,
+    metrics: Option<metrics::Metrics>,
+) -> Result<()> {
     // Looks for triggers this often (rescans are rate-limited in DeletedTable).
     let mut deleted_tick = tokio::time::interval(Duration::from_millis(5));
     deleted_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut reported = [0u64; Counter::LOSSES.len()];
-    let metrics = start_metrics(&opts)?;
     // Waits that ended and breaks that began, for the metrics: the tracer's small
     // maps looked at 10 times a second (only with --metrics*).
     let mut watch = metrics::Watch::default();
@@ -127,29 +181,42 @@ pub async fn run(opts: Options) -> Result<()> {
         tokio::select! {
             _ = watch_tick.tick(), if metrics.is_some() => {
                 if let Some(m) = &metrics {
-                    if let Err(e) = watch.tick(m, &opts.pins, &counters, crate::sys::monotonic_ns()) {
+                    if let Err(e) = watch.tick(m, &opts.pins, counters, crate::sys::monotonic_ns()) {
                         warn!(error = %format!("{e:#}"), "metrics: the tracer's maps could not be read");
                     }
                 }
             }
             _ = tick.tick() => {
-                for (i, (c, _)) in Counter::LOSSES.iter().enumerate() {
-                    let n = counter_total(&counters, *c)?;
-                    if n > reported[i] {
-                        warn!(count = n - reported[i], counter = c.name(), "tracer map full: some records are missing");
-                        reported[i] = n;
-                    }
+                let mut totals = [0u64; Counter::LOSSES.len()];
+                for (t, (c, _)) in totals.iter_mut().zip(Counter::LOSSES) {
+                    *t = counter_total(counters, c)?;
+                }
+                for (c, n) in new_losses(&totals, &mut reported) {
+                    warn!(count = n, counter = c.name(), "tracer map full: some records are missing");
                 }
             }
             _ = deleted_tick.tick() => {
                 deleted.refresh()?;
             }
-            _ = sigint.recv() => { info!("SIGINT: exiting"); break; }
-            _ = sigterm.recv() => { info!("SIGTERM: exiting"); break; }
         }
     }
+}
 
-    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+/// The loss counters that grew since last reported (`totals` in `Counter::LOSSES`
+/// order), by how much; `reported` moves up to `totals`.
+fn new_losses(totals: &[u64], reported: &mut [u64]) -> Vec<(Counter, u64)> {
+    let mut grew = Vec::new();
+    for ((&n, seen), (c, _)) in totals.iter().zip(reported.iter_mut()).zip(Counter::LOSSES) {
+        if n > *seen {
+            grew.push((c, n - *seen));
+            *seen = n;
+        }
+    }
+    grew
+}
+
+/// On the way out: the pins removed with --unpin, else kept for the next agent.
+fn leave(opts: &Options) -> Result<()> {
     if opts.unpin {
         opts.pins
             .remove_all()
@@ -159,4 +226,32 @@ pub async fn run(opts: Options) -> Result<()> {
         info!(pin_dir = %opts.pins.root().display(), "pins kept: tracing continues, a new agent will re-adopt");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_loss_is_reported_once_by_how_much_it_grew() {
+        let n = Counter::LOSSES.len();
+        let mut reported = vec![0u64; n];
+        assert!(new_losses(&vec![0; n], &mut reported).is_empty());
+        let mut totals = vec![0u64; n];
+        totals[0] = 5;
+        assert_eq!(
+            new_losses(&totals, &mut reported),
+            vec![(Counter::LOSSES[0].0, 5)]
+        );
+        assert!(
+            new_losses(&totals, &mut reported).is_empty(),
+            "reported once"
+        );
+        totals[0] = 7;
+        totals[n - 1] = 1;
+        assert_eq!(
+            new_losses(&totals, &mut reported),
+            vec![(Counter::LOSSES[0].0, 2), (Counter::LOSSES[n - 1].0, 1)]
+        );
+    }
 }
