@@ -189,6 +189,80 @@ impl LockType {
     }
 }
 
+/// A lock's byte range as the kernel keeps it: its first and last byte, both
+/// included, `0 <= start <= end`; an `end` of [`LockRange::OFFSET_MAX`] is "to the end
+/// of the file, however it grows" (what fcntl's `l_len` 0 asks for, and "EOF" in
+/// /proc/locks). Made only through [`LockRange::new`], so a range from an image or a
+/// kernel read is valid or refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LockRange {
+    start: i64,
+    end: i64,
+}
+
+impl LockRange {
+    /// The kernel's largest offset (`OFFSET_MAX`).
+    pub const OFFSET_MAX: i64 = i64::MAX;
+    /// The whole file, as flock locks and leases have it.
+    pub const WHOLE: LockRange = LockRange {
+        start: 0,
+        end: LockRange::OFFSET_MAX,
+    };
+
+    /// None unless `0 <= start <= end`.
+    pub const fn new(start: i64, end: i64) -> Option<LockRange> {
+        if start < 0 || end < start {
+            None
+        } else {
+            Some(LockRange { start, end })
+        }
+    }
+
+    pub const fn start(self) -> i64 {
+        self.start
+    }
+
+    pub const fn end(self) -> i64 {
+        self.end
+    }
+
+    /// Reaches the end of the file, however it grows.
+    pub const fn to_eof(self) -> bool {
+        self.end == LockRange::OFFSET_MAX
+    }
+
+    /// Some byte is in both.
+    pub const fn overlaps(self, other: LockRange) -> bool {
+        self.start <= other.end && other.start <= self.end
+    }
+
+    /// Every byte of `other` is in `self`.
+    pub const fn contains(self, other: LockRange) -> bool {
+        self.start <= other.start && other.end <= self.end
+    }
+
+    /// fcntl's `l_len` (with `l_start` = `start`): 0 for "to the end of the file".
+    pub const fn l_len(self) -> i64 {
+        if self.to_eof() {
+            0
+        } else {
+            // No overflow: 0 <= start <= end < OFFSET_MAX.
+            self.end - self.start + 1
+        }
+    }
+}
+
+/// "start-end", with "EOF" for an end at the end of the file (as /proc/locks).
+impl core::fmt::Display for LockRange {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        if self.to_eof() {
+            write!(f, "{}-EOF", self.start)
+        } else {
+            write!(f, "{}-{}", self.start, self.end)
+        }
+    }
+}
+
 /// Who owns a lock, as the kernel decides conflicts: a POSIX lock's fd table (`struct
 /// files_struct *`), an OFD or flock lock's or a lease's open file description
 /// (`struct file *`). Opaque: equal owners never conflict. Written in lowercase hex.
@@ -251,6 +325,11 @@ impl WaitStart {
             && self.end == other.end
             && self.lock_type == other.lock_type
             && self.flags & !fl_flags::FL_SLEEP == other.flags & !fl_flags::FL_SLEEP
+    }
+
+    /// The range asked for (None when the record holds no valid one).
+    pub const fn range(&self) -> Option<LockRange> {
+        LockRange::new(self.start, self.end)
     }
 }
 
@@ -392,6 +471,25 @@ mod pod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_range_is_valid_or_refused_and_compares_as_the_kernel_does() {
+        extern crate std;
+        use std::string::ToString;
+        assert_eq!(LockRange::new(-1, 5), None);
+        assert_eq!(LockRange::new(6, 5), None);
+        let r = |s, e| LockRange::new(s, e).unwrap();
+        let eof = LockRange::OFFSET_MAX;
+        assert!(r(0, 9).overlaps(r(9, 20)) && !r(0, 9).overlaps(r(10, 20)));
+        assert!(r(5, eof).overlaps(r(1_000_000, 1_000_000)));
+        assert!(r(0, 9).contains(r(3, 9)) && !r(0, 9).contains(r(3, 10)));
+        assert!(LockRange::WHOLE.contains(r(7, eof)));
+        assert_eq!(r(10, 19).l_len(), 10);
+        assert_eq!(r(10, eof).l_len(), 0);
+        assert_eq!(r(0, eof - 1).l_len(), eof, "the longest finite range fits");
+        assert_eq!(r(3, eof).to_string(), "3-EOF");
+        assert_eq!(r(3, 4).to_string(), "3-4");
+    }
 
     #[test]
     fn an_owner_round_trips_through_hex_and_refuses_anything_else() {

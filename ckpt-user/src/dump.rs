@@ -896,8 +896,7 @@ mod tests {
             pid: 1,
             dev: KernelDev::new(8, 1),
             ino: 7,
-            start: 0,
-            end: i64::MAX,
+            range: crate::lock::LockRange::WHOLE,
         });
         let set = leased(&[l, found(1, 4, 8, REG, 1)]);
         assert_eq!(set, HashSet::from([(KernelDev::new(8, 1), 7)]));

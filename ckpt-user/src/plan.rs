@@ -11,7 +11,10 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 
 use anyhow::{bail, Result};
 
-use crate::image::format::{FileKind, Image, Lease, LockKind, LockType, OpenFile};
+use crate::{
+    image::format::{FileKind, Image, Lease, LockKind, LockType, OpenFile},
+    lock::LockRange,
+};
 
 /// The credentials a restored process runs with, and opens its files with.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,21 +66,9 @@ pub struct FdPlan {
 pub struct LockOp {
     pub kind: LockKind,
     pub lock_type: LockType,
-    pub start: i64,
-    pub end: i64,
+    pub range: LockRange,
     /// The fd (in the restored process) it is taken through.
     pub fd: i32,
-}
-
-impl LockOp {
-    /// l_len for fcntl: 0 means "to EOF".
-    pub fn l_len(&self) -> i64 {
-        if self.end == i64::MAX {
-            0
-        } else {
-            self.end - self.start + 1
-        }
-    }
 }
 
 /// A lease a process sets on one of its fds (F_SETLEASE) before it is released.
@@ -466,14 +457,13 @@ fn plan_locks(cx: &Placing, plan: &mut Plan) -> Result<()> {
     for l in &image.locks {
         check_file(image, "a lock", l.file)?;
         let path = &image.files[l.file as usize].path;
-        // Also keeps `LockOp::l_len` from overflowing.
-        if l.start < 0 || l.end < l.start {
+        let Some(range) = LockRange::new(l.start, l.end) else {
             bail!(
                 "image is corrupt: a lock on {path} has the range {}-{}",
                 l.start,
                 l.end
             );
-        }
+        };
         let (proc, fd) = match l.kind {
             LockKind::Posix => {
                 let Some(&proc) = cx.slot.get(&l.pid) else {
@@ -502,8 +492,7 @@ fn plan_locks(cx: &Placing, plan: &mut Plan) -> Result<()> {
         plan.procs[proc].locks.push(LockOp {
             kind: l.kind,
             lock_type: l.lock_type,
-            start: l.start,
-            end: l.end,
+            range,
             fd,
         });
     }

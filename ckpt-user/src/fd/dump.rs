@@ -22,7 +22,7 @@ use super::{
 };
 use crate::{
     image::format::{FileKind, OpenFile, Process},
-    lock::{kernel::held_kind, proc_locks::ProcLock, KernelDev, LockType},
+    lock::{kernel::held_kind, proc_locks::ProcLock, KernelDev, LockRange, LockType},
     procinfo::split_deleted,
     sys::{fown, pidfd},
     task::dump as task_dump,
@@ -284,8 +284,9 @@ pub struct Prescan {
     pub processes: HashMap<u32, (TaskRecord, Process)>,
 }
 
-/// fdinfo `lock:` line equivalent of a lock the iterator found on an fd.
-fn proc_lock_of(r: &FdRecord, l: &LockLine) -> ProcLock {
+/// fdinfo `lock:` line equivalent of a lock the iterator found on an fd (None for
+/// a line without a valid range, which no lock has).
+fn proc_lock_of(r: &FdRecord, l: &LockLine) -> Option<ProcLock> {
     use ckpt_common::lock::fl_flags::*;
     let ty = LockType::from_fl_type;
     let kind = held_kind(l.list, l.flags);
@@ -310,7 +311,7 @@ fn proc_lock_of(r: &FdRecord, l: &LockLine) -> ProcLock {
             )
         }
     };
-    ProcLock {
+    Some(ProcLock {
         id: 0,
         blocked: false,
         kind,
@@ -319,9 +320,8 @@ fn proc_lock_of(r: &FdRecord, l: &LockLine) -> ProcLock {
         pid,
         dev: KernelDev(r.s_dev),
         ino: r.ino,
-        start: l.start,
-        end: l.end,
-    }
+        range: LockRange::new(l.start, l.end)?,
+    })
 }
 
 /// What the frozen window must still read for the iterator's fds: facts of inodes
@@ -424,7 +424,7 @@ pub fn assemble<'a>(
         let (locks, lines) = match late.locks.get(&(pid, r.fd)) {
             Some(l) => (l.clone(), Vec::new()),
             None => (
-                held().map(|l| proc_lock_of(r, l)).collect(),
+                held().filter_map(|l| proc_lock_of(r, l)).collect(),
                 held().copied().collect(),
             ),
         };

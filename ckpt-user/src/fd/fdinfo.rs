@@ -53,6 +53,6 @@ lock:\t1: POSIX  ADVISORY  WRITE 10 08:01:77 0 99\nlock:\t2: LEASE  BREAKING  UN
         assert_eq!(i.flags & 0o2000000, 0o2000000);
         assert_eq!(i.ino, 77);
         assert_eq!(i.locks.len(), 2);
-        assert_eq!(i.locks[0].end, 99);
+        assert_eq!(i.locks[0].range.end(), 99);
     }
 }

@@ -159,15 +159,7 @@ pub fn tree(img: &Image) -> String {
         line(format!("{d}/type"), ty(Some(l.lock_type)).into());
         line(
             format!("{d}/range"),
-            format!(
-                "{}-{}",
-                l.start,
-                if l.end == i64::MAX {
-                    "EOF".into()
-                } else {
-                    l.end.to_string()
-                }
-            ),
+            crate::lock::range_label(l.start, l.end),
         );
         line(format!("{d}/pid"), l.pid.to_string());
         line(format!("{d}/file"), l.file.to_string());

@@ -20,7 +20,7 @@ use crate::{
     lock::{
         kernel::{self, KLock, LeaseClock},
         proc_locks::ProcLock,
-        HeldKind, KernelDev,
+        HeldKind, KernelDev, LockOwner, LockRange,
     },
     tracer::history::History,
 };
@@ -40,12 +40,11 @@ struct Entry {
     flags: u32,
     /// fl_pid: creator (OFD locks read from fdinfo show -1).
     pid: i32,
-    start: i64,
-    end: i64,
+    range: LockRange,
     dev: KernelDev,
     ino: u64,
     addr: Option<u64>,
-    owner: Option<u64>,
+    owner: Option<LockOwner>,
     clock: Option<LeaseClock>,
 }
 
@@ -57,12 +56,11 @@ fn from_line(f: &FoundFd, l: &LockLine) -> Option<Entry> {
         lock_type: LockType::from_fl_type(l.lock_type as u8),
         flags: l.flags,
         pid: l.pid,
-        start: l.start,
-        end: l.end,
+        range: LockRange::new(l.start, l.end)?,
         dev,
         ino: f.ino,
         addr: Some(l.lock),
-        owner: Some(l.owner),
+        owner: Some(LockOwner(l.owner)),
         clock: (kind == HeldKind::Lease).then_some(LeaseClock {
             break_time: l.break_time,
             downgrade_time: l.downgrade_time,
@@ -87,8 +85,7 @@ fn from_fdinfo(p: &ProcLock) -> Option<Entry> {
         lock_type: if breaking { None } else { p.lock_type },
         flags,
         pid: p.pid as i32,
-        start: p.start,
-        end: p.end,
+        range: p.range,
         dev: p.dev,
         ino: p.ino,
         addr: None,
@@ -139,8 +136,7 @@ pub fn collect(
                     seen_shape.insert((
                         e.kind,
                         owner,
-                        e.start,
-                        e.end,
+                        e.range,
                         e.lock_type.map(|t| t == LockType::Write),
                     ))
                 }
@@ -156,8 +152,8 @@ pub fn collect(
                     out.locks.push(Lock {
                         kind: k,
                         lock_type,
-                        start: e.start,
-                        end: e.end,
+                        start: e.range.start(),
+                        end: e.range.end(),
                         // A POSIX lock belongs to its process; OFD and flock locks
                         // name their creator (fdinfo hides an OFD lock's: the holder).
                         pid: if k == LockKind::Posix || e.pid <= 0 {
@@ -187,8 +183,8 @@ pub fn collect(
             tid: wait.map_or(w.pid as u32, |(tid, _)| *tid),
             kind: w.kind,
             lock_type,
-            start: w.start,
-            end: w.end,
+            start: w.range.start(),
+            end: w.range.end(),
             dev: w.dev,
             ino: w.ino,
             waited_ns: wait.map(|(_, s)| frozen_ns.saturating_sub(s.since_ns)),
@@ -212,11 +208,10 @@ fn lease(
         lock_type: e.lock_type.map_or(fl_type::F_UNLCK, LockType::to_fl_type),
         flags: e.flags,
         pid: e.pid,
-        start: e.start,
-        end: e.end,
+        range: e.range,
         dev: e.dev,
         ino: e.ino,
-        owner: e.owner.map(ckpt_common::lock::LockOwner),
+        owner: e.owner,
         addr: e.addr,
         blocker: None,
         lease: e.clock,
@@ -277,8 +272,7 @@ mod tests {
             pid,
             dev: KernelDev::new(8, 1),
             ino: 7,
-            start,
-            end,
+            range: LockRange::new(start, end).unwrap(),
         }
     }
 
@@ -330,8 +324,7 @@ mod tests {
             lock_type: fl_type::F_WRLCK,
             flags: 0,
             pid,
-            start: 0,
-            end: i64::MAX,
+            range: LockRange::WHOLE,
             dev: KernelDev::new(8, 1),
             ino: 7,
             owner: None,

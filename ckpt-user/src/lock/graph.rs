@@ -273,15 +273,10 @@ fn describe(r: &LockRow) -> String {
     let what = match &r.lease {
         Some(_) => "lease break".to_string(),
         None => format!(
-            "{} {} {}-{}",
+            "{} {} {}",
             r.kind,
             r.lock_type.map_or("?", |t| t.label()),
-            r.start,
-            if r.eof {
-                "EOF".to_string()
-            } else {
-                r.end.to_string()
-            }
+            super::range_label(r.start, r.end)
         ),
     };
     format!("{what} on {}", r.path.as_deref().unwrap_or("?"))

@@ -23,7 +23,7 @@ use ckpt_common::{
     lock::{fl_flags, LockOwner},
 };
 
-use super::{proc_locks::ProcLock, HeldKind, KernelDev, LockKind, OFFSET_MAX};
+use super::{proc_locks::ProcLock, HeldKind, KernelDev, LockKind, LockRange};
 use crate::{
     fd::fdinfo::parse_fdinfo,
     tracer::iters::{Iters, Prog},
@@ -71,8 +71,7 @@ pub struct KLock {
     pub flags: u32,
     /// fl_pid: the creator (the requester, for a blocked request).
     pub pid: i32,
-    pub start: i64,
-    pub end: i64,
+    pub range: LockRange,
     pub dev: KernelDev,
     pub ino: u64,
     /// The kernel's owner identity (None from fdinfo).
@@ -216,8 +215,8 @@ fn klock(fd: &FdLines, line: &LockLine) -> Option<KLock> {
         lock_type: line.lock_type as u8,
         flags: line.flags,
         pid: line.pid,
-        start: line.start,
-        end: line.end,
+        // A line with no valid range is not a lock (the walk vouches for the rest).
+        range: LockRange::new(line.start, line.end)?,
         dev: KernelDev(r.s_dev),
         ino: r.ino,
         owner: Some(LockOwner(line.owner)),
@@ -256,8 +255,7 @@ pub fn from_proc_line(holder: Holder, p: &ProcLock) -> Option<KLock> {
         } else {
             p.pid as i32
         },
-        start: p.start,
-        end: p.end,
+        range: p.range,
         dev: p.dev,
         ino: p.ino,
         owner: None,
@@ -328,7 +326,7 @@ fn collect(iters: &Iters, mut parsed: Parsed, mut out: KernelLocks) -> Result<Ke
     let Parsed { fds, lines } = parsed;
     let mut seen = foldhash::HashSet::with_capacity_and_hasher(lines.len(), Default::default());
     out.held.reserve(lines.len());
-    let mut seen_fdinfo: HashSet<(HeldKind, KernelDev, u64, i64, i64, i32, u8)> = HashSet::new();
+    let mut seen_fdinfo: HashSet<(HeldKind, KernelDev, u64, LockRange, i32, u8)> = HashSet::new();
     for f in &fds {
         if f.cut {
             if f.rec.fd == MAPPING_FD {
@@ -349,15 +347,7 @@ fn collect(iters: &Iters, mut parsed: Parsed, mut out: KernelLocks) -> Result<Ke
                     path: f.path.clone(),
                 };
                 if let Some(k) = from_proc_line(holder, &p) {
-                    if seen_fdinfo.insert((
-                        k.kind,
-                        k.dev,
-                        k.ino,
-                        k.start,
-                        k.end,
-                        k.pid,
-                        k.lock_type,
-                    )) {
+                    if seen_fdinfo.insert((k.kind, k.dev, k.ino, k.range, k.pid, k.lock_type)) {
                         out.held.push(k);
                     }
                 }
@@ -410,14 +400,9 @@ pub fn conflicts(l: &KLock, w: &KLock) -> bool {
         // A breaker conflicts with a write lease, or wants to write.
         return write;
     }
-    let overlap = l.start <= w.end && w.start <= l.end;
+    let overlap = l.range.overlaps(w.range);
     let other = l.owner.is_none() || l.owner != w.owner;
     overlap && other && write
-}
-
-/// Whether a range ends at end of file.
-pub fn to_eof(end: i64) -> bool {
-    end == OFFSET_MAX
 }
 
 #[cfg(test)]
@@ -433,14 +418,15 @@ mod tests {
         .to_vec()
     }
 
+    const OFFSET_MAX: i64 = LockRange::OFFSET_MAX;
+
     fn lock(kind: HeldKind, t: u8, owner: u64, start: i64, end: i64) -> KLock {
         KLock {
             kind,
             lock_type: t,
             flags: 0,
             pid: 1,
-            start,
-            end,
+            range: LockRange::new(start, end).unwrap(),
             dev: KernelDev(8),
             ino: 5,
             owner: Some(LockOwner(owner)),

@@ -4,7 +4,7 @@
 //! locks, leases and waiters onto their descriptions (`dump`), the rows of
 //! `ckpt-user locks` (`view`) and the wait-for graph with its deadlocks (`graph`).
 //! Taking the locks back at restore is in `task::spawn` (each process takes its own).
-//! The kind, type and device types are ckpt-common's, re-exported here.
+//! The kind, type, range, owner and device types are ckpt-common's, re-exported here.
 
 pub mod dump;
 pub mod graph;
@@ -14,8 +14,11 @@ pub mod view;
 
 pub use ckpt_common::{
     dev::KernelDev,
-    lock::{HeldKind, LockKind, LockType},
+    lock::{HeldKind, LockKind, LockOwner, LockRange, LockType},
 };
 
-/// Largest file offset; the kernel's OFFSET_MAX ("EOF" in /proc/locks).
-pub const OFFSET_MAX: i64 = i64::MAX;
+/// "start-end", or "start-EOF" to the end of the file; a range that is not valid
+/// (from a damaged image) is shown as it is.
+pub fn range_label(start: i64, end: i64) -> String {
+    LockRange::new(start, end).map_or_else(|| format!("{start}-{end}"), |r| r.to_string())
+}

@@ -4,7 +4,7 @@
 //! line's id and the "->" mark that tie a blocked request to its blocker, and the
 //! lease states (ACTIVE, BREAKING, BREAKER).
 
-use super::{HeldKind, KernelDev, LockType, OFFSET_MAX};
+use super::{HeldKind, KernelDev, LockRange, LockType};
 
 /// One line of /proc/locks.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,8 +24,7 @@ pub struct ProcLock {
     pub pid: i64,
     pub dev: KernelDev,
     pub ino: u64,
-    pub start: i64,
-    pub end: i64,
+    pub range: LockRange,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -93,7 +92,7 @@ pub fn parse(text: &str) -> Result<Vec<ProcLock>, ParseError> {
             .and_then(|t| t.parse().ok())
             .ok_or_else(|| err("bad start"))?;
         let end = match tok.next() {
-            Some("EOF") => OFFSET_MAX,
+            Some("EOF") => LockRange::OFFSET_MAX,
             Some(t) => t.parse().map_err(|_| err("bad end"))?,
             None => return Err(err("no end")),
         };
@@ -106,8 +105,7 @@ pub fn parse(text: &str) -> Result<Vec<ProcLock>, ParseError> {
             pid,
             dev: KernelDev::new(maj, min),
             ino,
-            start,
-            end,
+            range: LockRange::new(start, end).ok_or_else(|| err("bad range"))?,
         });
     }
     Ok(out)
@@ -138,12 +136,15 @@ mod tests {
         let v = parse(SAMPLE).unwrap();
         assert_eq!(v.len(), 6);
         assert_eq!(v[0].kind, Some(HeldKind::Lock(LockKind::Posix)));
-        assert_eq!(v[0].end, OFFSET_MAX);
+        assert!(v[0].range.to_eof());
         assert_eq!(v[0].dev, KernelDev::new(8, 1));
         assert!(!v[0].blocked && v[1].blocked);
         assert_eq!(v[1].pid, 1240);
         assert_eq!(v[2].kind, Some(HeldKind::Lock(LockKind::Ofd)));
-        assert_eq!((v[2].pid, v[2].start, v[2].end), (-1, 100, 199));
+        assert_eq!(
+            (v[2].pid, v[2].range),
+            (-1, LockRange::new(100, 199).unwrap())
+        );
         assert_eq!(v[2].lock_type, Some(LockType::Read));
         assert_eq!(v[3].dev, KernelDev::new(0xfd, 0));
         assert_eq!(v[4].kind, Some(HeldKind::Lease));

@@ -19,7 +19,7 @@ use crate::{
     lock::{
         kernel::{self, conflicts, KLock, KernelLocks},
         proc_locks::{self, ProcLock},
-        HeldKind, KernelDev, LockKind, LockType, OFFSET_MAX,
+        HeldKind, KernelDev, LockKind, LockType,
     },
     procinfo::{command, Commands, PathResolver},
     tracer::{
@@ -112,7 +112,8 @@ pub struct LockRow {
     pub dev: KernelDev,
     pub inode: u64,
     pub start: i64,
-    /// Last byte; 9223372036854775807 (OFFSET_MAX) means "to end of file".
+    /// Last byte; 9223372036854775807 (the kernel's OFFSET_MAX) means "to end of
+    /// file", which `eof` also says.
     pub end: i64,
     pub eof: bool,
     /// Opaque owner identity: equal for locks of one POSIX process or one open file
@@ -257,7 +258,7 @@ pub fn from_kernel(table: &KernelLocks, cx: &Context) -> Vec<LockRow> {
     let mut order: Vec<usize> = (0..table.held.len()).collect();
     order.sort_unstable_by_key(|&i| {
         let l = &table.held[i];
-        (l.dev, l.ino, l.kind, l.start, row_pid(l))
+        (l.dev, l.ino, l.kind, l.range.start(), row_pid(l))
     });
     let mut at = vec![0; table.held.len()];
     for (r, &i) in order.iter().enumerate() {
@@ -288,8 +289,8 @@ pub fn from_kernel(table: &KernelLocks, cx: &Context) -> Vec<LockRow> {
             command: comm(pid),
             kind: w.kind,
             lock_type,
-            start: w.start,
-            end: w.end,
+            start: w.range.start(),
+            end: w.range.end(),
             waiting_ms: wait.map(|(_, s)| cx.now_ns.saturating_sub(s.since_ns) / 1_000_000),
             since_monotonic_ns: wait.map(|(_, s)| s.since_ns),
         };
@@ -354,9 +355,9 @@ fn row(
         path: l.holder.path.clone(),
         dev: l.dev,
         inode: l.ino,
-        start: l.start,
-        end: l.end,
-        eof: l.end == OFFSET_MAX,
+        start: l.range.start(),
+        end: l.range.end(),
+        eof: l.range.to_eof(),
         owner: l.owner,
         fd: l.holder.fd,
         mapping: l
@@ -480,9 +481,9 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
                     .map(Arc::from),
                 dev: p.dev,
                 inode: p.ino,
-                start: p.start,
-                end: p.end,
-                eof: p.end == OFFSET_MAX,
+                start: p.range.start(),
+                end: p.range.end(),
+                eof: p.range.to_eof(),
                 owner: None,
                 fd: None,
                 mapping: None,
@@ -513,8 +514,8 @@ pub fn from_proc(procs: &[ProcLock]) -> Vec<LockRow> {
                     .map(Arc::from),
                 kind,
                 lock_type,
-                start: p.start,
-                end: p.end,
+                start: p.range.start(),
+                end: p.range.end(),
                 waiting_ms: None,
                 since_monotonic_ns: None,
             });
@@ -738,8 +739,7 @@ mod tests {
             lock_type: fl_type::F_WRLCK,
             flags: 0,
             pid: pid as i32,
-            start,
-            end: start,
+            range: crate::lock::LockRange::new(start, start).unwrap(),
             dev: KernelDev(8),
             ino,
             owner: Some(LockOwner(addr)),

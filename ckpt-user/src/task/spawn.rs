@@ -536,16 +536,12 @@ fn close_below(base: RawFd) -> Result<()> {
 fn take_lock(setup: &Setup, p: &ProcPlan, l: &LockOp) -> Result<()> {
     let what = || {
         let ty = l.lock_type.name();
-        let range = if l.end == i64::MAX {
-            format!("{}-EOF", l.start)
-        } else {
-            format!("{}-{}", l.start, l.end)
-        };
         // The path as it is: lowercasing the whole line once changed it.
         format!(
-            "{} {ty} lock on {} [{range}]",
+            "{} {ty} lock on {} [{}]",
             l.kind.name(),
-            path_of(setup, p, l.fd)
+            path_of(setup, p, l.fd),
+            l.range
         )
     };
     // Raw flock(2): nix's Flock owns its fd and unlocks on drop, and this lock must
@@ -566,8 +562,8 @@ fn take_lock(setup: &Setup, p: &ProcPlan, l: &LockOp) -> Result<()> {
                 let mut fl: libc::flock = std::mem::zeroed();
                 fl.l_type = l.lock_type.fcntl_type() as i16;
                 fl.l_whence = libc::SEEK_SET as i16;
-                fl.l_start = l.start;
-                fl.l_len = l.l_len();
+                fl.l_start = l.range.start();
+                fl.l_len = l.range.l_len();
                 let cmd = if l.kind == LockKind::Posix {
                     libc::F_SETLK
                 } else {

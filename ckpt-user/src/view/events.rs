@@ -20,7 +20,7 @@ use std::{
 };
 
 use anyhow::{bail, Result};
-use ckpt_common::lock::{fl_flags, fl_type, WaitStart};
+use ckpt_common::lock::{fl_flags, fl_type, LockOwner, WaitStart};
 use serde::Serialize;
 
 use crate::{
@@ -93,13 +93,9 @@ impl Event {
                 format!("lease on {}", self.path.as_deref().unwrap_or("?"))
             }
             (Some(k), t, Some(s), Some(e)) => format!(
-                "{k} {} {s}-{}{}",
+                "{k} {} {}{}",
                 t.map_or("?", LockType::label),
-                if e == crate::lock::OFFSET_MAX {
-                    "EOF".to_string()
-                } else {
-                    e.to_string()
-                },
+                crate::lock::range_label(s, e),
                 self.path
                     .as_deref()
                     .map(|p| format!(" on {p}"))
@@ -151,9 +147,8 @@ fn wait_event(event: &'static str, at: u64, tid: u32, w: &WaitStart) -> Event {
 /// Whether `held` is what request `w` asked for (same owner, covering its range, of
 /// its type): the request was granted.
 fn grants(held: &KLock, w: &WaitStart) -> bool {
-    held.owner == Some(ckpt_common::lock::LockOwner(w.owner))
-        && held.start <= w.start
-        && held.end >= w.end
+    held.owner == Some(LockOwner(w.owner))
+        && w.range().is_some_and(|r| held.range.contains(r))
         && (held.lock_type == w.lock_type || held.lock_type == fl_type::F_WRLCK)
 }
 
@@ -389,6 +384,7 @@ pub fn run(pins: &PinDir, json: bool, out: &mut impl Write) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lock::LockRange;
 
     fn wait(flags: u32, t: u8) -> WaitStart {
         WaitStart {
@@ -414,8 +410,7 @@ mod tests {
             lock_type: fl_type::F_WRLCK,
             flags: fl_flags::FL_POSIX,
             pid: 100,
-            start: 0,
-            end: 20,
+            range: LockRange::new(0, 20).unwrap(),
             dev: crate::lock::KernelDev(8),
             ino: 7,
             owner: Some(ckpt_common::lock::LockOwner(0x20)),
@@ -428,7 +423,7 @@ mod tests {
         l.owner = Some(ckpt_common::lock::LockOwner(0x21));
         assert!(!grants(&l, &w), "another owner's lock");
         l.owner = Some(ckpt_common::lock::LockOwner(0x20));
-        l.end = 5;
+        l.range = LockRange::new(0, 5).unwrap();
         assert!(!grants(&l, &w), "not the whole range");
     }
 
