@@ -188,7 +188,23 @@ fn copy_into(root: &Path, src: &Path, dst_rel: &Path) -> Result<()> {
 }
 
 /// Kernel modules the tests need that the cloud kernels build as modules.
-const MODULES: &[&str] = &["loop", "xfs", "btrfs"];
+const MODULES: &[&str] = &[
+    "loop",
+    "xfs",
+    "btrfs",
+    // What `criu check` looks for: nf_tables (its kernel-features probe runs an
+    // nftables concat set), tun, veth, and the socket diag modules.
+    "nf_tables",
+    "tun",
+    "veth",
+    "unix_diag",
+    "inet_diag",
+    "tcp_diag",
+    "udp_diag",
+    "netlink_diag",
+    "packet_diag",
+    "raw_diag",
+];
 
 /// A module file's bytes, decompressed (busybox insmod reads plain .ko only).
 fn module_bytes(path: &Path) -> Result<Vec<u8>> {
@@ -291,6 +307,9 @@ const INIT: &str = r#"#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs dev /dev
+# Pseudo-terminals (CRIU's check opens /dev/ptmx).
+mkdir -p /dev/pts && mount -t devpts -o ptmxmode=0666 devpts /dev/pts
+[ -e /dev/ptmx ] || ln -s pts/ptmx /dev/ptmx
 mount -t tmpfs tmp /tmp
 mount -t tmpfs run /run
 mount -t tracefs tracefs /sys/kernel/tracing
@@ -308,7 +327,7 @@ ckpt-user check
 echo "=== end of check"
 for t in /ckpt/tests/*; do
   echo "=== running $(basename $t)"
-  $t --test-threads=2 $CKPT_FILTER
+  $t --test-threads=2 --include-ignored $CKPT_FILTER
   echo "=== exit $?"
 done
 echo CKPT-VM-DONE
@@ -375,6 +394,7 @@ pub fn initramfs(bins: &Path, tests: &[PathBuf], kernel: &Kernel) -> Result<Path
         "/usr/sbin/mkfs.ext4",
         "/usr/sbin/mkfs.xfs",
         "/usr/sbin/mkfs.btrfs",
+        "/usr/sbin/criu",
     ] {
         let tool = PathBuf::from(tool);
         copy_into(&root, &tool, tool.strip_prefix("/").unwrap())?;
