@@ -270,7 +270,8 @@ impl core::fmt::Display for LockRange {
 pub struct LockOwner(pub u64);
 
 impl LockOwner {
-    /// Lowercase hex, as JSON shows it; None for anything else.
+    /// Hex as JSON shows it (lowercase there; either case and leading zeros are
+    /// read); None for anything else.
     pub fn parse(s: &str) -> Option<LockOwner> {
         // from_str_radix alone would take a leading '+'.
         if s.is_empty() || s.len() > 16 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {

@@ -468,7 +468,7 @@ fn json_array_parts<T: serde::Serialize + Sync>(
             .chunks(chunk)
             .enumerate()
             .map(|(n, c)| {
-                s.spawn(move || {
+                let work = move || -> serde_json::Result<Vec<u8>> {
                     let mut buf = Vec::with_capacity(c.len() * 256);
                     buf.push(if n == 0 { b'[' } else { b',' });
                     for (i, item) in c.iter().enumerate() {
@@ -478,12 +478,19 @@ fn json_array_parts<T: serde::Serialize + Sync>(
                         serde_json::to_writer(&mut buf, item)?;
                     }
                     Ok(buf)
-                })
+                };
+                // A thread that cannot be made (a pids limit): this part here.
+                std::thread::Builder::new()
+                    .spawn_scoped(s, work)
+                    .map_err(|_| work)
             })
             .collect();
         workers
             .into_iter()
-            .map(|w| w.join().expect("a JSON thread panicked"))
+            .map(|w| match w {
+                Ok(t) => t.join().expect("a JSON thread panicked"),
+                Err(work) => work(),
+            })
             .collect()
     });
     if parts.is_empty() {

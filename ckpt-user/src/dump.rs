@@ -806,7 +806,7 @@ fn assemble(frame: Frame, read: FrozenRead, pre: &Prescanned, contents: Contents
         pre.history.as_ref(),
         frame.frozen_monotonic_ns,
         frame.hz,
-    );
+    )?;
     Ok(Image {
         id: frame.id.to_string(),
         created_unix_ns: std::time::SystemTime::now()

@@ -13,7 +13,7 @@ use crate::{
 };
 
 /// Host packages whose unit tests run without root.
-const UNIT_PACKAGES: &[&str] = &["ckpt-common", "ckpt-user", "xtask"];
+const UNIT_PACKAGES: &[&str] = &["ckpt-common", "ckpt-user", "ckpt-criu-plugin", "xtask"];
 
 #[derive(Default)]
 struct Tally {

@@ -57,6 +57,8 @@ pub fn build_release() -> Result<PathBuf> {
         "ckpt-user",
         "-p",
         "ckpt-tests",
+        "-p",
+        "ckpt-criu-plugin",
     ]))?;
     Ok(workspace().join("target/release"))
 }

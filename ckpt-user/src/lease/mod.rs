@@ -9,11 +9,13 @@
 //! Leases are read with the locks (`lock::kernel`, `lock::dump`); here are their
 //! break state, the restore of leases that were being broken (`restore`), on a
 //! schedule that makes the kernel revoke each when the policy says (`schedule`),
-//! checked against the deadline the kernel really gave (`kernel_deadline`).
+//! checked against the deadline the kernel really gave (`kernel_deadline`), and a
+//! process's leases at one instant for the CRIU plugin (`snapshot`).
 
 pub mod kernel_deadline;
 pub mod restore;
 pub mod schedule;
+pub mod snapshot;
 
 use ckpt_common::{
     lease::BreakRecord,

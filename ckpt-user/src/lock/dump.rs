@@ -11,6 +11,8 @@
 
 use std::collections::{BTreeSet, HashSet};
 
+use anyhow::{bail, Result};
+
 use ckpt_common::{files::LockLine, lock::fl_type};
 
 use crate::{
@@ -48,15 +50,28 @@ struct Entry {
     clock: Option<LeaseClock>,
 }
 
-fn from_line(f: &FoundFd, l: &LockLine) -> Option<Entry> {
-    let kind = kernel::held_kind(l.list, l.flags)?;
+/// An iterator line as an entry (None for what ckpt does not keep). A line with an
+/// impossible range means the kernel's layout was misread: the dump stops rather
+/// than lose that lock.
+fn from_line(f: &FoundFd, l: &LockLine) -> Result<Option<Entry>> {
+    let Some(kind) = kernel::held_kind(l.list, l.flags) else {
+        return Ok(None);
+    };
+    let Some(range) = LockRange::new(l.start, l.end) else {
+        bail!(
+            "the kernel's lists gave a {kind} on {} with the range {}..{}, which no lock has: ckpt misread this kernel's layout; no image was written",
+            f.path,
+            l.start,
+            l.end
+        );
+    };
     let dev = f.kernel.map(|k| k.s_dev).unwrap_or(f.dev);
-    Some(Entry {
+    Ok(Some(Entry {
         kind,
         lock_type: LockType::from_fl_type(l.lock_type as u8),
         flags: l.flags,
         pid: l.pid,
-        range: LockRange::new(l.start, l.end)?,
+        range,
         dev,
         ino: f.ino,
         addr: Some(l.lock),
@@ -67,7 +82,7 @@ fn from_line(f: &FoundFd, l: &LockLine) -> Option<Entry> {
             jiffies: l.jiffies,
             now_ns: l.now_ns,
         }),
-    })
+    }))
 }
 
 fn from_fdinfo(p: &ProcLock) -> Option<Entry> {
@@ -104,7 +119,7 @@ pub fn collect(
     history: Option<&History>,
     frozen_ns: u64,
     hz: u32,
-) -> Collected {
+) -> Result<Collected> {
     let mut out = Collected {
         locks: Vec::new(),
         leases: Vec::new(),
@@ -119,10 +134,11 @@ pub fn collect(
         let entries: Vec<Entry> = if f.lines.is_empty() {
             f.info.locks.iter().filter_map(from_fdinfo).collect()
         } else {
-            f.lines
-                .iter()
-                .filter(|l| l.blocker == 0)
-                .filter_map(|l| from_line(f, l))
+            let held = f.lines.iter().filter(|l| l.blocker == 0);
+            held.map(|l| from_line(f, l))
+                .collect::<Result<Vec<_>>>()?
+                .into_iter()
+                .flatten()
                 .collect()
         };
         for e in entries {
@@ -190,7 +206,7 @@ pub fn collect(
             waited_ns: wait.map(|(_, s)| frozen_ns.saturating_sub(s.since_ns)),
         });
     }
-    out
+    Ok(out)
 }
 
 fn lease(
@@ -301,7 +317,8 @@ mod tests {
             None,
             0,
             250,
-        );
+        )
+        .unwrap();
         let got: Vec<(LockKind, LockType, i64, u32, u32)> = c
             .locks
             .iter()
@@ -315,6 +332,24 @@ mod tests {
             ]
         );
         assert!(c.leases.is_empty() && c.waiters.is_empty());
+    }
+
+    #[test]
+    fn a_lock_line_with_an_impossible_range_stops_the_dump() {
+        let mut f = FoundFd::for_test(10, 3, 7, REG, 1);
+        f.lines.push(LockLine {
+            tag: ckpt_common::files::tag::LOCK,
+            list: ckpt_common::files::list::POSIX,
+            lock_type: u32::from(fl_type::F_WRLCK),
+            start: 9,
+            end: 2,
+            lock: 0x40,
+            ..Default::default()
+        });
+        let e = collect(&[f], &[0], &BTreeSet::from([10]), &[], None, 0, 250)
+            .err()
+            .expect("a lock that cannot be kept must not be dropped");
+        assert!(e.to_string().contains("9..2"), "{e}");
     }
 
     #[test]
@@ -353,7 +388,8 @@ mod tests {
             Some(&h),
             5_000,
             250,
-        );
+        )
+        .unwrap();
         assert_eq!(c.waiters.len(), 1, "process 99 is not dumped");
         let w = &c.waiters[0];
         assert_eq!((w.pid, w.tid, w.waited_ns), (10, 12, Some(4_000)));

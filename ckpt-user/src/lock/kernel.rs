@@ -96,6 +96,8 @@ pub struct KernelLocks {
     /// read: say so.
     pub from_fdinfo: Vec<(u32, i32)>,
     pub unread_mappings: usize,
+    /// Lines with a range no lock has (a misread layout): not shown, but said.
+    pub bad_ranges: usize,
     /// By held lock's address: every process that reaches it through an fd or a
     /// mapping (for OFD, flock and leases, every process sharing the description).
     pub reached_by: HashMap<u64, Vec<u32>>,
@@ -309,7 +311,10 @@ fn collect(iters: &Iters, mut parsed: Parsed, mut out: KernelLocks) -> Result<Ke
     cut.dedup();
     if !cut.is_empty() {
         let redo: HashSet<u32> = cut.iter().copied().collect();
-        parsed.fds.retain(|f| !redo.contains(&f.rec.tgid));
+        // Mappings stay from the first read: the re-read walks fds only.
+        parsed
+            .fds
+            .retain(|f| f.rec.fd == MAPPING_FD || !redo.contains(&f.rec.tgid));
         for pid in cut {
             let (fds_before, lines_before) = (parsed.fds.len(), parsed.lines.len());
             for _ in 0..REREADS {
@@ -365,6 +370,12 @@ fn collect(iters: &Iters, mut parsed: Parsed, mut out: KernelLocks) -> Result<Ke
                 }
             }
             if !seen.insert(line.lock) {
+                continue;
+            }
+            if LockRange::new(line.start, line.end).is_none()
+                && held_kind(line.list, line.flags).is_some()
+            {
+                out.bad_ranges += 1;
                 continue;
             }
             let Some(k) = klock(f, line) else { continue };

@@ -221,6 +221,12 @@ fn gaps(table: &KernelLocks, history: Option<&History>) -> Vec<String> {
             table.from_fdinfo.len()
         ));
     }
+    if table.bad_ranges > 0 {
+        notes.push(format!(
+            "{} lock lines had a range no lock has and are not shown (ckpt misread this kernel's layout: please report it)",
+            table.bad_ranges
+        ));
+    }
     if table.unread_mappings > 0 {
         notes.push(format!(
             "{} mappings' lock lists changed during the read and are not shown",

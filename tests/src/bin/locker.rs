@@ -2,6 +2,10 @@
 //! line per command on stdout ("ok ..." or "err <errno>"). Used by the integration
 //! tests to drive real processes into every lock state.
 //!
+//! `locker --hold-lease PATH r|w` instead opens PATH (read-only for a read lease,
+//! read-write for a write one), takes the lease on fd 3 and waits for signals forever:
+//! a lease holder with no pipe or socket to anyone, which CRIU can dump.
+//!
 //! Commands:
 //!   open NAME PATH             open (create) read-write; NAME names the fd
 //!   dup NAME NEW               dup the fd
@@ -111,6 +115,11 @@ fn main() {
         }
     }
     let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, path, t] = args.as_slice() {
+        if flag == "--hold-lease" {
+            return hold_lease(path, t);
+        }
+    }
     if let [_, flag, path] = args.as_slice() {
         if flag == "--listen" {
             let _ = std::fs::remove_file(path);
@@ -121,6 +130,25 @@ fn main() {
         }
     }
     serve(std::io::stdin().lock(), std::io::stdout());
+}
+
+fn hold_lease(path: &str, t: &str) {
+    let p = CString::new(path).unwrap();
+    let mode = if t == "r" {
+        libc::O_RDONLY
+    } else {
+        libc::O_RDWR
+    };
+    // SAFETY: plain syscalls; the fd is ours for the life of the process.
+    unsafe {
+        let fd = libc::open(p.as_ptr(), mode);
+        assert!(fd >= 0, "open {path}: errno {}", errno());
+        let r = libc::fcntl(fd, libc::F_SETLEASE, i32::from(lock_type(t)));
+        assert_eq!(r, 0, "F_SETLEASE: errno {}", errno());
+        loop {
+            libc::pause();
+        }
+    }
 }
 
 fn serve(input: impl BufRead, mut out: impl Write) {
