@@ -7,7 +7,7 @@ use std::{
     path::PathBuf,
 };
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 use crate::{
@@ -18,7 +18,7 @@ use crate::{
         key::{self, HostKey},
         reader::ImageReader,
     },
-    lease::{restore as leases, schedule::LeaseTime},
+    lease::{restore as leases, schedule::LeaseTime, snapshot},
     lock::{
         graph,
         view::{filter, live_rows, render_table, PidFilter},
@@ -606,6 +606,19 @@ fn cmd_inspect(
     json: bool,
     tree: bool,
 ) -> Result<()> {
+    // A CRIU image directory, or the file ckpt's CRIU plugin wrote in one.
+    let sidecar = if image.is_dir() {
+        Some(image.join(snapshot::SIDECAR))
+    } else {
+        (image.file_name() == Some(std::ffi::OsStr::new(snapshot::SIDECAR)))
+            .then(|| image.to_path_buf())
+    };
+    if let Some(path) = sidecar {
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let s = snapshot::LeaseSidecar::parse(&bytes)
+            .with_context(|| format!("{} is not a ckpt lease sidecar", path.display()))?;
+        return emit(json, &s, || snapshot::render(&s));
+    }
     // The MAC is reported, never required: inspect reads any image, and a key it
     // cannot read (not root, none yet) only means "not checked".
     let host_key = HostKey::load(key_path).ok();

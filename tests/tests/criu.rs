@@ -35,7 +35,12 @@ fn plugin_dir(scratch: &Scratch) -> std::path::PathBuf {
 }
 
 /// `criu dump` of one process, killed after it (CRIU's default); the log on failure.
-fn criu_dump(pid: u32, images: &std::path::Path, libdir: &std::path::Path) -> std::process::Output {
+fn criu_dump(
+    pid: u32,
+    images: &std::path::Path,
+    libdir: &std::path::Path,
+    pins: Option<&std::path::Path>,
+) -> std::process::Output {
     std::fs::create_dir_all(images).unwrap();
     let out = Command::new("criu")
         .args([
@@ -53,6 +58,8 @@ fn criu_dump(pid: u32, images: &std::path::Path, libdir: &std::path::Path) -> st
         .arg(images)
         .arg("-L")
         .arg(libdir)
+        // Where the plugin finds ckpt-agent's records.
+        .envs(pins.map(|p| ("CKPT_PIN_DIR", p)))
         .output()
         .expect("running criu");
     if !out.status.success() {
@@ -115,6 +122,8 @@ fn wait_for_lease(pid: u32) {
 fn a_dump_keeps_the_time_a_breaking_lease_had_left() {
     require_root();
     let _lbt = LeaseBreakTime::set(30);
+    // The agent adds what the kernel forgets: the break's start, the signal, breakers.
+    let agent = Agent::start();
     let scratch = Scratch::new();
     let file = std::path::PathBuf::from(scratch.file("leased"));
     let mut holder = spawn_holder(&file, "w");
@@ -138,7 +147,7 @@ fn a_dump_keeps_the_time_a_breaking_lease_had_left() {
     eprintln!("before the dump: {before}");
     let images = scratch.0.join("images");
     let dump_start = mono_ns();
-    criu_dump(pid, &images, &plugin_dir(&scratch));
+    criu_dump(pid, &images, &plugin_dir(&scratch), Some(&agent.pin_dir));
     let dump_end = mono_ns();
     let _ = holder.kill();
     let _ = holder.wait();
@@ -178,6 +187,36 @@ fn a_dump_keeps_the_time_a_breaking_lease_had_left() {
         deadline >= lo as i64 - jiffy && deadline <= hi as i64 + jiffy,
         "deadline {deadline} not within a jiffy of the break's start + 30 s ({lo}..{hi})"
     );
+    // From the agent: the holder was sent SIGIO, and this test broke it without
+    // waiting.
+    assert_eq!(l["notified"], true, "{text}");
+    assert_eq!(l["lease_break_time_s"], 30, "{text}");
+    let started = l["break_started_monotonic_ns"].as_u64().unwrap();
+    assert!((before_break..=after_break).contains(&started), "{text}");
+    let me = std::process::id();
+    assert!(
+        l["breakers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["pid"] == me && b["write"] == true && b["nonblock"] == true),
+        "{text}"
+    );
+    // inspect reads it, from the image directory.
+    let (code, shown, err) = ckpt_user(&["inspect", images.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        shown.contains(&format!("pid {pid} fd 3"))
+            && shown.contains("write lease, breaking to unlock")
+            && shown.contains("holder signalled"),
+        "{shown}"
+    );
+    let (code, as_json, err) = ckpt_user(&["inspect", "--json", images.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&as_json).unwrap(),
+        v
+    );
 }
 
 /// CRIU loads every plugin for every dump: one without leases is left alone.
@@ -205,7 +244,7 @@ fn a_dump_without_leases_is_left_alone() {
         cmd.spawn().unwrap()
     };
     let images = scratch.0.join("images");
-    criu_dump(sleeper.id(), &images, &plugin_dir(&scratch));
+    criu_dump(sleeper.id(), &images, &plugin_dir(&scratch), None);
     let _ = sleeper.kill();
     let _ = sleeper.wait();
     assert!(images.join("pstree.img").exists());

@@ -11,6 +11,10 @@
 //! never fails or crashes CRIU. The restore side (breaking the lease again with the
 //! time left, not CRIU's whole lease-break-time) is not built yet; see NOTES.md.
 //!
+//! With ckpt-agent running (its pins in `$CKPT_PIN_DIR`, default /sys/fs/bpf/ckpt),
+//! each breaking lease also gets the agent's record of its break: when it began,
+//! whether the holder was signalled, and its breakers.
+//!
 //! Limits: the dumped tree must be in the host's pid namespace (CRIU's images name
 //! processes by their pid in the tree's own namespace; a lease the kernel does not
 //! show at that pid is reported as an error in the file).
@@ -25,25 +29,21 @@ use std::{
 
 use anyhow::{Context as _, Result};
 use ckpt_user::{
-    lease::snapshot::{self, LeaseSnapshot},
+    lease::snapshot::{self, LeaseSidecar, LeaseSnapshot, SIDECAR, SIDECAR_FORMAT},
     lock::kernel,
     sys::{hz::kernel_hz, monotonic_ns},
     tracer::{
+        history::History,
         iters::{Iters, Prog},
         pins::{PinDir, DEFAULT_PIN_DIR},
     },
 };
+use images::{FileLockEntry, FILE_LOCKS_MAGIC};
 use nix::{
     fcntl::{openat, renameat, OFlag},
     sys::stat::Mode,
     unistd::unlinkat,
 };
-use serde::{Deserialize, Serialize};
-
-use images::{FileLockEntry, FILE_LOCKS_MAGIC};
-
-/// The file written beside CRIU's images.
-pub const SIDECAR: &str = "ckpt-leases.json";
 
 /// CRIU 3.17's `cr_plugin_desc_t` (criu/include/criu-plugin.h): CRIU refuses, and
 /// then fails the whole run, a plugin whose version or hook count exceeds its own
@@ -115,19 +115,6 @@ fn image_dir() -> Option<RawFd> {
     (fd >= 0).then_some(fd)
 }
 
-/// The sidecar: the leases at one instant, and what could not be read.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Sidecar {
-    /// "ckpt-criu-leases".
-    pub format: String,
-    pub version: u32,
-    /// CLOCK_MONOTONIC when it was taken: CRIU's dump exit, its tasks still frozen.
-    /// `remaining_ns` counts from here.
-    pub taken_monotonic_ns: u64,
-    pub leases: Vec<LeaseSnapshot>,
-    pub errors: Vec<String>,
-}
-
 fn after_dump(dir: RawFd) -> Result<()> {
     let locks: Vec<FileLockEntry> = images::records(
         read_image(dir, "filelocks.img")?.as_deref(),
@@ -139,17 +126,26 @@ fn after_dump(dir: RawFd) -> Result<()> {
         return Ok(());
     }
     let taken = monotonic_ns();
-    let mut sidecar = Sidecar {
-        format: "ckpt-criu-leases".into(),
+    let mut sidecar = LeaseSidecar {
+        format: SIDECAR_FORMAT.into(),
         version: 1,
         taken_monotonic_ns: taken,
         leases: Vec::new(),
         errors: Vec::new(),
     };
-    match read_leases(&leases, taken) {
+    // The agent's records of the breaks, when one runs (history only: without it
+    // every kernel fact is still there).
+    let pins = PinDir::new(std::env::var_os("CKPT_PIN_DIR").unwrap_or(DEFAULT_PIN_DIR.into()));
+    let history = History::read(&pins).unwrap_or_else(|e| {
+        sidecar.errors.push(format!(
+            "ckpt-agent's records cannot be read ({e:#}): no break starts or breakers"
+        ));
+        None
+    });
+    match read_leases(&pins, &leases, taken, history.as_ref()) {
         Ok((found, missing)) => {
             sidecar.leases = found;
-            sidecar.errors = missing;
+            sidecar.errors.extend(missing);
         }
         Err(e) => sidecar.errors.push(format!("{e:#}")),
     }
@@ -162,11 +158,13 @@ fn after_dump(dir: RawFd) -> Result<()> {
 /// The kernel's view of each lease CRIU recorded, matched by process and fd; the
 /// ones it does not show, as errors.
 fn read_leases(
+    pins: &PinDir,
     recorded: &[&FileLockEntry],
     now_ns: u64,
+    history: Option<&History>,
 ) -> Result<(Vec<LeaseSnapshot>, Vec<String>)> {
-    let iters = Iters::open(&PinDir::new(DEFAULT_PIN_DIR), &[Prog::LockTable])
-        .context("loading ckpt's lock-table iterator")?;
+    let iters =
+        Iters::open(pins, &[Prog::LockTable]).context("loading ckpt's lock-table iterator")?;
     let hz = kernel_hz()?;
     let mut pids: Vec<i32> = recorded.iter().map(|e| e.pid).collect();
     pids.sort_unstable();
@@ -181,7 +179,9 @@ fn read_leases(
             table.held.len(),
             table.from_fdinfo.len()
         ));
-        held.extend(snapshot::of_process(&table, pid as u32, now_ns, hz));
+        held.extend(snapshot::of_process(
+            &table, pid as u32, now_ns, hz, history,
+        ));
     }
     let (found, mut missing) = matched(recorded, held);
     if !missing.is_empty() {
@@ -246,7 +246,7 @@ fn read_image(dir: RawFd, name: &str) -> Result<Option<Vec<u8>>> {
 }
 
 /// Written under a temporary name and renamed: the sidecar is whole or absent.
-fn write_sidecar(dir: RawFd, sidecar: &Sidecar) -> Result<()> {
+fn write_sidecar(dir: RawFd, sidecar: &LeaseSidecar) -> Result<()> {
     let tmp = format!(".{SIDECAR}.tmp");
     let fd = openat(
         Some(dir),
@@ -289,6 +289,11 @@ mod tests {
             remaining_ns: None,
             deadline_jiffies: None,
             downgrade_remaining_ns: None,
+            break_started_monotonic_ns: None,
+            lease_break_time_s: None,
+            notified: None,
+            signal: None,
+            breakers: Vec::new(),
         }
     }
 

@@ -105,6 +105,20 @@ pub fn record_matches(r: &BreakRecord, l: &KLock) -> bool {
         && r.downgrade_time == c.downgrade_time
 }
 
+/// The breakers an agent's record of a break lists, as images and the CRIU sidecar
+/// keep them.
+pub fn breakers_of(r: &BreakRecord) -> Vec<crate::image::format::Breaker> {
+    r.breakers[..usize::from(r.n_breakers).min(r.breakers.len())]
+        .iter()
+        .map(|b| crate::image::format::Breaker {
+            pid: b.pid,
+            tid: b.tid,
+            write: b.breaker_type == fl_type::F_WRLCK,
+            nonblock: b.nonblock != 0,
+        })
+        .collect()
+}
+
 /// `fs.lease-break-time` (s) in force when a break started, from its deadline.
 pub fn break_time_s(r: &BreakRecord, deadline_jiffies: u64, hz: u32) -> u32 {
     let ticks = deadline_jiffies.wrapping_sub(r.started_jiffies) as i64;

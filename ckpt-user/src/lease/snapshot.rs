@@ -1,16 +1,51 @@
 //! A process's leases as the kernel holds them at one instant, with what a
 //! checkpointer that does not read the kernel's lease lists loses: the type a lease
 //! being broken had before the break, the break's target and the exact time left
-//! before the kernel acts. The CRIU plugin writes these beside CRIU's images, which
-//! keep only the target type (`ckpt-user/criu-plugin`).
+//! before the kernel acts, and from ckpt-agent's record of the break, when it began,
+//! whether the holder was signalled and who broke it. The CRIU plugin writes these
+//! beside CRIU's images, which keep only the target type (`ckpt-user/criu-plugin`),
+//! as a [`LeaseSidecar`], which `ckpt-user inspect` reads.
 
 use serde::{Deserialize, Serialize};
 
-use super::{target_type, BreakState};
-use crate::lock::{
-    kernel::{KLock, KernelLocks},
-    HeldKind, LockType,
+use super::{break_time_s, breakers_of, record_matches, target_type, BreakState};
+use crate::{
+    image::format::Breaker,
+    lock::{
+        kernel::{KLock, KernelLocks},
+        HeldKind, LockType,
+    },
+    tracer::history::History,
 };
+
+/// The file the CRIU plugin writes beside CRIU's images.
+pub const SIDECAR: &str = "ckpt-leases.json";
+/// Its `format`.
+pub const SIDECAR_FORMAT: &str = "ckpt-criu-leases";
+
+/// The leases of CRIU's dumped processes at one instant, and what could not be read.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct LeaseSidecar {
+    /// "ckpt-criu-leases".
+    pub format: String,
+    pub version: u32,
+    /// CLOCK_MONOTONIC when it was taken: CRIU's dump exit, its tasks still frozen.
+    /// `remaining_ns` counts from here.
+    pub taken_monotonic_ns: u64,
+    pub leases: Vec<LeaseSnapshot>,
+    pub errors: Vec<String>,
+}
+
+impl LeaseSidecar {
+    /// Reads one from untrusted bytes: any bytes give a sidecar or an error.
+    pub fn parse(bytes: &[u8]) -> anyhow::Result<LeaseSidecar> {
+        let s: LeaseSidecar = serde_json::from_slice(bytes)?;
+        if s.format != SIDECAR_FORMAT {
+            anyhow::bail!("not a ckpt lease sidecar (format {:?})", s.format);
+        }
+        Ok(s)
+    }
+}
 
 /// One lease of one process.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,23 +68,98 @@ pub struct LeaseSnapshot {
     pub deadline_jiffies: Option<u64>,
     /// A writer broke a lease that was being downgraded: the downgrade's time left.
     pub downgrade_remaining_ns: Option<i64>,
+    /// From ckpt-agent's record of the break (null, or empty, without one): when it
+    /// began, the lease-break-time then, whether the holder was sent its signal, which
+    /// one, and who broke it.
+    pub break_started_monotonic_ns: Option<u64>,
+    pub lease_break_time_s: Option<u32>,
+    pub notified: Option<bool>,
+    pub signal: Option<i32>,
+    pub breakers: Vec<Breaker>,
+}
+
+/// The sidecar for a person (`ckpt-user inspect`).
+pub fn render(s: &LeaseSidecar) -> String {
+    let secs = |ns: i64| ns as f64 / 1e9;
+    let mut out = format!(
+        "CRIU dump, ckpt lease sidecar v{} taken at CLOCK_MONOTONIC {:.3} s: {} leases\n",
+        s.version,
+        secs(s.taken_monotonic_ns as i64),
+        s.leases.len()
+    );
+    for l in &s.leases {
+        let ty = l.lock_type.map_or("?", LockType::name);
+        out.push_str(&format!(
+            "  pid {} fd {} {}: {ty} lease",
+            l.pid,
+            l.fd.map_or("?".into(), |f| f.to_string()),
+            l.path.as_deref().unwrap_or("?")
+        ));
+        if l.breaking {
+            out.push_str(&format!(
+                ", breaking to {}",
+                l.target_type.map_or("unlock", LockType::name)
+            ));
+            if let Some(ns) = l.remaining_ns {
+                out.push_str(&format!(", {:.3} s left", secs(ns)));
+            }
+            match l.notified {
+                Some(true) => out.push_str(&format!(
+                    ", holder signalled ({})",
+                    l.signal.map_or("SIGIO".into(), |s| format!("signal {s}"))
+                )),
+                Some(false) => out.push_str(", holder not signalled"),
+                None => {}
+            }
+            if !l.breakers.is_empty() {
+                let b: Vec<String> = l
+                    .breakers
+                    .iter()
+                    .map(|b| {
+                        format!(
+                            "{} ({}{})",
+                            b.pid,
+                            if b.write { "write" } else { "read" },
+                            if b.nonblock { ", nonblock" } else { "" }
+                        )
+                    })
+                    .collect();
+                out.push_str(&format!(", breakers {}", b.join(" ")));
+            }
+        }
+        out.push('\n');
+    }
+    for e in &s.errors {
+        out.push_str(&format!("  error: {e}\n"));
+    }
+    out
 }
 
 /// The leases held through process `pid`'s fds in `table` (read with
 /// `lock::kernel::read_process`), their times counted from `now_ns`
-/// (CLOCK_MONOTONIC).
-pub fn of_process(table: &KernelLocks, pid: u32, now_ns: u64, hz: u32) -> Vec<LeaseSnapshot> {
+/// (CLOCK_MONOTONIC), with the agent's records of their breaks when there are some.
+pub fn of_process(
+    table: &KernelLocks,
+    pid: u32,
+    now_ns: u64,
+    hz: u32,
+    history: Option<&History>,
+) -> Vec<LeaseSnapshot> {
     table
         .held
         .iter()
         .filter(|l| l.kind == HeldKind::Lease && l.holder.pid == pid)
-        .map(|l| snapshot(l, now_ns, hz))
+        .map(|l| snapshot(l, now_ns, hz, history))
         .collect()
 }
 
-fn snapshot(l: &KLock, now_ns: u64, hz: u32) -> LeaseSnapshot {
+fn snapshot(l: &KLock, now_ns: u64, hz: u32, history: Option<&History>) -> LeaseSnapshot {
     let state = BreakState::of(l.flags, l.lease.as_ref(), hz);
     let left = |d: super::Deadline| d.monotonic_ns as i64 - now_ns as i64;
+    let record = l
+        .addr
+        .and_then(|a| history?.breaks.get(&a))
+        .filter(|r| record_matches(r, l));
     LeaseSnapshot {
         pid: l.holder.pid,
         fd: l.holder.fd,
@@ -60,6 +170,13 @@ fn snapshot(l: &KLock, now_ns: u64, hz: u32) -> LeaseSnapshot {
         remaining_ns: state.primary.map(left),
         deadline_jiffies: state.primary.map(|d| d.jiffies),
         downgrade_remaining_ns: state.downgrade.map(left),
+        break_started_monotonic_ns: record.map(|r| r.started_ns),
+        lease_break_time_s: record
+            .zip(state.primary)
+            .map(|(r, d)| break_time_s(r, d.jiffies, hz)),
+        notified: record.map(|r| r.notified != 0),
+        signal: record.and_then(|r| (r.signal != 0).then_some(r.signal)),
+        breakers: record.map(breakers_of).unwrap_or_default(),
     }
 }
 
@@ -102,6 +219,50 @@ mod tests {
     }
 
     #[test]
+    fn a_sidecar_is_read_from_any_bytes_and_shown_with_its_break() {
+        let mut lease = of_process(
+            &KernelLocks {
+                held: vec![lease(10, fl_flags::FL_UNLOCK_PENDING, 1_500)],
+                ..Default::default()
+            },
+            10,
+            51_000_000_000,
+            250,
+            None,
+        );
+        lease[0].notified = Some(true);
+        lease[0].breakers = vec![Breaker {
+            pid: 12,
+            tid: 12,
+            write: true,
+            nonblock: true,
+        }];
+        let s = LeaseSidecar {
+            format: SIDECAR_FORMAT.into(),
+            version: 1,
+            taken_monotonic_ns: 51_000_000_000,
+            leases: lease,
+            errors: vec!["one thing".into()],
+        };
+        let bytes = serde_json::to_vec(&s).unwrap();
+        let back = LeaseSidecar::parse(&bytes).unwrap();
+        assert_eq!(back.leases, s.leases);
+        let text = render(&back);
+        assert!(
+            text.contains("pid 10 fd 3 /tmp/f: write lease, breaking to unlock, 1.000 s left, holder signalled (SIGIO), breakers 12 (write, nonblock)"),
+            "{text}"
+        );
+        assert!(text.contains("error: one thing"), "{text}");
+        for n in 0..bytes.len() {
+            assert!(LeaseSidecar::parse(&bytes[..n]).is_err());
+        }
+        assert!(LeaseSidecar::parse(
+            br#"{"format":"x","version":1,"taken_monotonic_ns":0,"leases":[],"errors":[]}"#
+        )
+        .is_err());
+    }
+
+    #[test]
     fn a_breaking_lease_keeps_its_own_type_its_target_and_the_time_left() {
         let table = KernelLocks {
             held: vec![
@@ -111,7 +272,7 @@ mod tests {
             ],
             ..Default::default()
         };
-        let got = of_process(&table, 10, 51_000_000_000, 250);
+        let got = of_process(&table, 10, 51_000_000_000, 250, None);
         assert_eq!(got.len(), 1, "only pid 10's");
         let s = &got[0];
         assert_eq!(s.lock_type, Some(LockType::Write));
@@ -119,7 +280,7 @@ mod tests {
         assert_eq!(s.target_type, None, "removed at the deadline");
         assert_eq!(s.remaining_ns, Some(1_000_000_000));
         assert_eq!(s.deadline_jiffies, Some(1_500));
-        let quiet = &of_process(&table, 11, 51_000_000_000, 250)[0];
+        let quiet = &of_process(&table, 11, 51_000_000_000, 250, None)[0];
         assert!(!quiet.breaking);
         assert_eq!(quiet.target_type, Some(LockType::Write));
         assert_eq!(quiet.remaining_ns, None);

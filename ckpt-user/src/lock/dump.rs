@@ -17,7 +17,7 @@ use ckpt_common::{files::LockLine, lock::fl_type};
 
 use crate::{
     fd::dump::FoundFd,
-    image::format::{Breaker, Lease, Lock, LockKind, LockType, Waiter},
+    image::format::{Lease, Lock, LockKind, LockType, Waiter},
     lease::{self, BreakState},
     lock::{
         kernel::{self, KLock, LeaseClock},
@@ -254,19 +254,7 @@ fn lease(
             .map(|(r, d)| lease::break_time_s(r, d.jiffies, hz)),
         notified: record.is_some_and(|r| r.notified != 0),
         signal: record.and_then(|r| (r.signal != 0).then_some(r.signal)),
-        breakers: record
-            .map(|r| {
-                r.breakers[..usize::from(r.n_breakers).min(r.breakers.len())]
-                    .iter()
-                    .map(|b| Breaker {
-                        pid: b.pid,
-                        tid: b.tid,
-                        write: b.breaker_type == fl_type::F_WRLCK,
-                        nonblock: b.nonblock != 0,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default(),
+        breakers: record.map(lease::breakers_of).unwrap_or_default(),
     }
 }
 
