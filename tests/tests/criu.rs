@@ -75,15 +75,18 @@ fn criu_dump(
     out
 }
 
-/// A lease holder alone in its own session, its stdio on /dev/null (nothing CRIU
-/// would have to dump outside the tree).
+/// A lease holder alone (see `alone`).
 fn spawn_holder(path: &std::path::Path, t: &str) -> std::process::Child {
-    use std::os::unix::process::CommandExt as _;
     let mut cmd = Command::new(bin("locker"));
-    cmd.arg("--hold-lease")
-        .arg(path)
-        .arg(t)
-        .stdin(std::process::Stdio::null())
+    cmd.arg("--hold-lease").arg(path).arg(t);
+    alone(cmd)
+}
+
+/// Starts `cmd` in its own session with its stdio on /dev/null: nothing CRIU would
+/// have to dump outside the tree.
+fn alone(mut cmd: Command) -> std::process::Child {
+    use std::os::unix::process::CommandExt as _;
+    cmd.stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     // SAFETY: setsid is async-signal-safe.
@@ -225,24 +228,9 @@ fn a_dump_keeps_the_time_a_breaking_lease_had_left() {
 fn a_dump_without_leases_is_left_alone() {
     require_root();
     let scratch = Scratch::new();
-    let mut sleeper = {
-        use std::os::unix::process::CommandExt as _;
-        let mut cmd = Command::new("sleep");
-        cmd.arg("600")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        // SAFETY: setsid is async-signal-safe.
-        unsafe {
-            cmd.pre_exec(|| {
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            })
-        };
-        cmd.spawn().unwrap()
-    };
+    let mut cmd = Command::new("sleep");
+    cmd.arg("600");
+    let mut sleeper = alone(cmd);
     let images = scratch.0.join("images");
     criu_dump(sleeper.id(), &images, &plugin_dir(&scratch), None);
     let _ = sleeper.kill();
