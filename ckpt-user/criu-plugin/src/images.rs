@@ -1,5 +1,5 @@
-//! The two CRIU 3.17 images the plugin reads: `pstree.img` (the dumped processes)
-//! and `filelocks.img` (CRIU's own record of their locks and leases). Each is two
+//! The CRIU 3.17 image the plugin reads: `filelocks.img` (CRIU's own record of the
+//! dumped processes' locks and leases, by process and fd). An image is two
 //! magics (CRIU's common one, then the image's), then records of a little-endian
 //! u32 length and that many bytes of protobuf (criu/image.c, criu/protobuf.c). Any
 //! bytes are survived: a bad image is an error, never a panic.
@@ -9,24 +9,7 @@ use prost::Message;
 
 /// `IMG_COMMON_MAGIC` (criu/include/magic.h).
 const COMMON_MAGIC: u32 = 0x5456_4319;
-pub const PSTREE_MAGIC: u32 = 0x5027_3030;
 pub const FILE_LOCKS_MAGIC: u32 = 0x5432_3616;
-
-/// `pstree_entry` (images/pstree.proto): one dumped process, by its pid in the
-/// dumped tree's own pid namespace.
-#[derive(Clone, PartialEq, Message)]
-pub struct PstreeEntry {
-    #[prost(uint32, required, tag = "1")]
-    pub pid: u32,
-    #[prost(uint32, required, tag = "2")]
-    pub ppid: u32,
-    #[prost(uint32, required, tag = "3")]
-    pub pgid: u32,
-    #[prost(uint32, required, tag = "4")]
-    pub sid: u32,
-    #[prost(uint32, repeated, packed = "false", tag = "5")]
-    pub threads: Vec<u32>,
-}
 
 /// `file_lock_entry` (images/file-lock.proto).
 #[derive(Clone, PartialEq, Message)]
@@ -126,7 +109,8 @@ mod tests {
         assert!(records::<FileLockEntry>(None, FILE_LOCKS_MAGIC)
             .unwrap()
             .is_empty());
-        assert!(records::<PstreeEntry>(Some(&img), PSTREE_MAGIC).is_err());
+        // Another image (pstree.img's magic).
+        assert!(records::<FileLockEntry>(Some(&img), 0x5027_3030).is_err());
         for n in 0..img.len() {
             let _ = records::<FileLockEntry>(Some(&img[..n]), FILE_LOCKS_MAGIC);
         }

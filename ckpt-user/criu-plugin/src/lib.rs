@@ -170,35 +170,30 @@ fn read_leases(
     pids.sort_unstable();
     pids.dedup();
     let mut held = Vec::new();
-    let mut seen = Vec::new();
     for pid in pids.into_iter().filter(|&p| p > 0) {
         let table = kernel::read_process(&iters, pid as u32)
             .with_context(|| format!("reading the leases of process {pid}"))?;
-        seen.push(format!(
-            "process {pid}: {} held locks and leases, {} from fdinfo",
-            table.held.len(),
-            table.from_fdinfo.len()
-        ));
         held.extend(snapshot::of_process(
             &table, pid as u32, now_ns, hz, history,
         ));
     }
-    let (found, mut missing) = matched(recorded, held);
-    if !missing.is_empty() {
-        // What the kernel's lists did show, for whoever reads the error.
-        missing.push(format!("the kernel's lists showed: {}", seen.join("; ")));
-        for e in recorded {
-            let fdinfo = std::fs::read_to_string(format!("/proc/{}/fdinfo/{}", e.pid, e.fd))
-                .unwrap_or_else(|err| err.to_string());
-            missing.push(format!(
-                "/proc/{}/fdinfo/{}: {}",
-                e.pid,
-                e.fd,
-                fdinfo.replace('\n', " | ")
-            ));
-        }
+    Ok(matched(recorded, held, |e| {
+        std::fs::read_to_string(format!("/proc/{}/fdinfo/{}", e.pid, e.fd)).ok()
+    }))
+}
+
+/// Why a lease CRIU recorded is not in the kernel's lists at its process and fd,
+/// from that fd's fdinfo (None: no such fd).
+fn missing_reason(e: &FileLockEntry, fdinfo: Option<&str>) -> String {
+    let at = format!("fd {} of process {}", e.fd, e.pid);
+    match fdinfo {
+        Some(t) if !t.contains("LEASE") => format!(
+            "the lease CRIU recorded on {at} is gone: the kernel revoked or released it during the dump (CRIU's default --file-validation opens each file, which waits out a lease break: use --file-validation filesize)"
+        ),
+        _ => format!(
+            "CRIU recorded a lease on {at} that the kernel's lists do not show there (a tree in its own pid namespace is not handled yet)"
+        ),
     }
-    Ok((found, missing))
 }
 
 /// Pairs each recorded lease with the kernel's on the same process and fd, or else
@@ -207,6 +202,7 @@ fn read_leases(
 fn matched(
     recorded: &[&FileLockEntry],
     mut held: Vec<LeaseSnapshot>,
+    fdinfo: impl Fn(&FileLockEntry) -> Option<String>,
 ) -> (Vec<LeaseSnapshot>, Vec<String>) {
     let (mut found, mut missing) = (Vec::new(), Vec::new());
     for e in recorded {
@@ -217,10 +213,7 @@ fn matched(
             .or_else(|| held.iter().position(same_pid));
         match at {
             Some(i) => found.push(held.remove(i)),
-            None => missing.push(format!(
-                "CRIU recorded a lease on fd {} of process {} that the kernel's lists do not show there (a tree in its own pid namespace is not handled yet)",
-                e.fd, e.pid
-            )),
+            None => missing.push(missing_reason(e, fdinfo(e).as_deref())),
         }
     }
     (found, missing)
@@ -311,7 +304,7 @@ mod tests {
     #[test]
     fn each_recorded_lease_is_paired_once_or_reported() {
         let (a, b, c) = (entry(10, 4), entry(10, 9), entry(11, 3));
-        let (found, missing) = matched(&[&a, &b, &c], vec![snap(10, 3), snap(10, 4)]);
+        let (found, missing) = matched(&[&a, &b, &c], vec![snap(10, 3), snap(10, 4)], |_| None);
         // fd 4 by its fd, fd 9 by the process's other lease (shown through fd 3).
         assert_eq!(
             found.iter().map(|s| (s.pid, s.fd)).collect::<Vec<_>>(),
@@ -319,6 +312,14 @@ mod tests {
         );
         assert_eq!(missing.len(), 1);
         assert!(missing[0].contains("process 11"), "{}", missing[0]);
+        assert!(missing[0].contains("pid namespace"), "{}", missing[0]);
+        // Its fd is there without a lease: revoked during the dump.
+        let (_, missing) = matched(&[&c], Vec::new(), |_| Some("pos:\t0\nflags:\t02\n".into()));
+        assert!(
+            missing[0].contains("--file-validation filesize"),
+            "{}",
+            missing[0]
+        );
     }
 
     #[test]
