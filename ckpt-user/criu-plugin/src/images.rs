@@ -5,11 +5,14 @@
 //! bytes are survived: a bad image is an error, never a panic.
 
 use anyhow::{bail, Context as _, Result};
+use ckpt_user::lock::{HeldKind, LockKind, LockRange, LockType};
 use prost::Message;
 
 /// `IMG_COMMON_MAGIC` (criu/include/magic.h).
 const COMMON_MAGIC: u32 = 0x5456_4319;
 pub const FILE_LOCKS_MAGIC: u32 = 0x5432_3616;
+/// Its name in the image directory.
+pub const FILE_LOCKS: &str = "filelocks.img";
 
 /// `file_lock_entry` (images/file-lock.proto).
 #[derive(Clone, PartialEq, Message)]
@@ -32,11 +35,60 @@ pub struct FileLockEntry {
 }
 
 impl FileLockEntry {
+    pub const FL_POSIX: u32 = 1;
+    pub const FL_FLOCK: u32 = 2;
+    pub const FL_OFD: u32 = 4;
     pub const FL_LEASE: u32 = 8;
     pub const LEASE_BREAKING: u32 = 4;
+    pub const F_RDLCK: u32 = 0;
+    pub const F_WRLCK: u32 = 1;
+    pub const F_UNLCK: u32 = 2;
 
     pub fn is_lease(&self) -> bool {
         self.flag & Self::FL_LEASE != 0
+    }
+
+    /// A lease being broken (its type is the break's target).
+    pub fn is_breaking_lease(&self) -> bool {
+        self.is_lease() && self.r#type & Self::LEASE_BREAKING != 0
+    }
+
+    pub fn kind(&self) -> Option<HeldKind> {
+        match self.flag {
+            Self::FL_POSIX => Some(HeldKind::Lock(LockKind::Posix)),
+            Self::FL_FLOCK => Some(HeldKind::Lock(LockKind::Flock)),
+            Self::FL_OFD => Some(HeldKind::Lock(LockKind::Ofd)),
+            Self::FL_LEASE => Some(HeldKind::Lease),
+            _ => None,
+        }
+    }
+
+    /// Its type without the breaking mark: Ok(None) is F_UNLCK, Err an unknown one.
+    pub fn lock_type(&self) -> Result<Option<LockType>, u32> {
+        match self.r#type & !Self::LEASE_BREAKING {
+            Self::F_RDLCK => Ok(Some(LockType::Read)),
+            Self::F_WRLCK => Ok(Some(LockType::Write)),
+            Self::F_UNLCK => Ok(None),
+            t => Err(t),
+        }
+    }
+
+    /// CRIU's type number for `t` (None: F_UNLCK).
+    pub fn type_number(t: Option<LockType>) -> u32 {
+        match t {
+            Some(LockType::Read) => Self::F_RDLCK,
+            Some(LockType::Write) => Self::F_WRLCK,
+            None => Self::F_UNLCK,
+        }
+    }
+
+    /// Its byte range (`len` 0: to the end of file), None when impossible.
+    pub fn range(&self) -> Option<LockRange> {
+        let end = match self.len {
+            0 => LockRange::OFFSET_MAX,
+            len => self.start.checked_add(len)?.checked_sub(1)?,
+        };
+        LockRange::new(self.start, end)
     }
 }
 
@@ -65,7 +117,7 @@ pub fn records<M: Message + Default>(bytes: Option<&[u8]>, magic: u32) -> Result
     Ok(out)
 }
 
-#[cfg(test)]
+/// An image with magic `magic` holding `entries`.
 pub fn image<M: Message>(magic: u32, entries: &[M]) -> Vec<u8> {
     let mut out = Vec::new();
     out.extend(COMMON_MAGIC.to_le_bytes());

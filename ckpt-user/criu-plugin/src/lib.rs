@@ -1,48 +1,40 @@
 //! ckpt as a CRIU 3.17 plugin (`libckpt_criu_plugin.so`, installed into CRIU's
 //! plugin directory as `ckpt.so`). CRIU loads every plugin for every run, dumps,
-//! pre-dumps and restores alike, so this one does nothing unless CRIU has just dumped
-//! a lease (`filelocks.img` has one, which needs `--file-locks`).
+//! pre-dumps and restores alike, so this one does nothing unless a lease is involved:
 //!
-//! At the end of such a dump (`exit(DUMP, 0)`: every image is flushed and the tasks
-//! are still frozen) it writes `ckpt-leases.json` beside CRIU's images: each lease as
-//! the kernel holds it at that instant, with what `filelocks.img` loses (the type a
-//! lease being broken had before the break, and the exact time left before the
-//! kernel acts). A failure is written into the file and printed on CRIU's stderr; it
-//! never fails or crashes CRIU. The restore side (breaking the lease again with the
-//! time left, not CRIU's whole lease-break-time) is not built yet; see NOTES.md.
+//! - dump (`dump`): when CRIU has just dumped a lease (`filelocks.img` has one, which
+//!   needs `--file-locks`), `ckpt-leases.json` beside CRIU's images, with what they
+//!   lose: a breaking lease's own type and the exact time it had left.
+//! - restore (`restore`): with a valid `ckpt-leases.json`, every lease that was being
+//!   broken is restored by CRIU as not breaking and broken again by the plugin just
+//!   before the tasks resume, so that the kernel revokes it when the policy says
+//!   (`CKPT_LEASE_TIME`, default exact: the time it had left), not after CRIU's whole
+//!   lease-break-time; then what CRIU restored is checked against what was dumped.
 //!
-//! With ckpt-agent running (its pins in `$CKPT_PIN_DIR`, default /sys/fs/bpf/ckpt),
-//! each breaking lease also gets the agent's record of its break: when it began,
-//! whether the holder was signalled, and its breakers.
+//! A failure is reported (stderr, CRIU's log, and the file of the side it happened
+//! on) and never fails or crashes CRIU: init and exit always succeed, and a missing
+//! or corrupt sidecar leaves CRIU's own behaviour.
 //!
-//! Limits: the dumped tree must be in the host's pid namespace (CRIU's images name
-//! processes by their pid in the tree's own namespace; a lease the kernel does not
-//! show at that pid is reported as an error in the file).
+//! Limits: the tree must be in the host's pid namespace (CRIU's images name
+//! processes by their pid in the tree's own namespace); images streamed with
+//! `--stream` are not read.
 
+pub mod dump;
 pub mod images;
+pub mod restore;
 
 use std::{
-    ffi::{c_char, c_int, c_uint, c_void},
+    ffi::{c_char, c_int, c_uint, c_void, CString},
     io::Write as _,
     os::fd::{FromRawFd as _, OwnedFd, RawFd},
 };
 
 use anyhow::{Context as _, Result};
-use ckpt_user::{
-    lease::snapshot::{self, LeaseSidecar, LeaseSnapshot, SIDECAR, SIDECAR_FORMAT},
-    lock::kernel,
-    sys::{hz::kernel_hz, monotonic_ns},
-    tracer::{
-        history::History,
-        iters::{Iters, Prog},
-        pins::{PinDir, DEFAULT_PIN_DIR},
-    },
-};
-use images::{FileLockEntry, FILE_LOCKS_MAGIC};
+use ckpt_user::tracer::pins::{PinDir, DEFAULT_PIN_DIR};
 use nix::{
     fcntl::{openat, renameat, OFlag},
     sys::stat::Mode,
-    unistd::unlinkat,
+    unistd::{unlinkat, UnlinkatFlags},
 };
 
 /// CRIU 3.17's `cr_plugin_desc_t` (criu/include/criu-plugin.h): CRIU refuses, and
@@ -65,6 +57,16 @@ unsafe impl Sync for PluginDesc {}
 const HOOKS: usize = 10;
 const CRIU_PLUGIN_VERSION: c_uint = 0x200;
 const STAGE_DUMP: c_int = 0;
+const STAGE_RESTORE: c_int = 2;
+/// `CR_PLUGIN_HOOK__RESUME_DEVICES_LATE`: per restored process, after CRIU's
+/// restore, tasks still stopped.
+const HOOK_RESUME_DEVICES_LATE: usize = 9;
+
+const fn hooks() -> [*const c_void; HOOKS] {
+    let mut h = [std::ptr::null(); HOOKS];
+    h[HOOK_RESUME_DEVICES_LATE] = resume_devices_late as *const c_void;
+    h
+}
 
 /// What CRIU looks up in every plugin it loads.
 #[no_mangle]
@@ -74,34 +76,84 @@ pub static CR_PLUGIN_DESC: PluginDesc = PluginDesc {
     exit: Some(exit),
     version: CRIU_PLUGIN_VERSION,
     max_hooks: HOOKS as c_uint,
-    hooks: [std::ptr::null(); HOOKS],
+    hooks: hooks(),
 };
 
 /// Always succeeds: an error here would abort CRIU's run.
-extern "C" fn init(_stage: c_int) -> c_int {
+extern "C" fn init(stage: c_int) -> c_int {
+    if stage == STAGE_RESTORE {
+        guarded("preparing the restore", || match image_dir() {
+            Some(dir) => restore::before(dir),
+            None => Ok(()),
+        });
+    }
     0
 }
 
 extern "C" fn exit(stage: c_int, ret: c_int) {
-    if stage != STAGE_DUMP || ret != 0 {
+    match (stage, ret) {
+        (STAGE_DUMP, 0) => guarded("writing the sidecar", || match image_dir() {
+            Some(dir) => dump::after_dump(dir),
+            None => Ok(()),
+        }),
+        (STAGE_RESTORE, _) => guarded("ending the restore", restore::after),
+        _ => {}
+    }
+}
+
+/// Per restored process; errors are CRIU's to ignore, and -ENOTSUP lets the other
+/// plugins see the process too.
+extern "C" fn resume_devices_late(_pid: c_int) -> c_int {
+    guarded("breaking the leases again", restore::at_resume);
+    -libc::ENOTSUP
+}
+
+/// Runs `f`, reporting its error or panic: neither may reach CRIU.
+fn guarded(what: &str, f: impl FnOnce() -> Result<()>) {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => say(Level::Error, &format!("{what}: {e:#}")),
+        Err(_) => say(Level::Error, &format!("{what}: internal error (panic)")),
+    }
+}
+
+/// ckpt-agent's pins (`$CKPT_PIN_DIR`, default /sys/fs/bpf/ckpt).
+fn pins() -> PinDir {
+    PinDir::new(std::env::var_os("CKPT_PIN_DIR").unwrap_or(DEFAULT_PIN_DIR.into()))
+}
+
+/// CRIU's log levels (criu/include/log.h).
+#[derive(Clone, Copy)]
+pub enum Level {
+    Error = 1,
+    Warn = 2,
+    Info = 3,
+}
+
+/// A line on stderr (errors and warnings) and in CRIU's log (`-o`), where a user of
+/// CRIU looks.
+pub fn say(level: Level, msg: &str) {
+    let line = format!("ckpt CRIU plugin: {msg}");
+    if !matches!(level, Level::Info) {
+        eprintln!("{line}");
+    }
+    // SAFETY: dlsym with a NUL-terminated name.
+    let f = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"print_on_level".as_ptr()) };
+    if f.is_null() {
         return;
     }
-    // A panic must not unwind into CRIU (nor abort it).
-    let done = std::panic::catch_unwind(|| {
-        let Some(dir) = image_dir() else {
-            return Ok(());
-        };
-        after_dump(dir)
-    });
-    match done {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => eprintln!("ckpt CRIU plugin: {e:#}"),
-        Err(_) => eprintln!("ckpt CRIU plugin: internal error (panic); no {SIDECAR} written"),
+    // SAFETY: CRIU's `void print_on_level(unsigned int, const char *, ...)`, called
+    // with a "%s" format and one C string.
+    let print: unsafe extern "C" fn(c_uint, *const c_char, ...) = unsafe { std::mem::transmute(f) };
+    if let Ok(text) = CString::new(format!("{line}\n")) {
+        // SAFETY: see above.
+        unsafe { print(level as c_uint, c"%s".as_ptr(), text.as_ptr()) };
     }
 }
 
 /// CRIU's image directory, from `criu_get_image_dir()` (looked up at run time: this
-/// library is also linked by tests, outside CRIU); None outside CRIU.
+/// library is also linked by tests, outside CRIU); None outside CRIU or once CRIU
+/// has closed it.
 fn image_dir() -> Option<RawFd> {
     // SAFETY: dlsym with a NUL-terminated name; the symbol, when CRIU exports it, is
     // `int criu_get_image_dir(void)`.
@@ -115,111 +167,7 @@ fn image_dir() -> Option<RawFd> {
     (fd >= 0).then_some(fd)
 }
 
-fn after_dump(dir: RawFd) -> Result<()> {
-    let locks: Vec<FileLockEntry> = images::records(
-        read_image(dir, "filelocks.img")?.as_deref(),
-        FILE_LOCKS_MAGIC,
-    )
-    .context("reading CRIU's filelocks.img")?;
-    let leases: Vec<&FileLockEntry> = locks.iter().filter(|e| e.is_lease()).collect();
-    if leases.is_empty() {
-        return Ok(());
-    }
-    let taken = monotonic_ns();
-    let mut sidecar = LeaseSidecar {
-        format: SIDECAR_FORMAT.into(),
-        version: 1,
-        taken_monotonic_ns: taken,
-        leases: Vec::new(),
-        errors: Vec::new(),
-    };
-    // The agent's records of the breaks, when one runs (history only: without it
-    // every kernel fact is still there).
-    let pins = PinDir::new(std::env::var_os("CKPT_PIN_DIR").unwrap_or(DEFAULT_PIN_DIR.into()));
-    let history = History::read(&pins).unwrap_or_else(|e| {
-        sidecar.errors.push(format!(
-            "ckpt-agent's records cannot be read ({e:#}): no break starts or breakers"
-        ));
-        None
-    });
-    match read_leases(&pins, &leases, taken, history.as_ref()) {
-        Ok((found, missing)) => {
-            sidecar.leases = found;
-            sidecar.errors.extend(missing);
-        }
-        Err(e) => sidecar.errors.push(format!("{e:#}")),
-    }
-    for e in &sidecar.errors {
-        eprintln!("ckpt CRIU plugin: {e}");
-    }
-    write_sidecar(dir, &sidecar)
-}
-
-/// The kernel's view of each lease CRIU recorded, matched by process and fd; the
-/// ones it does not show, as errors.
-fn read_leases(
-    pins: &PinDir,
-    recorded: &[&FileLockEntry],
-    now_ns: u64,
-    history: Option<&History>,
-) -> Result<(Vec<LeaseSnapshot>, Vec<String>)> {
-    let iters =
-        Iters::open(pins, &[Prog::LockTable]).context("loading ckpt's lock-table iterator")?;
-    let hz = kernel_hz()?;
-    let mut pids: Vec<i32> = recorded.iter().map(|e| e.pid).collect();
-    pids.sort_unstable();
-    pids.dedup();
-    let mut held = Vec::new();
-    for pid in pids.into_iter().filter(|&p| p > 0) {
-        let table = kernel::read_process(&iters, pid as u32)
-            .with_context(|| format!("reading the leases of process {pid}"))?;
-        held.extend(snapshot::of_process(
-            &table, pid as u32, now_ns, hz, history,
-        ));
-    }
-    Ok(matched(recorded, held, |e| {
-        std::fs::read_to_string(format!("/proc/{}/fdinfo/{}", e.pid, e.fd)).ok()
-    }))
-}
-
-/// Why a lease CRIU recorded is not in the kernel's lists at its process and fd,
-/// from that fd's fdinfo (None: no such fd).
-fn missing_reason(e: &FileLockEntry, fdinfo: Option<&str>) -> String {
-    let at = format!("fd {} of process {}", e.fd, e.pid);
-    match fdinfo {
-        Some(t) if !t.contains("LEASE") => format!(
-            "the lease CRIU recorded on {at} is gone: the kernel revoked or released it during the dump (CRIU's default --file-validation opens each file, which waits out a lease break: use --file-validation filesize)"
-        ),
-        _ => format!(
-            "CRIU recorded a lease on {at} that the kernel's lists do not show there (a tree in its own pid namespace is not handled yet)"
-        ),
-    }
-}
-
-/// Pairs each recorded lease with the kernel's on the same process and fd, or else
-/// the process's one lease not yet paired (a description with several fds is shown
-/// through one of them).
-fn matched(
-    recorded: &[&FileLockEntry],
-    mut held: Vec<LeaseSnapshot>,
-    fdinfo: impl Fn(&FileLockEntry) -> Option<String>,
-) -> (Vec<LeaseSnapshot>, Vec<String>) {
-    let (mut found, mut missing) = (Vec::new(), Vec::new());
-    for e in recorded {
-        let same_pid = |s: &LeaseSnapshot| s.pid as i32 == e.pid;
-        let at = held
-            .iter()
-            .position(|s| same_pid(s) && s.fd == Some(e.fd))
-            .or_else(|| held.iter().position(same_pid));
-        match at {
-            Some(i) => found.push(held.remove(i)),
-            None => missing.push(missing_reason(e, fdinfo(e).as_deref())),
-        }
-    }
-    (found, missing)
-}
-
-/// An image of CRIU's, or None when it has none of that name.
+/// A file of the image directory, or None when it has none of that name.
 fn read_image(dir: RawFd, name: &str) -> Result<Option<Vec<u8>>> {
     let fd = match openat(
         Some(dir),
@@ -238,9 +186,9 @@ fn read_image(dir: RawFd, name: &str) -> Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
-/// Written under a temporary name and renamed: the sidecar is whole or absent.
-fn write_sidecar(dir: RawFd, sidecar: &LeaseSidecar) -> Result<()> {
-    let tmp = format!(".{SIDECAR}.tmp");
+/// Written under a temporary name and renamed: the file is whole or absent.
+fn write_atomic(dir: RawFd, name: &str, bytes: &[u8]) -> Result<()> {
+    let tmp = format!(".{name}.tmp");
     let fd = openat(
         Some(dir),
         tmp.as_str(),
@@ -251,84 +199,34 @@ fn write_sidecar(dir: RawFd, sidecar: &LeaseSidecar) -> Result<()> {
     // SAFETY: a new fd of our own.
     let mut file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
     let written = (|| -> Result<()> {
-        serde_json::to_writer_pretty(&mut file, sidecar)?;
-        file.write_all(b"\n")?;
+        file.write_all(bytes)?;
         file.sync_all()?;
-        renameat(Some(dir), tmp.as_str(), Some(dir), SIDECAR)?;
+        renameat(Some(dir), tmp.as_str(), Some(dir), name)?;
         Ok(())
     })();
     if written.is_err() {
-        let _ = unlinkat(
-            Some(dir),
-            tmp.as_str(),
-            nix::unistd::UnlinkatFlags::NoRemoveDir,
-        );
+        let _ = unlinkat(Some(dir), tmp.as_str(), UnlinkatFlags::NoRemoveDir);
     }
-    written.with_context(|| format!("writing {SIDECAR}"))
+    written.with_context(|| format!("writing {name}"))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn snap(pid: u32, fd: i32) -> LeaseSnapshot {
-        LeaseSnapshot {
-            pid,
-            fd: Some(fd),
-            path: None,
-            lock_type: None,
-            breaking: false,
-            target_type: None,
-            remaining_ns: None,
-            deadline_jiffies: None,
-            downgrade_remaining_ns: None,
-            break_started_monotonic_ns: None,
-            lease_break_time_s: None,
-            notified: None,
-            signal: None,
-            breakers: Vec::new(),
-        }
-    }
-
-    fn entry(pid: i32, fd: i32) -> FileLockEntry {
-        FileLockEntry {
-            flag: FileLockEntry::FL_LEASE,
-            r#type: 1,
-            pid,
-            fd,
-            start: 0,
-            len: 0,
-        }
-    }
-
-    #[test]
-    fn each_recorded_lease_is_paired_once_or_reported() {
-        let (a, b, c) = (entry(10, 4), entry(10, 9), entry(11, 3));
-        let (found, missing) = matched(&[&a, &b, &c], vec![snap(10, 3), snap(10, 4)], |_| None);
-        // fd 4 by its fd, fd 9 by the process's other lease (shown through fd 3).
-        assert_eq!(
-            found.iter().map(|s| (s.pid, s.fd)).collect::<Vec<_>>(),
-            vec![(10, Some(4)), (10, Some(3))]
-        );
-        assert_eq!(missing.len(), 1);
-        assert!(missing[0].contains("process 11"), "{}", missing[0]);
-        assert!(missing[0].contains("pid namespace"), "{}", missing[0]);
-        // Its fd is there without a lease: revoked during the dump.
-        let (_, missing) = matched(&[&c], Vec::new(), |_| Some("pos:\t0\nflags:\t02\n".into()));
-        assert!(
-            missing[0].contains("--file-validation filesize"),
-            "{}",
-            missing[0]
-        );
-    }
-
     #[test]
     fn the_descriptor_is_what_criu_3_17_accepts() {
         assert_eq!(std::mem::size_of::<PluginDesc>(), 112);
         assert_eq!(CR_PLUGIN_DESC.version, 0x200);
         assert_eq!(CR_PLUGIN_DESC.max_hooks, 10);
+        assert!(
+            CR_PLUGIN_DESC.hooks[HOOK_RESUME_DEVICES_LATE] == resume_devices_late as *const c_void
+        );
         assert_eq!(init(0), 0);
-        // Outside CRIU, exit finds no image directory and does nothing.
+        assert_eq!(init(STAGE_RESTORE), 0);
+        // Outside CRIU, exit and the hook find no image directory and do nothing.
         exit(STAGE_DUMP, 0);
+        assert_eq!(resume_devices_late(1), -libc::ENOTSUP);
+        exit(STAGE_RESTORE, 0);
     }
 }

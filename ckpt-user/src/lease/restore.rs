@@ -189,17 +189,18 @@ fn repair_locked(files: &SysctlFiles, lock: &File) -> Result<Option<String>> {
 }
 
 /// Exclusive use of fs.lease-break-time; puts the host's value back on drop.
-struct Sysctl {
+pub struct Sysctl {
     files: SysctlFiles,
     lock: Flock<File>,
     /// The host's value (after any repair).
-    host: u32,
+    pub host: u32,
     /// What we set last.
     last: u32,
 }
 
 impl Sysctl {
-    fn acquire(files: SysctlFiles, warnings: &mut Vec<String>) -> Result<Sysctl> {
+    /// Waits for any other restore's turn to end; repairs what a killed one left.
+    pub fn acquire(files: SysctlFiles, warnings: &mut Vec<String>) -> Result<Sysctl> {
         if let Some(dir) = files.lock.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
@@ -434,13 +435,23 @@ pub fn restore(
             .map_err(|e| anyhow!("lease on {}: {e}", image.files[l.file as usize].path))?;
         remaining.push((i, r));
     }
-    let leases = Breaking {
-        image,
-        files,
-        owners,
-        taker: &taker,
-        hz: crate::sys::hz::kernel_hz()?,
-    };
+    let hz = crate::sys::hz::kernel_hz()?;
+    let leases: Vec<Rebreak> = image
+        .leases
+        .iter()
+        .zip(&taker)
+        .map(|(l, &holder)| {
+            let file = &image.files[l.file as usize];
+            Rebreak {
+                fd: files[&l.file].as_raw_fd(),
+                path: file.path.clone(),
+                target: l.target_type,
+                notified: l.notified,
+                owner: owners.of(file),
+                holder,
+            }
+        })
+        .collect();
 
     // Revoked at once: the break ends as the holder would end it, through the same
     // description (a lease-break-time of 0 would mean "never time out").
@@ -450,11 +461,9 @@ pub fn restore(
         .map(|(i, _)| *i)
         .collect();
     for &i in &now_ones {
-        let target = image.leases[i]
-            .target_type
-            .map_or(libc::F_UNLCK, LockType::fcntl_type);
-        fcntl(leases.fd(i), libc::F_SETLEASE, target.into())
-            .map_err(|e| leases.describe(i, anyhow!("revoking it: {e}")))?;
+        let target = leases[i].target.map_or(libc::F_UNLCK, LockType::fcntl_type);
+        fcntl(leases[i].fd, libc::F_SETLEASE, target.into())
+            .map_err(|e| leases[i].describe(anyhow!("revoking it: {e}")))?;
         reports[i].remaining_ns = Some(0);
         // Downgraded: an ordinary read lease now; unlocked: gone.
         reports[i].breaking = false;
@@ -462,10 +471,17 @@ pub fn restore(
         reports[i].target_type = None;
     }
 
-    let breaks = plan_breaks(&remaining, leases.tick());
+    let breaks = plan_breaks(&remaining, tick_of(hz));
     let go = match sysctl {
         Some(sysctl) if !breaks.is_empty() => {
-            leases.on_schedule(sysctl, &breaks, pins, &mut reports, cancel, warnings)?
+            let tracer = Tracer::open(pins, hz);
+            let schedule = Schedule {
+                leases: &leases,
+                breaks: &breaks,
+                tracer: tracer.as_ref(),
+                hz,
+            };
+            schedule.run(sysctl, &mut reports, cancel, warnings)?
         }
         _ => monotonic_ns(),
     };
@@ -480,90 +496,98 @@ pub fn restore(
     Ok((go, reports))
 }
 
-/// The image's leases on the descriptions ckpt-user opened.
-struct Breaking<'a> {
-    image: &'a Image,
-    files: &'a BTreeMap<u32, OwnedFd>,
-    owners: &'a Owners<'a>,
-    /// The restored pid that set each lease.
-    taker: &'a [u32],
-    /// The kernel's tick rate: deadlines are in jiffies.
-    hz: u32,
+/// One lease to break again, on the description that holds it.
+pub struct Rebreak {
+    /// An fd of ours on the lease's description.
+    pub fd: RawFd,
+    pub path: String,
+    /// What the break makes it: read (a downgrade) or None (removed).
+    pub target: Option<LockType>,
+    /// The holder had been sent its break signal before the checkpoint: this break
+    /// sends none.
+    pub notified: bool,
+    /// The description's signal owner, put back after a break made without one.
+    pub owner: Option<(i32, i32)>,
+    /// The process holding it (where the kernel's deadline is read back).
+    pub holder: u32,
 }
 
-impl Breaking<'_> {
-    fn tick(&self) -> Duration {
-        Duration::from_nanos(1_000_000_000 / u64::from(self.hz.max(1)))
+impl Rebreak {
+    fn describe(&self, e: anyhow::Error) -> anyhow::Error {
+        anyhow!("lease on {}: {e:#}", self.path)
     }
 
-    fn fd(&self, i: usize) -> RawFd {
-        self.files[&self.image.leases[i].file].as_raw_fd()
-    }
-
-    fn path(&self, i: usize) -> &str {
-        &self.image.files[self.image.leases[i].file as usize].path
-    }
-
-    fn describe(&self, i: usize, e: anyhow::Error) -> anyhow::Error {
-        anyhow!("lease on {}: {e:#}", self.path(i))
-    }
-
-    /// Starts the break of lease `i`. A holder that had been sent its break signal is
-    /// not sent it again: the break is made with no signal owner, then the owner is put
-    /// back.
-    fn start(&self, i: usize) -> Result<()> {
-        let l = &self.image.leases[i];
-        if !l.notified {
-            return start_break(self.fd(i), l.target_type);
+    /// Starts the break. A holder that had been sent its break signal is not sent it
+    /// again: the break is made with no signal owner, then the owner is put back.
+    fn start(&self) -> Result<()> {
+        if !self.notified {
+            return start_break(self.fd, self.target);
         }
-        let fd = self.fd(i);
-        fown::set_owner(fd, None)?;
-        let r = start_break(fd, l.target_type);
-        fown::set_owner(fd, self.owners.of(&self.image.files[l.file as usize]))?;
+        fown::set_owner(self.fd, None)?;
+        let r = start_break(self.fd, self.target);
+        fown::set_owner(self.fd, self.owner)?;
         r
     }
+}
 
-    /// Makes `breaks` on their schedule and returns the release instant they were
-    /// timed for (fixed by the first break's deadline).
-    fn on_schedule(
+fn tick_of(hz: u32) -> Duration {
+    Duration::from_nanos(1_000_000_000 / u64::from(hz.max(1)))
+}
+
+/// Breaks on their schedule (`plan_breaks` over `leases`).
+pub struct Schedule<'a> {
+    pub leases: &'a [Rebreak],
+    pub breaks: &'a [Break],
+    /// Where the kernel's deadlines are read back (None: timed from the syscall).
+    pub tracer: Option<&'a Tracer>,
+    /// The kernel's tick rate: deadlines are in jiffies.
+    pub hz: u32,
+}
+
+impl Schedule<'_> {
+    /// Makes the breaks on their schedule, with `sysctl` held, and returns the release
+    /// instant they were timed for (fixed by the first break's deadline), once it has
+    /// come. `reports` is indexed like `leases`.
+    pub fn run(
         &self,
         mut sysctl: Sysctl,
-        breaks: &[Break],
-        pins: &PinDir,
         reports: &mut [LeaseReport],
         cancel: &AtomicBool,
         warnings: &mut Vec<String>,
     ) -> Result<u64> {
-        let tracer = Tracer::open(pins, self.hz);
+        let Some(first) = self.breaks.first() else {
+            return Ok(monotonic_ns());
+        };
         // No ordinary task gets between a clock reading and the break it times.
         let fifo = Fifo::enter();
-        let mut go = monotonic_ns() + 20_000_000 + breaks[0].lead.as_nanos() as u64;
-        for (n, b) in breaks.iter().enumerate() {
-            let i = b.index;
-            let ino = nix::sys::stat::fstat(self.fd(i))?.st_ino;
+        let mut go = monotonic_ns() + 20_000_000 + first.lead.as_nanos() as u64;
+        for (n, b) in self.breaks.iter().enumerate() {
+            let l = &self.leases[b.index];
+            let ino = nix::sys::stat::fstat(l.fd)?.st_ino;
             sleep_until(go.saturating_sub(b.lead.as_nanos() as u64), cancel)?;
             sysctl.set(b.sysctl_s)?;
             let before = monotonic_ns();
-            self.start(i).map_err(|e| self.describe(i, e))?;
+            l.start().map_err(|e| l.describe(e))?;
             let after = monotonic_ns();
             let timed = Timed {
                 before,
                 after,
                 sysctl_s: b.sysctl_s,
-                tick: self.tick(),
+                tick: tick_of(self.hz),
             };
-            let seen = tracer
-                .as_ref()
-                .map(|t| t.seen_break(ino, self.taker[i], TRACER_WAIT));
-            let (deadline, source) = deadline_of(self.path(i), timed, seen, warnings);
+            let seen = self
+                .tracer
+                .map(|t| t.seen_break(ino, l.holder, TRACER_WAIT));
+            let (deadline, source) = deadline_of(&l.path, timed, seen, warnings);
             if n == 0 {
                 // The first break fixes the release instant; the others aim at it.
                 go = deadline - b.remaining.as_nanos() as u64;
             }
-            reports[i].remaining_ns = Some(deadline.saturating_sub(go));
-            reports[i].deadline_monotonic_ns = Some(deadline);
-            reports[i].deadline_source = Some(source);
-            reports[i].lease_break_time_s = Some(b.sysctl_s);
+            let r = &mut reports[b.index];
+            r.remaining_ns = Some(deadline.saturating_sub(go));
+            r.deadline_monotonic_ns = Some(deadline);
+            r.deadline_source = Some(source);
+            r.lease_break_time_s = Some(b.sysctl_s);
         }
         drop(sysctl);
         sleep_until(go, cancel)?;

@@ -69,10 +69,25 @@ pub fn remaining_after_restore(
     policy: LeaseTime,
     current_break_time_s: u32,
 ) -> Result<Duration> {
-    let full =
-        || u64::from(lease.lease_break_time_s.unwrap_or(current_break_time_s)) * 1_000_000_000;
+    remaining_under(
+        lease.remaining_ns,
+        lease.lease_break_time_s,
+        policy,
+        current_break_time_s,
+    )
+}
+
+/// [`remaining_after_restore`] from a recorded time left and lease-break-time (as the
+/// CRIU plugin's sidecar has them).
+pub fn remaining_under(
+    remaining_ns: Option<i64>,
+    lease_break_time_s: Option<u32>,
+    policy: LeaseTime,
+    current_break_time_s: u32,
+) -> Result<Duration> {
+    let full = || u64::from(lease_break_time_s.unwrap_or(current_break_time_s)) * 1_000_000_000;
     let recorded = || -> Result<u64> {
-        match lease.remaining_ns {
+        match remaining_ns {
             Some(ns) => Ok(ns.max(0) as u64),
             None => bail!("the image does not know when its break times out (dumped without ckpt-agent); use --lease-time holder or breaker"),
         }

@@ -1,0 +1,665 @@
+//! The restore side: a lease that was being broken expires when it would have, not
+//! after CRIU's whole lease-break-time again.
+//!
+//! CRIU 3.17 re-breaks such a lease itself (it sets the lease as it was before the
+//! break, then opens the file O_NONBLOCK), and the kernel fixes a break's deadline at
+//! the first break, so the plugin must keep CRIU from breaking it:
+//! - `before` (restore init, before CRIU reads `filelocks.img`): with a valid
+//!   `ckpt-leases.json`, each breaking lease it knows is rewritten as the plain
+//!   lease it was before the break (or, when the policy leaves it no time, as what
+//!   the break made of it). The dumped file is kept as `ckpt-filelocks.orig.img`.
+//! - `at_resume` (the first RESUME_DEVICES_LATE: every process restored, all still
+//!   stopped): puts the dumped `filelocks.img` back, checks every lock and lease CRIU
+//!   restored against it, and breaks the rewritten leases on ckpt's schedule
+//!   (`ckpt_user::lease::restore::Schedule`), returning at the instant the deadlines
+//!   count from; CRIU resumes the processes right after. A holder that had been sent
+//!   its break signal is not sent it again. Writes `ckpt-restore.json`.
+//! - `after` (restore exit): if the restore failed before the processes resumed,
+//!   puts the dumped `filelocks.img` back.
+//!
+//! The policy is `CKPT_LEASE_TIME` (exact, holder, breaker, +N, -N seconds, as
+//! `ckpt-user restore --lease-time`; default exact). A lease the sidecar does not
+//! know, a missing or corrupt sidecar, or an unknown policy leaves CRIU's own
+//! behaviour, and says so. A killed restore leaves `ckpt-filelocks.orig.img`, which
+//! the next restore with the plugin puts back first.
+//!
+//! The break is an open of the holder's own description (through a pidfd_getfd dup)
+//! for writing (or reading, for a downgrade), O_NONBLOCK, by CRIU's process: the same
+//! open CRIU would make of the file's path.
+
+use std::{
+    os::fd::{AsRawFd as _, OwnedFd, RawFd},
+    sync::{atomic::AtomicBool, Mutex},
+    time::Duration,
+};
+
+use anyhow::{bail, Context as _, Result};
+use ckpt_user::{
+    fd::fdinfo::{parse_fdinfo, FdInfo},
+    lease::{
+        kernel_deadline::Tracer,
+        restore::{current_break_time, LeaseReport, Rebreak, Schedule, Sysctl, SysctlFiles},
+        schedule::{plan_breaks, remaining_under, LeaseTime},
+        snapshot::{LeaseSidecar, SIDECAR},
+    },
+    lock::{HeldKind, LockRange, LockType},
+    sys::{fown, hz::kernel_hz, monotonic_ns, pidfd},
+};
+use nix::fcntl::renameat;
+use serde::Serialize;
+
+use crate::{
+    image_dir,
+    images::{self, FileLockEntry, FILE_LOCKS, FILE_LOCKS_MAGIC},
+    pins, read_image, say, write_atomic, Level,
+};
+
+/// The dumped `filelocks.img`, while CRIU reads a rewritten one.
+pub const ORIGINAL: &str = "ckpt-filelocks.orig.img";
+/// What the restore did, beside the images.
+pub const REPORT: &str = "ckpt-restore.json";
+/// The lease time policy.
+pub const POLICY_ENV: &str = "CKPT_LEASE_TIME";
+
+/// A lease CRIU restores as not breaking, for the plugin to break at resume.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Pending {
+    pub pid: i32,
+    pub fd: i32,
+    pub path: String,
+    /// Its type before the break (what CRIU sets).
+    pub lease_type: LockType,
+    /// What the break makes it: read (a downgrade) or None (removed).
+    pub target: Option<LockType>,
+    pub notified: bool,
+    /// From the resume to the kernel's deadline.
+    pub remaining: Duration,
+}
+
+/// What CRIU is to read instead of the dumped `filelocks.img`.
+#[derive(Debug, Default, PartialEq)]
+pub struct Prepared {
+    pub entries: Vec<FileLockEntry>,
+    pub pending: Vec<Pending>,
+    /// Leases left to CRIU, and why.
+    pub notes: Vec<String>,
+}
+
+/// Rewrites each breaking lease of `dumped` that `sidecar` knows, under `policy`.
+pub fn prepare(
+    dumped: &[FileLockEntry],
+    sidecar: &LeaseSidecar,
+    policy: LeaseTime,
+    current_break_time_s: u32,
+) -> Prepared {
+    let mut out = Prepared::default();
+    for e in dumped {
+        if !e.is_breaking_lease() {
+            out.entries.push(e.clone());
+            continue;
+        }
+        let at = format!("the lease on fd {} of process {}", e.fd, e.pid);
+        let known = sidecar.leases.iter().find(|l| {
+            l.pid as i32 == e.pid && l.fd == Some(e.fd) && l.breaking && l.lock_type.is_some()
+        });
+        let planned = match (known, e.lock_type()) {
+            (None, _) => Err(format!("{at} is not in {SIDECAR}")),
+            (Some(l), Ok(target)) if l.target_type != target => Err(format!(
+                "{at} breaks to {} in CRIU's image, to {} in {SIDECAR}",
+                type_name(target),
+                type_name(l.target_type)
+            )),
+            (Some(_), Err(t)) => Err(format!("{at} has an unknown type {t}")),
+            (Some(l), Ok(target)) => remaining_under(
+                l.remaining_ns,
+                l.lease_break_time_s,
+                policy,
+                current_break_time_s,
+            )
+            .map(|remaining| (l, target, remaining))
+            .map_err(|err| format!("{at}: {err:#}")),
+        };
+        match planned {
+            Err(why) => {
+                out.notes.push(format!(
+                    "{why}: CRIU breaks it again with the whole lease-break-time"
+                ));
+                out.entries.push(e.clone());
+            }
+            // No time left: restored as what the break makes of it.
+            Ok((_, None, r)) if r.is_zero() => {}
+            Ok((_, Some(target), r)) if r.is_zero() => out.entries.push(FileLockEntry {
+                r#type: FileLockEntry::type_number(Some(target)),
+                ..e.clone()
+            }),
+            Ok((l, target, remaining)) => {
+                let lease_type = l.lock_type.expect("filtered above");
+                out.entries.push(FileLockEntry {
+                    r#type: FileLockEntry::type_number(Some(lease_type)),
+                    ..e.clone()
+                });
+                out.pending.push(Pending {
+                    pid: e.pid,
+                    fd: e.fd,
+                    path: l.path.clone().unwrap_or_else(|| "?".into()),
+                    lease_type,
+                    target,
+                    notified: l.notified.unwrap_or(false),
+                    remaining,
+                });
+            }
+        }
+    }
+    out
+}
+
+fn type_name(t: Option<LockType>) -> &'static str {
+    t.map_or("unlock", LockType::name)
+}
+
+/// Between restore init and the first resume hook.
+struct Restore {
+    /// What CRIU was given.
+    given: Vec<FileLockEntry>,
+    pending: Vec<Pending>,
+    notes: Vec<String>,
+    policy: LeaseTime,
+    /// `filelocks.img` was rewritten (the dumped one is [`ORIGINAL`]).
+    rewritten: bool,
+}
+
+static STATE: Mutex<Option<Restore>> = Mutex::new(None);
+
+fn state() -> std::sync::MutexGuard<'static, Option<Restore>> {
+    STATE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Restore init.
+pub fn before(dir: RawFd) -> Result<()> {
+    *state() = None;
+    if read_image(dir, ORIGINAL)?.is_some() {
+        put_back(dir)?;
+        say(
+            Level::Warn,
+            &format!("an earlier restore was stopped before its processes resumed: {FILE_LOCKS} is the dumped one again"),
+        );
+    }
+    let Some(bytes) = read_image(dir, FILE_LOCKS)? else {
+        return Ok(());
+    };
+    let dumped: Vec<FileLockEntry> = images::records(Some(&bytes), FILE_LOCKS_MAGIC)
+        .with_context(|| format!("reading CRIU's {FILE_LOCKS}"))?;
+    let breaking = dumped.iter().filter(|e| e.is_breaking_lease()).count();
+    if breaking == 0 {
+        return Ok(());
+    }
+    let criu_alone =
+        format!("CRIU breaks the {breaking} lease(s) that were being broken again with the whole lease-break-time");
+    let sidecar = match read_image(dir, SIDECAR)? {
+        None => bail!("no {SIDECAR} (dumped without the plugin): {criu_alone}"),
+        Some(b) => LeaseSidecar::parse(&b)
+            .with_context(|| format!("{SIDECAR} is unreadable; {criu_alone}"))?,
+    };
+    if sidecar.version != 1 {
+        bail!(
+            "{SIDECAR} is version {}, not 1: {criu_alone}",
+            sidecar.version
+        );
+    }
+    let policy = match std::env::var(POLICY_ENV) {
+        Err(_) => LeaseTime::Exact,
+        Ok(v) => v
+            .parse()
+            .map_err(|e| anyhow::anyhow!("{POLICY_ENV}: {e}; {criu_alone}"))?,
+    };
+    let prepared = prepare(&dumped, &sidecar, policy, current_break_time()?);
+    for n in &prepared.notes {
+        say(Level::Warn, n);
+    }
+    let rewritten = prepared.entries != dumped;
+    if rewritten {
+        write_atomic(dir, ORIGINAL, &bytes)?;
+        let new = images::image(FILE_LOCKS_MAGIC, &prepared.entries);
+        if let Err(e) = write_atomic(dir, FILE_LOCKS, &new) {
+            put_back(dir)?;
+            return Err(e);
+        }
+    }
+    say(
+        Level::Info,
+        &format!(
+            "{} lease(s) will be broken again at resume (policy {policy})",
+            prepared.pending.len()
+        ),
+    );
+    *state() = Some(Restore {
+        given: prepared.entries,
+        pending: prepared.pending,
+        notes: prepared.notes,
+        policy,
+        rewritten,
+    });
+    Ok(())
+}
+
+/// The dumped `filelocks.img` back in its place (one rename).
+fn put_back(dir: RawFd) -> Result<()> {
+    renameat(Some(dir), ORIGINAL, Some(dir), FILE_LOCKS)
+        .with_context(|| format!("putting the dumped {FILE_LOCKS} back from {ORIGINAL}"))
+}
+
+/// What the plugin did, in [`REPORT`].
+#[derive(Debug, Serialize)]
+pub struct RestoreReport {
+    pub format: &'static str,
+    pub version: u32,
+    pub policy: String,
+    /// CLOCK_MONOTONIC from which the deadlines count: the processes resume right after.
+    pub resume_monotonic_ns: u64,
+    pub leases: Vec<LeaseReport>,
+    /// Locks and leases CRIU did not restore as dumped.
+    pub differences: Vec<String>,
+    pub warnings: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// The first resume hook; later ones find nothing to do.
+pub fn at_resume() -> Result<()> {
+    let Some(st) = state().take() else {
+        return Ok(());
+    };
+    let dir = image_dir();
+    let mut report = RestoreReport {
+        format: "ckpt-criu-restore",
+        version: 1,
+        policy: st.policy.to_string(),
+        resume_monotonic_ns: 0,
+        leases: Vec::new(),
+        differences: Vec::new(),
+        warnings: st.notes,
+        errors: Vec::new(),
+    };
+    if st.rewritten {
+        match dir.map(put_back) {
+            Some(Ok(())) => {}
+            Some(Err(e)) => report.errors.push(format!("{e:#}")),
+            None => report.errors.push(format!(
+                "CRIU's image directory is closed: {FILE_LOCKS} stays rewritten; the next restore with the plugin puts the dumped one ({ORIGINAL}) back"
+            )),
+        }
+    }
+    // Checked before the breaks, which must come last: the processes resume at the
+    // instant they count from.
+    report.differences = differences(&st.given, |pid, fd| {
+        std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+            .ok()
+            .map(|t| parse_fdinfo(&t))
+    });
+    match rebreak(&st.pending, &mut report.warnings) {
+        Ok((go, leases)) => {
+            report.resume_monotonic_ns = go;
+            report.leases = leases;
+        }
+        Err(e) => report.errors.push(format!("{e:#}")),
+    }
+    for l in &report.leases {
+        say(
+            Level::Info,
+            &format!(
+                "lease on {} of process {}: broken again, {:.3} s left at resume",
+                l.path,
+                l.pid,
+                l.remaining_ns.unwrap_or(0) as f64 / 1e9
+            ),
+        );
+    }
+    for (level, lines) in [
+        (Level::Error, &report.errors),
+        (Level::Warn, &report.differences),
+        (Level::Warn, &report.warnings),
+    ] {
+        for l in lines {
+            say(level, l);
+        }
+    }
+    if let Some(dir) = dir {
+        let mut bytes = serde_json::to_vec_pretty(&report)?;
+        bytes.push(b'\n');
+        write_atomic(dir, REPORT, &bytes)?;
+    }
+    Ok(())
+}
+
+/// Breaks each pending lease through a dup of its holder's description, on ckpt's
+/// schedule; returns the instant the deadlines count from, once it has come.
+fn rebreak(pending: &[Pending], warnings: &mut Vec<String>) -> Result<(u64, Vec<LeaseReport>)> {
+    if pending.is_empty() {
+        return Ok((monotonic_ns(), Vec::new()));
+    }
+    let fds = pending
+        .iter()
+        .map(|p| {
+            let pidfd = pidfd::pidfd_open(p.pid as u32)?;
+            pidfd::pidfd_getfd(&pidfd, p.fd)
+                .with_context(|| format!("the lease's fd in process {}", p.pid))
+        })
+        .collect::<Result<Vec<OwnedFd>>>()?;
+    let leases: Vec<Rebreak> = pending
+        .iter()
+        .zip(&fds)
+        .map(|(p, fd)| Rebreak {
+            fd: fd.as_raw_fd(),
+            path: p.path.clone(),
+            target: p.target,
+            notified: p.notified,
+            owner: fown::owner(fd),
+            holder: p.pid as u32,
+        })
+        .collect();
+    let mut reports: Vec<LeaseReport> = pending
+        .iter()
+        .map(|p| LeaseReport {
+            path: p.path.clone(),
+            pid: p.pid as u32,
+            lease_type: p.lease_type,
+            breaking: true,
+            target_type: p.target,
+            remaining_ns: None,
+            deadline_monotonic_ns: None,
+            deadline_source: None,
+            lease_break_time_s: None,
+        })
+        .collect();
+    let hz = kernel_hz()?;
+    let remaining: Vec<(usize, Duration)> = pending
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (i, p.remaining))
+        .collect();
+    let breaks = plan_breaks(
+        &remaining,
+        Duration::from_nanos(1_000_000_000 / u64::from(hz.max(1))),
+    );
+    let tracer = Tracer::open(&pins(), hz);
+    let sysctl = Sysctl::acquire(SysctlFiles::default(), warnings)?;
+    let schedule = Schedule {
+        leases: &leases,
+        breaks: &breaks,
+        tracer: tracer.as_ref(),
+        hz,
+    };
+    let go = schedule.run(sysctl, &mut reports, &AtomicBool::new(false), warnings)?;
+    Ok((go, reports))
+}
+
+/// Restore exit: a restore that failed before its processes resumed leaves the
+/// dumped `filelocks.img` as it found it.
+pub fn after() -> Result<()> {
+    let Some(st) = state().take() else {
+        return Ok(());
+    };
+    if !st.rewritten {
+        return Ok(());
+    }
+    match image_dir() {
+        Some(dir) => put_back(dir),
+        None => bail!("CRIU's image directory is closed: {FILE_LOCKS} stays rewritten; the next restore with the plugin puts the dumped one ({ORIGINAL}) back"),
+    }
+}
+
+/// Each lock or lease of `expected` that its fd's description does not hold. Read
+/// from fdinfo, where the kernel prints a description's locks under `flc_lock` (a
+/// consistent read of exactly that description, at no cost of loading iterators).
+pub fn differences(
+    expected: &[FileLockEntry],
+    fdinfo: impl Fn(i32, i32) -> Option<FdInfo>,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in expected {
+        let at = format!("fd {} of process {}", e.fd, e.pid);
+        let (Some(kind), Ok(ty), Some(range)) = (e.kind(), e.lock_type(), e.range()) else {
+            out.push(format!(
+                "{at}: CRIU's image has a lock ckpt cannot read ({e:?})"
+            ));
+            continue;
+        };
+        let breaking = e.is_breaking_lease();
+        let want = describe(kind, ty, breaking, range);
+        let Some(info) = fdinfo(e.pid, e.fd) else {
+            out.push(format!("{at} is not open: its {want} was not restored"));
+            continue;
+        };
+        let found = info.locks.iter().any(|l| {
+            l.kind == Some(kind)
+                && l.lock_type == ty
+                && (l.state == "BREAKING") == breaking
+                && l.range == range
+        });
+        if !found {
+            let seen: Vec<String> = info
+                .locks
+                .iter()
+                .filter_map(|l| {
+                    Some(describe(
+                        l.kind?,
+                        l.lock_type,
+                        l.state == "BREAKING",
+                        l.range,
+                    ))
+                })
+                .collect();
+            out.push(format!(
+                "{at}: the {want} was not restored (it holds {})",
+                if seen.is_empty() {
+                    "none".into()
+                } else {
+                    seen.join(", ")
+                }
+            ));
+        }
+    }
+    out
+}
+
+fn describe(kind: HeldKind, ty: Option<LockType>, breaking: bool, range: LockRange) -> String {
+    match (kind, breaking) {
+        (HeldKind::Lease, true) => format!("lease breaking to {}", type_name(ty)),
+        (HeldKind::Lease, false) => format!("{} lease", type_name(ty)),
+        _ => format!("{} {} lock on {range}", type_name(ty), kind.label()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ckpt_user::lease::snapshot::{LeaseSnapshot, SIDECAR_FORMAT};
+
+    fn lease(pid: i32, fd: i32, ty: u32) -> FileLockEntry {
+        FileLockEntry {
+            flag: FileLockEntry::FL_LEASE,
+            r#type: ty,
+            pid,
+            fd,
+            start: 0,
+            len: 0,
+        }
+    }
+
+    fn known(
+        pid: u32,
+        fd: i32,
+        ty: LockType,
+        target: Option<LockType>,
+        left_ms: i64,
+    ) -> LeaseSnapshot {
+        LeaseSnapshot {
+            pid,
+            fd: Some(fd),
+            path: Some("/f".into()),
+            lock_type: Some(ty),
+            breaking: true,
+            target_type: target,
+            remaining_ns: Some(left_ms * 1_000_000),
+            deadline_jiffies: None,
+            downgrade_remaining_ns: None,
+            break_started_monotonic_ns: None,
+            lease_break_time_s: Some(10),
+            notified: Some(true),
+            signal: None,
+            breakers: Vec::new(),
+        }
+    }
+
+    fn sidecar(leases: Vec<LeaseSnapshot>) -> LeaseSidecar {
+        LeaseSidecar {
+            format: SIDECAR_FORMAT.into(),
+            version: 1,
+            taken_monotonic_ns: 1,
+            leases,
+            errors: Vec::new(),
+        }
+    }
+
+    const BREAKING_TO_UNLOCK: u32 = 6;
+    const BREAKING_TO_READ: u32 = 4;
+
+    #[test]
+    fn breaking_leases_become_their_pre_break_selves_and_wait_for_the_plugin() {
+        let posix = FileLockEntry {
+            flag: FileLockEntry::FL_POSIX,
+            r#type: 1,
+            pid: 7,
+            fd: 4,
+            start: 0,
+            len: 10,
+        };
+        let dumped = [
+            posix.clone(),
+            lease(7, 3, BREAKING_TO_UNLOCK),
+            lease(8, 3, BREAKING_TO_READ),
+            lease(9, 5, BREAKING_TO_UNLOCK),
+            lease(9, 6, 0),
+        ];
+        let s = sidecar(vec![
+            known(7, 3, LockType::Write, None, 3000),
+            known(8, 3, LockType::Write, Some(LockType::Read), 1500),
+        ]);
+        let p = prepare(&dumped, &s, LeaseTime::Exact, 45);
+        assert_eq!(
+            p.entries,
+            vec![
+                posix,
+                lease(7, 3, 1),
+                lease(8, 3, 1),
+                // Unknown to the sidecar: CRIU's, untouched.
+                lease(9, 5, BREAKING_TO_UNLOCK),
+                lease(9, 6, 0),
+            ]
+        );
+        assert_eq!(p.pending.len(), 2);
+        assert_eq!(p.pending[0].remaining, Duration::from_millis(3000));
+        assert_eq!(p.pending[0].target, None);
+        assert!(p.pending[0].notified);
+        assert_eq!(p.pending[1].target, Some(LockType::Read));
+        assert_eq!(p.notes.len(), 1);
+        assert!(
+            p.notes[0].contains("fd 5 of process 9 is not in ckpt-leases.json"),
+            "{:?}",
+            p.notes
+        );
+        // The policies: the whole lease-break-time, and none at all.
+        let p = prepare(&dumped, &s, LeaseTime::Holder, 45);
+        assert_eq!(p.pending[0].remaining, Duration::from_secs(10));
+        let p = prepare(&dumped, &s, LeaseTime::Breaker, 45);
+        assert!(p.pending.is_empty());
+        // Broken to unlock: gone; downgraded: a read lease.
+        assert_eq!(p.entries[1], lease(8, 3, 0));
+        assert_eq!(p.entries.len(), 4);
+    }
+
+    #[test]
+    fn a_sidecar_that_disagrees_leaves_the_lease_to_criu() {
+        let dumped = [lease(7, 3, BREAKING_TO_UNLOCK)];
+        // The sidecar says downgrade; CRIU's image says unlock.
+        let s = sidecar(vec![known(
+            7,
+            3,
+            LockType::Write,
+            Some(LockType::Read),
+            3000,
+        )]);
+        let p = prepare(&dumped, &s, LeaseTime::Exact, 45);
+        assert_eq!(p.entries, dumped);
+        assert!(p.pending.is_empty());
+        assert!(
+            p.notes[0].contains("breaks to unlock in CRIU's image, to read"),
+            "{:?}",
+            p.notes
+        );
+        // An absurd time left is refused, not written to the host's sysctl.
+        let s = sidecar(vec![known(
+            7,
+            3,
+            LockType::Write,
+            None,
+            i64::MAX / 1_000_000,
+        )]);
+        let p = prepare(&dumped, &s, LeaseTime::Exact, 45);
+        assert_eq!(p.entries, dumped);
+        assert!(
+            p.notes[0].contains("more than a restore sets"),
+            "{:?}",
+            p.notes
+        );
+    }
+
+    #[test]
+    fn differences_name_what_the_kernel_does_not_hold() {
+        let posix = FileLockEntry {
+            flag: FileLockEntry::FL_POSIX,
+            r#type: 1,
+            pid: 7,
+            fd: 4,
+            start: 0,
+            len: 10,
+        };
+        let breaking = lease(7, 3, BREAKING_TO_UNLOCK);
+        let fdinfo = |_pid: i32, fd: i32| match fd {
+            4 => Some(parse_fdinfo(
+                "pos:\t0\nflags:\t02\nlock:\t1: POSIX  ADVISORY  WRITE 7 08:01:77 0 9\n",
+            )),
+            3 => Some(parse_fdinfo(
+                "pos:\t0\nflags:\t02\nlock:\t2: LEASE  ACTIVE  WRITE 7 08:01:78 0 EOF\n",
+            )),
+            _ => None,
+        };
+        let d = differences(&[posix.clone(), lease(7, 3, 1)], fdinfo);
+        assert!(d.is_empty(), "{d:?}");
+        let d = differences(
+            &[FileLockEntry { len: 11, ..posix }, breaking, lease(7, 9, 0)],
+            fdinfo,
+        );
+        assert_eq!(d.len(), 3, "{d:?}");
+        assert!(
+            d[0].contains(
+                "write POSIX lock on 0-10 was not restored (it holds write POSIX lock on 0-9)"
+            ),
+            "{d:?}"
+        );
+        assert!(
+            d[1].contains("lease breaking to unlock was not restored (it holds write lease)"),
+            "{d:?}"
+        );
+        assert!(d[2].contains("fd 9 of process 7 is not open"), "{d:?}");
+        // Any bytes of an image: a difference, never a panic.
+        let odd = FileLockEntry {
+            flag: 99,
+            r#type: 77,
+            pid: -1,
+            fd: -1,
+            start: i64::MAX,
+            len: i64::MIN,
+        };
+        assert!(differences(&[odd], fdinfo)[0].contains("cannot read"));
+    }
+}
