@@ -144,7 +144,9 @@ pub fn prepare(
                     path: l.path.clone().unwrap_or_else(|| "?".into()),
                     lease_type,
                     target,
-                    notified: l.notified.unwrap_or(false),
+                    // Without the agent's record: the kernel sends the lease signal
+                    // when a break starts (lm_break), to the owner F_SETLEASE set.
+                    notified: l.notified.unwrap_or(true),
                     remaining,
                 });
             }
@@ -171,7 +173,9 @@ struct Restore {
 static STATE: Mutex<Option<Restore>> = Mutex::new(None);
 
 fn state() -> std::sync::MutexGuard<'static, Option<Restore>> {
-    STATE.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    STATE
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Restore init.

@@ -5,6 +5,18 @@
 //! `locker --hold-lease PATH r|w` instead opens PATH (read-only for a read lease,
 //! read-write for a write one), takes the lease on fd 3 and waits for signals forever:
 //! a lease holder with no pipe or socket to anyone, which CRIU can dump.
+//! `locker --hold-lease PATH r|w LOG` keeps running instead, once a millisecond.
+//! Once it has been sent SIGIO (a break began) it probes the lease with an open that
+//! conflicts with it (which also makes the kernel time out a lease past its
+//! deadline). It appends "MONO_NS STATE SIGIOS" to LOG when the state (active: not
+//! broken yet; held: breaking; gone: revoked or downgraded) or the count of SIGIOs
+//! changes, and "MONO_NS gap MS REALTIME_NS" when it did not run for more than 50 ms
+//! or CLOCK_REALTIME moved against CLOCK_MONOTONIC (a freeze, a restore: the first
+//! line after a restore is the instant it resumed). CRIU restores a tree into a time
+//! namespace whose CLOCK_MONOTONIC goes on from the dump, so only the realtime stamp
+//! relates that line to a clock outside.
+//! `locker --break PATH r|w LOG` opens PATH for reading or writing, blocking on any
+//! lease break, appends "MONO_NS opened" to LOG when the open returns, and waits.
 //!
 //! Commands:
 //!   open NAME PATH             open (create) read-write; NAME names the fd
@@ -84,6 +96,12 @@ fn mono_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
+fn real_ns() -> u64 {
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 fn lease_letter(t: i32) -> &'static str {
     match t {
         libc::F_RDLCK => "r",
@@ -115,10 +133,11 @@ fn main() {
         }
     }
     let args: Vec<String> = std::env::args().collect();
-    if let [_, flag, path, t] = args.as_slice() {
-        if flag == "--hold-lease" {
-            return hold_lease(path, t);
-        }
+    match args.as_slice() {
+        [_, flag, path, t] if flag == "--hold-lease" => return hold_lease(path, t, None),
+        [_, flag, path, t, log] if flag == "--hold-lease" => return hold_lease(path, t, Some(log)),
+        [_, flag, path, t, log] if flag == "--break" => return break_lease(path, t, log),
+        _ => {}
     }
     if let [_, flag, path] = args.as_slice() {
         if flag == "--listen" {
@@ -132,22 +151,91 @@ fn main() {
     serve(std::io::stdin().lock(), std::io::stdout());
 }
 
-fn hold_lease(path: &str, t: &str) {
+fn hold_lease(path: &str, t: &str, log: Option<&str>) {
     let p = CString::new(path).unwrap();
     let mode = if t == "r" {
         libc::O_RDONLY
     } else {
         libc::O_RDWR
     };
-    // SAFETY: plain syscalls; the fd is ours for the life of the process.
-    unsafe {
-        let fd = libc::open(p.as_ptr(), mode);
-        assert!(fd >= 0, "open {path}: errno {}", errno());
-        let r = libc::fcntl(fd, libc::F_SETLEASE, i32::from(lock_type(t)));
-        assert_eq!(r, 0, "F_SETLEASE: errno {}", errno());
+    let fd = unsafe { libc::open(p.as_ptr(), mode) };
+    assert!(fd >= 0, "open {path}: errno {}", errno());
+    let r = unsafe { libc::fcntl(fd, libc::F_SETLEASE, i32::from(lock_type(t))) };
+    assert_eq!(r, 0, "F_SETLEASE: errno {}", errno());
+    let Some(log) = log else {
         loop {
-            libc::pause();
+            unsafe { libc::pause() };
         }
+    };
+    let mut out = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(log)
+        .unwrap();
+    // The probe: an open that conflicts with the lease, O_NONBLOCK. While a break to
+    // unlock (or a downgrade) is pending it starts nothing new and fails with
+    // EWOULDBLOCK; once the kernel has revoked (or downgraded) the lease it succeeds.
+    // Before the first break it would start one, so it waits for the first SIGIO. No
+    // fd stays open across the loop (a /proc file held at a dump would be dumped).
+    let probe_mode = if t == "r" {
+        libc::O_WRONLY
+    } else {
+        libc::O_RDONLY
+    };
+    let offset = |mono: u64| real_ns() as i64 - mono as i64;
+    let (mut last, mut prev) = (String::new(), mono_ns());
+    let mut prev_offset = offset(prev);
+    loop {
+        let now = mono_ns();
+        let off = offset(now);
+        if now - prev > 50_000_000 || (off - prev_offset).abs() > 50_000_000 {
+            let _ = writeln!(
+                out,
+                "{now} gap {} {}",
+                (now - prev) / 1_000_000,
+                now as i64 + off
+            );
+        }
+        (prev, prev_offset) = (now, off);
+        let sigios = SIGIO_SEEN.load(std::sync::atomic::Ordering::Relaxed);
+        let state = if sigios == 0 {
+            "active"
+        } else {
+            let r = unsafe { libc::open(p.as_ptr(), probe_mode | libc::O_NONBLOCK) };
+            if r >= 0 {
+                unsafe { libc::close(r) };
+                "gone"
+            } else {
+                "held"
+            }
+        };
+        let seen = format!("{state} {sigios}");
+        if seen != last {
+            let _ = writeln!(out, "{} {seen}", mono_ns());
+            last = seen;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+fn break_lease(path: &str, t: &str, log: &str) {
+    let mut out = std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(log)
+        .unwrap();
+    let p = CString::new(path).unwrap();
+    let mode = if t == "r" {
+        libc::O_RDONLY
+    } else {
+        libc::O_WRONLY
+    };
+    // Restarted by the kernel after a freeze or a restore (SIGIO has no SA_RESTART
+    // here, but a freeze is no signal delivery).
+    let fd = unsafe { libc::open(p.as_ptr(), mode) };
+    let _ = writeln!(out, "{} opened {fd} {}", mono_ns(), errno());
+    loop {
+        unsafe { libc::pause() };
     }
 }
 
