@@ -43,7 +43,7 @@ use ckpt_user::{
         snapshot::{LeaseSidecar, SIDECAR},
     },
     lock::{HeldKind, LockRange, LockType},
-    sys::{fown, hz::kernel_hz, monotonic_ns, pidfd},
+    sys::{fown, hz::kernel_hz, pidfd},
 };
 use nix::fcntl::renameat;
 use serde::Serialize;
@@ -193,13 +193,17 @@ pub fn before(dir: RawFd) -> Result<()> {
     };
     let dumped: Vec<FileLockEntry> = images::records(Some(&bytes), FILE_LOCKS_MAGIC)
         .with_context(|| format!("reading CRIU's {FILE_LOCKS}"))?;
-    let breaking = dumped.iter().filter(|e| e.is_breaking_lease()).count();
-    if breaking == 0 {
+    if !dumped.iter().any(FileLockEntry::is_lease) {
         return Ok(());
     }
-    let criu_alone =
-        format!("CRIU breaks the {breaking} lease(s) that were being broken again with the whole lease-break-time");
+    let breaking = dumped.iter().filter(|e| e.is_breaking_lease()).count();
+    let criu_alone = match breaking {
+        0 => "the restored locks and leases are not checked".to_string(),
+        n => format!("CRIU breaks the {n} lease(s) that were being broken again with the whole lease-break-time"),
+    };
     let sidecar = match read_image(dir, SIDECAR)? {
+        // Dumped without the plugin, and nothing CRIU gets wrong.
+        None if breaking == 0 => return Ok(()),
         None => bail!("no {SIDECAR} (dumped without the plugin): {criu_alone}"),
         Some(b) => LeaseSidecar::parse(&b)
             .with_context(|| format!("{SIDECAR} is unreadable; {criu_alone}"))?,
@@ -299,13 +303,27 @@ pub fn at_resume() -> Result<()> {
             .ok()
             .map(|t| parse_fdinfo(&t))
     });
-    match rebreak(&st.pending, &mut report.warnings) {
-        Ok((go, leases)) => {
-            report.resume_monotonic_ns = go;
-            report.leases = leases;
+    // Published between the last break and the instant the deadlines count from,
+    // so that CRIU resumes the processes right at it.
+    let mut published = None;
+    let broken = rebreak(&st.pending, |go, leases, warnings| {
+        report.resume_monotonic_ns = go;
+        report.leases = leases.to_vec();
+        report.warnings.extend_from_slice(warnings);
+        published = Some(publish(&report, dir));
+    });
+    match (broken, published) {
+        (Ok(()), Some(done)) => done,
+        (Ok(()), None) => publish(&report, dir),
+        (Err(e), _) => {
+            report.errors.push(format!("{e:#}"));
+            publish(&report, dir)
         }
-        Err(e) => report.errors.push(format!("{e:#}")),
     }
+}
+
+/// The report on CRIU's log and stderr, and in [`REPORT`].
+fn publish(report: &RestoreReport, dir: Option<RawFd>) -> Result<()> {
     for l in &report.leases {
         say(
             Level::Info,
@@ -327,7 +345,7 @@ pub fn at_resume() -> Result<()> {
         }
     }
     if let Some(dir) = dir {
-        let mut bytes = serde_json::to_vec_pretty(&report)?;
+        let mut bytes = serde_json::to_vec_pretty(report)?;
         bytes.push(b'\n');
         write_atomic(dir, REPORT, &bytes)?;
     }
@@ -335,10 +353,14 @@ pub fn at_resume() -> Result<()> {
 }
 
 /// Breaks each pending lease through a dup of its holder's description, on ckpt's
-/// schedule; returns the instant the deadlines count from, once it has come.
-fn rebreak(pending: &[Pending], warnings: &mut Vec<String>) -> Result<(u64, Vec<LeaseReport>)> {
+/// schedule; calls `before_release` with the instant the deadlines count from, the
+/// leases and the warnings, and returns once that instant has come.
+fn rebreak(
+    pending: &[Pending],
+    before_release: impl FnOnce(u64, &[LeaseReport], &[String]),
+) -> Result<()> {
     if pending.is_empty() {
-        return Ok((monotonic_ns(), Vec::new()));
+        return Ok(());
     }
     let fds = pending
         .iter()
@@ -385,15 +407,22 @@ fn rebreak(pending: &[Pending], warnings: &mut Vec<String>) -> Result<(u64, Vec<
         Duration::from_nanos(1_000_000_000 / u64::from(hz.max(1))),
     );
     let tracer = Tracer::open(&pins(), hz);
-    let sysctl = Sysctl::acquire(SysctlFiles::default(), warnings)?;
+    let mut warnings = Vec::new();
+    let sysctl = Sysctl::acquire(SysctlFiles::default(), &mut warnings)?;
     let schedule = Schedule {
         leases: &leases,
         breaks: &breaks,
         tracer: tracer.as_ref(),
         hz,
     };
-    let go = schedule.run(sysctl, &mut reports, &AtomicBool::new(false), warnings)?;
-    Ok((go, reports))
+    schedule.run(
+        sysctl,
+        &mut reports,
+        &AtomicBool::new(false),
+        &mut warnings,
+        |go, reports, warnings| before_release(go, reports, warnings),
+    )?;
+    Ok(())
 }
 
 /// Restore exit: a restore that failed before its processes resumed leaves the

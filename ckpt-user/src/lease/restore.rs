@@ -481,7 +481,7 @@ pub fn restore(
                 tracer: tracer.as_ref(),
                 hz,
             };
-            schedule.run(sysctl, &mut reports, cancel, warnings)?
+            schedule.run(sysctl, &mut reports, cancel, warnings, |_, _, _| {})?
         }
         _ => monotonic_ns(),
     };
@@ -547,13 +547,16 @@ pub struct Schedule<'a> {
 impl Schedule<'_> {
     /// Makes the breaks on their schedule, with `sysctl` held, and returns the release
     /// instant they were timed for (fixed by the first break's deadline), once it has
-    /// come. `reports` is indexed like `leases`.
+    /// come. `reports` is indexed like `leases`. `before_release` runs between the
+    /// last break and that instant, with it, the reports and the warnings (work that
+    /// must not delay the release).
     pub fn run(
         &self,
         mut sysctl: Sysctl,
         reports: &mut [LeaseReport],
         cancel: &AtomicBool,
         warnings: &mut Vec<String>,
+        before_release: impl FnOnce(u64, &[LeaseReport], &[String]),
     ) -> Result<u64> {
         let Some(first) = self.breaks.first() else {
             return Ok(monotonic_ns());
@@ -590,6 +593,7 @@ impl Schedule<'_> {
             r.lease_break_time_s = Some(b.sysctl_s);
         }
         drop(sysctl);
+        before_release(go, reports, warnings);
         sleep_until(go, cancel)?;
         drop(fifo);
         let late = monotonic_ns().saturating_sub(go);

@@ -17,6 +17,12 @@
 //! relates that line to a clock outside.
 //! `locker --break PATH r|w LOG` opens PATH for reading or writing, blocking on any
 //! lease break, appends "MONO_NS opened" to LOG when the open returns, and waits.
+//! `locker --hold-all DIR` holds one of each in DIR and waits (for CRIU round trips):
+//! a POSIX write lock on bytes 0-9 of `posix`, an OFD read lock from byte 5 to EOF
+//! of `ofd`, an exclusive flock on `flock` shared with a forked child, a read lease on
+//! `lease`, and `deleted`, holding "ghost", open and unlinked; the child waits for a
+//! POSIX write lock on bytes 0-9 of `posix` (a blocked waiter). Writes DIR/ready
+//! when all is taken but the child's wait.
 //!
 //! Commands:
 //!   open NAME PATH             open (create) read-write; NAME names the fd
@@ -137,6 +143,7 @@ fn main() {
         [_, flag, path, t] if flag == "--hold-lease" => return hold_lease(path, t, None),
         [_, flag, path, t, log] if flag == "--hold-lease" => return hold_lease(path, t, Some(log)),
         [_, flag, path, t, log] if flag == "--break" => return break_lease(path, t, log),
+        [_, flag, dir] if flag == "--hold-all" => return hold_all(dir),
         _ => {}
     }
     if let [_, flag, path] = args.as_slice() {
@@ -215,6 +222,57 @@ fn hold_lease(path: &str, t: &str, log: Option<&str>) {
             last = seen;
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+fn hold_all(dir: &str) {
+    let open = |name: &str, flags: i32| {
+        let p = CString::new(format!("{dir}/{name}")).unwrap();
+        let fd = unsafe { libc::open(p.as_ptr(), flags | libc::O_CREAT, 0o644) };
+        assert!(fd >= 0, "open {name}: errno {}", errno());
+        fd
+    };
+    let range_lock = |fd: i32, cmd: i32, t: i16, start: i64, len: i64| {
+        let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+        fl.l_type = t;
+        fl.l_whence = libc::SEEK_SET as i16;
+        fl.l_start = start;
+        fl.l_len = len;
+        let r = unsafe { libc::fcntl(fd, cmd, &fl) };
+        assert_eq!(r, 0, "lock: errno {}", errno());
+    };
+    let posix = open("posix", libc::O_RDWR);
+    range_lock(posix, libc::F_SETLK, libc::F_WRLCK as i16, 0, 10);
+    let ofd = open("ofd", libc::O_RDWR);
+    range_lock(ofd, libc::F_OFD_SETLK, libc::F_RDLCK as i16, 5, 0);
+    let flock = open("flock", libc::O_RDWR);
+    assert_eq!(unsafe { libc::flock(flock, libc::LOCK_EX) }, 0);
+    let lease = open("lease", libc::O_RDONLY);
+    assert_eq!(
+        unsafe { libc::fcntl(lease, libc::F_SETLEASE, libc::F_RDLCK) },
+        0
+    );
+    let deleted = open("deleted", libc::O_RDWR);
+    assert_eq!(
+        unsafe { libc::write(deleted, b"ghost".as_ptr().cast(), 5) },
+        5
+    );
+    let p = CString::new(format!("{dir}/deleted")).unwrap();
+    assert_eq!(unsafe { libc::unlink(p.as_ptr()) }, 0);
+    match unsafe { libc::fork() } {
+        0 => {
+            // Its own POSIX lock request: it conflicts with the parent's and waits.
+            let mine = open("posix", libc::O_RDWR);
+            range_lock(mine, libc::F_SETLKW, libc::F_WRLCK as i16, 0, 10);
+            loop {
+                unsafe { libc::pause() };
+            }
+        }
+        child => assert!(child > 0, "fork: errno {}", errno()),
+    }
+    std::fs::write(format!("{dir}/ready"), "").unwrap();
+    loop {
+        unsafe { libc::pause() };
     }
 }
 
