@@ -701,10 +701,13 @@ fn every_lock_kind_round_trips_through_criu_and_the_plugin_checks_them() {
     require_root();
     // SAFETY: plain prctl (see the seed scenario).
     unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    // The agent keeps the waiter's start, which the sidecar records.
+    let agent = Agent::start();
     let scratch = Scratch::new();
     let with_plugin = plugin_dir(&scratch);
     let dir = scratch.0.join("files");
     std::fs::create_dir_all(&dir).unwrap();
+    let started = mono_ns();
     let mut cmd = Command::new(bin("locker"));
     cmd.arg("--hold-all").arg(&dir);
     let mut root = alone(cmd);
@@ -724,9 +727,36 @@ fn every_lock_kind_round_trips_through_criu_and_the_plugin_checks_them() {
     let before = kernel_view(pid, child);
     eprintln!("before: {before:#?}");
     let images = scratch.0.join("images");
-    criu_dump(pid, &images, &with_plugin, None);
+    let dump_start = mono_ns();
+    criu_dump(pid, &images, &with_plugin, Some(&agent.pin_dir));
     let _ = root.wait();
     reap(&[pid, child]);
+    // The waiter in the sidecar, with the time it had waited.
+    let sidecar = std::fs::read_to_string(images.join("ckpt-leases.json")).unwrap();
+    eprintln!("sidecar: {sidecar}");
+    let sidecar: serde_json::Value = serde_json::from_str(&sidecar).unwrap();
+    let w = &sidecar["waiters"][0];
+    assert_eq!(
+        (&w["pid"], &w["kind"], &w["type"], &w["start"], &w["end"]),
+        (
+            &serde_json::json!(child),
+            &serde_json::json!("posix"),
+            &serde_json::json!("write"),
+            &serde_json::json!(0),
+            &serde_json::json!(9)
+        ),
+        "{sidecar}"
+    );
+    let since = w["since_monotonic_ns"].as_u64().unwrap();
+    assert!((started..dump_start).contains(&since), "{sidecar}");
+    let (code, shown, err) = ckpt_user(&["inspect", images.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        shown.contains(&format!(
+            "waiter pid {child} tid {child}: write POSIX lock on 0-9"
+        )),
+        "{shown}"
+    );
 
     criu_restore(&images, &with_plugin);
     let after = kernel_view(pid, child);

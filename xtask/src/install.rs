@@ -114,6 +114,27 @@ pub fn install(prefix: &str, destdir: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `cargo xtask install-criu-plugin`: the plugin as `dir`/ckpt.so, written beside it
+/// and renamed into place (CRIU aborts a run on a plugin it cannot load).
+pub fn install_criu_plugin(dir: &Path) -> Result<()> {
+    sh(Command::new("cargo").current_dir(workspace()).args([
+        "build",
+        "--release",
+        "-p",
+        "ckpt-criu-plugin",
+    ]))?;
+    let built = workspace().join("target/release/libckpt_criu_plugin.so");
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let (tmp, to) = (dir.join(".ckpt.so.tmp"), dir.join("ckpt.so"));
+    std::fs::copy(&built, &tmp).with_context(|| format!("copying to {}", tmp.display()))?;
+    std::fs::rename(&tmp, &to).with_context(|| format!("installing {}", to.display()))?;
+    println!(
+        "install: {} (CRIU loads it on every dump and restore; remove it to stop)",
+        to.display()
+    );
+    Ok(())
+}
+
 /// `cargo xtask package`: target/ckpt_VERSION_ARCH.deb, built with dpkg-deb from the
 /// /usr layout. Returns its path.
 pub fn package() -> Result<PathBuf> {

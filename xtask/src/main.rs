@@ -59,6 +59,14 @@ enum Cmd {
         #[arg(long, default_value = "/")]
         destdir: std::path::PathBuf,
     },
+    /// Build the CRIU plugin and install it as DIR/ckpt.so, where CRIU loads it on
+    /// every dump and restore (replaced in one rename: a CRIU run never sees half of it).
+    InstallCriuPlugin {
+        /// CRIU's plugin directory (compiled into criu; `criu -L` or CRIU_LIBS_DIR
+        /// replace it).
+        #[arg(long, default_value = "/usr/lib/criu")]
+        dir: std::path::PathBuf,
+    },
     /// Build a Debian package of the same files (target/ckpt_VERSION_ARCH.deb).
     Package,
     /// Fuzz every reader of an image (reader, inspect, restore's checks) in process;
@@ -107,6 +115,9 @@ fn main() {
         Cmd::Demo => setup::run(setup::Purpose::Demo).and_then(|_| demo::run()),
         Cmd::Install { prefix, destdir } => {
             setup::run(setup::Purpose::Build).and_then(|_| install::install(&prefix, &destdir))
+        }
+        Cmd::InstallCriuPlugin { dir } => {
+            setup::run(setup::Purpose::Build).and_then(|_| install::install_criu_plugin(&dir))
         }
         Cmd::Package => setup::run(setup::Purpose::Build)
             .and_then(|_| install::package())

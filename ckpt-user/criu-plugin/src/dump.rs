@@ -22,7 +22,9 @@ use ckpt_user::{
 };
 
 use crate::{
-    images::{self, FileLockEntry, FILE_LOCKS, FILE_LOCKS_MAGIC},
+    images::{
+        self, FileLockEntry, PstreeEntry, FILE_LOCKS, FILE_LOCKS_MAGIC, PSTREE, PSTREE_MAGIC,
+    },
     read_image, say, write_atomic, Level,
 };
 
@@ -31,32 +33,46 @@ pub fn after_dump(dir: RawFd) -> Result<()> {
         images::records(read_image(dir, FILE_LOCKS)?.as_deref(), FILE_LOCKS_MAGIC)
             .context("reading CRIU's filelocks.img")?;
     let leases: Vec<&FileLockEntry> = locks.iter().filter(|e| e.is_lease()).collect();
-    if leases.is_empty() {
+    let pins = crate::pins();
+    // The agent's records (history only: without it every kernel fact about a lease
+    // is still there, but no waiter is).
+    let history = History::read(&pins);
+    let taken = monotonic_ns();
+    let waiters = match &history {
+        Ok(Some(h)) => {
+            let tree: Vec<PstreeEntry> =
+                images::records(read_image(dir, PSTREE)?.as_deref(), PSTREE_MAGIC)
+                    .context("reading CRIU's pstree.img")?;
+            let pids: Vec<u32> = tree.iter().map(|e| e.pid).collect();
+            snapshot::waiters_of(h, &pids, taken)
+        }
+        _ => Vec::new(),
+    };
+    if leases.is_empty() && waiters.is_empty() {
         return Ok(());
     }
-    let taken = monotonic_ns();
     let mut sidecar = LeaseSidecar {
         format: SIDECAR_FORMAT.into(),
         version: 1,
         taken_monotonic_ns: taken,
         leases: Vec::new(),
+        waiters,
         errors: Vec::new(),
     };
-    // The agent's records of the breaks, when one runs (history only: without it
-    // every kernel fact is still there).
-    let pins = crate::pins();
-    let history = History::read(&pins).unwrap_or_else(|e| {
+    let history = history.unwrap_or_else(|e| {
         sidecar.errors.push(format!(
-            "ckpt-agent's records cannot be read ({e:#}): no break starts or breakers"
+            "ckpt-agent's records cannot be read ({e:#}): no break starts, breakers or waiters"
         ));
         None
     });
-    match read_leases(&pins, &leases, taken, history.as_ref()) {
-        Ok((found, missing)) => {
-            sidecar.leases = found;
-            sidecar.errors.extend(missing);
+    if !leases.is_empty() {
+        match read_leases(&pins, &leases, taken, history.as_ref()) {
+            Ok((found, missing)) => {
+                sidecar.leases = found;
+                sidecar.errors.extend(missing);
+            }
+            Err(e) => sidecar.errors.push(format!("{e:#}")),
         }
-        Err(e) => sidecar.errors.push(format!("{e:#}")),
     }
     for e in &sidecar.errors {
         say(Level::Error, e);

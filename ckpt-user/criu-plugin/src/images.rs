@@ -14,6 +14,26 @@ pub const FILE_LOCKS_MAGIC: u32 = 0x5432_3616;
 /// Its name in the image directory.
 pub const FILE_LOCKS: &str = "filelocks.img";
 
+pub const PSTREE_MAGIC: u32 = 0x5027_3030;
+pub const PSTREE: &str = "pstree.img";
+
+/// `pstree_entry` (images/pstree.proto): one dumped process, by its pid in the
+/// tree's own pid namespace.
+#[derive(Clone, PartialEq, Message)]
+pub struct PstreeEntry {
+    #[prost(uint32, required, tag = "1")]
+    pub pid: u32,
+    #[prost(uint32, required, tag = "2")]
+    pub ppid: u32,
+    #[prost(uint32, required, tag = "3")]
+    pub pgid: u32,
+    #[prost(uint32, required, tag = "4")]
+    pub sid: u32,
+    /// proto2 `repeated` without `packed`: prost reads both encodings.
+    #[prost(uint32, repeated, packed = "false", tag = "5")]
+    pub threads: Vec<u32>,
+}
+
 /// `file_lock_entry` (images/file-lock.proto).
 #[derive(Clone, PartialEq, Message)]
 pub struct FileLockEntry {
@@ -162,7 +182,17 @@ mod tests {
             .unwrap()
             .is_empty());
         // Another image (pstree.img's magic).
-        assert!(records::<FileLockEntry>(Some(&img), 0x5027_3030).is_err());
+        assert!(records::<FileLockEntry>(Some(&img), PSTREE_MAGIC).is_err());
+        // A pstree entry as CRIU writes it: pid 7, ppid 1, pgid 7, sid 7, threads 7
+        // and 8 unpacked (proto2's default).
+        let mut tree = Vec::new();
+        tree.extend(0x5456_4319u32.to_le_bytes());
+        tree.extend(PSTREE_MAGIC.to_le_bytes());
+        let body = [0x08, 7, 0x10, 1, 0x18, 7, 0x20, 7, 0x28, 7, 0x28, 8];
+        tree.extend((body.len() as u32).to_le_bytes());
+        tree.extend(body);
+        let got: Vec<PstreeEntry> = records(Some(&tree), PSTREE_MAGIC).unwrap();
+        assert_eq!((got[0].pid, got[0].threads.clone()), (7, vec![7, 8]));
         for n in 0..img.len() {
             let _ = records::<FileLockEntry>(Some(&img[..n]), FILE_LOCKS_MAGIC);
         }

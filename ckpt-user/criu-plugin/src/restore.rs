@@ -549,6 +549,7 @@ mod tests {
             version: 1,
             taken_monotonic_ns: 1,
             leases,
+            waiters: Vec::new(),
             errors: Vec::new(),
         }
     }

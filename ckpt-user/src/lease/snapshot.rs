@@ -33,7 +33,53 @@ pub struct LeaseSidecar {
     /// `remaining_ns` counts from here.
     pub taken_monotonic_ns: u64,
     pub leases: Vec<LeaseSnapshot>,
+    /// The dumped processes' threads that were waiting for a lock (ckpt-agent's
+    /// record: the kernel drops a frozen waiter's request, and CRIU keeps none; the
+    /// call restarts after the restore). Absent in sidecars before it.
+    #[serde(default)]
+    pub waiters: Vec<WaiterSnapshot>,
     pub errors: Vec<String>,
+}
+
+/// A thread waiting for a lock when the sidecar was taken.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaiterSnapshot {
+    pub pid: u32,
+    pub tid: u32,
+    /// posix, ofd or flock (null: a kind ckpt does not know).
+    pub kind: Option<HeldKind>,
+    #[serde(rename = "type")]
+    pub lock_type: Option<LockType>,
+    /// The bytes asked for, first and last (9223372036854775807: to the end of file).
+    pub start: i64,
+    pub end: i64,
+    pub ino: u64,
+    /// CLOCK_MONOTONIC when it began to wait (a restart after a freeze keeps it).
+    pub since_monotonic_ns: u64,
+    /// How long it had waited when the sidecar was taken.
+    pub waited_ns: u64,
+}
+
+/// The waiters among `pids` in ckpt-agent's record, at `now_ns`, by thread.
+pub fn waiters_of(history: &History, pids: &[u32], now_ns: u64) -> Vec<WaiterSnapshot> {
+    let mut out: Vec<WaiterSnapshot> = history
+        .waits
+        .values()
+        .filter(|(_, w)| pids.contains(&w.tgid))
+        .map(|&(tid, w)| WaiterSnapshot {
+            pid: w.tgid,
+            tid,
+            kind: HeldKind::from_fl_flags(w.flags),
+            lock_type: LockType::from_fl_type(w.lock_type),
+            start: w.start,
+            end: w.end,
+            ino: w.ino,
+            since_monotonic_ns: w.since_ns,
+            waited_ns: now_ns.saturating_sub(w.since_ns),
+        })
+        .collect();
+    out.sort_by_key(|w| (w.pid, w.tid));
+    out
 }
 
 impl LeaseSidecar {
@@ -82,10 +128,11 @@ pub struct LeaseSnapshot {
 pub fn render(s: &LeaseSidecar) -> String {
     let secs = |ns: i64| ns as f64 / 1e9;
     let mut out = format!(
-        "CRIU dump, ckpt lease sidecar v{} taken at CLOCK_MONOTONIC {:.3} s: {} leases\n",
+        "CRIU dump, ckpt lease sidecar v{} taken at CLOCK_MONOTONIC {:.3} s: {} leases, {} waiters\n",
         s.version,
         secs(s.taken_monotonic_ns as i64),
-        s.leases.len()
+        s.leases.len(),
+        s.waiters.len()
     );
     for l in &s.leases {
         let ty = l.lock_type.map_or("?", LockType::name);
@@ -128,6 +175,18 @@ pub fn render(s: &LeaseSidecar) -> String {
             }
         }
         out.push('\n');
+    }
+    for w in &s.waiters {
+        out.push_str(&format!(
+            "  waiter pid {} tid {}: {} {} lock on {} of inode {}, waiting {:.3} s\n",
+            w.pid,
+            w.tid,
+            w.lock_type.map_or("?", LockType::name),
+            w.kind.map_or("?", HeldKind::label),
+            crate::lock::range_label(w.start, w.end),
+            w.ino,
+            secs(w.waited_ns as i64)
+        ));
     }
     for e in &s.errors {
         out.push_str(&format!("  error: {e}\n"));
@@ -242,17 +301,40 @@ mod tests {
             version: 1,
             taken_monotonic_ns: 51_000_000_000,
             leases: lease,
+            waiters: vec![WaiterSnapshot {
+                pid: 20,
+                tid: 21,
+                kind: Some(HeldKind::Lock(crate::lock::LockKind::Posix)),
+                lock_type: Some(LockType::Write),
+                start: 0,
+                end: 9,
+                ino: 7,
+                since_monotonic_ns: 48_000_000_000,
+                waited_ns: 3_000_000_000,
+            }],
             errors: vec!["one thing".into()],
         };
         let bytes = serde_json::to_vec(&s).unwrap();
         let back = LeaseSidecar::parse(&bytes).unwrap();
         assert_eq!(back.leases, s.leases);
+        assert_eq!(back.waiters, s.waiters);
         let text = render(&back);
         assert!(
             text.contains("pid 10 fd 3 /tmp/f: write lease, breaking to unlock, 1.000 s left, holder signalled (SIGIO), breakers 12 (write, nonblock)"),
             "{text}"
         );
         assert!(text.contains("error: one thing"), "{text}");
+        assert!(
+            text.contains(
+                "waiter pid 20 tid 21: write POSIX lock on 0-9 of inode 7, waiting 3.000 s"
+            ),
+            "{text}"
+        );
+        // A sidecar from before waiters were kept still reads.
+        assert!(LeaseSidecar::parse(
+            br#"{"format":"ckpt-criu-leases","version":1,"taken_monotonic_ns":0,"leases":[],"errors":[]}"#
+        )
+        .is_ok());
         for n in 0..bytes.len() {
             assert!(LeaseSidecar::parse(&bytes[..n]).is_err());
         }
