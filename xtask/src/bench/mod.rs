@@ -4,6 +4,7 @@
 //! test: a slow shared machine never fails anything here.
 
 mod chart;
+mod criu_plugin;
 mod dump;
 mod tracer;
 mod views;
@@ -40,6 +41,11 @@ const PARTS: &[Part] = &[
         "views",
         "Observability: ckpt-user vs lslocks and lsof",
         views::run,
+    ),
+    (
+        "criu-plugin",
+        "CRIU plugin: its work at the end of a dump",
+        criu_plugin::run,
     ),
 ];
 
@@ -174,20 +180,21 @@ impl Drop for Worker {
     }
 }
 
-/// Starts ckpt-agent on `pin_dir` (pins removed on exit) and waits until it serves.
-/// Builds one of ckpt-user's examples (the benches' floors); returns its path.
-pub fn build_example(name: &str) -> Result<PathBuf> {
+/// Builds one of `package`'s examples (the benches' floors and drivers); returns its
+/// path.
+pub fn build_example(package: &str, name: &str) -> Result<PathBuf> {
     crate::util::sh(Command::new("cargo").current_dir(workspace()).args([
         "build",
         "--release",
         "-p",
-        "ckpt-user",
+        package,
         "--example",
         name,
     ]))?;
     Ok(workspace().join("target/release/examples").join(name))
 }
 
+/// Starts ckpt-agent on `pin_dir` (pins removed on exit) and waits until it serves.
 pub fn start_agent(bins: &Path, pin_dir: &str) -> Result<Child> {
     start_agent_with(bins, pin_dir, &[])
 }

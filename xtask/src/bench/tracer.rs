@@ -288,7 +288,7 @@ fn agent_cpu(ctx: &Ctx, seconds: u64) -> Result<(f64, f64)> {
 
 /// The tracer section's body.
 pub fn run(ctx: &Ctx) -> Result<String> {
-    let floor = super::build_example("tracepoint_floor")?;
+    let floor = super::build_example("ckpt-user", "tracepoint_floor")?;
     // The floor must stand for exactly what the agent attaches.
     let (child, floor_progs) = start_floor(&floor)?;
     halt(Mode::Floor, Some(child));

@@ -167,7 +167,7 @@ pub fn run(ctx: &Ctx) -> Result<String> {
 /// The kernel's walk alone: empty iterators over every fd and every mapping, read side
 /// by side as `ckpt-user locks` reads its own (ckpt-user's `walk_floor` example).
 fn walk_floor(runs: usize) -> Result<String> {
-    let floor = super::build_example("walk_floor")?;
+    let floor = super::build_example("ckpt-user", "walk_floor")?;
     let mut times = Vec::new();
     for _ in 0..runs {
         let out = Command::new(&floor).output()?;
