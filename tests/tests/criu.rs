@@ -42,6 +42,17 @@ fn criu_dump(
     libdir: &std::path::Path,
     pins: Option<&std::path::Path>,
 ) -> std::process::Output {
+    criu_dump_with(pid, images, libdir, pins, &[])
+}
+
+/// `criu_dump` with more of CRIU's options.
+fn criu_dump_with(
+    pid: u32,
+    images: &std::path::Path,
+    libdir: &std::path::Path,
+    pins: Option<&std::path::Path>,
+    extra: &[&str],
+) -> std::process::Output {
     std::fs::create_dir_all(images).unwrap();
     let mut cmd = Command::new("criu");
     cmd.args([
@@ -51,7 +62,8 @@ fn criu_dump(
         "--file-locks",
         "--file-validation",
         "filesize",
-    ]);
+    ])
+    .args(extra);
     run_criu(cmd, images, libdir, pins, "dump")
 }
 
@@ -632,6 +644,8 @@ fn read_lease_breaks_and_downgrades_keep_their_time_through_criu_with_the_plugin
 
 /// A restore with a corrupt or a missing sidecar is CRIU's own: it still works, the
 /// dumped filelocks.img is left as it was, and the plugin says what it could not do.
+/// A restore that fails (the dumped process still runs: its pid is taken) leaves the
+/// dumped filelocks.img in place too.
 #[test]
 #[ignore = "CRIU 3.17.1 does not start on the 6.18 host; runs in the VM matrix"]
 fn a_corrupt_or_missing_sidecar_leaves_the_restore_to_criu() {
@@ -654,10 +668,28 @@ fn a_corrupt_or_missing_sidecar_leaves_the_restore_to_criu() {
         Some(libc::EWOULDBLOCK)
     );
     let images = scratch.0.join("images");
-    criu_dump(pid, &images, &with_plugin, None);
+    criu_dump_with(pid, &images, &with_plugin, None, &["--leave-running"]);
+    let dumped = std::fs::read(images.join("filelocks.img")).unwrap();
+    let out = Command::new("criu")
+        .args(["restore", "--file-locks", "-d", "-o", "failing.log", "-D"])
+        .arg(&images)
+        .arg("-L")
+        .arg(&with_plugin)
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "the restore over a live pid succeeded"
+    );
+    assert_eq!(
+        std::fs::read(images.join("filelocks.img")).unwrap(),
+        dumped,
+        "a failed restore left filelocks.img rewritten: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!images.join("ckpt-filelocks.orig.img").exists());
     let _ = holder.kill();
     let _ = holder.wait();
-    let dumped = std::fs::read(images.join("filelocks.img")).unwrap();
     let sidecar = images.join("ckpt-leases.json");
     for (case, said) in [
         ("corrupt", "ckpt-leases.json is unreadable"),
