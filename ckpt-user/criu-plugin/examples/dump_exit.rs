@@ -4,15 +4,17 @@
 //! - `dump_exit setup DIR PID...`: writes DIR/pstree.img naming the processes, and
 //!   DIR/filelocks.img with a lease on fd 3 of each (as CRIU would for
 //!   `locker --hold-lease`); `setup DIR --no-leases PID...` without leases.
-//! - `dump_exit run DIR`: what the plugin does in `exit(DUMP, 0)` (with the agent's
-//!   pins from `$CKPT_PIN_DIR`), once; prints its wall-clock milliseconds.
+//! - `dump_exit run DIR`: seizes the processes (ptrace, without stopping them, as
+//!   CRIU holds them), then does what the plugin does in `exit(DUMP, 0)` (with the
+//!   agent's pins from `$CKPT_PIN_DIR`), once; prints its wall-clock milliseconds.
 
 use std::{os::fd::AsRawFd as _, time::Instant};
 
 use anyhow::{bail, Context as _, Result};
 use ckpt_criu_plugin::images::{
-    image, FileLockEntry, PstreeEntry, FILE_LOCKS, FILE_LOCKS_MAGIC, PSTREE, PSTREE_MAGIC,
+    image, records, FileLockEntry, PstreeEntry, FILE_LOCKS, FILE_LOCKS_MAGIC, PSTREE, PSTREE_MAGIC,
 };
+use nix::{sys::ptrace, unistd::Pid};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -53,6 +55,16 @@ fn main() -> Result<()> {
             Ok(())
         }
         [cmd, dir] if cmd == "run" => {
+            // Seized as CRIU holds them (the plugin finds the tree as the processes
+            // the process it runs in traces), not stopped.
+            let tree: Vec<PstreeEntry> = records(
+                Some(&std::fs::read(std::path::Path::new(dir).join(PSTREE))?),
+                PSTREE_MAGIC,
+            )?;
+            for e in &tree {
+                ptrace::seize(Pid::from_raw(e.pid as i32), ptrace::Options::empty())
+                    .with_context(|| format!("seizing {}", e.pid))?;
+            }
             let dir = std::fs::File::open(dir).with_context(|| format!("opening {dir}"))?;
             let t0 = Instant::now();
             ckpt_criu_plugin::dump::after_dump(dir.as_raw_fd())?;

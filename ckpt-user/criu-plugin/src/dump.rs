@@ -11,7 +11,7 @@ use std::os::fd::RawFd;
 
 use anyhow::{Context as _, Result};
 use ckpt_user::{
-    lease::snapshot::{self, LeaseSidecar, LeaseSnapshot, SIDECAR, SIDECAR_FORMAT},
+    lease::snapshot::{self, LeaseSidecar, LeaseSnapshot, WaiterSnapshot, SIDECAR, SIDECAR_FORMAT},
     lock::kernel,
     sys::{hz::kernel_hz, monotonic_ns},
     tracer::{
@@ -25,7 +25,9 @@ use crate::{
     images::{
         self, FileLockEntry, PstreeEntry, FILE_LOCKS, FILE_LOCKS_MAGIC, PSTREE, PSTREE_MAGIC,
     },
-    read_image, say, write_atomic, Level,
+    read_image, say,
+    tasks::Tasks,
+    write_atomic, Level,
 };
 
 pub fn after_dump(dir: RawFd) -> Result<()> {
@@ -37,15 +39,22 @@ pub fn after_dump(dir: RawFd) -> Result<()> {
     // The agent's records (history only: without it every kernel fact about a lease
     // is still there, but no waiter is).
     let history = History::read(&pins);
+    if leases.is_empty() && !matches!(history, Ok(Some(_))) {
+        return Ok(());
+    }
     let taken = monotonic_ns();
+    let tree: Vec<PstreeEntry> = images::records(read_image(dir, PSTREE)?.as_deref(), PSTREE_MAGIC)
+        .context("reading CRIU's pstree.img")?;
+    let tasks = Tasks::traced_here(&tree.iter().map(|e| e.pid as i32).collect::<Vec<_>>());
     let waiters = match &history {
-        Ok(Some(h)) => {
-            let tree: Vec<PstreeEntry> =
-                images::records(read_image(dir, PSTREE)?.as_deref(), PSTREE_MAGIC)
-                    .context("reading CRIU's pstree.img")?;
-            let pids: Vec<u32> = tree.iter().map(|e| e.pid).collect();
-            snapshot::waiters_of(h, &pids, taken)
-        }
+        Ok(Some(h)) => snapshot::waiters_of(h, &tasks.hosts(), taken)
+            .into_iter()
+            .map(|w| WaiterSnapshot {
+                pid: tasks.virt(w.pid).map_or(w.pid, |p| p as u32),
+                tid: tasks.virt_tid(w.pid, w.tid).map_or(w.tid, |t| t as u32),
+                ..w
+            })
+            .collect(),
         _ => Vec::new(),
     };
     if leases.is_empty() && waiters.is_empty() {
@@ -66,7 +75,7 @@ pub fn after_dump(dir: RawFd) -> Result<()> {
         None
     });
     if !leases.is_empty() {
-        match read_leases(&pins, &leases, taken, history.as_ref()) {
+        match read_leases(&pins, &tasks, &leases, taken, history.as_ref()) {
             Ok((found, missing)) => {
                 sidecar.leases = found;
                 sidecar.errors.extend(missing);
@@ -86,6 +95,7 @@ pub fn after_dump(dir: RawFd) -> Result<()> {
 /// ones it does not show, as errors.
 fn read_leases(
     pins: &PinDir,
+    tasks: &Tasks,
     recorded: &[&FileLockEntry],
     now_ns: u64,
     history: Option<&History>,
@@ -97,15 +107,25 @@ fn read_leases(
     pids.sort_unstable();
     pids.dedup();
     let mut held = Vec::new();
-    for pid in pids.into_iter().filter(|&p| p > 0) {
-        let table = kernel::read_process(&iters, pid as u32)
-            .with_context(|| format!("reading the leases of process {pid}"))?;
-        held.extend(snapshot::of_process(
-            &table, pid as u32, now_ns, hz, history,
-        ));
+    for virt in pids {
+        let Some(host) = tasks.host(virt) else {
+            continue;
+        };
+        let table = kernel::read_process(&iters, host)
+            .with_context(|| format!("reading the leases of process {virt} (host pid {host})"))?;
+        // Named as CRIU's images name them.
+        held.extend(
+            snapshot::of_process(&table, host, now_ns, hz, history)
+                .into_iter()
+                .map(|s| LeaseSnapshot {
+                    pid: virt as u32,
+                    ..s
+                }),
+        );
     }
     Ok(matched(recorded, held, |e| {
-        std::fs::read_to_string(format!("/proc/{}/fdinfo/{}", e.pid, e.fd)).ok()
+        let host = tasks.host(e.pid)?;
+        std::fs::read_to_string(format!("/proc/{host}/fdinfo/{}", e.fd)).ok()
     }))
 }
 
@@ -118,7 +138,7 @@ fn missing_reason(e: &FileLockEntry, fdinfo: Option<&str>) -> String {
             "the lease CRIU recorded on {at} is gone: the kernel revoked or released it during the dump (CRIU's default --file-validation opens each file, which waits out a lease break: use --file-validation filesize)"
         ),
         _ => format!(
-            "CRIU recorded a lease on {at} that the kernel's lists do not show there (a tree in its own pid namespace is not handled yet)"
+            "CRIU recorded a lease on {at} that the kernel's lists do not show there"
         ),
     }
 }
@@ -196,7 +216,7 @@ mod tests {
         );
         assert_eq!(missing.len(), 1);
         assert!(missing[0].contains("process 11"), "{}", missing[0]);
-        assert!(missing[0].contains("pid namespace"), "{}", missing[0]);
+        assert!(missing[0].contains("do not show there"), "{}", missing[0]);
         // Its fd is there without a lease: revoked during the dump.
         let (_, missing) = matched(&[&c], Vec::new(), |_| Some("pos:\t0\nflags:\t02\n".into()));
         assert!(

@@ -22,6 +22,7 @@
 pub mod dump;
 pub mod images;
 pub mod restore;
+pub mod tasks;
 
 use std::{
     ffi::{c_char, c_int, c_uint, c_void, CString},

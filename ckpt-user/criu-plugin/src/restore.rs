@@ -51,7 +51,9 @@ use serde::Serialize;
 use crate::{
     image_dir,
     images::{self, FileLockEntry, FILE_LOCKS, FILE_LOCKS_MAGIC},
-    pins, read_image, say, write_atomic, Level,
+    pins, read_image, say,
+    tasks::Tasks,
+    write_atomic, Level,
 };
 
 /// The dumped `filelocks.img`, while CRIU reads a rewritten one.
@@ -298,15 +300,20 @@ pub fn at_resume() -> Result<()> {
     }
     // Checked before the breaks, which must come last: the processes resume at the
     // instant they count from.
+    let mut virt: Vec<i32> = st.given.iter().map(|e| e.pid).collect();
+    virt.sort_unstable();
+    virt.dedup();
+    let tasks = Tasks::traced_here(&virt);
     report.differences = differences(&st.given, |pid, fd| {
-        std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+        let host = tasks.host(pid)?;
+        std::fs::read_to_string(format!("/proc/{host}/fdinfo/{fd}"))
             .ok()
             .map(|t| parse_fdinfo(&t))
     });
     // Published between the last break and the instant the deadlines count from,
     // so that CRIU resumes the processes right at it.
     let mut published = None;
-    let broken = rebreak(&st.pending, |go, leases, warnings| {
+    let broken = rebreak(&st.pending, &tasks, |go, leases, warnings| {
         report.resume_monotonic_ns = go;
         report.leases = leases.to_vec();
         report.warnings.extend_from_slice(warnings);
@@ -357,15 +364,25 @@ fn publish(report: &RestoreReport, dir: Option<RawFd>) -> Result<()> {
 /// leases and the warnings, and returns once that instant has come.
 fn rebreak(
     pending: &[Pending],
+    tasks: &Tasks,
     before_release: impl FnOnce(u64, &[LeaseReport], &[String]),
 ) -> Result<()> {
     if pending.is_empty() {
         return Ok(());
     }
-    let fds = pending
+    let holders = pending
         .iter()
         .map(|p| {
-            let pidfd = pidfd::pidfd_open(p.pid as u32)?;
+            tasks.host(p.pid).with_context(|| {
+                format!("process {} is not among the processes CRIU restored", p.pid)
+            })
+        })
+        .collect::<Result<Vec<u32>>>()?;
+    let fds = pending
+        .iter()
+        .zip(&holders)
+        .map(|(p, &host)| {
+            let pidfd = pidfd::pidfd_open(host)?;
             pidfd::pidfd_getfd(&pidfd, p.fd)
                 .with_context(|| format!("the lease's fd in process {}", p.pid))
         })
@@ -373,13 +390,14 @@ fn rebreak(
     let leases: Vec<Rebreak> = pending
         .iter()
         .zip(&fds)
-        .map(|(p, fd)| Rebreak {
+        .zip(&holders)
+        .map(|((p, fd), &holder)| Rebreak {
             fd: fd.as_raw_fd(),
             path: p.path.clone(),
             target: p.target,
             notified: p.notified,
             owner: fown::owner(fd),
-            holder: p.pid as u32,
+            holder,
         })
         .collect();
     let mut reports: Vec<LeaseReport> = pending

@@ -1,0 +1,122 @@
+//! CRIU's tasks by their pid in the tree's own pid namespace, as CRIU's images name
+//! them, and by the host's, as the kernel's reads, pidfds and /proc need. While the
+//! plugin runs (the dump's end, the resume hook) the tree's processes are exactly the
+//! ones CRIU has ptrace-seized, and CRIU is the process the plugin runs in: each has
+//! this process as its TracerPid, and its NSpid ends with its pid in the tree's
+//! namespace (one field when the tree is in the host's).
+
+use std::collections::HashMap;
+
+/// The tree's processes: pid in the tree's namespace -> host pid.
+#[derive(Debug, Default)]
+pub struct Tasks {
+    by_virt: HashMap<i32, u32>,
+    /// Nothing is traced by this process (outside CRIU: the bench's driver): pids are
+    /// taken as they are.
+    outside_criu: bool,
+}
+
+/// (pid in the tree's namespace, host pid) of a process whose status says `tracer`
+/// and `nspid`, if `me` traces it.
+pub fn pair(me: i32, tracer: i32, nspid: &[i32]) -> Option<(i32, u32)> {
+    let (&host, &virt) = (nspid.first()?, nspid.last()?);
+    (tracer == me && host > 0).then_some((virt, host as u32))
+}
+
+fn status(pid: i32) -> Option<procfs::process::Status> {
+    procfs::process::Process::new(pid).ok()?.status().ok()
+}
+
+impl Tasks {
+    /// The processes this one traces. `virt` are the pids the images name: when each
+    /// is a process traced here under that same host pid (no pid namespace), /proc is
+    /// not scanned.
+    pub fn traced_here(virt: &[i32]) -> Tasks {
+        let me = std::process::id() as i32;
+        let mine = |p: i32| {
+            status(p)
+                .is_some_and(|s| s.tracerpid == me && s.nspid.as_ref().is_none_or(|n| n.len() == 1))
+        };
+        if !virt.is_empty() && virt.iter().all(|&p| mine(p)) {
+            return Tasks {
+                by_virt: virt.iter().map(|&p| (p, p as u32)).collect(),
+                outside_criu: false,
+            };
+        }
+        let by_virt: HashMap<i32, u32> = procfs::process::all_processes()
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|p| {
+                let s = p.status().ok()?;
+                pair(me, s.tracerpid, s.nspid.as_deref().unwrap_or(&[p.pid]))
+            })
+            .collect();
+        let outside_criu = by_virt.is_empty();
+        Tasks {
+            by_virt,
+            outside_criu,
+        }
+    }
+
+    /// The host pid of the tree's process `virt`.
+    pub fn host(&self, virt: i32) -> Option<u32> {
+        if self.outside_criu {
+            return u32::try_from(virt).ok();
+        }
+        self.by_virt.get(&virt).copied()
+    }
+
+    /// The tree's pid of host process `host`.
+    pub fn virt(&self, host: u32) -> Option<i32> {
+        if self.outside_criu {
+            return i32::try_from(host).ok();
+        }
+        self.by_virt
+            .iter()
+            .find(|(_, &h)| h == host)
+            .map(|(&v, _)| v)
+    }
+
+    pub fn hosts(&self) -> Vec<u32> {
+        self.by_virt.values().copied().collect()
+    }
+
+    /// Thread `tid` (host) of host process `pid`, in the tree's namespace.
+    pub fn virt_tid(&self, pid: u32, tid: u32) -> Option<i32> {
+        if self.outside_criu {
+            return i32::try_from(tid).ok();
+        }
+        let task = procfs::process::Process::new(pid as i32)
+            .ok()?
+            .task_from_tid(tid as i32)
+            .ok()?;
+        task.status().ok()?.nspid?.last().copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_traced_process_pairs_its_innermost_pid_with_the_hosts() {
+        assert_eq!(pair(10, 10, &[4321, 1]), Some((1, 4321)));
+        assert_eq!(pair(10, 10, &[77]), Some((77, 77)));
+        assert_eq!(pair(10, 11, &[77]), None, "traced by another");
+        assert_eq!(pair(10, 10, &[]), None);
+        let t = Tasks {
+            by_virt: [(1, 4321)].into(),
+            outside_criu: false,
+        };
+        assert_eq!(
+            (t.host(1), t.host(2), t.virt(4321)),
+            (Some(4321), None, Some(1))
+        );
+        let outside = Tasks {
+            outside_criu: true,
+            ..Tasks::default()
+        };
+        assert_eq!(outside.host(5), Some(5));
+    }
+}
