@@ -17,6 +17,8 @@
 //! relates that line to a clock outside.
 //! `locker --break PATH r|w LOG` opens PATH for reading or writing, blocking on any
 //! lease break, appends "MONO_NS opened" to LOG when the open returns, and waits.
+//! `locker --in-pidns CMD ARGS...` runs CMD as the init of a new pid namespace and
+//! exits with it (a container's tree, for CRIU).
 //! `locker --hold-all DIR` holds one of each in DIR and waits (for CRIU round trips):
 //! a POSIX write lock on bytes 0-9 of `posix`, an OFD read lock from byte 5 to EOF
 //! of `ofd`, an exclusive flock on `flock` shared with a forked child, a read lease on
@@ -144,6 +146,7 @@ fn main() {
         [_, flag, path, t, log] if flag == "--hold-lease" => return hold_lease(path, t, Some(log)),
         [_, flag, path, t, log] if flag == "--break" => return break_lease(path, t, log),
         [_, flag, dir] if flag == "--hold-all" => return hold_all(dir),
+        [_, flag, cmd @ ..] if flag == "--in-pidns" && !cmd.is_empty() => return in_pidns(cmd),
         _ => {}
     }
     if let [_, flag, path] = args.as_slice() {
@@ -222,6 +225,36 @@ fn hold_lease(path: &str, t: &str, log: Option<&str>) {
             last = seen;
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+fn in_pidns(cmd: &[String]) {
+    assert_eq!(
+        unsafe { libc::unshare(libc::CLONE_NEWPID) },
+        0,
+        "unshare: errno {}",
+        errno()
+    );
+    match unsafe { libc::fork() } {
+        0 => {
+            // Its own session: CRIU refuses a tree whose session leader is outside
+            // its pid namespace.
+            unsafe { libc::setsid() };
+            let args: Vec<CString> = cmd
+                .iter()
+                .map(|a| CString::new(a.as_str()).unwrap())
+                .collect();
+            let mut argv: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
+            argv.push(std::ptr::null());
+            unsafe { libc::execvp(argv[0], argv.as_ptr()) };
+            panic!("exec {}: errno {}", cmd[0], errno());
+        }
+        child => {
+            assert!(child > 0, "fork: errno {}", errno());
+            let mut status = 0;
+            unsafe { libc::waitpid(child, &mut status, 0) };
+            std::process::exit(libc::WEXITSTATUS(status));
+        }
     }
 }
 
