@@ -70,6 +70,8 @@ fn criu_dump_with(
 /// `criu restore` of the images in `images`, detached (the tree runs on, under the
 /// nearest subreaper).
 fn criu_restore(images: &std::path::Path, libdir: &std::path::Path) -> std::process::Output {
+    // CRIU does not overwrite a pidfile (a second restore of the same images).
+    let _ = std::fs::remove_file(images.join("restored.pid"));
     let mut cmd = Command::new("criu");
     cmd.args(["restore", "--file-locks", "-d", "--pidfile"])
         .arg(images.join("restored.pid"));
