@@ -15,9 +15,8 @@
 //! on) and never fails or crashes CRIU: init and exit always succeed, and a missing
 //! or corrupt sidecar leaves CRIU's own behaviour.
 //!
-//! Limits: the tree must be in the host's pid namespace (CRIU's images name
-//! processes by their pid in the tree's own namespace); images streamed with
-//! `--stream` are not read.
+//! A tree in its own pid namespace is matched to the host's pids through the
+//! processes CRIU has seized (`tasks`). Images streamed with `--stream` are not read.
 
 pub mod dump;
 pub mod images;
