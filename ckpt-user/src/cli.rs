@@ -606,18 +606,41 @@ fn cmd_inspect(
     json: bool,
     tree: bool,
 ) -> Result<()> {
-    // A CRIU image directory, or the file ckpt's CRIU plugin wrote in one.
+    // A CRIU image directory (its sidecar, then in text its restore report when
+    // there is one), or either file ckpt's CRIU plugin wrote in one.
+    let named = |name: &str| image.file_name() == Some(std::ffi::OsStr::new(name));
+    let read = |path: &std::path::Path| {
+        std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let report_of = |path: &std::path::Path| -> Result<snapshot::RestoreReport> {
+        snapshot::RestoreReport::parse(&read(path)?)
+            .with_context(|| format!("{} is not a ckpt restore report", path.display()))
+    };
+    if named(snapshot::REPORT) {
+        let r = report_of(image)?;
+        return emit(json, &r, || r.render());
+    }
     let sidecar = if image.is_dir() {
         Some(image.join(snapshot::SIDECAR))
     } else {
-        (image.file_name() == Some(std::ffi::OsStr::new(snapshot::SIDECAR)))
-            .then(|| image.to_path_buf())
+        named(snapshot::SIDECAR).then(|| image.to_path_buf())
     };
     if let Some(path) = sidecar {
-        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        let s = snapshot::LeaseSidecar::parse(&bytes)
+        let s = snapshot::LeaseSidecar::parse(&read(&path)?)
             .with_context(|| format!("{} is not a ckpt lease sidecar", path.display()))?;
-        return emit(json, &s, || snapshot::render(&s));
+        let report = image.join(snapshot::REPORT);
+        let restored = if image.is_dir() && report.exists() {
+            Some(report_of(&report)?)
+        } else {
+            None
+        };
+        return emit(json, &s, || {
+            let mut text = snapshot::render(&s);
+            if let Some(r) = &restored {
+                text.push_str(&r.render());
+            }
+            text
+        });
     }
     // The MAC is reported, never required: inspect reads any image, and a key it
     // cannot read (not root, none yet) only means "not checked".

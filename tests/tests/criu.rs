@@ -447,6 +447,15 @@ impl Seed {
             "{report_text}"
         );
         assert_eq!(report["policy"], "exact");
+        // inspect shows the sidecar and, after it, the restore.
+        let (code, shown, err) = ckpt_user(&["inspect", self.images.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        assert!(
+            shown.contains(
+                "CRIU restore with the ckpt plugin (policy exact): 1 leases broken again"
+            ) && shown.contains("s left at resume"),
+            "{shown}"
+        );
         assert!(
             !self.images.join("ckpt-filelocks.orig.img").exists(),
             "the dumped filelocks.img is back in place"

@@ -40,13 +40,12 @@ use ckpt_user::{
         kernel_deadline::Tracer,
         restore::{current_break_time, LeaseReport, Rebreak, Schedule, Sysctl, SysctlFiles},
         schedule::{plan_breaks, remaining_under, LeaseTime},
-        snapshot::{LeaseSidecar, SIDECAR},
+        snapshot::{LeaseSidecar, RestoreReport, REPORT, REPORT_FORMAT, SIDECAR},
     },
     lock::{HeldKind, LockRange, LockType},
     sys::{fown, hz::kernel_hz, pidfd},
 };
 use nix::fcntl::renameat;
-use serde::Serialize;
 
 use crate::{
     image_dir,
@@ -58,8 +57,6 @@ use crate::{
 
 /// The dumped `filelocks.img`, while CRIU reads a rewritten one.
 pub const ORIGINAL: &str = "ckpt-filelocks.orig.img";
-/// What the restore did, beside the images.
-pub const REPORT: &str = "ckpt-restore.json";
 /// The lease time policy.
 pub const POLICY_ENV: &str = "CKPT_LEASE_TIME";
 
@@ -258,21 +255,6 @@ fn put_back(dir: RawFd) -> Result<()> {
         .with_context(|| format!("putting the dumped {FILE_LOCKS} back from {ORIGINAL}"))
 }
 
-/// What the plugin did, in [`REPORT`].
-#[derive(Debug, Serialize)]
-pub struct RestoreReport {
-    pub format: &'static str,
-    pub version: u32,
-    pub policy: String,
-    /// CLOCK_MONOTONIC from which the deadlines count: the processes resume right after.
-    pub resume_monotonic_ns: u64,
-    pub leases: Vec<LeaseReport>,
-    /// Locks and leases CRIU did not restore as dumped.
-    pub differences: Vec<String>,
-    pub warnings: Vec<String>,
-    pub errors: Vec<String>,
-}
-
 /// The first resume hook; later ones find nothing to do.
 pub fn at_resume() -> Result<()> {
     let Some(st) = state().take() else {
@@ -280,7 +262,7 @@ pub fn at_resume() -> Result<()> {
     };
     let dir = image_dir();
     let mut report = RestoreReport {
-        format: "ckpt-criu-restore",
+        format: REPORT_FORMAT.into(),
         version: 1,
         policy: st.policy.to_string(),
         resume_monotonic_ns: 0,

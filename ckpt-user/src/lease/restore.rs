@@ -23,7 +23,7 @@ use std::{
 use nix::fcntl::{Flock, FlockArg};
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     kernel_deadline::{SeenBreak, Tracer},
@@ -254,7 +254,7 @@ impl Drop for Sysctl {
 }
 
 /// What happened to one lease, for the report.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseReport {
     pub path: String,
     /// The restored process that set it.
@@ -323,7 +323,7 @@ struct Timed {
 }
 
 /// Where a lease's deadline came from, for the report.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum DeadlineSource {
     /// The kernel's deadline, read back from the lease.

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::{break_time_s, breakers_of, record_matches, target_type, BreakState};
 use crate::{
     image::format::Breaker,
+    lease::restore::LeaseReport,
     lock::{
         kernel::{KLock, KernelLocks},
         HeldKind, LockType,
@@ -90,6 +91,70 @@ impl LeaseSidecar {
             anyhow::bail!("not a ckpt lease sidecar (format {:?})", s.format);
         }
         Ok(s)
+    }
+}
+
+/// What the CRIU plugin's restore did, beside the images.
+pub const REPORT: &str = "ckpt-restore.json";
+/// Its `format`.
+pub const REPORT_FORMAT: &str = "ckpt-criu-restore";
+
+/// The CRIU plugin's report of a restore: the leases it broke again and when, and
+/// what CRIU did not restore as dumped.
+#[derive(Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestoreReport {
+    /// "ckpt-criu-restore".
+    pub format: String,
+    pub version: u32,
+    /// `CKPT_LEASE_TIME`.
+    pub policy: String,
+    /// CLOCK_MONOTONIC from which the deadlines count: the processes resume right after.
+    pub resume_monotonic_ns: u64,
+    pub leases: Vec<LeaseReport>,
+    /// Locks and leases CRIU did not restore as dumped.
+    pub differences: Vec<String>,
+    pub warnings: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+impl RestoreReport {
+    /// Reads one from untrusted bytes: any bytes give a report or an error.
+    pub fn parse(bytes: &[u8]) -> anyhow::Result<RestoreReport> {
+        let r: RestoreReport = serde_json::from_slice(bytes)?;
+        if r.format != REPORT_FORMAT {
+            anyhow::bail!("not a ckpt restore report (format {:?})", r.format);
+        }
+        Ok(r)
+    }
+
+    /// For a person (`ckpt-user inspect`).
+    pub fn render(&self) -> String {
+        let mut out = format!(
+            "CRIU restore with the ckpt plugin (policy {}): {} leases broken again, counted from CLOCK_MONOTONIC {:.3} s\n",
+            self.policy,
+            self.leases.len(),
+            self.resume_monotonic_ns as f64 / 1e9
+        );
+        for l in &self.leases {
+            out.push_str(&format!(
+                "  pid {} {}: {} lease, breaking to {}, {:.3} s left at resume\n",
+                l.pid,
+                l.path,
+                l.lease_type.name(),
+                l.target_type.map_or("unlock", LockType::name),
+                l.remaining_ns.unwrap_or(0) as f64 / 1e9
+            ));
+        }
+        for (what, lines) in [
+            ("not restored as dumped", &self.differences),
+            ("warning", &self.warnings),
+            ("error", &self.errors),
+        ] {
+            for l in lines {
+                out.push_str(&format!("  {what}: {l}\n"));
+            }
+        }
+        out
     }
 }
 
@@ -342,6 +407,47 @@ mod tests {
             br#"{"format":"x","version":1,"taken_monotonic_ns":0,"leases":[],"errors":[]}"#
         )
         .is_err());
+    }
+
+    #[test]
+    fn a_restore_report_is_read_from_any_bytes_and_shown() {
+        let r = RestoreReport {
+            format: REPORT_FORMAT.into(),
+            version: 1,
+            policy: "exact".into(),
+            resume_monotonic_ns: 9_000_000_000,
+            leases: vec![LeaseReport {
+                path: "/tmp/f".into(),
+                pid: 10,
+                lease_type: LockType::Write,
+                breaking: true,
+                target_type: None,
+                remaining_ns: Some(2_500_000_000),
+                deadline_monotonic_ns: Some(11_500_000_000),
+                deadline_source: Some(crate::lease::restore::DeadlineSource::Tracer),
+                lease_break_time_s: Some(3),
+            }],
+            differences: vec![
+                "fd 4 of process 10: the write POSIX lock on 0-9 was not restored (it holds none)"
+                    .into(),
+            ],
+            warnings: Vec::new(),
+            errors: Vec::new(),
+        };
+        let bytes = serde_json::to_vec(&r).unwrap();
+        assert_eq!(RestoreReport::parse(&bytes).unwrap(), r);
+        for n in 0..bytes.len() {
+            assert!(RestoreReport::parse(&bytes[..n]).is_err());
+        }
+        let text = r.render();
+        assert!(
+            text.contains("pid 10 /tmp/f: write lease, breaking to unlock, 2.500 s left at resume"),
+            "{text}"
+        );
+        assert!(
+            text.contains("not restored as dumped: fd 4 of process 10"),
+            "{text}"
+        );
     }
 
     #[test]
