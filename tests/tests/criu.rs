@@ -287,6 +287,20 @@ fn a_dump_without_leases_is_left_alone() {
     assert!(!images.join("ckpt-leases.json").exists());
 }
 
+/// What a CRIU test sets up: root; this process as the subreaper (orphans of the
+/// dumped trees come to it, which reaps them so that a restore finds their pids
+/// free, and the detached restored trees too); fs.lease-break-time at `lbt` while
+/// the guard lives; a scratch directory and a plugin directory in it.
+fn criu_test(lbt: Option<u32>) -> (Option<LeaseBreakTime>, Scratch, std::path::PathBuf) {
+    require_root();
+    // SAFETY: plain prctl.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let guard = lbt.map(LeaseBreakTime::set);
+    let scratch = Scratch::new();
+    let plugin = plugin_dir(&scratch);
+    (guard, scratch, plugin)
+}
+
 /// One side of the seed scenario: a holder of a write lease that keeps running and
 /// logging, and a breaker blocked in open(O_WRONLY), both children of one shell.
 struct Seed {
@@ -554,16 +568,9 @@ fn ms(ns: i64) -> f64 {
 #[test]
 #[ignore = "CRIU 3.17.1 does not start on the 6.18 host; runs in the VM matrix"]
 fn a_breaking_lease_keeps_its_time_through_criu_with_the_plugin_and_not_without() {
-    require_root();
-    // Orphans of the dumped trees come to this process, which reaps them so that the
-    // restore finds their pids free; the detached restored trees too.
-    // SAFETY: plain prctl.
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let _lbt = LeaseBreakTime::set(10);
-    let scratch = Scratch::new();
+    let (_lbt, scratch, with_plugin) = criu_test(Some(10));
     let no_plugins = scratch.0.join("criu-lib-empty");
     std::fs::create_dir_all(&no_plugins).unwrap();
-    let with_plugin = plugin_dir(&scratch);
     let mut alone_side = Seed::start(&scratch, "criu", "w", "w");
     let mut ckpt_side = Seed::start(&scratch, "ckpt", "w", "w");
     let broke: Vec<u64> = [&alone_side, &ckpt_side]
@@ -641,12 +648,7 @@ fn a_breaking_lease_keeps_its_time_through_criu_with_the_plugin_and_not_without(
 #[test]
 #[ignore = "CRIU 3.17.1 does not start on the 6.18 host; runs in the VM matrix"]
 fn read_lease_breaks_and_downgrades_keep_their_time_through_criu_with_the_plugin() {
-    require_root();
-    // SAFETY: plain prctl (see the seed scenario).
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let _lbt = LeaseBreakTime::set(10);
-    let scratch = Scratch::new();
-    let with_plugin = plugin_dir(&scratch);
+    let (_lbt, scratch, with_plugin) = criu_test(Some(10));
     let mut sides = [
         Seed::start(&scratch, "read", "r", "w"),
         Seed::start(&scratch, "downgrade", "w", "r"),
@@ -698,12 +700,7 @@ fn read_lease_breaks_and_downgrades_keep_their_time_through_criu_with_the_plugin
 #[test]
 #[ignore = "CRIU 3.17.1 does not start on the 6.18 host; runs in the VM matrix"]
 fn a_tree_in_its_own_pid_namespace_keeps_its_lease_time_through_criu() {
-    require_root();
-    // SAFETY: plain prctl (see the seed scenario).
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let _lbt = LeaseBreakTime::set(10);
-    let scratch = Scratch::new();
-    let with_plugin = plugin_dir(&scratch);
+    let (_lbt, scratch, with_plugin) = criu_test(Some(10));
     let mut side = Seed::start_in(&scratch, "pidns", "w", "w", true);
     let broke = wait_for(std::time::Duration::from_secs(10), "the break", || {
         side.break_seen()
@@ -732,12 +729,7 @@ fn a_tree_in_its_own_pid_namespace_keeps_its_lease_time_through_criu() {
 #[test]
 #[ignore = "CRIU 3.17.1 does not start on the 6.18 host; runs in the VM matrix"]
 fn a_corrupt_or_missing_sidecar_leaves_the_restore_to_criu() {
-    require_root();
-    // SAFETY: plain prctl (see the seed scenario).
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
-    let _lbt = LeaseBreakTime::set(30);
-    let scratch = Scratch::new();
-    let with_plugin = plugin_dir(&scratch);
+    let (_lbt, scratch, with_plugin) = criu_test(Some(30));
     let file = std::path::PathBuf::from(scratch.file("leased"));
     let mut holder = spawn_holder(&file, "w");
     let pid = holder.id();
@@ -813,13 +805,9 @@ fn a_corrupt_or_missing_sidecar_leaves_the_restore_to_criu() {
 #[test]
 #[ignore = "CRIU 3.17.1 does not start on the 6.18 host; runs in the VM matrix"]
 fn every_lock_kind_round_trips_through_criu_and_the_plugin_checks_them() {
-    require_root();
-    // SAFETY: plain prctl (see the seed scenario).
-    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    let (_, scratch, with_plugin) = criu_test(None);
     // The agent keeps the waiter's start, which the sidecar records.
     let agent = Agent::start();
-    let scratch = Scratch::new();
-    let with_plugin = plugin_dir(&scratch);
     let dir = scratch.0.join("files");
     std::fs::create_dir_all(&dir).unwrap();
     let started = mono_ns();

@@ -554,19 +554,24 @@ mod tests {
         }
     }
 
-    const BREAKING_TO_UNLOCK: u32 = 6;
-    const BREAKING_TO_READ: u32 = 4;
-
-    #[test]
-    fn breaking_leases_become_their_pre_break_selves_and_wait_for_the_plugin() {
-        let posix = FileLockEntry {
+    /// A write lock on bytes 0-9 through fd 4 of process 7.
+    fn posix() -> FileLockEntry {
+        FileLockEntry {
             flag: FileLockEntry::FL_POSIX,
             r#type: 1,
             pid: 7,
             fd: 4,
             start: 0,
             len: 10,
-        };
+        }
+    }
+
+    const BREAKING_TO_UNLOCK: u32 = 6;
+    const BREAKING_TO_READ: u32 = 4;
+
+    #[test]
+    fn breaking_leases_become_their_pre_break_selves_and_wait_for_the_plugin() {
+        let posix = posix();
         let dumped = [
             posix.clone(),
             lease(7, 3, BREAKING_TO_UNLOCK),
@@ -649,14 +654,7 @@ mod tests {
 
     #[test]
     fn differences_name_what_the_kernel_does_not_hold() {
-        let posix = FileLockEntry {
-            flag: FileLockEntry::FL_POSIX,
-            r#type: 1,
-            pid: 7,
-            fd: 4,
-            start: 0,
-            len: 10,
-        };
+        let posix = posix();
         let breaking = lease(7, 3, BREAKING_TO_UNLOCK);
         let fdinfo = |_pid: i32, fd: i32| match fd {
             4 => Some(parse_fdinfo(
