@@ -186,6 +186,11 @@ fn read_image(dir: RawFd, name: &str) -> Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
+/// The image directory has a file of that name.
+fn has(dir: RawFd, name: &str) -> bool {
+    nix::sys::stat::fstatat(Some(dir), name, nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()
+}
+
 /// Written under a temporary name and renamed: the file is whole or absent.
 fn write_atomic(dir: RawFd, name: &str, bytes: &[u8]) -> Result<()> {
     let tmp = format!(".{name}.tmp");

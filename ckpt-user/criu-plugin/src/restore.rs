@@ -37,9 +37,8 @@ use anyhow::{bail, Context as _, Result};
 use ckpt_user::{
     fd::fdinfo::{parse_fdinfo, FdInfo},
     lease::{
-        kernel_deadline::Tracer,
         restore::{current_break_time, LeaseReport, Rebreak, Schedule, Sysctl, SysctlFiles},
-        schedule::{plan_breaks, remaining_under, LeaseTime},
+        schedule::{remaining_under, LeaseTime},
         snapshot::{LeaseSidecar, RestoreReport, REPORT, REPORT_FORMAT, SIDECAR},
     },
     lock::{HeldKind, LockRange, LockType},
@@ -48,7 +47,7 @@ use ckpt_user::{
 use nix::fcntl::renameat;
 
 use crate::{
-    image_dir,
+    has, image_dir,
     images::{self, FileLockEntry, FILE_LOCKS, FILE_LOCKS_MAGIC},
     pins, read_image, say,
     tasks::Tasks,
@@ -180,7 +179,7 @@ fn state() -> std::sync::MutexGuard<'static, Option<Restore>> {
 /// Restore init.
 pub fn before(dir: RawFd) -> Result<()> {
     *state() = None;
-    if read_image(dir, ORIGINAL)?.is_some() {
+    if has(dir, ORIGINAL) {
         put_back(dir)?;
         say(
             Level::Warn,
@@ -402,25 +401,17 @@ fn rebreak(
         .enumerate()
         .map(|(i, p)| (i, p.remaining))
         .collect();
-    let breaks = plan_breaks(
-        &remaining,
-        Duration::from_nanos(1_000_000_000 / u64::from(hz.max(1))),
-    );
-    let tracer = Tracer::open(&pins(), hz);
+    // The plan (and the iterator load) before the sysctl is taken: other restores
+    // wait for it.
+    let schedule = Schedule::new(&leases, &remaining, &pins(), hz);
     let mut warnings = Vec::new();
     let sysctl = Sysctl::acquire(SysctlFiles::default(), &mut warnings)?;
-    let schedule = Schedule {
-        leases: &leases,
-        breaks: &breaks,
-        tracer: tracer.as_ref(),
-        hz,
-    };
     schedule.run(
         sysctl,
         &mut reports,
         &AtomicBool::new(false),
         &mut warnings,
-        |go, reports, warnings| before_release(go, reports, warnings),
+        before_release,
     )?;
     Ok(())
 }

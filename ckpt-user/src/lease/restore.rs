@@ -471,19 +471,15 @@ pub fn restore(
         reports[i].target_type = None;
     }
 
-    let breaks = plan_breaks(&remaining, tick_of(hz));
     let go = match sysctl {
-        Some(sysctl) if !breaks.is_empty() => {
-            let tracer = Tracer::open(pins, hz);
-            let schedule = Schedule {
-                leases: &leases,
-                breaks: &breaks,
-                tracer: tracer.as_ref(),
-                hz,
-            };
-            schedule.run(sysctl, &mut reports, cancel, warnings, |_, _, _| {})?
-        }
-        _ => monotonic_ns(),
+        Some(sysctl) => Schedule::new(&leases, &remaining, pins, hz).run(
+            sysctl,
+            &mut reports,
+            cancel,
+            warnings,
+            |_, _, _| {},
+        )?,
+        None => monotonic_ns(),
     };
     let gone =
         |i: usize| now_ones.contains(&i) && image.leases[i].target_type != Some(LockType::Read);
@@ -534,17 +530,41 @@ fn tick_of(hz: u32) -> Duration {
     Duration::from_nanos(1_000_000_000 / u64::from(hz.max(1)))
 }
 
-/// Breaks on their schedule (`plan_breaks` over `leases`).
+/// The breaks of some leases, planned (`plan_breaks`), and where the kernel's
+/// deadlines are read back.
 pub struct Schedule<'a> {
-    pub leases: &'a [Rebreak],
-    pub breaks: &'a [Break],
-    /// Where the kernel's deadlines are read back (None: timed from the syscall).
-    pub tracer: Option<&'a Tracer>,
+    leases: &'a [Rebreak],
+    breaks: Vec<Break>,
+    /// None: timed from the syscall.
+    tracer: Option<Tracer>,
     /// The kernel's tick rate: deadlines are in jiffies.
-    pub hz: u32,
+    hz: u32,
 }
 
-impl Schedule<'_> {
+impl<'a> Schedule<'a> {
+    /// Plans the breaks of `leases` (`remaining`: time from the release to each one's
+    /// deadline, by index; a zero is not broken here). The lock-table iterator, read
+    /// back through ckpt-agent's pins when it pinned them, is opened only if there is
+    /// something to break.
+    pub fn new(
+        leases: &'a [Rebreak],
+        remaining: &[(usize, Duration)],
+        pins: &PinDir,
+        hz: u32,
+    ) -> Schedule<'a> {
+        let breaks = plan_breaks(remaining, tick_of(hz));
+        let tracer = if breaks.is_empty() {
+            None
+        } else {
+            Tracer::open(pins, hz)
+        };
+        Schedule {
+            leases,
+            breaks,
+            tracer,
+            hz,
+        }
+    }
     /// Makes the breaks on their schedule, with `sysctl` held, and returns the release
     /// instant they were timed for (fixed by the first break's deadline), once it has
     /// come. `reports` is indexed like `leases`. `before_release` runs between the
@@ -580,6 +600,7 @@ impl Schedule<'_> {
             };
             let seen = self
                 .tracer
+                .as_ref()
                 .map(|t| t.seen_break(ino, l.holder, TRACER_WAIT));
             let (deadline, source) = deadline_of(&l.path, timed, seen, warnings);
             if n == 0 {

@@ -83,14 +83,23 @@ pub fn waiters_of(history: &History, pids: &[u32], now_ns: u64) -> Vec<WaiterSna
     out
 }
 
+/// One of the plugin's JSON files from untrusted bytes: any bytes give it or an error.
+fn parse_tagged<T: serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    format: fn(&T) -> &str,
+    want: &str,
+) -> anyhow::Result<T> {
+    let v: T = serde_json::from_slice(bytes)?;
+    if format(&v) != want {
+        anyhow::bail!("not a {want} file (format {:?})", format(&v));
+    }
+    Ok(v)
+}
+
 impl LeaseSidecar {
-    /// Reads one from untrusted bytes: any bytes give a sidecar or an error.
+    /// Reads one from untrusted bytes.
     pub fn parse(bytes: &[u8]) -> anyhow::Result<LeaseSidecar> {
-        let s: LeaseSidecar = serde_json::from_slice(bytes)?;
-        if s.format != SIDECAR_FORMAT {
-            anyhow::bail!("not a ckpt lease sidecar (format {:?})", s.format);
-        }
-        Ok(s)
+        parse_tagged(bytes, |s: &LeaseSidecar| &s.format, SIDECAR_FORMAT)
     }
 }
 
@@ -118,13 +127,9 @@ pub struct RestoreReport {
 }
 
 impl RestoreReport {
-    /// Reads one from untrusted bytes: any bytes give a report or an error.
+    /// Reads one from untrusted bytes.
     pub fn parse(bytes: &[u8]) -> anyhow::Result<RestoreReport> {
-        let r: RestoreReport = serde_json::from_slice(bytes)?;
-        if r.format != REPORT_FORMAT {
-            anyhow::bail!("not a ckpt restore report (format {:?})", r.format);
-        }
-        Ok(r)
+        parse_tagged(bytes, |r: &RestoreReport| &r.format, REPORT_FORMAT)
     }
 
     /// For a person (`ckpt-user inspect`).

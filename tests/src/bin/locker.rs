@@ -172,16 +172,8 @@ fn hold_lease(path: &str, t: &str, log: Option<&str>) {
     assert!(fd >= 0, "open {path}: errno {}", errno());
     let r = unsafe { libc::fcntl(fd, libc::F_SETLEASE, i32::from(lock_type(t))) };
     assert_eq!(r, 0, "F_SETLEASE: errno {}", errno());
-    let Some(log) = log else {
-        loop {
-            unsafe { libc::pause() };
-        }
-    };
-    let mut out = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(log)
-        .unwrap();
+    let Some(log) = log else { wait_forever() };
+    let mut out = append_to(log);
     // The probe: an open that conflicts with the lease, O_NONBLOCK. While a break to
     // unlock (or a downgrade) is pending it starts nothing new and fails with
     // EWOULDBLOCK; once the kernel has revoked (or downgraded) the lease it succeeds.
@@ -297,24 +289,32 @@ fn hold_all(dir: &str) {
             // Its own POSIX lock request: it conflicts with the parent's and waits.
             let mine = open("posix", libc::O_RDWR);
             range_lock(mine, libc::F_SETLKW, libc::F_WRLCK as i16, 0, 10);
-            loop {
-                unsafe { libc::pause() };
-            }
+            wait_forever()
         }
         child => assert!(child > 0, "fork: errno {}", errno()),
     }
     std::fs::write(format!("{dir}/ready"), "").unwrap();
+    wait_forever()
+}
+
+/// A log file `path`, appended to.
+fn append_to(path: &str) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(path)
+        .unwrap()
+}
+
+/// Waits for signals until killed.
+fn wait_forever() -> ! {
     loop {
         unsafe { libc::pause() };
     }
 }
 
 fn break_lease(path: &str, t: &str, log: &str) {
-    let mut out = std::fs::OpenOptions::new()
-        .append(true)
-        .create(true)
-        .open(log)
-        .unwrap();
+    let mut out = append_to(log);
     let p = CString::new(path).unwrap();
     let mode = if t == "r" {
         libc::O_RDONLY
@@ -325,9 +325,7 @@ fn break_lease(path: &str, t: &str, log: &str) {
     // here, but a freeze is no signal delivery).
     let fd = unsafe { libc::open(p.as_ptr(), mode) };
     let _ = writeln!(out, "{} opened {fd} {}", mono_ns(), errno());
-    loop {
-        unsafe { libc::pause() };
-    }
+    wait_forever()
 }
 
 fn serve(input: impl BufRead, mut out: impl Write) {
@@ -429,9 +427,7 @@ fn serve(input: impl BufRead, mut out: impl Write) {
                 }
             }
             ["fork"] => match unsafe { libc::fork() } {
-                0 => loop {
-                    unsafe { libc::pause() };
-                },
+                0 => wait_forever(),
                 pid => format!("ok {pid}"),
             },
             ["pid"] => format!("ok {}", std::process::id()),
