@@ -46,9 +46,20 @@ pub fn after_dump(dir: RawFd) -> Result<()> {
         return Ok(());
     }
     let taken = monotonic_ns();
-    let tree: Vec<PstreeEntry> = images::records(read_image(dir, PSTREE)?.as_deref(), PSTREE_MAGIC)
-        .context("reading CRIU's pstree.img")?;
-    let tasks = Tasks::traced_here(&tree.iter().map(|e| e.pid as i32).collect::<Vec<_>>());
+    // The processes whose host pids are needed: the leases' holders, and the whole
+    // tree only when someone waits (the agent knows waiters by host pid).
+    let needed: Vec<i32> = if anyone_waits {
+        let tree: Vec<PstreeEntry> =
+            images::records(read_image(dir, PSTREE)?.as_deref(), PSTREE_MAGIC)
+                .context("reading CRIU's pstree.img")?;
+        tree.iter().map(|e| e.pid as i32).collect()
+    } else {
+        let mut pids: Vec<i32> = leases.iter().map(|e| e.pid).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        pids
+    };
+    let tasks = Tasks::traced_here(&needed);
     let waiters = match &history {
         Ok(Some(h)) => snapshot::waiters_of(h, &tasks.hosts(), taken)
             .into_iter()
