@@ -230,15 +230,15 @@ pub struct WaitTracker {
 
 impl WaitTracker {
     /// One look. `now_waits`: `WAITS` now, by thread; `ring`: the ends read since
-    /// the last look; `in_lock_call(tgid, tid)`: whether a thread is in a lock call
-    /// (None: unknown, taken as yes).
+    /// the last look; `left_unrecorded(tid, wait)`: whether the thread has left its lock
+    /// call while the tracer still lists `wait` (an end the kernel gives no event for).
     pub fn look(
         &mut self,
         now_waits: HashMap<u32, WaitStart>,
         ring: &[WaitEnd],
         lost: u64,
         now_ns: u64,
-        in_lock_call: impl Fn(u32, u32) -> Option<bool>,
+        left_unrecorded: impl Fn(u32, &WaitStart) -> bool,
     ) -> WaitLook {
         let mut look = WaitLook {
             lost,
@@ -292,7 +292,7 @@ impl WaitTracker {
             if !known && !told.contains(&key) {
                 look.began.push((*tid, *w));
             }
-            if !self.ended.contains(&key) && in_lock_call(w.tgid, *tid) == Some(false) {
+            if !self.ended.contains(&key) && left_unrecorded(*tid, w) {
                 self.ended.insert(key);
                 look.ended.push(seen_end(*tid, w, now_ns, true));
             }
@@ -311,6 +311,8 @@ impl WaitTracker {
 pub struct WaitFollower {
     tracker: WaitTracker,
     ring: WaitEndRing,
+    /// `WAITS`, looked up again for a thread seen out of its lock call.
+    waits: aya::maps::HashMap<MapData, u32, WaitStart>,
 }
 
 impl WaitFollower {
@@ -318,20 +320,34 @@ impl WaitFollower {
         Ok(WaitFollower {
             tracker: WaitTracker::default(),
             ring: WaitEndRing::open(pins)?,
+            waits: aya::maps::HashMap::try_from(Map::from_map_data(open(pins, names::WAITS)?)?)?,
         })
     }
 
     /// What began and ended since the last look (`h`: the records read now).
     pub fn look(&mut self, h: &History, now_ns: u64) -> Result<WaitLook> {
         let (ends, lost) = self.ring.read()?;
-        Ok(self.tracker.look(
-            h.waits_by_thread(),
-            &ends,
-            lost,
-            now_ns,
-            crate::procinfo::in_lock_call,
-        ))
+        Ok(self
+            .tracker
+            .look(h.waits_by_thread(), &ends, lost, now_ns, |tid, w| {
+                left_unrecorded(&self.waits, tid, w)
+            }))
     }
+}
+
+/// Out of its lock call, then still in `WAITS`, in that order: a wait granted between
+/// the read of `WAITS` a look works on and the look at the thread is gone from `WAITS`
+/// by then (its end is recorded before the call returns), and its end comes in the
+/// next ring read instead.
+fn left_unrecorded(
+    waits: &aya::maps::HashMap<MapData, u32, WaitStart>,
+    tid: u32,
+    w: &WaitStart,
+) -> bool {
+    crate::procinfo::in_lock_call(w.tgid, tid) == Some(false)
+        && waits
+            .get(&tid, 0)
+            .is_ok_and(|now| now.since_ns == w.since_ns)
 }
 
 /// Follows the tracer's lease-break records between looks.
@@ -436,7 +452,7 @@ mod tests {
     #[test]
     fn a_wait_between_two_looks_begins_and_ends_with_its_own_times() {
         let mut t = WaitTracker::default();
-        let l = t.look(HashMap::new(), &[], 0, 100, |_, _| Some(true));
+        let l = t.look(HashMap::new(), &[], 0, 100, |_, _| false);
         assert!(l.began.is_empty() && l.ended.is_empty());
         let w = wait(7, 110);
         let l = t.look(
@@ -444,7 +460,7 @@ mod tests {
             &[end(8, w, 130, wait_end::GRANTED)],
             0,
             200,
-            |_, _| Some(true),
+            |_, _| false,
         );
         assert_eq!(l.began, vec![(8, w)]);
         assert_eq!(l.ended.len(), 1);
@@ -458,14 +474,14 @@ mod tests {
         let mut t = WaitTracker::default();
         let w = wait(7, 110);
         let now = HashMap::from([(8, w)]);
-        let l = t.look(now.clone(), &[], 0, 120, |_, _| Some(true));
+        let l = t.look(now.clone(), &[], 0, 120, |_, _| false);
         assert_eq!(l.began.len(), 1);
         let l = t.look(
             now,
             &[end(8, w, 130, wait_end::UNBLOCKED)],
             0,
             200,
-            |_, _| Some(true),
+            |_, _| false,
         );
         assert!(l.began.is_empty() && l.ended.is_empty());
         let l = t.look(
@@ -473,7 +489,7 @@ mod tests {
             &[end(8, w, 250, wait_end::UNBLOCKED)],
             0,
             300,
-            |_, _| Some(true),
+            |_, _| false,
         );
         assert_eq!(l.ended.len(), 1);
         assert!(!l.ended[0].in_tracer_histogram(), "the agent counts it");
@@ -483,12 +499,12 @@ mod tests {
     fn an_end_without_an_event_is_seen_once_and_a_lost_one_when_gone() {
         let mut t = WaitTracker::default();
         let w = wait(7, 110);
-        t.look(HashMap::from([(8, w)]), &[], 0, 120, |_, _| Some(true));
+        t.look(HashMap::from([(8, w)]), &[], 0, 120, |_, _| false);
         // The thread left the call, the entry stays: ended when seen, once.
-        let l = t.look(HashMap::from([(8, w)]), &[], 0, 220, |_, _| Some(false));
+        let l = t.look(HashMap::from([(8, w)]), &[], 0, 220, |_, _| true);
         assert_eq!(l.ended.len(), 1);
         assert!(!l.ended[0].exact && l.ended[0].still_listed);
-        let l = t.look(HashMap::from([(8, w)]), &[], 0, 320, |_, _| Some(false));
+        let l = t.look(HashMap::from([(8, w)]), &[], 0, 320, |_, _| true);
         assert!(l.ended.is_empty());
         // Its entry finally goes (the thread exits): not reported twice.
         let l = t.look(
@@ -496,13 +512,13 @@ mod tests {
             &[end(8, w, 400, wait_end::EXITED)],
             0,
             420,
-            |_, _| Some(false),
+            |_, _| true,
         );
         assert!(l.ended.is_empty());
         // A wait gone with its ring record lost: ended when seen.
         let w2 = wait(7, 500);
-        t.look(HashMap::from([(9, w2)]), &[], 0, 510, |_, _| Some(true));
-        let l = t.look(HashMap::new(), &[], 1, 610, |_, _| Some(true));
+        t.look(HashMap::from([(9, w2)]), &[], 0, 510, |_, _| false);
+        let l = t.look(HashMap::new(), &[], 1, 610, |_, _| false);
         assert_eq!(l.lost, 1);
         assert_eq!(l.ended.len(), 1);
         assert_eq!((l.ended[0].at_ns, l.ended[0].exact), (610, false));
