@@ -17,7 +17,6 @@ use std::{
 use anyhow::{bail, Context as _, Result};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use crate::{
     cgroup::{
@@ -27,6 +26,7 @@ use crate::{
     fd::{
         dump::{self as fd_dump, FoundFd},
         table::{self as fd_table, FdTable},
+        validate as fd_validate,
     },
     ghost::dump as ghost_dump,
     image::{
@@ -38,6 +38,7 @@ use crate::{
         kernel::{self, KLock},
         proc_locks, HeldKind, KernelDev,
     },
+    sys::pidfd,
     task::dump as task_dump,
     tracer::{
         history::History,
@@ -147,12 +148,22 @@ fn image_id() -> String {
     format!("{:x}-{:x}", t.as_nanos(), std::process::id())
 }
 
-fn sha256_of(pid: u32, fd: i32) -> Result<String> {
-    let link = format!("/proc/{pid}/fd/{fd}");
-    let mut f = std::fs::File::open(&link).with_context(|| format!("hashing through {link}"))?;
-    let mut h = Sha256::new();
-    std::io::copy(&mut f, &mut h)?;
-    Ok(hex::encode(h.finalize()))
+/// The SHA-256 of the file behind `f`. Through a pidfd_getfd dup of a readable
+/// description of the dumped tree when there is one (`readable`): no open(), so a
+/// lease is not broken, and pread leaves the shared file position alone. Else through
+/// a new open of /proc/PID/fd/N.
+fn sha256_of(f: &FoundFd, readable: Option<&FoundFd>) -> Result<String> {
+    let file = match readable {
+        Some(r) => std::fs::File::from(
+            pidfd::pidfd_getfd(&pidfd::pidfd_open(r.pid)?, r.fd)
+                .with_context(|| format!("hashing {} through process {}", r.path, r.pid))?,
+        ),
+        None => {
+            let link = format!("/proc/{}/fd/{}", f.pid, f.fd);
+            std::fs::File::open(&link).with_context(|| format!("hashing through {link}"))?
+        }
+    };
+    fd_validate::sha256(&file).with_context(|| format!("hashing {}", f.path))
 }
 
 /// Refuses an fd no restore could open again, rather than write an image that can
@@ -694,13 +705,17 @@ fn read_contents(
             if hashes.contains_key(&(f.dev, f.ino)) {
                 continue;
             }
-            if leased.contains(&(f.dev, f.ino)) {
+            let readable = content_fds.iter().find(|r| {
+                (r.dev, r.ino) == (f.dev, f.ino)
+                    && r.info.flags & libc::O_ACCMODE as u32 != libc::O_WRONLY as u32
+            });
+            if readable.is_none() && leased.contains(&(f.dev, f.ino)) {
                 bail!(
-                    "cannot hash {}: it is leased, and reading it would break the lease",
+                    "cannot hash {}: it is leased and open only for writing, and opening it to read would break the lease",
                     f.path
                 );
             }
-            hashes.insert((f.dev, f.ino), sha256_of(f.pid, f.fd)?);
+            hashes.insert((f.dev, f.ino), sha256_of(f, readable)?);
         }
     }
     Ok(Contents {

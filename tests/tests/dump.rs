@@ -998,3 +998,72 @@ fn a_process_killed_while_frozen_is_refused_every_time() {
         }
     }
 }
+
+/// `dump --hash` of a file whose lease is being broken: read through a dup of the
+/// holder's description, so no open of the dump's waits on the break or starts
+/// another, and the holder's file position stays where it was. A file leased and open
+/// only for writing cannot be read without an open: refused in one line.
+#[test]
+fn hashing_a_breaking_leased_file_opens_nothing_and_moves_no_position() {
+    require_root();
+    let agent = Agent::start();
+    let _sysctl = LeaseBreakTime::set(30);
+    let dir = Scratch::new();
+    let cg = Cgroup::new(false);
+    let outside = Cgroup::new(false);
+    let f = dir.file("leased");
+    std::fs::write(&f, "leased contents").unwrap();
+    let mut h = cg.locker();
+    let fd = fd_of(&mut h, &format!("openmode f {f} r"));
+    h.cmd("seek f 7");
+    h.cmd("lease f w");
+    let mut breaker = outside.locker();
+    breaker.send(&format!("openmode x {f} w"));
+    wait_for(Duration::from_secs(5), "the lease to be breaking", || {
+        std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .contains("BREAKING")
+            .then_some(())
+    });
+    let img = dir.file("img");
+    let started = std::time::Instant::now();
+    let (code, _, err) = agent.dump(&cg.path, &img, &["--hash"]);
+    assert_eq!(code, 0, "{err}");
+    // An open for reading would have waited for the break's 30 s.
+    assert!(started.elapsed() < Duration::from_secs(15), "{err}");
+    let image = inspect_json(&img);
+    let fp = image["fingerprints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["path"] == f.as_str())
+        .unwrap();
+    // sha256("leased contents")
+    assert_eq!(
+        fp["sha256"],
+        "5a2b7711c1343ea2695db9ace5aadcc53ffedc3c7650ea87b2629b5132656208"
+    );
+    assert_eq!(fdinfo(h.pid(), fd).0, 7, "the holder's position");
+    let ino = std::fs::metadata(&f).unwrap().ino();
+    let locks = std::fs::read_to_string("/proc/locks").unwrap();
+    assert!(
+        locks
+            .lines()
+            .any(|l| l.contains("BREAKING") && l.contains(&format!(":{ino} "))),
+        "the lease is still breaking, on its first break: {locks}"
+    );
+    drop(breaker);
+    h.kill();
+
+    let g = dir.file("written");
+    std::fs::write(&g, "x").unwrap();
+    let mut w = cg.locker();
+    w.cmd(&format!("openmode g {g} w"));
+    w.cmd("lease g w");
+    let img2 = dir.0.join("img2").display().to_string();
+    let (code, _, err) = agent.dump(&cg.path, &img2, &["--hash"]);
+    assert_ne!(code, 0);
+    one_error_line(&err);
+    assert!(err.contains("open only for writing"), "{err}");
+    assert!(!Path::new(&img2).exists());
+}

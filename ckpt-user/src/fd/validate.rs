@@ -7,10 +7,9 @@
 use std::{
     collections::HashMap,
     fs::File,
-    io::Read as _,
     os::{
         fd::OwnedFd,
-        unix::fs::{MetadataExt as _, OpenOptionsExt as _},
+        unix::fs::{FileExt as _, MetadataExt as _, OpenOptionsExt as _},
     },
 };
 
@@ -90,15 +89,19 @@ fn fmt_ns(ns: i64) -> String {
     )
 }
 
-fn sha256(file: &mut File) -> std::io::Result<String> {
+/// The SHA-256 of a whole file, read with pread: a description shared with another
+/// process (a pidfd_getfd dup at the dump) keeps its file position.
+pub fn sha256(file: &File) -> std::io::Result<String> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0;
     loop {
-        let n = file.read(&mut buf)?;
+        let n = file.read_at(&mut buf, at)?;
         if n == 0 {
             break;
         }
         h.update(&buf[..n]);
+        at += n as u64;
     }
     Ok(hex::encode(h.finalize()))
 }
@@ -152,7 +155,7 @@ pub fn check(image: &Image, force: bool) -> Result<Checked> {
                     .read(true)
                     .custom_flags(libc::O_NONBLOCK)
                     .open(&fp.path)
-                    .and_then(|mut f| sha256(&mut f));
+                    .and_then(|f| sha256(&f));
                 match got {
                     Ok(got) if &got == want => {}
                     Ok(_) => diffs.push("contents changed (SHA-256 differs)".into()),
