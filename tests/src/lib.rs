@@ -16,6 +16,8 @@ use std::{
 
 use serde_json::Value;
 
+pub mod criu;
+
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
 /// A name unique to this test process and call.

@@ -208,5 +208,45 @@ fn vm_matrix(opts: &Options, tally: &mut Tally) -> Result<bool> {
             );
         }
     }
+    if migration_wanted(&opts.filter) {
+        let side = |series: &str| {
+            prepared
+                .iter()
+                .find(|(k, _)| k.release.starts_with(&format!("{series}.")))
+        };
+        match (side("6.12"), side("6.1")) {
+            (Some((from, from_rd)), Some((to, to_rd))) => {
+                println!(
+                    "== migration ({accel}): dump on kernel {}, restore on kernel {}",
+                    from.release, to.release
+                );
+                let runs = vm::run_migration((from, from_rd), (to, to_rd), accel, opts.vm_timeout)?;
+                let sides = runs.len();
+                for run in &runs {
+                    print!("{}", run.report);
+                    tally.passed += run.passed;
+                    tally.failed += run.failed;
+                    ok &= run.complete && run.failed == 0 && run.passed > 0;
+                }
+                if sides < 2 || runs.iter().any(|r| !r.complete || r.passed == 0) {
+                    // A side that did not run or did not finish is a failure.
+                    tally.failed += 1;
+                    ok = false;
+                    println!("migration: {sides} of 2 sides ran to the end (see above)");
+                } else {
+                    println!(
+                        "migration {} -> {}: both sides passed",
+                        from.release, to.release
+                    );
+                }
+            }
+            _ => println!("migration: skipped (it needs both kernels of the matrix)"),
+        }
+    }
     Ok(ok)
+}
+
+/// The migration runs with the whole matrix, or when the filter names it.
+fn migration_wanted(filter: &str) -> bool {
+    filter.is_empty() || filter.starts_with("migrat")
 }

@@ -190,6 +190,10 @@ fn copy_into(root: &Path, src: &Path, dst_rel: &Path) -> Result<()> {
 /// Kernel modules the tests need that the cloud kernels build as modules.
 const MODULES: &[&str] = &[
     "loop",
+    // The disk the two VMs of the migration share (virtio_pci is built in on 6.12,
+    // a module on 6.1).
+    "virtio_pci",
+    "virtio_blk",
     "xfs",
     "btrfs",
     // What `criu check` looks for: nf_tables (its kernel-features probe runs an
@@ -317,6 +321,8 @@ mount -t bpf bpf /sys/fs/bpf
 mount -t cgroup2 cgroup2 /sys/fs/cgroup
 # The loopback, for the agent's metrics endpoint (no other network).
 busybox ip link set lo up 2>/dev/null || busybox ifconfig lo 127.0.0.1 up
+# A hostname per kernel: the migration's second VM is another node.
+hostname "vm-$(uname -r)"
 echo CKPT-VM-BOOTED "$(uname -r)"
 if [ "$CKPT_PROBE" = 1 ]; then poweroff -f; fi
 for m in /lib/ckpt-modules/*.ko; do [ -e "$m" ] && insmod "$m"; done
@@ -325,12 +331,20 @@ cd /tmp
 echo "=== ckpt-user check"
 ckpt-user check
 echo "=== end of check"
+if [ -n "$CKPT_MIGRATE" ]; then
+  # One side of the migration (dump or restore), on the disk both VMs attach.
+  echo "=== running migrate-$CKPT_MIGRATE"
+  /ckpt/tests/migrate --test-threads=1 --include-ignored --nocapture "$CKPT_MIGRATE"
+  echo "=== exit $?"
+else
 for t in /ckpt/tests/*; do
+  [ "$(basename $t)" = migrate ] && continue
   echo "=== running $(basename $t)"
   # An #[ignore]d test here is one the 6.18 host cannot run (CRIU): the VMs run it.
   $t --test-threads=2 --include-ignored $CKPT_FILTER
   echo "=== exit $?"
 done
+fi
 echo CKPT-VM-DONE
 poweroff -f
 "#;
@@ -365,7 +379,7 @@ pub fn initramfs(bins: &Path, tests: &[PathBuf], kernel: &Kernel) -> Result<Path
     copy_into(&root, Path::new("/bin/busybox"), Path::new("bin/busybox"))?;
     for applet in [
         "sh", "mount", "umount", "kill", "sleep", "mkdir", "cat", "poweroff", "echo", "ls",
-        "uname", "true", "false", "rm", "date", "id",
+        "uname", "true", "false", "rm", "date", "id", "hostname",
     ] {
         std::os::unix::fs::symlink("busybox", root.join("bin").join(applet))?;
     }
@@ -459,15 +473,35 @@ pub struct VmRun {
     pub timed_out: bool,
 }
 
-/// Boots `kernel` with `initrd`; kills it after `timeout`.
-pub fn boot(
-    kernel: &Kernel,
-    initrd: &Path,
-    accel: &str,
-    extra_cmdline: &str,
-    timeout: Duration,
-) -> Result<VmRun> {
-    let log = workspace().join(format!("target/vm-console-{}.log", kernel.release));
+/// How one VM is booted.
+pub struct Boot<'a> {
+    pub kernel: &'a Kernel,
+    pub initrd: &'a Path,
+    pub accel: &'a str,
+    /// Appended to the kernel command line (`KEY=value` reach init's environment).
+    pub extra_cmdline: &'a str,
+    pub timeout: Duration,
+    /// A raw disk image, attached as /dev/vda.
+    pub disk: Option<&'a Path>,
+    /// The console log: target/vm-console-<release><log_suffix>.log.
+    pub log_suffix: &'a str,
+}
+
+/// Boots a VM; kills it after its timeout.
+pub fn boot(b: &Boot<'_>) -> Result<VmRun> {
+    let Boot {
+        kernel,
+        initrd,
+        accel,
+        extra_cmdline,
+        timeout,
+        disk,
+        log_suffix,
+    } = *b;
+    let log = workspace().join(format!(
+        "target/vm-console-{}{log_suffix}.log",
+        kernel.release
+    ));
     let _ = std::fs::remove_file(&log);
     // Multi-threaded TCG races with the kernel's live text patching (int3-based
     // text_poke when tracepoints are switched on and off): seen as an "Oops: int3" in
@@ -492,6 +526,16 @@ pub fn boot(
             "none",
         ])
         .args(["-monitor", "none", "-nic", "none"])
+        .args(
+            disk.map(|d| {
+                [
+                    "-drive".to_string(),
+                    format!("file={},format=raw,if=virtio", d.display()),
+                ]
+            })
+            .into_iter()
+            .flatten(),
+        )
         .arg("-serial")
         .arg(format!("file:{}", log.display()))
         .arg("-kernel")
@@ -528,13 +572,15 @@ pub fn boot(
 /// KVM if a probe boot gets to our init, else TCG (KVM fails on some hosts).
 pub fn pick_accel(kernel: &Kernel, initrd: &Path) -> Result<&'static str> {
     if Path::new("/dev/kvm").exists() {
-        let probe = boot(
+        let probe = boot(&Boot {
             kernel,
             initrd,
-            "kvm",
-            "CKPT_PROBE=1",
-            Duration::from_secs(30),
-        )?;
+            accel: "kvm",
+            extra_cmdline: "CKPT_PROBE=1",
+            timeout: Duration::from_secs(30),
+            disk: None,
+            log_suffix: "-probe",
+        })?;
         if probe.console.contains(BOOTED) {
             return Ok("kvm");
         }
@@ -622,13 +668,26 @@ pub fn run_kernel(
     filter: &str,
     timeout: Duration,
 ) -> Result<KernelRun> {
-    use std::fmt::Write as _;
     let extra = if filter.is_empty() {
         String::new()
     } else {
         format!("CKPT_FILTER={filter}")
     };
-    let r = boot(kernel, initrd, accel, &extra, timeout)?;
+    let r = boot(&Boot {
+        kernel,
+        initrd,
+        accel,
+        extra_cmdline: &extra,
+        timeout,
+        disk: None,
+        log_suffix: "",
+    })?;
+    Ok(kernel_run(kernel, &r))
+}
+
+/// Tallies and the report of one VM's console.
+fn kernel_run(kernel: &Kernel, r: &VmRun) -> KernelRun {
+    use std::fmt::Write as _;
     let (passed, failed) = tally(&r.console);
     let complete = r.console.contains(DONE) && !r.timed_out;
     let mut report = String::new();
@@ -675,12 +734,56 @@ pub fn run_kernel(
             let _ = writeln!(report, "  {suite}: {result}");
         }
     }
-    Ok(KernelRun {
+    KernelRun {
         passed,
         failed,
         complete,
         report,
-    })
+    }
+}
+
+/// The migration: `from` dumps a workload onto a disk, `to` (another kernel, another
+/// hostname) restores it from there (tests/tests/migrate.rs). One run per side; the
+/// restore side runs only after a dump that passed.
+pub fn run_migration(
+    from: (&Kernel, &Path),
+    to: (&Kernel, &Path),
+    accel: &str,
+    timeout: Duration,
+) -> Result<Vec<KernelRun>> {
+    let disk = workspace().join("target/vm-migration-disk.img");
+    let _ = std::fs::remove_file(&disk);
+    // Sparse: the dump side makes the filesystem.
+    std::fs::File::create(&disk)?.set_len(512 << 20)?;
+    let mut runs = Vec::new();
+    for ((kernel, initrd), side) in [(from, "dump"), (to, "restore")] {
+        let r = boot(&Boot {
+            kernel,
+            initrd,
+            accel,
+            extra_cmdline: &format!("CKPT_MIGRATE={side}"),
+            timeout,
+            disk: Some(&disk),
+            log_suffix: "-migration",
+        })?;
+        let mut run = kernel_run(kernel, &r);
+        // What each side measured (its tests print with --nocapture).
+        for l in r
+            .console
+            .lines()
+            .filter_map(|l| l.find("migration").map(|i| &l[i..]))
+        {
+            run.report
+                .push_str(&format!("  {side}: {}\n", l.trim_end()));
+        }
+        let ok = run.complete && run.failed == 0 && run.passed > 0;
+        runs.push(run);
+        if !ok {
+            break;
+        }
+    }
+    let _ = std::fs::remove_file(&disk);
+    Ok(runs)
 }
 
 #[cfg(test)]
