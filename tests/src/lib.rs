@@ -121,6 +121,29 @@ impl Drop for Scratch {
     }
 }
 
+/// How /proc/locks names the file at `path`: "maj:min:inode", the device in hex.
+pub fn proc_locks_id(path: &str) -> String {
+    let md = std::fs::metadata(path).unwrap();
+    format!(
+        "{:02x}:{:02x}:{}",
+        libc::major(md.dev()),
+        libc::minor(md.dev()),
+        md.ino()
+    )
+}
+
+/// Waits until the lease on the file at `path` is being broken.
+pub fn wait_for_breaking_lease(path: &str) {
+    let id = proc_locks_id(path);
+    wait_for(Duration::from_secs(5), "the lease to be breaking", || {
+        std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .any(|l| l.contains("BREAKING") && l.split_whitespace().any(|w| w == id))
+            .then_some(())
+    });
+}
+
 /// (dev "maj:min", inode) of a path, as ckpt-user prints them.
 pub fn dev_ino(path: &str) -> (String, u64) {
     let m = std::fs::metadata(path).unwrap();

@@ -12,7 +12,6 @@
 //! fresh node each.
 
 use std::{
-    os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     process::Command,
     sync::Once,
@@ -120,13 +119,7 @@ fn fd_of(reply: &str) -> i32 {
 /// /proc/locks lines on the file at `path`, with the pid and device left out (both
 /// differ between the nodes): "POSIX ADVISORY WRITE 0 9".
 fn locks_on(path: &str) -> Vec<String> {
-    let md = std::fs::metadata(path).unwrap();
-    let id = format!(
-        "{:02x}:{:02x}:{}",
-        libc::major(md.dev()),
-        libc::minor(md.dev()),
-        md.ino()
-    );
+    let id = proc_locks_id(path);
     let mut out: Vec<String> = std::fs::read_to_string("/proc/locks")
         .unwrap()
         .lines()
@@ -171,12 +164,7 @@ fn dump() {
     h.cmd(&format!("unlink {}", path("ghost")));
     let mut b = cg.locker();
     b.send(&format!("openmode x {} w", path("leased")));
-    wait_for(Duration::from_secs(5), "the lease to be breaking", || {
-        std::fs::read_to_string("/proc/locks")
-            .unwrap()
-            .contains("BREAKING")
-            .then_some(())
-    });
+    wait_for_breaking_lease(&path("leased"));
     std::thread::sleep(BROKEN_FOR);
     let locks: Value = FILES
         .iter()

@@ -457,12 +457,7 @@ fn lease_scenario(
         other.locker()
     };
     b.send(&format!("openmode x {f} {breaker_mode}"));
-    wait_for(Duration::from_secs(5), "the lease to be breaking", || {
-        std::fs::read_to_string("/proc/locks")
-            .unwrap()
-            .contains("BREAKING")
-            .then_some(())
-    });
+    wait_for_breaking_lease(&f);
     std::thread::sleep(Duration::from_secs(2));
     let img = checkpoint(agent.as_ref().unwrap(), &cg, &dir);
     let old_h = h.pid();
