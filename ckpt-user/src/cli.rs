@@ -698,8 +698,11 @@ fn restore_summary(r: &restore::Report) -> String {
         r.total_ms
     );
     for l in r.leases.iter().filter(|l| l.breaking) {
+        let downgrade = l.downgrade_remaining_ns.map_or(String::new(), |d| {
+            format!("downgraded {:.3} s and ", d as f64 / 1e9)
+        });
         out.push_str(&format!(
-            "  lease on {} (pid {}): revoked {:.3} s after the release ({})\n",
+            "  lease on {} (pid {}): {downgrade}revoked {:.3} s after the release ({})\n",
             l.path,
             l.pid,
             l.remaining_ns.unwrap_or(0) as f64 / 1e9,

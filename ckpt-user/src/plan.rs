@@ -785,6 +785,7 @@ mod tests {
                 target_type: Some(LockType::Read),
                 remaining_ns: Some(1),
                 lease_break_time_s: Some(5),
+                downgrade_remaining_ns: None,
                 notified: false,
                 signal: None,
                 breakers: vec![],

@@ -140,6 +140,26 @@ pub fn criu_test(lbt: Option<u32>) -> (Option<LeaseBreakTime>, Scratch, PathBuf)
     (guard, scratch, plugin)
 }
 
+/// The seed scenario's shell script: `locker` holds a `lease` (r or w) on `file` and
+/// logs to `holder_log`; once it has, a second `locker` opens `file` (`breaker`: r or
+/// w) and logs to `breaker_log`.
+pub fn seed_script(
+    locker: &Path,
+    file: &Path,
+    lease: &str,
+    breaker: &str,
+    holder_log: &Path,
+    breaker_log: &Path,
+) -> String {
+    format!(
+        "{l} --hold-lease {f} {lease} {h} & while [ ! -s {h} ]; do sleep 0.01; done; {l} --break {f} {breaker} {b} & wait",
+        l = locker.display(),
+        f = file.display(),
+        h = holder_log.display(),
+        b = breaker_log.display()
+    )
+}
+
 /// Where a seed scenario keeps its logs and CRIU's images, and what they tell: the
 /// same paths on every node the scenario is carried to.
 pub struct SeedFiles {
@@ -185,13 +205,7 @@ impl Seed {
         let files = SeedFiles::at(&scratch.0, name);
         let (holder_log, breaker_log) = (&files.holder_log, &files.breaker_log);
         let locker = bin("locker");
-        let script = format!(
-            "{l} --hold-lease {f} {lease} {h} & while [ ! -s {h} ]; do sleep 0.01; done; {l} --break {f} {breaker} {b} & wait",
-            l = locker.display(),
-            f = file.display(),
-            h = holder_log.display(),
-            b = breaker_log.display()
-        );
+        let script = seed_script(&locker, &file, lease, breaker, holder_log, breaker_log);
         let cmd = if pidns {
             let mut c = Command::new(&locker);
             c.args(["--in-pidns", "sh", "-c", &script]);

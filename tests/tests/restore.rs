@@ -622,6 +622,93 @@ fn a_lease_broken_from_outside_completes_on_time_with_only_its_holder_restored()
     );
 }
 
+/// A write lease being downgraded (a reader waits) that a writer then broke to unlock
+/// has two deadlines in the kernel: at the first it becomes a read lease and readers
+/// get through, at the second it goes. Both are kept: after the restore, a new reader
+/// gets through when the downgrade had left, a new writer when the unlock had.
+#[test]
+fn a_downgrade_and_an_unlock_pending_on_one_lease_both_keep_their_time() {
+    let Scene { agent, dir, cg } = Scene::new();
+    let outside = Cgroup::new(false);
+    let f = dir.file("leased");
+    let sysctl = LeaseBreakTime::set(5);
+    let mut h = cg.locker();
+    let fh = fd_of(&h.cmd(&format!("openmode f {f} r")));
+    h.cmd("lease f w");
+    let mut reader = outside.locker();
+    reader.send(&format!("openmode x {f} r"));
+    wait_for_breaking_lease(&f);
+    std::thread::sleep(Duration::from_secs(1));
+    let mut writer = outside.locker();
+    writer.send(&format!("openmode y {f} w"));
+    wait_for(Duration::from_secs(5), "the break to unlock", || {
+        std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .any(|w| w[2..4] == ["BREAKING", "UNLCK"] && w.contains(&proc_locks_id(&f).as_str()))
+            .then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let img = checkpoint(&agent, &cg, &dir);
+    let old_h = h.pid();
+    drop((h, reader, writer));
+    let (_, out, _) = ckpt_user(&["inspect", &img, "--json"]);
+    let image: Value = serde_json::from_str(&out).unwrap();
+    let lease = &image["leases"][0];
+    let unlock = lease["remaining_ns"].as_f64().unwrap() / 1e6;
+    let downgrade = lease["downgrade_remaining_ns"].as_f64().unwrap() / 1e6;
+    assert!(
+        (500.0..unlock - 500.0).contains(&downgrade),
+        "downgrade {downgrade:.1} ms, unlock {unlock:.1} ms: {lease}"
+    );
+
+    let into = Cgroup::new(false);
+    let sock = dir.file("sock");
+    let exec_h = format!("{old_h}=exec {} --listen {sock}", bin("locker").display());
+    let pins = agent.pin_dir.display().to_string();
+    let report = restore(&img, &into, &["--exec-cmd", &exec_h, "--pin-dir", &pins]);
+    let released = report["released_monotonic_ns"].as_u64().unwrap();
+    let planned = &report["leases"][0];
+    assert!(
+        (planned["downgrade_remaining_ns"].as_f64().unwrap() / 1e6 - downgrade).abs() < 1.0,
+        "{report}"
+    );
+    // The holder looks at its lease (F_GETLEASE) until it is gone: the kernel acts on
+    // a deadline at a lease check after it, and this one makes the downgrade happen
+    // at its deadline (a reader blocked behind an unlock pending sleeps until the
+    // unlock deadline). Observers from outside: a reader waits for the downgrade, a
+    // writer for the end.
+    let mut r = RemoteLocker::connect(&sock);
+    r.cmd(&format!("adopt f {fh}"));
+    r.send("pollproc f gone 10000");
+    let mut reader = outside.locker();
+    let mut writer = outside.locker();
+    reader.send(&format!("openmode x {f} r"));
+    writer.send(&format!("openmode y {f} w"));
+    let when = |reply: String| -> f64 {
+        assert!(reply.starts_with("ok"), "{reply}");
+        let mono: u64 = reply.split_whitespace().nth(2).unwrap().parse().unwrap();
+        (mono as f64 - released as f64) / 1e6
+    };
+    let read_at = when(reader.reply());
+    let write_at = when(writer.reply());
+    assert!(r.reply().starts_with("ok"), "the lease never went");
+    assert_eq!(r.cmd("sigcount"), "ok 0", "no second SIGIO");
+    drop(sysctl);
+    eprintln!(
+        "downgraded {read_at:.1} ms after the release ({downgrade:.1} left), revoked {write_at:.1} ms after it ({unlock:.1} left)"
+    );
+    assert!(
+        (read_at - downgrade).abs() <= TOLERANCE_MS,
+        "a reader got through {read_at:.1} ms after the release, {downgrade:.1} ms expected"
+    );
+    assert!(
+        (write_at - unlock).abs() <= TOLERANCE_MS,
+        "a writer got through {write_at:.1} ms after the release, {unlock:.1} ms expected"
+    );
+}
+
 /// Files a failed restore might leave: the scratch directory's names.
 fn names(dir: &Scratch) -> Vec<String> {
     let mut v: Vec<String> = std::fs::read_dir(&dir.0)

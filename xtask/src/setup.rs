@@ -21,8 +21,8 @@ const DEMO_PACKAGES: &[&str] = &["sqlite3", "util-linux"];
 
 /// What the test suite drives: stress-ng, sqlite3 and flock(1); tmux (a terminal for
 /// `top`); node_exporter (that it accepts the metrics textfile); the filesystems the
-/// tests make; CRIU (run in the VMs only: 3.17.1 does not start on the 6.18 host);
-/// and the VM kernel matrix (qemu, busybox, cpio, xz for the kernels' modules).
+/// tests make; CRIU and runc (run in the VMs only: CRIU 3.17.1 does not start on the
+/// 6.18 host); and the VM kernel matrix (qemu, busybox, cpio, xz for the kernels' modules).
 const TEST_PACKAGES: &[&str] = &[
     "stress-ng",
     "tmux",
@@ -33,6 +33,7 @@ const TEST_PACKAGES: &[&str] = &[
     "xfsprogs",
     "btrfs-progs",
     "criu",
+    "runc",
     "qemu-system-x86",
     "busybox-static",
     "cpio",

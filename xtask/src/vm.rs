@@ -417,6 +417,7 @@ pub fn initramfs(bins: &Path, tests: &[PathBuf], kernel: &Kernel) -> Result<Path
         "/usr/sbin/mkfs.xfs",
         "/usr/sbin/mkfs.btrfs",
         "/usr/sbin/criu",
+        "/usr/sbin/runc",
     ] {
         let tool = PathBuf::from(tool);
         copy_into(&root, &tool, tool.strip_prefix("/").unwrap())?;

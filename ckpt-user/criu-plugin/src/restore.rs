@@ -38,7 +38,7 @@ use ckpt_user::{
     fd::fdinfo::{parse_fdinfo, FdInfo},
     lease::{
         restore::{current_break_time, LeaseReport, Rebreak, Schedule, Sysctl, SysctlFiles},
-        schedule::{remaining_under, LeaseTime},
+        schedule::{downgrade_first, remaining_under, LeaseTime},
         snapshot::{LeaseSidecar, RestoreReport, REPORT, REPORT_FORMAT, SIDECAR},
     },
     lock::{HeldKind, LockRange, LockType},
@@ -72,6 +72,9 @@ pub struct Pending {
     pub notified: bool,
     /// From the resume to the kernel's deadline.
     pub remaining: Duration,
+    /// Broken to unlock while being downgraded: from the resume to the downgrade
+    /// deadline, when it comes first.
+    pub downgrade: Option<Duration>,
 }
 
 /// What CRIU is to read instead of the dumped `filelocks.img`.
@@ -131,7 +134,23 @@ pub fn prepare(
                 ..e.clone()
             }),
             Ok((l, target, remaining)) => {
-                let lease_type = l.lock_type.expect("filtered above");
+                let mut lease_type = l.lock_type.expect("filtered above");
+                let downgrade = l
+                    .downgrade_remaining_ns
+                    .filter(|_| target.is_none())
+                    .and_then(|d| {
+                        remaining_under(Some(d), l.lease_break_time_s, policy, current_break_time_s)
+                            .ok()
+                    })
+                    .and_then(|d| downgrade_first(d, remaining));
+                let downgrade = match downgrade {
+                    // Downgraded already: CRIU sets it as the read lease it is now.
+                    Some(d) if d.is_zero() => {
+                        lease_type = LockType::Read;
+                        None
+                    }
+                    d => d,
+                };
                 out.entries.push(FileLockEntry {
                     r#type: FileLockEntry::type_number(Some(lease_type)),
                     ..e.clone()
@@ -146,6 +165,7 @@ pub fn prepare(
                     // when a break starts (lm_break), to the owner F_SETLEASE set.
                     notified: l.notified.unwrap_or(true),
                     remaining,
+                    downgrade,
                 });
             }
         }
@@ -368,7 +388,7 @@ fn rebreak(
                 .with_context(|| format!("the lease's fd in process {}", p.pid))
         })
         .collect::<Result<Vec<OwnedFd>>>()?;
-    let leases: Vec<Rebreak> = pending
+    let mut leases: Vec<Rebreak> = pending
         .iter()
         .zip(&fds)
         .zip(&holders)
@@ -379,6 +399,7 @@ fn rebreak(
             notified: p.notified,
             owner: fown::owner(fd),
             holder,
+            downgrade_of: None,
         })
         .collect();
     let mut reports: Vec<LeaseReport> = pending
@@ -393,14 +414,23 @@ fn rebreak(
             deadline_monotonic_ns: None,
             deadline_source: None,
             lease_break_time_s: None,
+            downgrade_remaining_ns: None,
+            downgrade_deadline_monotonic_ns: None,
         })
         .collect();
     let hz = kernel_hz()?;
-    let remaining: Vec<(usize, Duration)> = pending
+    let mut remaining: Vec<(usize, Duration)> = pending
         .iter()
         .enumerate()
         .map(|(i, p)| (i, p.remaining))
         .collect();
+    // A downgrade before the break to unlock (see `Rebreak::downgrade`).
+    for (i, p) in pending.iter().enumerate() {
+        if let Some(d) = p.downgrade {
+            remaining.push((leases.len(), d));
+            leases.push(leases[i].downgrade(i));
+        }
+    }
     // The plan (and the iterator load) before the sysctl is taken: other restores
     // wait for it.
     let schedule = Schedule::new(&leases, &remaining, &pins(), hz);

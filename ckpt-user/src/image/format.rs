@@ -195,6 +195,11 @@ pub struct Lease {
     pub remaining_ns: Option<i64>,
     /// lease-break-time (s) in force when the break started.
     pub lease_break_time_s: Option<u32>,
+    /// A writer broke it while it was being downgraded: the downgrade's time left at
+    /// the freeze instant (the kernel keeps both deadlines; `remaining_ns` is the
+    /// unlock one). None otherwise, and in images made before this field.
+    #[serde(default)]
+    pub downgrade_remaining_ns: Option<i64>,
     pub notified: bool,
     pub signal: Option<i32>,
     pub breakers: Vec<Breaker>,

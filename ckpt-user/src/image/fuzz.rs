@@ -40,7 +40,9 @@ use super::{
 };
 use crate::{
     fd::validate,
-    lease::schedule::{plan_breaks, remaining_after_restore, LeaseTime},
+    lease::schedule::{
+        downgrade_first, plan_breaks, remaining_after_restore, remaining_under, LeaseTime,
+    },
     plan::{self, PlanOptions},
 };
 
@@ -133,6 +135,7 @@ fn lease(file: u32, pid: u32, breaking: bool) -> Lease {
         target_type: breaking.then_some(LockType::Read),
         remaining_ns: breaking.then_some(2_500_000_000),
         lease_break_time_s: breaking.then_some(5),
+        downgrade_remaining_ns: None,
         notified: breaking,
         signal: Some(libc::SIGIO),
         breakers: if breaking {
@@ -588,6 +591,7 @@ pub fn mutate_image(rng: &mut Rng, img: &Image) -> Image {
                 if let Some(l) = img.leases.first_mut() {
                     l.breaking = true;
                     l.remaining_ns = Some(v as i64);
+                    l.downgrade_remaining_ns = Some(interesting(rng) as i64);
                     l.lease_break_time_s = Some(interesting(rng) as u32);
                 }
             }
@@ -745,14 +749,26 @@ fn readers(path: &Path, key: &HostKey) -> bool {
             LeaseTime::Delta(1_000_000_000),
             LeaseTime::Delta(-1_000_000_000),
         ] {
-            let remaining: Vec<_> = img
+            let mut remaining: Vec<_> = img
                 .leases
                 .iter()
                 .enumerate()
                 .filter(|(_, l)| l.breaking)
                 .filter_map(|(i, l)| remaining_after_restore(l, policy, 45).ok().map(|r| (i, r)))
                 .collect();
-            let _ = plan_breaks(&remaining, Duration::from_millis(4));
+            // Downgrades planned before their unlocks, as the restore plans them.
+            let mut first = Vec::new();
+            for (i, unlock) in remaining.clone() {
+                let l = &img.leases[i];
+                let down = l
+                    .downgrade_remaining_ns
+                    .and_then(|d| remaining_under(Some(d), l.lease_break_time_s, policy, 45).ok());
+                if let Some(d) = down.and_then(|d| downgrade_first(d, unlock)) {
+                    first.push((img.leases.len() + i, i));
+                    remaining.push((img.leases.len() + i, d));
+                }
+            }
+            let _ = plan_breaks(&remaining, &first, Duration::from_millis(4));
         }
         // The file check only stats paths (and hashes a file only if everything else
         // about it matched).

@@ -88,9 +88,12 @@ pub fn summary(img: &Image) -> String {
     }
     for l in &img.leases {
         let state = if l.breaking {
-            let left = l.remaining_ns.map(ms).unwrap_or_else(|| "? left".into());
+            let left = l.remaining_ns.map(ms).unwrap_or_else(|| "?".into());
+            let downgrade = l
+                .downgrade_remaining_ns
+                .map_or(String::new(), |d| format!(", downgraded in {}", ms(d)));
             format!(
-                "breaking -> {} ({left} left, notified {})",
+                "breaking -> {} ({left} left{downgrade}, notified {})",
                 ty(l.target_type),
                 l.notified
             )

@@ -438,6 +438,7 @@ mod hostile {
                 target_type: None,
                 remaining_ns: None,
                 lease_break_time_s: None,
+                downgrade_remaining_ns: None,
                 notified: false,
                 signal: None,
                 breakers: vec![],

@@ -27,7 +27,9 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     kernel_deadline::{SeenBreak, Tracer},
-    schedule::{plan_breaks, remaining_after_restore, Break, LeaseTime},
+    schedule::{
+        downgrade_first, plan_breaks, remaining_after_restore, remaining_under, Break, LeaseTime,
+    },
 };
 use crate::{
     fd::owners::Owners,
@@ -272,6 +274,13 @@ pub struct LeaseReport {
     pub deadline_source: Option<DeadlineSource>,
     /// The fs.lease-break-time the break was made with.
     pub lease_break_time_s: Option<u32>,
+    /// Broken to unlock while it was being downgraded: the downgrade's deadline too,
+    /// counted from the release as planned, and its CLOCK_MONOTONIC (null when it
+    /// comes after the unlock, which makes it moot, or was not recorded).
+    #[serde(default)]
+    pub downgrade_remaining_ns: Option<u64>,
+    #[serde(default)]
+    pub downgrade_deadline_monotonic_ns: Option<u64>,
 }
 
 fn fcntl(fd: RawFd, cmd: i32, arg: libc::c_long) -> std::io::Result<i32> {
@@ -335,9 +344,12 @@ pub enum DeadlineSource {
 /// The CLOCK_MONOTONIC instant the kernel will revoke a lease just broken: the
 /// tracer's reading when there is one, else the middle of the syscall. Both carry the
 /// half tick by which the kernel is late on average (it revokes at the tick after).
+/// `ours_since`: when this restore first broke the lease (a downgrade, then an unlock
+/// is one break of ours).
 fn deadline_of(
     path: &str,
     timed: Timed,
+    ours_since: u64,
     seen: Option<Result<SeenBreak>>,
     warnings: &mut Vec<String>,
 ) -> (u64, DeadlineSource) {
@@ -347,7 +359,7 @@ fn deadline_of(
         timed.before + window / 2 + u64::from(timed.sysctl_s) * 1_000_000_000 + half_tick;
     match seen {
         Some(Ok(seen)) => {
-            if seen.started_ns.is_some_and(|s| s < timed.before) {
+            if seen.started_ns.is_some_and(|s| s < ours_since) {
                 warnings.push(format!(
                     "lease on {path}: already being broken (by pids {:?}) before the restore broke it; the kernel keeps that break's deadline",
                     seen.breakers
@@ -414,6 +426,8 @@ pub fn restore(
             deadline_monotonic_ns: None,
             deadline_source: None,
             lease_break_time_s: None,
+            downgrade_remaining_ns: None,
+            downgrade_deadline_monotonic_ns: None,
         })
         .collect();
 
@@ -436,7 +450,7 @@ pub fn restore(
         remaining.push((i, r));
     }
     let hz = crate::sys::hz::kernel_hz()?;
-    let leases: Vec<Rebreak> = image
+    let mut leases: Vec<Rebreak> = image
         .leases
         .iter()
         .zip(&taker)
@@ -449,9 +463,24 @@ pub fn restore(
                 notified: l.notified,
                 owner: owners.of(file),
                 holder,
+                downgrade_of: None,
             }
         })
         .collect();
+    // Being downgraded when a writer broke it to unlock: the downgrade deadline is
+    // restored too, by a break for reading made before the one to unlock.
+    for (i, unlock) in remaining.clone() {
+        let l = &image.leases[i];
+        let Some(d) = l.downgrade_remaining_ns.filter(|_| l.target_type.is_none()) else {
+            continue;
+        };
+        let d = remaining_under(Some(d), l.lease_break_time_s, policy, current)
+            .map_err(|e| leases[i].describe(anyhow!("its downgrade: {e}")))?;
+        if let Some(d) = downgrade_first(d, unlock) {
+            remaining.push((leases.len(), d));
+            leases.push(leases[i].downgrade(i));
+        }
+    }
 
     // Revoked at once: the break ends as the holder would end it, through the same
     // description (a lease-break-time of 0 would mean "never time out").
@@ -464,6 +493,11 @@ pub fn restore(
         let target = leases[i].target.map_or(libc::F_UNLCK, LockType::fcntl_type);
         fcntl(leases[i].fd, libc::F_SETLEASE, target.into())
             .map_err(|e| leases[i].describe(anyhow!("revoking it: {e}")))?;
+        if let Some(of) = leases[i].downgrade_of {
+            // Downgraded now; its break to unlock is scheduled.
+            reports[of].downgrade_remaining_ns = Some(0);
+            continue;
+        }
         reports[i].remaining_ns = Some(0);
         // Downgraded: an ordinary read lease now; unlocked: gone.
         reports[i].breaking = false;
@@ -493,6 +527,7 @@ pub fn restore(
 }
 
 /// One lease to break again, on the description that holds it.
+#[derive(Clone)]
 pub struct Rebreak {
     /// An fd of ours on the lease's description.
     pub fd: RawFd,
@@ -506,9 +541,21 @@ pub struct Rebreak {
     pub owner: Option<(i32, i32)>,
     /// The process holding it (where the kernel's deadline is read back).
     pub holder: u32,
+    /// This break is the downgrade of lease `i` of the same list, made before that
+    /// lease's break to unlock (the kernel keeps both deadlines), and reported with it.
+    pub downgrade_of: Option<usize>,
 }
 
 impl Rebreak {
+    /// The break for reading that restores lease `index`'s downgrade deadline.
+    pub fn downgrade(&self, index: usize) -> Rebreak {
+        Rebreak {
+            target: Some(LockType::Read),
+            downgrade_of: Some(index),
+            ..self.clone()
+        }
+    }
+
     fn describe(&self, e: anyhow::Error) -> anyhow::Error {
         anyhow!("lease on {}: {e:#}", self.path)
     }
@@ -552,7 +599,12 @@ impl<'a> Schedule<'a> {
         pins: &PinDir,
         hz: u32,
     ) -> Schedule<'a> {
-        let breaks = plan_breaks(remaining, tick_of(hz));
+        let first: Vec<(usize, usize)> = leases
+            .iter()
+            .enumerate()
+            .filter_map(|(i, l)| l.downgrade_of.map(|of| (i, of)))
+            .collect();
+        let breaks = plan_breaks(remaining, &first, tick_of(hz));
         let tracer = if breaks.is_empty() {
             None
         } else {
@@ -584,6 +636,8 @@ impl<'a> Schedule<'a> {
         // No ordinary task gets between a clock reading and the break it times.
         let fifo = Fifo::enter();
         let mut go = monotonic_ns() + 20_000_000 + first.lead.as_nanos() as u64;
+        // When this restore first broke each description.
+        let mut ours_since: BTreeMap<RawFd, u64> = BTreeMap::new();
         for (n, b) in self.breaks.iter().enumerate() {
             let l = &self.leases[b.index];
             let ino = nix::sys::stat::fstat(l.fd)?.st_ino;
@@ -602,16 +656,26 @@ impl<'a> Schedule<'a> {
                 .tracer
                 .as_ref()
                 .map(|t| t.seen_break(ino, l.holder, TRACER_WAIT));
-            let (deadline, source) = deadline_of(&l.path, timed, seen, warnings);
+            let since = *ours_since.entry(l.fd).or_insert(before);
+            let (deadline, source) = deadline_of(&l.path, timed, since, seen, warnings);
             if n == 0 {
                 // The first break fixes the release instant; the others aim at it.
                 go = deadline - b.remaining.as_nanos() as u64;
             }
-            let r = &mut reports[b.index];
-            r.remaining_ns = Some(deadline.saturating_sub(go));
-            r.deadline_monotonic_ns = Some(deadline);
-            r.deadline_source = Some(source);
-            r.lease_break_time_s = Some(b.sysctl_s);
+            match l.downgrade_of {
+                Some(of) => {
+                    let r = &mut reports[of];
+                    r.downgrade_remaining_ns = Some(deadline.saturating_sub(go));
+                    r.downgrade_deadline_monotonic_ns = Some(deadline);
+                }
+                None => {
+                    let r = &mut reports[b.index];
+                    r.remaining_ns = Some(deadline.saturating_sub(go));
+                    r.deadline_monotonic_ns = Some(deadline);
+                    r.deadline_source = Some(source);
+                    r.lease_break_time_s = Some(b.sysctl_s);
+                }
+            }
         }
         drop(sysctl);
         before_release(go, reports, warnings);
@@ -759,11 +823,17 @@ mod tests {
             started_ns: Some(1_000),
             breakers: vec![],
         };
-        let (d, src) = deadline_of("f", timed(1_000, 1_600_001_000), Some(Ok(seen)), &mut w);
+        let (d, src) = deadline_of(
+            "f",
+            timed(1_000, 1_600_001_000),
+            1_000,
+            Some(Ok(seen)),
+            &mut w,
+        );
         assert_eq!((d, src), (3_002_001_000, DeadlineSource::Tracer));
         assert!(w.is_empty(), "{w:?}");
         // Without it, the middle of the call, and a warning that says so.
-        let (d, src) = deadline_of("f", timed(1_000, 1_600_001_000), None, &mut w);
+        let (d, src) = deadline_of("f", timed(1_000, 1_600_001_000), 1_000, None, &mut w);
         assert_eq!((d, src), (3_802_001_000, DeadlineSource::SyscallTiming));
         assert!(w[0].contains("took 1600.0 ms"), "{w:?}");
     }
@@ -771,7 +841,7 @@ mod tests {
     #[test]
     fn a_quick_syscall_needs_no_warning_and_a_foreign_break_gets_one() {
         let mut w = Vec::new();
-        let (d, _) = deadline_of("f", timed(1_000, 21_000), None, &mut w);
+        let (d, _) = deadline_of("f", timed(1_000, 21_000), 1_000, None, &mut w);
         assert_eq!(d, 11_000 + 3_000_000_000 + 2_000_000);
         assert!(w.is_empty());
         let seen = SeenBreak {
@@ -779,15 +849,26 @@ mod tests {
             started_ns: Some(500),
             breakers: vec![42],
         };
-        let (d, _) = deadline_of("f", timed(1_000, 21_000), Some(Ok(seen)), &mut w);
+        let (d, _) = deadline_of(
+            "f",
+            timed(1_000, 21_000),
+            1_000,
+            Some(Ok(seen.clone())),
+            &mut w,
+        );
         assert_eq!(d, 2_502_000_000);
         assert!(
             w[0].contains("already being broken (by pids [42])"),
             "{w:?}"
         );
+        // Our own downgrade at 400, then our break to unlock: no warning.
+        let mut quiet = Vec::new();
+        deadline_of("f", timed(1_000, 21_000), 400, Some(Ok(seen)), &mut quiet);
+        assert!(quiet.is_empty(), "{quiet:?}");
         let (_, src) = deadline_of(
             "f",
             timed(1_000, 21_000),
+            1_000,
             Some(Err(anyhow!("slow"))),
             &mut w,
         );

@@ -128,10 +128,24 @@ pub struct Break {
 /// kernel's deadline back (`kernel_deadline`) before the instant it fixes.
 pub const SLACK: Duration = Duration::from_millis(50);
 
+/// The downgrade deadline to restore beside an unlock one (both `remaining` from the
+/// release): only one that comes first matters (the unlock removes the lease, and the
+/// downgrade with it).
+pub fn downgrade_first(downgrade: Duration, unlock: Duration) -> Option<Duration> {
+    (downgrade < unlock).then_some(downgrade)
+}
+
 /// The breaks, earliest first. A lease to be revoked at once (`remaining` zero) is
 /// broken with the sysctl at 0 and timed out before the release; it is not scheduled
-/// here.
-pub fn plan_breaks(remaining: &[(usize, Duration)], tick: Duration) -> Vec<Break> {
+/// here. `first`: pairs (a, b) where a's break must be made before b's (a lease's
+/// downgrade before its break to unlock, which the kernel would otherwise not
+/// downgrade); a's is moved whole seconds earlier, with the sysctl that many seconds
+/// higher, which keeps its deadline.
+pub fn plan_breaks(
+    remaining: &[(usize, Duration)],
+    first: &[(usize, usize)],
+    tick: Duration,
+) -> Vec<Break> {
     let mut out: Vec<Break> = remaining
         .iter()
         .filter(|(_, r)| !r.is_zero())
@@ -146,6 +160,17 @@ pub fn plan_breaks(remaining: &[(usize, Duration)], tick: Duration) -> Vec<Break
             }
         })
         .collect();
+    for &(a, b) in first {
+        let lead_of = |i| out.iter().find(|x: &&Break| x.index == i).map(|x| x.lead);
+        if let (Some(la), Some(lb)) = (lead_of(a), lead_of(b)) {
+            if la <= lb {
+                let secs = (lb - la).as_secs() + 1;
+                let x = out.iter_mut().find(|x| x.index == a).unwrap();
+                x.sysctl_s = x.sysctl_s.saturating_add(secs as u32);
+                x.lead += Duration::from_secs(secs);
+            }
+        }
+    }
     out.sort_by(|a, b| b.lead.cmp(&a.lead).then(a.index.cmp(&b.index)));
     out
 }
@@ -163,6 +188,7 @@ mod tests {
             target_type: None,
             remaining_ns,
             lease_break_time_s: break_time,
+            downgrade_remaining_ns: None,
             notified: true,
             signal: None,
             breakers: vec![],
@@ -230,6 +256,7 @@ mod tests {
                 (2, Duration::ZERO),
                 (3, Duration::from_millis(100)),
             ],
+            &[],
             tick,
         );
         assert_eq!(
@@ -263,5 +290,41 @@ mod tests {
             assert_eq!(u64::from(x.sysctl_s) * 1000 + 2 - go_minus_break, r);
             assert!(x.lead >= SLACK);
         }
+    }
+
+    #[test]
+    fn a_downgrade_is_broken_before_the_unlock_of_the_same_lease() {
+        let tick = Duration::from_millis(4);
+        // Downgrade 2.9 s, unlock 3.2 s: by the fraction alone the unlock would be
+        // broken first (lead 802 ms against 102 ms).
+        let remaining = [
+            (0, Duration::from_millis(3200)),
+            (1, Duration::from_millis(2900)),
+        ];
+        let b = plan_breaks(&remaining, &[(1, 0)], tick);
+        assert_eq!(b.iter().map(|x| x.index).collect::<Vec<_>>(), vec![1, 0]);
+        assert_eq!((b[0].sysctl_s, b[0].lead), (4, Duration::from_millis(1102)));
+        assert_eq!((b[1].sysctl_s, b[1].lead), (4, Duration::from_millis(802)));
+        // Each deadline still lands its `remaining` after the release.
+        for x in &b {
+            assert_eq!(
+                Duration::from_secs(x.sysctl_s.into()) + tick / 2 - x.lead,
+                x.remaining
+            );
+        }
+        // Already in order: unchanged.
+        let r = [
+            (0, Duration::from_millis(3900)),
+            (1, Duration::from_millis(3100)),
+        ];
+        assert_eq!(plan_breaks(&r, &[(1, 0)], tick), plan_breaks(&r, &[], tick));
+        assert_eq!(
+            downgrade_first(Duration::from_secs(1), Duration::from_secs(2)),
+            Some(Duration::from_secs(1))
+        );
+        assert_eq!(
+            downgrade_first(Duration::from_secs(2), Duration::from_secs(2)),
+            None
+        );
     }
 }

@@ -141,8 +141,11 @@ impl RestoreReport {
             self.resume_monotonic_ns as f64 / 1e9
         );
         for l in &self.leases {
+            let downgrade = l.downgrade_remaining_ns.map_or(String::new(), |d| {
+                format!(" (downgraded {:.3} s after it)", d as f64 / 1e9)
+            });
             out.push_str(&format!(
-                "  pid {} {}: {} lease, breaking to {}, {:.3} s left at resume\n",
+                "  pid {} {}: {} lease, breaking to {}, {:.3} s left at resume{downgrade}\n",
                 l.pid,
                 l.path,
                 l.lease_type.name(),
@@ -431,6 +434,8 @@ mod tests {
                 deadline_monotonic_ns: Some(11_500_000_000),
                 deadline_source: Some(crate::lease::restore::DeadlineSource::Tracer),
                 lease_break_time_s: Some(3),
+                downgrade_remaining_ns: Some(1_250_000_000),
+                downgrade_deadline_monotonic_ns: Some(10_250_000_000),
             }],
             differences: vec![
                 "fd 4 of process 10: the write POSIX lock on 0-9 was not restored (it holds none)"
@@ -446,7 +451,7 @@ mod tests {
         }
         let text = r.render();
         assert!(
-            text.contains("pid 10 /tmp/f: write lease, breaking to unlock, 2.500 s left at resume"),
+            text.contains("pid 10 /tmp/f: write lease, breaking to unlock, 2.500 s left at resume (downgraded 1.250 s after it)"),
             "{text}"
         );
         assert!(

@@ -218,7 +218,8 @@ fn lease(
     hz: u32,
 ) -> Lease {
     let breaking = BreakState::breaking(e.flags);
-    let deadline = BreakState::of(e.flags, e.clock.as_ref(), hz).primary;
+    let state = BreakState::of(e.flags, e.clock.as_ref(), hz);
+    let deadline = state.primary;
     let as_klock = KLock {
         kind: e.kind,
         lock_type: e.lock_type.map_or(fl_type::F_UNLCK, LockType::to_fl_type),
@@ -249,6 +250,9 @@ fn lease(
         breaking,
         target_type: target,
         remaining_ns: deadline.map(|d| d.monotonic_ns as i64 - frozen_ns as i64),
+        downgrade_remaining_ns: state
+            .downgrade
+            .map(|d| d.monotonic_ns as i64 - frozen_ns as i64),
         lease_break_time_s: record
             .zip(deadline)
             .map(|(r, d)| lease::break_time_s(r, d.jiffies, hz)),
