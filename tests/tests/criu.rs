@@ -680,9 +680,10 @@ fn a_downgrade_and_an_unlock_pending_keep_their_times_through_criu() {
 }
 
 /// Where runc and CRIU run for the runc test: a tmpfs with the VM's directories bound
-/// into it, entered with chroot. The VM's own root is the initramfs, which pivot_root
-/// (runc's, and CRIU's when it restores a mount namespace) cannot leave; a root that
-/// is a mounted filesystem can.
+/// into it, moved over / in a mount namespace of their own (as switch_root does). The
+/// VM's own root is the initramfs, which pivot_root cannot leave; and CRIU wants the
+/// container's root to be its mount namespace's root as the kernel names it, which a
+/// plain chroot into the tmpfs is not.
 const RUNC_ROOT: &str = "/mnt/runc-root";
 const CONTAINER: &str = "ckpt-seed";
 
@@ -721,14 +722,33 @@ impl RuncHost {
         use std::os::unix::process::CommandExt as _;
         let mut cmd = Command::new("runc");
         cmd.args(args).stdin(std::process::Stdio::null());
-        // SAFETY: chroot and chdir are async-signal-safe.
+        let root = std::ffi::CString::new(RUNC_ROOT).unwrap();
+        // SAFETY: plain system calls, async-signal-safe, in the forked child.
         unsafe {
-            cmd.pre_exec(|| {
-                let root = std::ffi::CString::new(RUNC_ROOT).unwrap();
-                if libc::chroot(root.as_ptr()) != 0 || libc::chdir(c"/".as_ptr()) != 0 {
-                    return Err(std::io::Error::last_os_error());
+            cmd.pre_exec(move || {
+                let ok = libc::unshare(libc::CLONE_NEWNS) == 0
+                    && libc::mount(
+                        std::ptr::null(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_REC | libc::MS_PRIVATE,
+                        std::ptr::null(),
+                    ) == 0
+                    && libc::chdir(root.as_ptr()) == 0
+                    && libc::mount(
+                        c".".as_ptr(),
+                        c"/".as_ptr(),
+                        std::ptr::null(),
+                        libc::MS_MOVE,
+                        std::ptr::null(),
+                    ) == 0
+                    && libc::chroot(c".".as_ptr()) == 0
+                    && libc::chdir(c"/".as_ptr()) == 0;
+                if ok {
+                    Ok(())
+                } else {
+                    Err(std::io::Error::last_os_error())
                 }
-                Ok(())
             })
         };
         let out = cmd.output().expect("running runc");

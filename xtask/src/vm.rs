@@ -418,6 +418,9 @@ pub fn initramfs(bins: &Path, tests: &[PathBuf], kernel: &Kernel) -> Result<Path
         "/usr/sbin/mkfs.btrfs",
         "/usr/sbin/criu",
         "/usr/sbin/runc",
+        // CRIU keeps a container's tmpfs (its /dev) as a GNU tar archive.
+        "/usr/bin/tar",
+        "/usr/bin/gzip",
     ] {
         let tool = PathBuf::from(tool);
         copy_into(&root, &tool, tool.strip_prefix("/").unwrap())?;
