@@ -148,14 +148,23 @@ fn image_id() -> String {
     format!("{:x}-{:x}", t.as_nanos(), std::process::id())
 }
 
-/// The SHA-256 of the file behind `f`. Through a pidfd_getfd dup of a readable
-/// description of the dumped tree when there is one (`readable`): no open(), so a
-/// lease is not broken, and pread leaves the shared file position alone. Else through
-/// a new open of /proc/PID/fd/N.
-fn sha256_of(f: &FoundFd, readable: Option<&FoundFd>) -> Result<String> {
-    let file = match readable {
+/// Whether pread works on a description with these open flags: open for reading, not
+/// O_PATH (access mode 0 with it) and not O_DIRECT (which wants aligned buffers).
+fn preadable(flags: u32) -> bool {
+    let mode = flags & libc::O_ACCMODE as u32;
+    (mode == libc::O_RDONLY as u32 || mode == libc::O_RDWR as u32)
+        && flags & (libc::O_PATH | libc::O_DIRECT) as u32 == 0
+}
+
+/// The SHA-256 of the file behind `f`: through a new open of /proc/PID/fd/N, or, for a
+/// leased file, through a pidfd_getfd dup of a readable description of the dumped tree
+/// (`through`): no open(), so the lease is not broken, and pread leaves the shared
+/// file position alone.
+fn sha256_of(f: &FoundFd, through: Option<&FoundFd>) -> Result<String> {
+    let file = match through {
         Some(r) => std::fs::File::from(
-            pidfd::pidfd_getfd(&pidfd::pidfd_open(r.pid)?, r.fd)
+            pidfd::pidfd_open(r.pid)
+                .and_then(|p| pidfd::pidfd_getfd(&p, r.fd))
                 .with_context(|| format!("hashing {} through process {}", r.path, r.pid))?,
         ),
         None => {
@@ -705,17 +714,21 @@ fn read_contents(
             if hashes.contains_key(&(f.dev, f.ino)) {
                 continue;
             }
-            let readable = content_fds.iter().find(|r| {
-                (r.dev, r.ino) == (f.dev, f.ino)
-                    && r.info.flags & libc::O_ACCMODE as u32 != libc::O_WRONLY as u32
-            });
-            if readable.is_none() && leased.contains(&(f.dev, f.ino)) {
-                bail!(
-                    "cannot hash {}: it is leased and open only for writing, and opening it to read would break the lease",
-                    f.path
-                );
-            }
-            hashes.insert((f.dev, f.ino), sha256_of(f, readable)?);
+            let through = if leased.contains(&(f.dev, f.ino)) {
+                let readable = content_fds
+                    .iter()
+                    .find(|r| (r.dev, r.ino) == (f.dev, f.ino) && preadable(r.info.flags));
+                if readable.is_none() {
+                    bail!(
+                        "cannot hash {}: it is leased and not open for reading, and opening it to read would break the lease",
+                        f.path
+                    );
+                }
+                readable
+            } else {
+                None
+            };
+            hashes.insert((f.dev, f.ino), sha256_of(f, through)?);
         }
     }
     Ok(Contents {
@@ -921,5 +934,16 @@ mod tests {
             missing(false, false).len(),
             MISSING_WITHOUT_ITERATORS.len() + MISSING_WITHOUT_AGENT.len()
         );
+    }
+
+    #[test]
+    fn only_descriptions_open_for_reading_and_not_direct_are_read_with_pread() {
+        let f = |v: i32| v as u32;
+        assert!(preadable(f(libc::O_RDONLY)));
+        assert!(preadable(f(libc::O_RDWR | libc::O_APPEND)));
+        assert!(!preadable(f(libc::O_WRONLY)));
+        assert!(!preadable(f(libc::O_PATH)));
+        assert!(!preadable(f(libc::O_RDWR | libc::O_DIRECT)));
+        assert!(!preadable(3));
     }
 }

@@ -144,6 +144,30 @@ pub fn wait_for_breaking_lease(path: &str) {
     });
 }
 
+/// Waits until /proc/locks shows the lease on the file at `path` breaking to `target`
+/// (READ: a downgrade, UNLCK: removal).
+pub fn wait_for_lease_breaking_to(path: &str, target: &str) {
+    let id = proc_locks_id(path);
+    wait_for(Duration::from_secs(15), "the lease's break", || {
+        std::fs::read_to_string("/proc/locks")
+            .unwrap()
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .any(|w| w.get(2..4) == Some(&["BREAKING", target][..]) && w.contains(&id.as_str()))
+            .then_some(())
+    });
+}
+
+/// `sh -c CMD`, which must succeed.
+pub fn sh(cmd: &str) {
+    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// (dev "maj:min", inode) of a path, as ckpt-user prints them.
 pub fn dev_ino(path: &str) -> (String, u64) {
     let m = std::fs::metadata(path).unwrap();

@@ -596,19 +596,7 @@ fn a_downgrade_and_an_unlock_pending_keep_their_times_through_criu() {
     cmd.args(["-c", &script]);
     let mut shell = alone(cmd);
     let root = shell.id();
-    let id = proc_locks_id(&file);
-    wait_for(
-        std::time::Duration::from_secs(15),
-        "the break to unlock",
-        || {
-            std::fs::read_to_string("/proc/locks")
-                .unwrap()
-                .lines()
-                .map(|l| l.split_whitespace().collect::<Vec<_>>())
-                .any(|w| w[2..4] == ["BREAKING", "UNLCK"] && w.contains(&id.as_str()))
-                .then_some(())
-        },
-    );
+    wait_for_lease_breaking_to(&file, "UNLCK");
     let broke = wait_for(std::time::Duration::from_secs(10), "the break", || {
         files.break_seen()
     });
@@ -785,15 +773,6 @@ impl Drop for RuncHost {
         let _ = std::fs::remove_file("/usr/lib/criu/ckpt.so");
         let _ = Command::new("umount").args(["-l", RUNC_ROOT]).status();
     }
-}
-
-fn sh(cmd: &str) {
-    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 /// runc drives CRIU, which loads the plugin from its default directory and its options

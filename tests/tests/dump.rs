@@ -1059,6 +1059,6 @@ fn hashing_a_breaking_leased_file_opens_nothing_and_moves_no_position() {
     let (code, _, err) = agent.dump(&cg.path, &img2, &["--hash"]);
     assert_ne!(code, 0);
     one_error_line(&err);
-    assert!(err.contains("open only for writing"), "{err}");
+    assert!(err.contains("not open for reading"), "{err}");
     assert!(!Path::new(&img2).exists());
 }

@@ -13,7 +13,6 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
     sync::Once,
     time::{Duration, SystemTime},
 };
@@ -33,15 +32,6 @@ const BREAK_TIME_S: u32 = 5;
 const BROKEN_FOR: Duration = Duration::from_secs(2);
 /// The tolerance around the deadline.
 const TOLERANCE_MS: f64 = 20.0;
-
-fn sh(cmd: &str) {
-    let out = Command::new("sh").args(["-c", cmd]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 /// Mounts the shared disk at CARRY, once the kernel has made its node (virtio_blk
 /// probes it in the background after the module loads).

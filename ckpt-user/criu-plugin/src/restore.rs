@@ -37,8 +37,10 @@ use anyhow::{bail, Context as _, Result};
 use ckpt_user::{
     fd::fdinfo::{parse_fdinfo, FdInfo},
     lease::{
-        restore::{current_break_time, LeaseReport, Rebreak, Schedule, Sysctl, SysctlFiles},
-        schedule::{downgrade_first, remaining_under, LeaseTime},
+        restore::{
+            add_downgrade, current_break_time, LeaseReport, Rebreak, Schedule, Sysctl, SysctlFiles,
+        },
+        schedule::{downgrade_first, due, remaining_under, LeaseTime},
         snapshot::{LeaseSidecar, RestoreReport, REPORT, REPORT_FORMAT, SIDECAR},
     },
     lock::{HeldKind, LockRange, LockType},
@@ -117,7 +119,7 @@ pub fn prepare(
                 policy,
                 current_break_time_s,
             )
-            .map(|remaining| (l, target, remaining))
+            .map(|remaining| (l, target, due(target, remaining)))
             .map_err(|err| format!("{at}: {err:#}")),
         };
         match planned {
@@ -127,30 +129,23 @@ pub fn prepare(
                 ));
                 out.entries.push(e.clone());
             }
-            // No time left: restored as what the break makes of it.
+            // No time left to unlock: restored as no lease (a downgrade is never due at
+            // once: see `due`).
             Ok((_, None, r)) if r.is_zero() => {}
-            Ok((_, Some(target), r)) if r.is_zero() => out.entries.push(FileLockEntry {
-                r#type: FileLockEntry::type_number(Some(target)),
-                ..e.clone()
-            }),
             Ok((l, target, remaining)) => {
-                let mut lease_type = l.lock_type.expect("filtered above");
-                let downgrade = l
-                    .downgrade_remaining_ns
-                    .filter(|_| target.is_none())
-                    .and_then(|d| {
-                        remaining_under(Some(d), l.lease_break_time_s, policy, current_break_time_s)
-                            .ok()
+                let lease_type = l.lock_type.expect("filtered above");
+                let downgrade = target
+                    .is_none()
+                    .then(|| {
+                        downgrade_first(
+                            l.downgrade_remaining_ns,
+                            remaining,
+                            l.lease_break_time_s,
+                            policy,
+                            current_break_time_s,
+                        )
                     })
-                    .and_then(|d| downgrade_first(d, remaining));
-                let downgrade = match downgrade {
-                    // Downgraded already: CRIU sets it as the read lease it is now.
-                    Some(d) if d.is_zero() => {
-                        lease_type = LockType::Read;
-                        None
-                    }
-                    d => d,
-                };
+                    .flatten();
                 out.entries.push(FileLockEntry {
                     r#type: FileLockEntry::type_number(Some(lease_type)),
                     ..e.clone()
@@ -424,12 +419,8 @@ fn rebreak(
         .enumerate()
         .map(|(i, p)| (i, p.remaining))
         .collect();
-    // A downgrade before the break to unlock (see `Rebreak::downgrade`).
     for (i, p) in pending.iter().enumerate() {
-        if let Some(d) = p.downgrade {
-            remaining.push((leases.len(), d));
-            leases.push(leases[i].downgrade(i));
-        }
+        add_downgrade(&mut leases, &mut remaining, i, p.downgrade);
     }
     // The plan (and the iterator load) before the sysctl is taken: other restores
     // wait for it.
@@ -526,6 +517,7 @@ fn describe(kind: HeldKind, ty: Option<LockType>, breaking: bool, range: LockRan
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ckpt_user::lease::schedule::DOWNGRADE_AT_ONCE;
     use ckpt_user::lease::snapshot::{LeaseSnapshot, SIDECAR_FORMAT};
 
     fn lease(pid: i32, fd: i32, ty: u32) -> FileLockEntry {
@@ -631,10 +623,44 @@ mod tests {
         let p = prepare(&dumped, &s, LeaseTime::Holder, 45);
         assert_eq!(p.pending[0].remaining, Duration::from_secs(10));
         let p = prepare(&dumped, &s, LeaseTime::Breaker, 45);
-        assert!(p.pending.is_empty());
-        // Broken to unlock: gone; downgraded: a read lease.
-        assert_eq!(p.entries[1], lease(8, 3, 0));
+        // Broken to unlock: gone. A downgrade is broken to fall due just after the
+        // resume, never given to CRIU as a read lease: the kernel refuses one while
+        // the file is open for writing, the holder's own O_RDWR description included.
+        assert_eq!(p.pending.len(), 1);
+        assert_eq!(p.pending[0].target, Some(LockType::Read));
+        assert_eq!(p.pending[0].remaining, DOWNGRADE_AT_ONCE);
+        assert_eq!(p.entries[1], lease(8, 3, 1));
         assert_eq!(p.entries.len(), 4);
+    }
+
+    #[test]
+    fn a_lease_with_a_downgrade_and_an_unlock_pending_waits_for_both() {
+        let dumped = [lease(7, 3, BREAKING_TO_UNLOCK)];
+        let with_downgrade = |ns| {
+            let mut l = known(7, 3, LockType::Write, None, 3000);
+            l.downgrade_remaining_ns = Some(ns);
+            sidecar(vec![l])
+        };
+        let p = prepare(
+            &dumped,
+            &with_downgrade(1_000_000_000),
+            LeaseTime::Exact,
+            45,
+        );
+        assert_eq!(p.pending[0].downgrade, Some(Duration::from_secs(1)));
+        assert_eq!(p.entries, vec![lease(7, 3, 1)]);
+        // Overdue at the dump: just after the resume, still a write lease for CRIU.
+        let p = prepare(&dumped, &with_downgrade(-5), LeaseTime::Exact, 45);
+        assert_eq!(p.pending[0].downgrade, Some(DOWNGRADE_AT_ONCE));
+        assert_eq!(p.entries, vec![lease(7, 3, 1)]);
+        // Due after the unlock: moot.
+        let p = prepare(
+            &dumped,
+            &with_downgrade(4_000_000_000),
+            LeaseTime::Exact,
+            45,
+        );
+        assert_eq!(p.pending[0].downgrade, None);
     }
 
     #[test]

@@ -96,10 +96,12 @@ pub fn sha256(file: &File) -> std::io::Result<String> {
     let mut buf = vec![0u8; 1 << 20];
     let mut at = 0;
     loop {
-        let n = file.read_at(&mut buf, at)?;
-        if n == 0 {
-            break;
-        }
+        let n = match file.read_at(&mut buf, at) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
         h.update(&buf[..n]);
         at += n as u64;
     }

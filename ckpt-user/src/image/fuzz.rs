@@ -40,9 +40,7 @@ use super::{
 };
 use crate::{
     fd::validate,
-    lease::schedule::{
-        downgrade_first, plan_breaks, remaining_after_restore, remaining_under, LeaseTime,
-    },
+    lease::schedule::{downgrade_first, plan_breaks, remaining_after_restore, LeaseTime},
     plan::{self, PlanOptions},
 };
 
@@ -756,16 +754,22 @@ fn readers(path: &Path, key: &HostKey) -> bool {
                 .filter(|(_, l)| l.breaking)
                 .filter_map(|(i, l)| remaining_after_restore(l, policy, 45).ok().map(|r| (i, r)))
                 .collect();
-            // Downgrades planned before their unlocks, as the restore plans them.
+            // Downgrades planned before their unlocks, as the restore plans them (its
+            // downgrade breaks come after the image's leases).
             let mut first = Vec::new();
             for (i, unlock) in remaining.clone() {
                 let l = &img.leases[i];
-                let down = l
-                    .downgrade_remaining_ns
-                    .and_then(|d| remaining_under(Some(d), l.lease_break_time_s, policy, 45).ok());
-                if let Some(d) = down.and_then(|d| downgrade_first(d, unlock)) {
-                    first.push((img.leases.len() + i, i));
-                    remaining.push((img.leases.len() + i, d));
+                let d = downgrade_first(
+                    l.downgrade_remaining_ns,
+                    unlock,
+                    l.lease_break_time_s,
+                    policy,
+                    45,
+                );
+                if let Some(d) = d.filter(|_| l.target_type.is_none()) {
+                    let at = img.leases.len() + first.len();
+                    first.push((at, i));
+                    remaining.push((at, d));
                 }
             }
             let _ = plan_breaks(&remaining, &first, Duration::from_millis(4));

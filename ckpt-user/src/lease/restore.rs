@@ -27,9 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{
     kernel_deadline::{SeenBreak, Tracer},
-    schedule::{
-        downgrade_first, plan_breaks, remaining_after_restore, remaining_under, Break, LeaseTime,
-    },
+    schedule::{downgrade_first, due, plan_breaks, remaining_after_restore, Break, LeaseTime},
 };
 use crate::{
     fd::owners::Owners,
@@ -447,7 +445,7 @@ pub fn restore(
     for (i, l) in image.leases.iter().enumerate().filter(|(_, l)| l.breaking) {
         let r = remaining_after_restore(l, policy, current)
             .map_err(|e| anyhow!("lease on {}: {e}", image.files[l.file as usize].path))?;
-        remaining.push((i, r));
+        remaining.push((i, due(l.target_type, r)));
     }
     let hz = crate::sys::hz::kernel_hz()?;
     let mut leases: Vec<Rebreak> = image
@@ -468,41 +466,33 @@ pub fn restore(
         })
         .collect();
     // Being downgraded when a writer broke it to unlock: the downgrade deadline is
-    // restored too, by a break for reading made before the one to unlock.
+    // restored too.
     for (i, unlock) in remaining.clone() {
         let l = &image.leases[i];
-        let Some(d) = l.downgrade_remaining_ns.filter(|_| l.target_type.is_none()) else {
-            continue;
-        };
-        let d = remaining_under(Some(d), l.lease_break_time_s, policy, current)
-            .map_err(|e| leases[i].describe(anyhow!("its downgrade: {e}")))?;
-        if let Some(d) = downgrade_first(d, unlock) {
-            remaining.push((leases.len(), d));
-            leases.push(leases[i].downgrade(i));
+        if l.target_type.is_none() {
+            let d = downgrade_first(
+                l.downgrade_remaining_ns,
+                unlock,
+                l.lease_break_time_s,
+                policy,
+                current,
+            );
+            add_downgrade(&mut leases, &mut remaining, i, d);
         }
     }
 
-    // Revoked at once: the break ends as the holder would end it, through the same
-    // description (a lease-break-time of 0 would mean "never time out").
+    // Revoked at once (only an unlock is: see `due`): the break ends as the holder
+    // would end it, through the same description (a lease-break-time of 0 would mean
+    // "never time out").
     let now_ones: Vec<usize> = remaining
         .iter()
         .filter(|(_, r)| r.is_zero())
         .map(|(i, _)| *i)
         .collect();
     for &i in &now_ones {
-        let target = leases[i].target.map_or(libc::F_UNLCK, LockType::fcntl_type);
-        fcntl(leases[i].fd, libc::F_SETLEASE, target.into())
+        fcntl(leases[i].fd, libc::F_SETLEASE, libc::F_UNLCK.into())
             .map_err(|e| leases[i].describe(anyhow!("revoking it: {e}")))?;
-        if let Some(of) = leases[i].downgrade_of {
-            // Downgraded now; its break to unlock is scheduled.
-            reports[of].downgrade_remaining_ns = Some(0);
-            continue;
-        }
         reports[i].remaining_ns = Some(0);
-        // Downgraded: an ordinary read lease now; unlocked: gone.
-        reports[i].breaking = false;
-        reports[i].lease_type = LockType::Read;
-        reports[i].target_type = None;
     }
 
     let go = match sysctl {
@@ -515,12 +505,10 @@ pub fn restore(
         )?,
         None => monotonic_ns(),
     };
-    let gone =
-        |i: usize| now_ones.contains(&i) && image.leases[i].target_type != Some(LockType::Read);
     let reports = reports
         .into_iter()
         .enumerate()
-        .filter(|(i, _)| !gone(*i))
+        .filter(|(i, _)| !now_ones.contains(i))
         .map(|(_, r)| r)
         .collect();
     Ok((go, reports))
@@ -573,6 +561,21 @@ impl Rebreak {
     }
 }
 
+/// Adds the break that restores lease `of`'s downgrade deadline (`downgrade`: from
+/// `schedule::downgrade_first`) to `leases` and `remaining`.
+pub fn add_downgrade(
+    leases: &mut Vec<Rebreak>,
+    remaining: &mut Vec<(usize, Duration)>,
+    of: usize,
+    downgrade: Option<Duration>,
+) {
+    if let Some(d) = downgrade {
+        remaining.push((leases.len(), d));
+        let b = leases[of].downgrade(of);
+        leases.push(b);
+    }
+}
+
 fn tick_of(hz: u32) -> Duration {
     Duration::from_nanos(1_000_000_000 / u64::from(hz.max(1)))
 }
@@ -619,7 +622,8 @@ impl<'a> Schedule<'a> {
     }
     /// Makes the breaks on their schedule, with `sysctl` held, and returns the release
     /// instant they were timed for (fixed by the first break's deadline), once it has
-    /// come. `reports` is indexed like `leases`. `before_release` runs between the
+    /// come. `reports` is indexed like `leases` (a downgrade's break reports into the
+    /// lease it is the downgrade of). `before_release` runs between the
     /// last break and that instant, with it, the reports and the warnings (work that
     /// must not delay the release).
     pub fn run(

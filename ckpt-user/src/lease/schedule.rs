@@ -128,11 +128,41 @@ pub struct Break {
 /// kernel's deadline back (`kernel_deadline`) before the instant it fixes.
 pub const SLACK: Duration = Duration::from_millis(50);
 
-/// The downgrade deadline to restore beside an unlock one (both `remaining` from the
-/// release): only one that comes first matters (the unlock removes the lease, and the
-/// downgrade with it).
-pub fn downgrade_first(downgrade: Duration, unlock: Duration) -> Option<Duration> {
-    (downgrade < unlock).then_some(downgrade)
+/// A downgrade is never made at once with F_SETLEASE: the kernel refuses a read lease
+/// while the file is open for writing (the holder's own O_RDWR description included),
+/// and only a break's deadline downgrades such a lease. One due at once is broken to
+/// fall due this long after the release instead.
+pub const DOWNGRADE_AT_ONCE: Duration = Duration::from_millis(1);
+
+/// When a break restored with `target` (read: a downgrade; None: unlock) falls due,
+/// `remaining` after the release: a downgrade due at once, `DOWNGRADE_AT_ONCE`.
+pub fn due(target: Option<crate::image::format::LockType>, remaining: Duration) -> Duration {
+    if target.is_some() {
+        remaining.max(DOWNGRADE_AT_ONCE)
+    } else {
+        remaining
+    }
+}
+
+/// The downgrade deadline to restore beside an unlock one due `unlock` after the
+/// release, from the downgrade's recorded time left (`downgrade_ns`). Only one that
+/// comes first matters (the unlock removes the lease, and the downgrade with it); one
+/// the policy cannot give (over `MAX_REMAINING`) comes after any unlock.
+pub fn downgrade_first(
+    downgrade_ns: Option<i64>,
+    unlock: Duration,
+    lease_break_time_s: Option<u32>,
+    policy: LeaseTime,
+    current_break_time_s: u32,
+) -> Option<Duration> {
+    let d = remaining_under(
+        downgrade_ns?.into(),
+        lease_break_time_s,
+        policy,
+        current_break_time_s,
+    )
+    .ok()?;
+    (d < unlock).then(|| due(Some(crate::image::format::LockType::Read), d))
 }
 
 /// The breaks, earliest first. A lease to be revoked at once (`remaining` zero) is
@@ -318,13 +348,31 @@ mod tests {
             (1, Duration::from_millis(3100)),
         ];
         assert_eq!(plan_breaks(&r, &[(1, 0)], tick), plan_breaks(&r, &[], tick));
+    }
+
+    #[test]
+    fn a_downgrade_is_restored_only_before_its_unlock_and_never_at_once() {
+        let s = Duration::from_secs;
+        let first = |d: i64, unlock, policy| downgrade_first(Some(d), unlock, Some(5), policy, 45);
+        assert_eq!(first(1_000_000_000, s(2), LeaseTime::Exact), Some(s(1)));
+        // Due after the unlock, or at the same instant: moot.
+        assert_eq!(first(2_000_000_000, s(2), LeaseTime::Exact), None);
+        assert_eq!(first(1_000_000_000, s(5), LeaseTime::Holder), None);
+        // Overdue at the dump: just after the release.
         assert_eq!(
-            downgrade_first(Duration::from_secs(1), Duration::from_secs(2)),
-            Some(Duration::from_secs(1))
+            first(-300_000_000, s(2), LeaseTime::Exact),
+            Some(DOWNGRADE_AT_ONCE)
         );
+        // More than a restore gives: after any unlock.
+        assert_eq!(first(i64::MAX, s(2), LeaseTime::Exact), None);
         assert_eq!(
-            downgrade_first(Duration::from_secs(2), Duration::from_secs(2)),
+            downgrade_first(None, s(2), None, LeaseTime::Exact, 45),
             None
+        );
+        assert_eq!(due(None, Duration::ZERO), Duration::ZERO);
+        assert_eq!(
+            due(Some(crate::image::format::LockType::Read), Duration::ZERO),
+            DOWNGRADE_AT_ONCE
         );
     }
 }
