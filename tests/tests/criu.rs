@@ -675,13 +675,20 @@ fn a_downgrade_and_an_unlock_pending_keep_their_times_through_criu() {
 const RUNC_ROOT: &str = "/mnt/runc-root";
 const CONTAINER: &str = "ckpt-seed";
 
+/// Files the runc test puts in place, and what they held before (put back on drop).
+const RUNC_FILES: [&str; 2] = ["/etc/criu/runc.conf", "/usr/lib/criu/ckpt.so"];
+
 /// The runc test's root, its container and its CRIU configuration; all undone on drop.
-struct RuncHost;
+struct RuncHost {
+    before: Vec<Option<Vec<u8>>>,
+}
 
 impl RuncHost {
     fn new() -> RuncHost {
         std::fs::create_dir_all(RUNC_ROOT).unwrap();
-        let host = RuncHost;
+        let host = RuncHost {
+            before: RUNC_FILES.iter().map(|f| std::fs::read(f).ok()).collect(),
+        };
         sh(&format!("mount -t tmpfs runc-root {RUNC_ROOT}"));
         for d in [
             "bin", "sbin", "usr", "lib", "lib64", "etc", "ckpt", "proc", "sys", "dev", "tmp", "run",
@@ -769,8 +776,12 @@ impl RuncHost {
 impl Drop for RuncHost {
     fn drop(&mut self) {
         let _ = std::panic::catch_unwind(|| self.runc(&["delete", "--force", CONTAINER]));
-        let _ = std::fs::remove_file("/etc/criu/runc.conf");
-        let _ = std::fs::remove_file("/usr/lib/criu/ckpt.so");
+        for (f, was) in RUNC_FILES.iter().zip(&self.before) {
+            let _ = match was {
+                Some(bytes) => std::fs::write(f, bytes),
+                None => std::fs::remove_file(f),
+            };
+        }
         let _ = Command::new("umount").args(["-l", RUNC_ROOT]).status();
     }
 }

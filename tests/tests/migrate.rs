@@ -165,6 +165,10 @@ fn dump() {
     let (code, _, err) = agent.dump(&cg.path, &img, &["--hash"]);
     assert_eq!(code, 0, "{err}");
     drop(sysctl);
+    // The workload stops before its files are copied (README): reading the leased file
+    // would wait on its break.
+    let (holder, breaker) = (h.pid(), b.pid());
+    drop((h, b));
 
     // The image key goes along (README: give both nodes the same key), and the node's
     // files, as rsync -t would carry them.
@@ -173,8 +177,8 @@ fn dump() {
     let told = json!({
         "hostname": std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap().trim(),
         "kernel": std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap().trim(),
-        "holder": h.pid(),
-        "breaker": b.pid(),
+        "holder": holder,
+        "breaker": breaker,
         "leased_fd": leased_fd,
         "ghost_fd": ghost_fd,
         "locks": locks,

@@ -344,10 +344,21 @@ fn left_unrecorded(
     tid: u32,
     w: &WaitStart,
 ) -> bool {
-    crate::procinfo::in_lock_call(w.tgid, tid) == Some(false)
-        && waits
-            .get(&tid, 0)
-            .is_ok_and(|now| now.since_ns == w.since_ns)
+    ended_unrecorded(
+        crate::procinfo::in_lock_call(w.tgid, tid),
+        || waits.get(&tid, 0).ok(),
+        w,
+    )
+}
+
+/// [`left_unrecorded`]'s decision: `in_call` was looked at first, `listed_now` reads
+/// `WAITS` after it.
+fn ended_unrecorded(
+    in_call: Option<bool>,
+    listed_now: impl FnOnce() -> Option<WaitStart>,
+    w: &WaitStart,
+) -> bool {
+    in_call == Some(false) && listed_now().is_some_and(|now| now.since_ns == w.since_ns)
 }
 
 /// Follows the tracer's lease-break records between looks.
@@ -522,5 +533,19 @@ mod tests {
         assert_eq!(l.lost, 1);
         assert_eq!(l.ended.len(), 1);
         assert_eq!((l.ended[0].at_ns, l.ended[0].exact), (610, false));
+    }
+
+    #[test]
+    fn a_wait_ends_unrecorded_only_if_still_listed_after_its_thread_left_the_call() {
+        let w = wait(1, 100);
+        // Out of the call and still listed: interrupted without an event.
+        assert!(ended_unrecorded(Some(false), || Some(w), &w));
+        // Granted between the read of WAITS and the look at the thread: gone by now.
+        assert!(!ended_unrecorded(Some(false), || None, &w));
+        // A later wait of the same thread is another wait.
+        assert!(!ended_unrecorded(Some(false), || Some(wait(1, 200)), &w));
+        // In the call, or unknown: WAITS is not even read.
+        assert!(!ended_unrecorded(Some(true), || panic!("read"), &w));
+        assert!(!ended_unrecorded(None, || panic!("read"), &w));
     }
 }
