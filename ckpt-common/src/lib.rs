@@ -54,6 +54,7 @@ pub(crate) mod serde_str {
 /// programs declare and the readers open what the agent pinned.
 pub mod names {
     pub const WAITS: &str = "WAITS";
+    pub const WAIT_CARRY: &str = "WAIT_CARRY";
     pub const WAITING: &str = "WAITING";
     pub const WAIT_ENDS: &str = "WAIT_ENDS";
     /// Slot 0: how many wait ends the ring has had (the next `WaitEnd::seq` - 1).
@@ -96,6 +97,8 @@ pub mod names {
 pub mod capacity {
     /// Threads blocked on a lock or lease at once.
     pub const WAITS: u32 = 16_384;
+    /// Waits carried over by restores not yet resumed.
+    pub const WAIT_CARRY: u32 = 1_024;
     pub const BREAK_CTX: u32 = 4_096;
     /// Wait ends kept for readers, per CPU (a power of two): 100 ms of 10,000 ended
     /// waits a second on each CPU, in 88 KiB per CPU.

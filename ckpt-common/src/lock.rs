@@ -459,8 +459,38 @@ mod lock_owner_serde {
     }
 }
 
+/// A wait a restore carries over, keyed by the restored thread's id in `WAIT_CARRY`
+/// (the CRIU plugin writes it before the restored tree resumes): the thread's next new
+/// wait on the same request (inode, range, type), if it begins by `until_ns`, is
+/// recorded as begun at `since_ns`, so that a restarted lock call keeps the time it
+/// had waited before the checkpoint. Used once.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WaitCarry {
+    pub since_ns: u64,
+    pub until_ns: u64,
+    pub ino: u64,
+    pub start: i64,
+    pub end: i64,
+    pub lock_type: u8,
+    pub _pad: [u8; 7],
+}
+
+impl WaitCarry {
+    /// Whether `w`, a new wait, is the one carried over.
+    pub fn carries(&self, w: &WaitStart) -> bool {
+        self.ino == w.ino
+            && self.start == w.start
+            && self.end == w.end
+            && self.lock_type == w.lock_type
+            && w.since_ns <= self.until_ns
+    }
+}
+
 #[cfg(feature = "user")]
 mod pod {
+    // SAFETY: repr(C) plain data; any bytes are a valid value.
+    unsafe impl aya::Pod for super::WaitCarry {}
     // SAFETY: repr(C) plain data; any bytes are a valid value.
     unsafe impl aya::Pod for super::WaitStart {}
     // SAFETY: as above.
@@ -529,5 +559,31 @@ mod tests {
             assert_eq!(LockType::from_fl_type(t.to_fl_type()), Some(t));
         }
         assert_eq!(LockType::from_fl_type(fl_type::F_UNLCK), None);
+    }
+
+    #[test]
+    fn a_carried_wait_is_the_same_request_begun_in_time() {
+        let w = WaitStart {
+            since_ns: 100,
+            ino: 7,
+            start: 0,
+            end: 9,
+            lock_type: 1,
+            ..WaitStart::default()
+        };
+        let c = WaitCarry {
+            since_ns: 40,
+            until_ns: 150,
+            ino: 7,
+            start: 0,
+            end: 9,
+            lock_type: 1,
+            _pad: [0; 7],
+        };
+        assert!(c.carries(&w));
+        assert!(!c.carries(&WaitStart { since_ns: 151, ..w }), "too late");
+        assert!(!c.carries(&WaitStart { end: 10, ..w }), "another range");
+        assert!(!c.carries(&WaitStart { lock_type: 0, ..w }), "another type");
+        assert!(!c.carries(&WaitStart { ino: 8, ..w }), "another file");
     }
 }

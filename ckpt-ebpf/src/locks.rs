@@ -21,7 +21,7 @@ use ckpt_common::{
 
 use crate::{
     helpers::{at, current_ids, field, kcopy, kread, layout, now_ns, ready},
-    maps::{count, HOLDS, WAITING, WAITS, WAIT_ENDS, WAIT_END_SEQ, WAIT_HIST},
+    maps::{count, HOLDS, WAITING, WAITS, WAIT_CARRY, WAIT_ENDS, WAIT_END_SEQ, WAIT_HIST},
 };
 
 #[btf_tracepoint(function = "posix_lock_inode")]
@@ -98,6 +98,7 @@ pub fn note_wait(tid: u32, w: &WaitStart) {
             *p = *w;
         },
         None => {
+            let w = &carried(tid, w);
             if WAITS.insert(&tid, w, BPF_NOEXIST as u64).is_ok() {
                 add_waiting(1);
             } else {
@@ -105,6 +106,21 @@ pub fn note_wait(tid: u32, w: &WaitStart) {
             }
         }
     }
+}
+
+/// `w`, or, when a restore carried this thread's wait over (`WAIT_CARRY`), `w` with
+/// the carried start. The carry is used once, matching or not.
+#[inline(always)]
+fn carried(tid: u32, w: &WaitStart) -> WaitStart {
+    let mut out = *w;
+    // SAFETY: value of our own map, plain data, copied.
+    if let Some(c) = unsafe { WAIT_CARRY.get(&tid) }.copied() {
+        let _ = WAIT_CARRY.remove(&tid);
+        if c.carries(w) {
+            out.since_ns = c.since_ns;
+        }
+    }
+    out
 }
 
 /// Drops thread `tid`'s wait start (its wait ended without a restart, `how` is a

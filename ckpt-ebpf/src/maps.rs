@@ -9,12 +9,16 @@ use ckpt_common::{
     capacity,
     counters::Counter,
     lease::{BreakCtx, BreakRecord},
-    lock::{wait_hist, HoldStart, WaitEnd, WaitStart},
+    lock::{wait_hist, HoldStart, WaitCarry, WaitEnd, WaitStart},
 };
 
 /// When each blocked thread began to wait (see `WaitStart`).
 #[map]
 pub static WAITS: HashMap<u32, WaitStart> = HashMap::pinned(capacity::WAITS, 0);
+
+/// Waits a restore carries over, by the restored thread (see `WaitCarry`).
+#[map]
+pub static WAIT_CARRY: HashMap<u32, WaitCarry> = HashMap::pinned(capacity::WAIT_CARRY, 0);
 
 /// Slot 0: about how many entries `WAITS` has (the lock programs' gate).
 #[map]

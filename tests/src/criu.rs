@@ -54,12 +54,21 @@ pub fn criu_dump_with(
 /// `criu restore` of the images in `images`, detached (the tree runs on, under the
 /// nearest subreaper).
 pub fn criu_restore(images: &Path, libdir: &Path) -> std::process::Output {
+    criu_restore_with(images, libdir, None)
+}
+
+/// `criu_restore`, the plugin finding ckpt-agent's pins at `pins`.
+pub fn criu_restore_with(
+    images: &Path,
+    libdir: &Path,
+    pins: Option<&Path>,
+) -> std::process::Output {
     // CRIU does not overwrite a pidfile (a second restore of the same images).
     let _ = std::fs::remove_file(images.join("restored.pid"));
     let mut cmd = Command::new("criu");
     cmd.args(["restore", "--file-locks", "-d", "--pidfile"])
         .arg(images.join("restored.pid"));
-    run_criu(cmd, images, libdir, None, "restore")
+    run_criu(cmd, images, libdir, pins, "restore")
 }
 
 pub fn run_criu(

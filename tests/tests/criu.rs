@@ -413,8 +413,9 @@ fn a_corrupt_or_missing_sidecar_leaves_the_restore_to_criu() {
 
 /// Every lock kind through CRIU with the plugin, and the plugin's check of them: a
 /// POSIX lock, an OFD lock, an flock shared with a forked child, a read lease, a
-/// blocked POSIX waiter (its call restarts) and a deleted-but-open file. Restored
-/// without `--file-locks` (CRIU then restores no lock), the check names each one.
+/// blocked POSIX waiter (its call restarts, and ckpt-agent keeps the time it had
+/// waited) and a deleted-but-open file. Restored without `--file-locks` (CRIU then
+/// restores no lock), the check names each one.
 #[test]
 #[ignore = "CRIU 3.17.1 does not start on the 6.18 host; runs in the VM matrix"]
 fn every_lock_kind_round_trips_through_criu_and_the_plugin_checks_them() {
@@ -474,7 +475,9 @@ fn every_lock_kind_round_trips_through_criu_and_the_plugin_checks_them() {
         "{shown}"
     );
 
-    criu_restore(&images, &with_plugin);
+    let restoring = mono_ns();
+    criu_restore_with(&images, &with_plugin, Some(&agent.pin_dir));
+    let restored = mono_ns();
     let after = kernel_view(pid, child);
     let report = std::fs::read_to_string(images.join("ckpt-restore.json")).unwrap();
     eprintln!("after: {after:#?}\nreport: {report}");
@@ -482,6 +485,30 @@ fn every_lock_kind_round_trips_through_criu_and_the_plugin_checks_them() {
     assert_eq!(report["differences"], serde_json::json!([]));
     assert_eq!(report["errors"], serde_json::json!([]));
     assert_eq!(after, before, "the kernel's view after the restore");
+    // The waiter's restarted call keeps the time it had waited: its start, handed to
+    // the agent, is the resume less that time, and the agent shows it.
+    let carried = &report["waiters"][0];
+    assert_eq!(carried["waited_ns"], w["waited_ns"], "{report}");
+    let carried_since = carried["since_monotonic_ns"].as_u64().unwrap();
+    let waited = w["waited_ns"].as_u64().unwrap();
+    assert!(
+        (restoring - waited..restored - waited).contains(&carried_since),
+        "{report}"
+    );
+    let shown = wait_for(
+        std::time::Duration::from_secs(5),
+        "the restarted wait in ckpt-agent",
+        || {
+            agent.locks(&[]).iter().find_map(|r| {
+                r["waiters"]
+                    .as_array()?
+                    .iter()
+                    .find(|x| x["pid"] == child)?["since_monotonic_ns"]
+                    .as_u64()
+            })
+        },
+    );
+    assert_eq!(shown, carried_since, "{report}");
     for p in [pid, child] {
         // SAFETY: killing the processes this test restored.
         unsafe { libc::kill(p as i32, libc::SIGKILL) };

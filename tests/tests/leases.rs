@@ -56,7 +56,16 @@ fn write_lease_broken_by_writer_deadline_is_the_kernels_and_revocation_hits_it()
 
     let mut breaker = Locker::spawn();
     breaker.send(&format!("openmode y {f} w"));
-    let row = wait_state(&agent, &f, "breaking");
+    // The kernel marks the lease breaking before the breaker blocks (and its wait is
+    // recorded): wait for both.
+    let row = wait_for(Duration::from_secs(5), "the breaker blocked", || {
+        lease_row(&agent, &f).filter(|r| {
+            r["state"] == "breaking"
+                && r["waiters"]
+                    .as_array()
+                    .is_some_and(|w| w.iter().any(|w| w["pid"] == breaker.pid()))
+        })
+    });
     assert_eq!(row["type"], "write", "pre-break type");
     assert_eq!(row["target_type"], "unlock");
     assert_eq!(row["notified"], true);

@@ -685,22 +685,26 @@ fn two_deadlines(holder_open: &str, writer_after: Duration, dump_after: Duration
     writer.send(&format!("openmode y {f} w"));
     let when = |reply: String| -> f64 {
         assert!(reply.starts_with("ok"), "{reply}");
-        let mono: u64 = reply.split_whitespace().nth(2).unwrap().parse().unwrap();
+        // "ok FD MONO" from an open, "ok MONO" from pollproc.
+        let mono: u64 = reply.split_whitespace().last().unwrap().parse().unwrap();
         (mono as f64 - released as f64) / 1e6
     };
     let read_at = when(reader.reply());
     let write_at = when(writer.reply());
-    assert!(r.reply().starts_with("ok"), "the lease never went");
+    // The holder's own look at the lease times the unlock (a blocked writer's wake-up
+    // comes on its timer, later under load).
+    let gone_at = when(r.reply());
     assert_eq!(r.cmd("sigcount"), "ok 0", "no second SIGIO");
     drop(sysctl);
     eprintln!(
-        "downgrade: {downgrade:.1} ms left, readers through {read_at:.1} ms after the release; unlock: {unlock:.1} ms left, writers through {write_at:.1} ms after it"
+        "downgrade: {downgrade:.1} ms left, readers through {read_at:.1} ms after the release; unlock: {unlock:.1} ms left, gone {gone_at:.1} ms after it, writers through at {write_at:.1}"
     );
-    // The unlock deadline, kept in every case.
+    // The unlock deadline, kept in every case; the writer through once it has come.
     assert!(
-        (write_at - unlock).abs() <= TOLERANCE_MS,
-        "a writer got through {write_at:.1} ms after the release, {unlock:.1} ms expected"
+        (gone_at - unlock).abs() <= TOLERANCE_MS,
+        "the lease went {gone_at:.1} ms after the release, {unlock:.1} ms expected"
     );
+    assert!(write_at >= gone_at - TOLERANCE_MS, "{write_at:.1} ms");
     TwoDeadlines {
         downgrade,
         unlock,
@@ -748,10 +752,13 @@ fn an_overdue_downgrade_is_made_just_after_the_release_even_for_a_read_write_hol
         "overdue at the dump: {:.1} ms",
         t.downgrade
     );
+    // Not held back until the unlock (or a failed restore: F_SETLEASE to read is
+    // refused for this holder).
     assert!(
-        t.read_at < 200.0,
-        "a reader got through {:.1} ms after the release",
-        t.read_at
+        t.read_at < t.unlock - 500.0,
+        "a reader got through {:.1} ms after the release, the unlock {:.1}",
+        t.read_at,
+        t.unlock
     );
 }
 

@@ -41,10 +41,11 @@ use ckpt_user::{
             add_downgrade, current_break_time, LeaseReport, Rebreak, Schedule, Sysctl, SysctlFiles,
         },
         schedule::{downgrade_first, due, remaining_under, LeaseTime},
-        snapshot::{LeaseSidecar, RestoreReport, REPORT, REPORT_FORMAT, SIDECAR},
+        snapshot::{LeaseSidecar, RestoreReport, WaiterSnapshot, REPORT, REPORT_FORMAT, SIDECAR},
     },
     lock::{HeldKind, LockRange, LockType},
-    sys::{fown, hz::kernel_hz, pidfd},
+    sys::{fown, hz::kernel_hz, monotonic_ns, pidfd},
+    tracer::history,
 };
 use nix::fcntl::renameat;
 
@@ -181,6 +182,8 @@ struct Restore {
     policy: LeaseTime,
     /// `filelocks.img` was rewritten (the dumped one is [`ORIGINAL`]).
     rewritten: bool,
+    /// The sidecar's waiters: their restarted calls keep their start.
+    waiters: Vec<WaiterSnapshot>,
 }
 
 static STATE: Mutex<Option<Restore>> = Mutex::new(None);
@@ -201,12 +204,14 @@ pub fn before(dir: RawFd) -> Result<()> {
             &format!("an earlier restore was stopped before its processes resumed: {FILE_LOCKS} is the dumped one again"),
         );
     }
-    let Some(bytes) = read_image(dir, FILE_LOCKS)? else {
-        return Ok(());
+    let bytes = read_image(dir, FILE_LOCKS)?;
+    let dumped: Vec<FileLockEntry> = match &bytes {
+        Some(b) => images::records(Some(b), FILE_LOCKS_MAGIC)
+            .with_context(|| format!("reading CRIU's {FILE_LOCKS}"))?,
+        None => Vec::new(),
     };
-    let dumped: Vec<FileLockEntry> = images::records(Some(&bytes), FILE_LOCKS_MAGIC)
-        .with_context(|| format!("reading CRIU's {FILE_LOCKS}"))?;
-    if !dumped.iter().any(FileLockEntry::is_lease) {
+    // Nothing to do without a lease, unless the sidecar has waiters to carry over.
+    if !dumped.iter().any(FileLockEntry::is_lease) && !has(dir, SIDECAR) {
         return Ok(());
     }
     let breaking = dumped.iter().filter(|e| e.is_breaking_lease()).count();
@@ -238,8 +243,8 @@ pub fn before(dir: RawFd) -> Result<()> {
         say(Level::Warn, n);
     }
     let rewritten = prepared.entries != dumped;
-    if rewritten {
-        write_atomic(dir, ORIGINAL, &bytes)?;
+    if let (true, Some(bytes)) = (rewritten, &bytes) {
+        write_atomic(dir, ORIGINAL, bytes)?;
         let new = images::image(FILE_LOCKS_MAGIC, &prepared.entries);
         if let Err(e) = write_atomic(dir, FILE_LOCKS, &new) {
             put_back(dir)?;
@@ -259,6 +264,7 @@ pub fn before(dir: RawFd) -> Result<()> {
         notes: prepared.notes,
         policy,
         rewritten,
+        waiters: sidecar.waiters,
     });
     Ok(())
 }
@@ -281,6 +287,7 @@ pub fn at_resume() -> Result<()> {
         policy: st.policy.to_string(),
         resume_monotonic_ns: 0,
         leases: Vec::new(),
+        waiters: Vec::new(),
         differences: Vec::new(),
         warnings: st.notes,
         errors: Vec::new(),
@@ -297,6 +304,7 @@ pub fn at_resume() -> Result<()> {
     // Checked before the breaks, which must come last: the processes resume at the
     // instant they count from.
     let mut virt: Vec<i32> = st.given.iter().map(|e| e.pid).collect();
+    virt.extend(st.waiters.iter().map(|w| w.pid as i32));
     virt.sort_unstable();
     virt.dedup();
     let tasks = Tasks::traced_here(&virt);
@@ -306,15 +314,25 @@ pub fn at_resume() -> Result<()> {
             .ok()
             .map(|t| parse_fdinfo(&t))
     });
+    let waiters: Vec<(Option<u32>, &WaiterSnapshot)> = st
+        .waiters
+        .iter()
+        .map(|w| (tasks.host_tid(w.pid as i32, w.tid as i32), w))
+        .collect();
     // Published between the last break and the instant the deadlines count from,
-    // so that CRIU resumes the processes right at it.
+    // so that CRIU resumes the processes right at it; the waits carried over then too.
     let mut published = None;
     let broken = rebreak(&st.pending, &tasks, |go, leases, warnings| {
         report.resume_monotonic_ns = go;
         report.leases = leases.to_vec();
         report.warnings.extend_from_slice(warnings);
+        carry_over(&waiters, go, &mut report);
         published = Some(publish(&report, dir));
     });
+    if published.is_none() && !waiters.is_empty() {
+        report.resume_monotonic_ns = monotonic_ns();
+        carry_over(&waiters, report.resume_monotonic_ns, &mut report);
+    }
     match (broken, published) {
         (Ok(()), Some(done)) => done,
         (Ok(()), None) => publish(&report, dir),
@@ -322,6 +340,36 @@ pub fn at_resume() -> Result<()> {
             report.errors.push(format!("{e:#}"));
             publish(&report, dir)
         }
+    }
+}
+
+/// Hands ckpt-agent the waits of `waiters` (by host thread), the tree resuming at
+/// `go`: their restarted calls keep their start. Says in `report` what it did.
+fn carry_over(waiters: &[(Option<u32>, &WaiterSnapshot)], go: u64, report: &mut RestoreReport) {
+    let mut carries = Vec::new();
+    for (host, w) in waiters {
+        match (host, w.carry(go)) {
+            (Some(tid), Some(c)) => {
+                carries.push((*tid, c));
+                report.waiters.push(WaiterSnapshot {
+                    since_monotonic_ns: c.since_ns,
+                    ..(*w).clone()
+                });
+            }
+            _ => report.warnings.push(format!(
+                "waiter pid {} tid {}: not found among the restored threads, or of an unknown type; its restarted call starts a new wait",
+                w.pid, w.tid
+            )),
+        }
+    }
+    if carries.is_empty() {
+        return;
+    }
+    if let Err(e) = history::carry_waits(&pins(), &carries) {
+        report.warnings.push(format!(
+            "the waiters' restarted calls start new waits: {e:#}"
+        ));
+        report.waiters.clear();
     }
 }
 

@@ -103,6 +103,26 @@ impl Tasks {
             .map(|(&v, _)| v)
     }
 
+    /// The host thread id of the tree's thread `virt_tid` of process `virt_pid`.
+    pub fn host_tid(&self, virt_pid: i32, virt_tid: i32) -> Option<u32> {
+        if self.outside_criu {
+            return u32::try_from(virt_tid).ok();
+        }
+        let host = self.host(virt_pid)?;
+        if virt_tid == virt_pid {
+            return Some(host);
+        }
+        std::fs::read_dir(format!("/proc/{host}/task"))
+            .ok()?
+            .flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .find(|&t| {
+                tracer_and_nspid(host as i32, Some(t))
+                    .is_some_and(|(_, nspid)| nspid.last() == Some(&virt_tid))
+            })
+            .and_then(|t| u32::try_from(t).ok())
+    }
+
     pub fn hosts(&self) -> Vec<u32> {
         self.by_virt.values().copied().collect()
     }

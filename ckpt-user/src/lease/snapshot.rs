@@ -61,6 +61,23 @@ pub struct WaiterSnapshot {
     pub waited_ns: u64,
 }
 
+impl WaiterSnapshot {
+    /// The wait to carry over to its restored thread, the tree resuming at `resume_ns`:
+    /// begun the time it had waited before the checkpoint (the time frozen not
+    /// counted), for a restarted call that blocks again within 5 s.
+    pub fn carry(&self, resume_ns: u64) -> Option<ckpt_common::lock::WaitCarry> {
+        Some(ckpt_common::lock::WaitCarry {
+            since_ns: resume_ns.checked_sub(self.waited_ns)?,
+            until_ns: resume_ns.saturating_add(5_000_000_000),
+            ino: self.ino,
+            start: self.start,
+            end: self.end,
+            lock_type: self.lock_type?.to_fl_type(),
+            _pad: [0; 7],
+        })
+    }
+}
+
 /// The waiters among `pids` in ckpt-agent's record, at `now_ns`, by thread.
 pub fn waiters_of(history: &History, pids: &[u32], now_ns: u64) -> Vec<WaiterSnapshot> {
     let mut out: Vec<WaiterSnapshot> = history
@@ -120,6 +137,10 @@ pub struct RestoreReport {
     /// CLOCK_MONOTONIC from which the deadlines count: the processes resume right after.
     pub resume_monotonic_ns: u64,
     pub leases: Vec<LeaseReport>,
+    /// Waiters whose restarted call keeps its start (`since_monotonic_ns`: the start
+    /// handed to ckpt-agent, the time it had waited before the resume).
+    #[serde(default)]
+    pub waiters: Vec<WaiterSnapshot>,
     /// Locks and leases CRIU did not restore as dumped.
     pub differences: Vec<String>,
     pub warnings: Vec<String>,
@@ -151,6 +172,14 @@ impl RestoreReport {
                 l.lease_type.name(),
                 l.target_type.map_or("unlock", LockType::name),
                 l.remaining_ns.unwrap_or(0) as f64 / 1e9
+            ));
+        }
+        for w in &self.waiters {
+            out.push_str(&format!(
+                "  waiter pid {} tid {}: its restarted call keeps its start ({:.3} s waited before the checkpoint)\n",
+                w.pid,
+                w.tid,
+                w.waited_ns as f64 / 1e9
             ));
         }
         for (what, lines) in [
@@ -437,6 +466,17 @@ mod tests {
                 downgrade_remaining_ns: Some(1_250_000_000),
                 downgrade_deadline_monotonic_ns: Some(10_250_000_000),
             }],
+            waiters: vec![WaiterSnapshot {
+                pid: 11,
+                tid: 12,
+                kind: Some(HeldKind::Lock(crate::lock::LockKind::Posix)),
+                lock_type: Some(LockType::Write),
+                start: 0,
+                end: 9,
+                ino: 77,
+                since_monotonic_ns: 8_000_000_000,
+                waited_ns: 1_000_000_000,
+            }],
             differences: vec![
                 "fd 4 of process 10: the write POSIX lock on 0-9 was not restored (it holds none)"
                     .into(),
@@ -458,6 +498,21 @@ mod tests {
             text.contains("not restored as dumped: fd 4 of process 10"),
             "{text}"
         );
+        assert!(
+            text.contains(
+                "waiter pid 11 tid 12: its restarted call keeps its start (1.000 s waited"
+            ),
+            "{text}"
+        );
+        // Carried over from the resume, the frozen time not counted.
+        let c = r.waiters[0].carry(9_000_000_000).unwrap();
+        assert_eq!((c.since_ns, c.until_ns), (8_000_000_000, 14_000_000_000));
+        assert_eq!((c.ino, c.start, c.end, c.lock_type), (77, 0, 9, 1));
+        let unknown = WaiterSnapshot {
+            lock_type: None,
+            ..r.waiters[0].clone()
+        };
+        assert!(unknown.carry(9_000_000_000).is_none());
     }
 
     #[test]

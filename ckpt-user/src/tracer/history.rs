@@ -14,7 +14,7 @@ use aya::maps::{Map, MapData, PerCpuArray};
 use ckpt_common::{
     capacity,
     lease::BreakRecord,
-    lock::{wait_end, wait_hist, HoldStart, WaitEnd, WaitStart},
+    lock::{wait_end, wait_hist, HoldStart, WaitCarry, WaitEnd, WaitStart},
     names,
 };
 use serde::Serialize;
@@ -74,6 +74,21 @@ impl History {
     pub fn waits_by_thread(&self) -> HashMap<u32, WaitStart> {
         self.waits.values().map(|(tid, w)| (*tid, *w)).collect()
     }
+}
+
+/// Hands ckpt-agent's programs the waits a restore carries over, by restored thread
+/// (see `WaitCarry`). Fails when no agent runs on `pins`, or one from before carries.
+pub fn carry_waits(pins: &PinDir, carries: &[(u32, WaitCarry)]) -> Result<()> {
+    if !pins.agent_running() {
+        anyhow::bail!("ckpt-agent does not run, so nothing records the restarted waits");
+    }
+    let mut map: aya::maps::HashMap<MapData, u32, WaitCarry> =
+        aya::maps::HashMap::try_from(Map::from_map_data(open(pins, names::WAIT_CARRY)?)?)?;
+    for (tid, c) in carries {
+        map.insert(tid, c, 0)
+            .with_context(|| format!("carrying the wait of thread {tid} over"))?;
+    }
+    Ok(())
 }
 
 /// Follows the tracer's per-CPU ring of wait ends (`WaitEnd`) from where it was
