@@ -51,8 +51,9 @@ pub mod list {
     pub const POSIX: u32 = 0;
     pub const FLOCK: u32 = 1;
     pub const LEASE: u32 = 2;
-    /// Not a lock: the lists had more than `LOCK_WALK_STEPS` entries and were not
-    /// walked to the end; userspace reads that fd's fdinfo instead.
+    /// Not a lock: the lists had more than `LOCK_WALK_STEPS` entries, or the fd more
+    /// than `LOCK_LINES_PER_FD` locks and waiters, and were not walked to the end;
+    /// userspace reads that fd's fdinfo instead.
     pub const TRUNCATED: u32 = 3;
     /// Not a lock: the lists changed under the walk (a link or a second read did not
     /// agree); userspace reads that fd's fdinfo instead.
@@ -61,7 +62,21 @@ pub mod list {
 
 /// Most steps (held locks and blocked requests, and climbs back up a tree of blocked
 /// requests) of one lock list walked per fd; past it a `list::TRUNCATED` line follows.
-pub const LOCK_WALK_STEPS: usize = 64;
+/// Each fd's walk steps through every lock of its inode's list (another process's
+/// too), so this bounds the walks of N fds on one inode at N times it: a file with
+/// 1,000 lockers takes about 10^6 steps (~0.2 s); one with more than this many locks
+/// and waiters comes from fdinfo.
+pub const LOCK_WALK_STEPS: usize = 4096;
+
+/// Bytes an iterator program may write for one object: the kernel's seq buffer (8
+/// pages; 4 KiB ones here, larger elsewhere). More fails the whole read (E2BIG).
+pub const ITER_OBJECT_BYTES: usize = 8 * 4096;
+
+/// Most lines one fd's walk writes (its own locks and their waiters), so that they,
+/// its record with a full path, its process's record and a marker fit one object's
+/// output; past it a `list::TRUNCATED` line follows.
+pub const LOCK_LINES_PER_FD: usize =
+    (ITER_OBJECT_BYTES - FD_RECORD_SIZE - PATH_MAX - TASK_RECORD_SIZE) / LOCK_LINE_SIZE - 1;
 
 /// Bytes of a lock (from its start) read at once by the lock walks: every field they
 /// need lies in them (checked at load time).
@@ -183,6 +198,16 @@ pub struct WalkState {
     pub mode: u32,
     /// 1 once a line was written.
     pub wrote: u32,
+    /// Lines this fd's walk wrote, over its lists (at most `LOCK_LINES_PER_FD`).
+    pub lines: u32,
     /// 0 while walking, then 1 (the list's end) or 2 (cut short).
     pub done: u32,
 }
+
+// The walk's lines, with the marker and the records that share their object, fit the
+// kernel's buffer, and leave room for many locks per fd.
+const _: () = assert!(
+    (LOCK_LINES_PER_FD + 1) * LOCK_LINE_SIZE + FD_RECORD_SIZE + PATH_MAX + TASK_RECORD_SIZE
+        <= ITER_OBJECT_BYTES
+);
+const _: () = assert!(LOCK_LINES_PER_FD >= 200);

@@ -20,7 +20,7 @@ use core::ffi::c_void;
 
 use aya_ebpf::helpers::generated::{bpf_loop, bpf_seq_write};
 use ckpt_common::files::{
-    list, tag, FdScratch, WalkState, LOCK_LINE_SIZE, LOCK_SPAN, LOCK_WALK_STEPS,
+    list, tag, FdScratch, WalkState, LOCK_LINES_PER_FD, LOCK_LINE_SIZE, LOCK_SPAN, LOCK_WALK_STEPS,
 };
 
 use crate::helpers::{at, field, jiffies, kcopy, kread, layout, now_ns};
@@ -143,6 +143,20 @@ const DOWN: u32 = 1;
 const UP: u32 = 2;
 const END: u32 = 1;
 const CUT: u32 = 2;
+/// The fd's lines filled its share of the iterator's buffer.
+const FULL: u32 = 3;
+
+/// Whether another line fits this fd's share of the output; if not, the walk ends
+/// here (the caller marks it truncated).
+#[inline(always)]
+fn room(w: &mut WalkState) -> bool {
+    if w.lines >= LOCK_LINES_PER_FD as u32 {
+        w.done = FULL;
+        return false;
+    }
+    w.lines += 1;
+    true
+}
 
 /// One step of a walk: an object visited (or climbed past). A `bpf_loop` callback, so
 /// that the verifier checks one step rather than every path through all of them
@@ -202,6 +216,9 @@ fn step(seq: *mut c_void, scratch: *mut FdScratch, w: &mut WalkState) -> Result<
             let lfile: u64 = at(lock, layout!(lock_lists.file));
             let owner: u64 = at(lock, layout!(lock_lists.owner));
             if lfile == w.f && (owner == w.files || owner == w.f) {
+                if !room(w) {
+                    return Ok(());
+                }
                 emit_line(seq, scratch, w.which, l, 0, lock);
                 w.wrote = 1;
                 let child: u64 = at(lock, layout!(lock_lists.blocked_requests));
@@ -221,6 +238,9 @@ fn step(seq: *mut c_void, scratch: *mut FdScratch, w: &mut WalkState) -> Result<
                 || at::<u64>(lock, layout!(lock_lists.blocked_member) + 8) != w.expect_prev
             {
                 cut(w);
+                return Ok(());
+            }
+            if !room(w) {
                 return Ok(());
             }
             emit_line(seq, scratch, w.which, cur, w.parent, lock);
@@ -280,6 +300,7 @@ pub fn walk(
         return Ok(false);
     }
     let mut wrote = false;
+    let mut lines = 0;
     for (which, head_off) in [
         (list::POSIX, layout!(lock_lists.ctx_posix)),
         (list::FLOCK, layout!(lock_lists.ctx_flock)),
@@ -302,6 +323,7 @@ pub fn walk(
             which,
             mode: HELD,
             wrote: 0,
+            lines,
             done: 0,
         };
         let mut ctx = Ctx { seq, scratch };
@@ -316,7 +338,7 @@ pub fn walk(
         };
         // SAFETY: as above.
         let w = unsafe { &(*scratch).walk };
-        if w.done == 0 {
+        if w.done == 0 || w.done == FULL {
             mark(seq, scratch, list::TRUNCATED);
             return Ok(true);
         }
@@ -324,6 +346,7 @@ pub fn walk(
             return Ok(true);
         }
         wrote |= w.wrote != 0;
+        lines = w.lines;
     }
     Ok(wrote)
 }

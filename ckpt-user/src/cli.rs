@@ -444,12 +444,14 @@ fn emit_list<T: serde::Serialize + Sync>(
         return emit(json, &items, text);
     }
     let threads = std::thread::available_parallelism().map_or(1, std::num::NonZero::get);
-    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    for part in json_array_parts(items, threads) {
+    let parts = json_array_parts(items, threads);
+    // Straight to fd 1: stdout's line buffering would scan every byte for a newline.
+    let stdout = std::io::stdout().lock();
+    let mut out = std::fs::File::from(std::os::fd::AsFd::as_fd(&stdout).try_clone_to_owned()?);
+    for part in parts {
         out.write_all(&part?)?;
     }
-    writeln!(out)?;
-    out.flush()?;
+    out.write_all(b"\n")?;
     Ok(())
 }
 

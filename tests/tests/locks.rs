@@ -481,3 +481,63 @@ fn a_restarted_wait_keeps_its_start_and_an_abandoned_one_ends() {
     holder.cmd("posix x u 0 0");
     assert_eq!(waiter.reply(), "ok");
 }
+
+/// More lockers on one file than the walk once read (64 steps): every reader's lock
+/// comes from the kernel's lists with the blocked writer behind it. One fd holding
+/// more locks than a walk writes gets them from fdinfo, said in one line, and the
+/// read does not fail (one fd's lines must fit the kernel's buffer for an object).
+#[test]
+fn a_crowded_file_shows_every_locker_and_its_waiter() {
+    use ckpt_common::files::LOCK_LINES_PER_FD;
+    const READERS: usize = 150;
+    let agent = Agent::start();
+    let dir = Scratch::new();
+    let f = dir.file("crowded");
+    let ino = file_ids(&[&f]);
+    let mut readers: Vec<Locker> = (0..READERS).map(|_| Locker::spawn()).collect();
+    for (i, r) in readers.iter_mut().enumerate() {
+        r.cmd(&format!("open x {f}"));
+        r.cmd(&format!("posix x r {} 1", i * 2));
+    }
+    let mut writer = Locker::spawn();
+    writer.cmd(&format!("open x {f}"));
+    writer.send("posix x w 0 0 wait");
+    let rows = wait_for(
+        Duration::from_secs(10),
+        "the writer's wait behind every reader",
+        || {
+            let rows = on(agent.locks(&[]), &f);
+            let behind = |r: &Value| {
+                r["waiters"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|w| w["pid"] == writer.pid())
+            };
+            (rows.len() == READERS && rows.iter().all(behind)).then_some(rows)
+        },
+    );
+    assert!(
+        rows.iter().all(|r| r["origin"] == "kernel"),
+        "{:?}",
+        rows.iter()
+            .map(|r| r["origin"].to_string())
+            .collect::<BTreeSet<_>>()
+    );
+    assert_agrees(&agent, Some(&ino));
+    drop(readers);
+    assert_eq!(writer.reply(), "ok");
+    drop(writer);
+
+    let many = LOCK_LINES_PER_FD + 10;
+    let mut holder = Locker::spawn();
+    holder.cmd(&format!("bulk {} 1 {many}", dir.0.display()));
+    let (rows, notes) = ckpt_locks(&agent.pin_dir, &["--pid", &holder.pid().to_string()]);
+    assert_eq!(rows.len(), many, "{notes}");
+    assert!(rows.iter().all(|r| r["origin"] == "fdinfo"));
+    assert!(
+        notes.contains("1 fds have more locks and waiters than a walk reads")
+            && notes.trim().lines().count() == 1,
+        "{notes}"
+    );
+}

@@ -18,7 +18,7 @@ use anyhow::{bail, Result};
 use ckpt_common::{
     files::{
         list, tag, FdRecord, LockLine, TaskRecord, FD_RECORD_SIZE, LOCK_LINE_SIZE, MAPPING_FD,
-        TASK_RECORD_SIZE,
+        PATH_MAX, TASK_RECORD_SIZE,
     },
     lock::{fl_flags, LockOwner},
 };
@@ -92,9 +92,11 @@ pub struct KernelLocks {
     pub blocked: Vec<KLock>,
     /// Command names from the iterator's process records (shared by their rows).
     pub comms: HashMap<u32, Arc<str>>,
-    /// (pid, fd) whose held locks came from fdinfo, and mappings that could not be
-    /// read: say so.
+    /// (pid, fd) whose held locks came from fdinfo because their lists changed under
+    /// the walk, or were too long to walk, and mappings that could not be read: say
+    /// so.
     pub from_fdinfo: Vec<(u32, i32)>,
+    pub too_long: Vec<(u32, i32)>,
     pub unread_mappings: usize,
     /// Lines with a range no lock has (a misread layout): not shown, but said.
     pub bad_ranges: usize,
@@ -129,8 +131,19 @@ struct FdLines {
     /// Its lines, in `Parsed::lines` (one vector for all fds: 100,000 small vectors
     /// were a tenth of the view's userspace time).
     lines: Range<usize>,
-    /// The walk was cut short (list changed under it, or too long).
-    cut: bool,
+    /// Whether the walk reached the end of the lists.
+    walk: Walk,
+}
+
+/// How an fd's walk of its lock lists ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Walk {
+    #[default]
+    Complete,
+    /// A list changed under it (`list::UNSTABLE`): read again.
+    Changed,
+    /// More locks than a walk reads (`list::TRUNCATED`): only fdinfo has them all.
+    TooLong,
 }
 
 /// Iterator output split into records.
@@ -138,54 +151,120 @@ struct FdLines {
 struct Parsed {
     fds: Vec<FdLines>,
     lines: Vec<LockLine>,
+    /// Lines from here on wait for the fd record that follows them, and how that
+    /// fd's walk ended (its marker line comes before the record too).
+    unclaimed: usize,
+    walk: Walk,
 }
 
-/// Splits a lock-table iterator's output into process names and fds with lines (an
-/// fd's lines come before its record), appended to `into`.
-fn parse(mut buf: &[u8], comms: &mut HashMap<u32, Arc<str>>, into: &mut Parsed) -> Result<()> {
-    let mut first = into.lines.len();
-    let mut cut = false;
-    while !buf.is_empty() {
-        match read_tag(buf) {
-            Some(tag::TASK) if buf.len() >= TASK_RECORD_SIZE => {
-                let t: TaskRecord = record(buf);
-                comms.insert(t.tgid, comm_of(&t).into());
-                buf = &buf[TASK_RECORD_SIZE..];
+/// Parses the whole records at the start of `buf` into `into` (an fd's lines come
+/// before its record, and may be in an earlier piece); returns the bytes used. A
+/// record cut by the end of `buf` is left for the next piece.
+fn parse_some(buf: &[u8], comms: &mut HashMap<u32, Arc<str>>, into: &mut Parsed) -> Result<usize> {
+    let mut at = 0;
+    loop {
+        let rest = &buf[at..];
+        let Some(tag) = read_tag(rest) else {
+            return Ok(at);
+        };
+        let need = match tag {
+            tag::TASK => TASK_RECORD_SIZE,
+            tag::LOCK => LOCK_LINE_SIZE,
+            tag::FD if rest.len() >= FD_RECORD_SIZE => {
+                let len = record::<FdRecord>(rest).path_len as usize;
+                if len > PATH_MAX {
+                    bail!("lock-table iterator output garbled: a path of {len} bytes");
+                }
+                FD_RECORD_SIZE + len
             }
-            Some(tag::FD) if buf.len() >= FD_RECORD_SIZE => {
-                let rec: FdRecord = record(buf);
-                let len = rec.path_len as usize;
-                let Some(raw) = buf.get(FD_RECORD_SIZE..FD_RECORD_SIZE + len) else {
-                    bail!("lock-table iterator output truncated in a path");
-                };
-                let path = (len > 0).then(|| {
+            tag::FD => FD_RECORD_SIZE,
+            _ => bail!("lock-table iterator output garbled"),
+        };
+        if rest.len() < need {
+            return Ok(at);
+        }
+        match tag {
+            tag::TASK => {
+                let t: TaskRecord = record(rest);
+                comms.insert(t.tgid, comm_of(&t).into());
+            }
+            tag::FD => {
+                let rec: FdRecord = record(rest);
+                let raw = &rest[FD_RECORD_SIZE..need];
+                let path = (!raw.is_empty()).then(|| {
                     let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
                     String::from_utf8_lossy(&raw[..end]).into()
                 });
                 into.fds.push(FdLines {
                     rec,
                     path,
-                    lines: first..into.lines.len(),
-                    cut: std::mem::take(&mut cut),
+                    lines: into.unclaimed..into.lines.len(),
+                    walk: std::mem::take(&mut into.walk),
                 });
-                first = into.lines.len();
-                buf = &buf[FD_RECORD_SIZE + len..];
+                into.unclaimed = into.lines.len();
             }
-            Some(tag::LOCK) if buf.len() >= LOCK_LINE_SIZE => {
-                let line: LockLine = record(buf);
+            _ => {
+                let line: LockLine = record(rest);
                 match line.list {
-                    list::TRUNCATED | list::UNSTABLE => cut = true,
+                    list::UNSTABLE => into.walk = Walk::Changed,
+                    list::TRUNCATED => into.walk = Walk::TooLong,
                     _ => into.lines.push(line),
                 }
-                buf = &buf[LOCK_LINE_SIZE..];
             }
-            _ => bail!("lock-table iterator output truncated or garbled"),
         }
+        at += need;
     }
-    if first != into.lines.len() || cut {
+}
+
+/// After the last piece (`left`: bytes no whole record took): every line claimed by
+/// its fd.
+fn parse_end(left: usize, into: &Parsed) -> Result<()> {
+    if left != 0 {
+        bail!("lock-table iterator output truncated");
+    }
+    if into.unclaimed != into.lines.len() || into.walk != Walk::Complete {
         bail!("lock-table iterator output: lock lines without their fd");
     }
     Ok(())
+}
+
+/// Splits a whole lock-table iterator output into process names and fds with lines,
+/// appended to `into`.
+fn parse(buf: &[u8], comms: &mut HashMap<u32, Arc<str>>, into: &mut Parsed) -> Result<()> {
+    into.unclaimed = into.lines.len();
+    into.walk = Walk::Complete;
+    let used = parse_some(buf, comms, into)?;
+    parse_end(buf.len() - used, into)
+}
+
+/// An iterator's output parsed as it is read, piece by piece: a record cut between
+/// two pieces waits in `carry` for the rest.
+#[derive(Default)]
+struct Stream {
+    carry: Vec<u8>,
+}
+
+impl Stream {
+    fn feed(
+        &mut self,
+        piece: &[u8],
+        comms: &mut HashMap<u32, Arc<str>>,
+        into: &mut Parsed,
+    ) -> Result<()> {
+        if self.carry.is_empty() {
+            let used = parse_some(piece, comms, into)?;
+            self.carry.extend_from_slice(&piece[used..]);
+        } else {
+            self.carry.extend_from_slice(piece);
+            let used = parse_some(&self.carry, comms, into)?;
+            self.carry.drain(..used);
+        }
+        Ok(())
+    }
+
+    fn end(self, into: &Parsed) -> Result<()> {
+        parse_end(self.carry.len(), into)
+    }
 }
 
 /// A line as a lock of the table (None for what ckpt does not show).
@@ -272,13 +351,32 @@ pub fn from_proc_line(holder: Holder, p: &ProcLock) -> Option<KLock> {
 /// itself before its fdinfo is taken instead.
 const REREADS: usize = 2;
 
-/// Reads the whole table.
+/// Output pieces of the fd walk read ahead of the parse.
+const PIECES_AHEAD: usize = 64;
+
+/// Reads the whole table: the fd walk and the mapping walk side by side, the fd
+/// walk's output parsed on this thread as it is read (the walks take a CPU each on a
+/// host with many processes; the parse fits in the time the shorter one leaves, and
+/// no copy of the whole output is ever held).
 pub fn read(iters: &Iters) -> Result<KernelLocks> {
     let mut out = KernelLocks::default();
-    let (fds, maps) = iters.read_both(Prog::LockTable, Prog::LockTableMaps)?;
     let mut parsed = Parsed::default();
-    parse(&fds, &mut out.comms, &mut parsed)?;
-    drop(fds);
+    let maps = std::thread::scope(|s| -> Result<Vec<u8>> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Vec<u8>>(PIECES_AHEAD);
+        let fds = s.spawn(move || iters.read_all_pieces(Prog::LockTable, |p| tx.send(p).is_ok()));
+        let maps = s.spawn(|| iters.read_all(Prog::LockTableMaps));
+        let mut stream = Stream::default();
+        // Stops at the first bad piece; the reader stops when its next send fails.
+        let parsed_fds = rx
+            .into_iter()
+            .try_for_each(|piece| stream.feed(&piece, &mut out.comms, &mut parsed));
+        let fds = fds.join().expect("the fd walk's thread panicked");
+        let maps = maps.join().expect("the mapping walk's thread panicked");
+        fds?;
+        parsed_fds?;
+        stream.end(&parsed)?;
+        maps
+    })?;
     parse(&maps, &mut out.comms, &mut parsed)?;
     collect(iters, parsed, out)
 }
@@ -299,12 +397,12 @@ pub fn read_process(iters: &Iters, pid: u32) -> Result<KernelLocks> {
 /// Re-reads processes whose walk was cut, takes fdinfo where it still is, and keeps
 /// each kernel object once.
 fn collect(iters: &Iters, mut parsed: Parsed, mut out: KernelLocks) -> Result<KernelLocks> {
-    // Processes with a cut walk, read again alone (their other fds too: the lines of
-    // one read are consistent with each other).
+    // Processes whose lists changed under the walk, read again alone (their other fds
+    // too: the lines of one read are consistent with each other).
     let mut cut: Vec<u32> = parsed
         .fds
         .iter()
-        .filter(|f| f.cut)
+        .filter(|f| f.walk == Walk::Changed)
         .map(|f| f.rec.tgid)
         .collect();
     cut.sort_unstable();
@@ -322,18 +420,21 @@ fn collect(iters: &Iters, mut parsed: Parsed, mut out: KernelLocks) -> Result<Ke
                 parsed.lines.truncate(lines_before);
                 let again = iters.read_process(Prog::LockTable, pid)?;
                 parse(&again, &mut out.comms, &mut parsed)?;
-                if !parsed.fds[fds_before..].iter().any(|f| f.cut) {
+                if !parsed.fds[fds_before..]
+                    .iter()
+                    .any(|f| f.walk == Walk::Changed)
+                {
                     break;
                 }
             }
         }
     }
-    let Parsed { fds, lines } = parsed;
+    let Parsed { fds, lines, .. } = parsed;
     let mut seen = foldhash::HashSet::with_capacity_and_hasher(lines.len(), Default::default());
     out.held.reserve(lines.len());
     let mut seen_fdinfo: HashSet<(HeldKind, KernelDev, u64, LockRange, i32, u8)> = HashSet::new();
     for f in &fds {
-        if f.cut {
+        if f.walk != Walk::Complete {
             if f.rec.fd == MAPPING_FD {
                 out.unread_mappings += 1;
                 continue;
@@ -343,7 +444,10 @@ fn collect(iters: &Iters, mut parsed: Parsed, mut out: KernelLocks) -> Result<Ke
             let Ok(text) = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")) else {
                 continue;
             };
-            out.from_fdinfo.push((pid, fd));
+            match f.walk {
+                Walk::TooLong => out.too_long.push((pid, fd)),
+                _ => out.from_fdinfo.push((pid, fd)),
+            }
             for p in parse_fdinfo(&text).locks {
                 let holder = Holder {
                     pid,
@@ -487,15 +591,96 @@ mod tests {
         assert_eq!(got.fds.len(), 1);
         assert_eq!(got.fds[0].path.as_deref(), Some("/tmp/a"));
         assert_eq!(&got.lines[got.fds[0].lines.clone()], &[held]);
-        assert!(got.fds[0].cut);
+        assert_eq!(got.fds[0].walk, Walk::Changed);
         // A second read appends: its fd's lines are its own.
         parse(&buf, &mut comms, &mut got).unwrap();
         assert_eq!(got.fds[1].lines, 1..2);
+        // A walk that stopped at its bound is told from one that met a change.
+        let long = LockLine {
+            list: list::TRUNCATED,
+            ..cut
+        };
+        let mut buf = bytes(&held);
+        buf.extend(bytes(&long));
+        buf.extend(bytes(&FdRecord { path_len: 0, ..fd }));
+        let mut got = Parsed::default();
+        parse(&buf, &mut comms, &mut got).unwrap();
+        assert_eq!(got.fds[0].walk, Walk::TooLong);
         // Any prefix that cuts a record is an error, never a panic.
         for n in 1..buf.len() {
             let _ = parse(&buf[..n], &mut comms, &mut Parsed::default());
         }
         assert!(parse(&bytes(&held), &mut comms, &mut Parsed::default()).is_err());
+    }
+
+    /// Read in pieces cut anywhere, the output parses as it does whole; a stream that
+    /// ends inside a record, or with lines no fd claimed, is an error.
+    #[test]
+    fn pieces_cut_anywhere_parse_as_the_whole() {
+        let task = TaskRecord {
+            tag: tag::TASK,
+            tgid: 7,
+            ..Default::default()
+        };
+        let fd = |n: u32, path: &[u8]| {
+            let mut v = bytes(&FdRecord {
+                tag: tag::FD,
+                tgid: 7,
+                fd: n,
+                path_len: path.len() as u32,
+                ..Default::default()
+            });
+            v.extend_from_slice(path);
+            v
+        };
+        let line = |lock: u64| {
+            bytes(&LockLine {
+                tag: tag::LOCK,
+                list: list::POSIX,
+                lock,
+                ..Default::default()
+            })
+        };
+        let mut buf = bytes(&task);
+        buf.extend(line(1));
+        buf.extend(line(2));
+        buf.extend(fd(3, b"/a\0"));
+        buf.extend(fd(4, b""));
+        buf.extend(line(3));
+        buf.extend(fd(5, b"/b/c\0"));
+        let whole = |buf: &[u8]| {
+            let mut p = Parsed::default();
+            parse(buf, &mut HashMap::new(), &mut p).map(|()| p)
+        };
+        let want = whole(&buf).unwrap();
+        let shape = |p: &Parsed| {
+            p.fds
+                .iter()
+                .map(|f| (f.rec.fd, f.path.clone(), p.lines[f.lines.clone()].to_vec()))
+                .collect::<Vec<_>>()
+        };
+        for a in 0..=buf.len() {
+            for b in a..=buf.len() {
+                let mut p = Parsed::default();
+                let mut comms = HashMap::new();
+                let mut stream = Stream::default();
+                for piece in [&buf[..a], &buf[a..b], &buf[b..]] {
+                    stream.feed(piece, &mut comms, &mut p).unwrap();
+                }
+                stream.end(&p).unwrap();
+                assert_eq!(shape(&p), shape(&want), "cut at {a} and {b}");
+            }
+        }
+        let ends_badly = |buf: &[u8]| {
+            let mut p = Parsed::default();
+            let mut stream = Stream::default();
+            stream.feed(buf, &mut HashMap::new(), &mut p).unwrap();
+            stream.end(&p).is_err()
+        };
+        // Inside a record, and after lines no fd claimed.
+        assert!(ends_badly(&buf[..buf.len() - 1]));
+        assert!(ends_badly(&buf[..buf.len() - fd(5, b"/b/c\0").len()]));
+        assert!(!ends_badly(&buf));
     }
 
     #[test]

@@ -107,3 +107,26 @@ pub fn read_into(link: BorrowedFd<'_>, out: &mut Vec<u8>) -> std::io::Result<()>
     std::fs::File::from(fd).read_to_end(out)?;
     Ok(())
 }
+
+/// Bytes handed on at a time by `read_pieces`: several of the kernel's reads (each
+/// gives at most its 32 KiB buffer).
+const PIECE: usize = 256 << 10;
+
+/// Runs the iterator of `link` once, handing its output to `sink` as it is read, in
+/// pieces that may cut a record in two; `sink` returns false to stop early.
+pub fn read_pieces(
+    link: BorrowedFd<'_>,
+    mut sink: impl FnMut(Vec<u8>) -> bool,
+) -> std::io::Result<()> {
+    let mut attr = Attr::new();
+    attr.put_u32(0, link.as_raw_fd() as u32);
+    let mut f = std::fs::File::from(bpf(BPF_ITER_CREATE, &mut attr)?);
+    loop {
+        let mut piece = Vec::with_capacity(PIECE);
+        (&mut f).take(PIECE as u64).read_to_end(&mut piece)?;
+        let end = piece.len() < PIECE;
+        if (!piece.is_empty() && !sink(piece)) || end {
+            return Ok(());
+        }
+    }
+}

@@ -180,6 +180,15 @@ impl Iters {
         Ok(out)
     }
 
+    /// Runs `p` over every process once, handing its output to `sink` as it is read
+    /// (`bpf_iter::read_pieces`).
+    pub fn read_all_pieces(&self, p: Prog, sink: impl FnMut(Vec<u8>) -> bool) -> Result<()> {
+        let link = bpf_iter::link_all(self.prog(p)?)
+            .with_context(|| format!("attaching the {} iterator", p.name()))?;
+        bpf_iter::read_pieces(link.as_fd(), sink)
+            .with_context(|| format!("reading the {} iterator", p.name()))
+    }
+
     /// Runs `a` and `b` over every process, side by side on two threads (the fd walk
     /// and the mapping walk each take most of a CPU on a host with many processes).
     pub fn read_both(&self, a: Prog, b: Prog) -> Result<(Vec<u8>, Vec<u8>)> {
