@@ -156,6 +156,13 @@ fn preadable(flags: u32) -> bool {
         && flags & (libc::O_PATH | libc::O_DIRECT) as u32 == 0
 }
 
+/// A description of the dumped tree open for reading on `f`'s file: for a leased
+/// file, the only way to read it that neither breaks the lease nor waits on a break.
+fn readable_twin<'a>(fds: &'a [FoundFd], f: &FoundFd) -> Option<&'a FoundFd> {
+    fds.iter()
+        .find(|r| (r.dev, r.ino) == (f.dev, f.ino) && preadable(r.info.flags))
+}
+
 /// The SHA-256 of the file behind `f`: through a new open of /proc/PID/fd/N, or, for a
 /// leased file, through a pidfd_getfd dup of a readable description of the dumped tree
 /// (`through`): no open(), so the lease is not broken, and pread leaves the shared
@@ -254,11 +261,11 @@ fn add_mapped_ghosts(
             continue;
         }
         if leased.contains(&(dev, md.ino())) {
-            bail!("deleted file {path} is leased: reading it would break the lease");
+            bail!("deleted file {path} is leased and held only by a mapping: reading it would break the lease");
         }
         sources.push(ghost_dump::prepare(
             ghost_dump::Plan {
-                link,
+                through: ghost_dump::Through::Link(link),
                 ghost: Ghost {
                     dev,
                     ino: md.ino(),
@@ -660,15 +667,25 @@ fn read_contents(
         if !f.is_ghost() || !seen.insert((f.dev, f.ino)) {
             continue;
         }
-        if leased.contains(&(f.dev, f.ino)) {
-            bail!(
-                "deleted file {} is leased: reading it would break the lease",
-                f.path
-            );
-        }
+        // A leased one is read through a holder's own description: an open of it
+        // would break the lease.
+        let through = if leased.contains(&(f.dev, f.ino)) {
+            let Some(r) = readable_twin(content_fds, f) else {
+                bail!(
+                    "deleted file {} is leased and not open for reading: reading it would break the lease",
+                    f.path
+                );
+            };
+            ghost_dump::Through::Dup {
+                pid: r.pid,
+                fd: r.fd,
+            }
+        } else {
+            ghost_dump::Through::Link(format!("/proc/{}/fd/{}", f.pid, f.fd))
+        };
         sources.push(ghost_dump::prepare(
             ghost_dump::Plan {
-                link: format!("/proc/{}/fd/{}", f.pid, f.fd),
+                through,
                 ghost: Ghost {
                     dev: f.dev,
                     ino: f.ino,
@@ -715,9 +732,7 @@ fn read_contents(
                 continue;
             }
             let through = if leased.contains(&(f.dev, f.ino)) {
-                let readable = content_fds
-                    .iter()
-                    .find(|r| (r.dev, r.ino) == (f.dev, f.ino) && preadable(r.info.flags));
+                let readable = readable_twin(content_fds, f);
                 if readable.is_none() {
                     bail!(
                         "cannot hash {}: it is leased and not open for reading, and opening it to read would break the lease",

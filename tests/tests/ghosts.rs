@@ -382,3 +382,95 @@ fn a_killed_restore_leaves_no_ghost_under_any_name() {
         assert_eq!(names(&dir.0), listing, "kill {i}: a file was left");
     }
 }
+
+/// The bytes of process `pid`'s fd `fd`, read through a pidfd_getfd dup with pread:
+/// no open, so a write lease on it is not broken (an open would wait out the break).
+fn pread_dup(pid: u32, fd: i32) -> Vec<u8> {
+    // SAFETY: plain syscalls on fds this function owns.
+    unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid as libc::c_int, 0) as i32;
+        assert!(pidfd >= 0, "pidfd_open {pid}");
+        let dup = libc::syscall(libc::SYS_pidfd_getfd, pidfd, fd, 0) as i32;
+        assert!(dup >= 0, "pidfd_getfd {pid} {fd}");
+        let mut buf = vec![0u8; 1 << 16];
+        let n = libc::pread(dup, buf.as_mut_ptr().cast(), buf.len(), 0);
+        assert!(n >= 0, "pread");
+        buf.truncate(n as usize);
+        libc::close(dup);
+        libc::close(pidfd);
+        buf
+    }
+}
+
+/// The lease lines of process `pid`'s fd `fd` (its fdinfo).
+fn leases_of(pid: u32, fd: i32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains("LEASE"))
+        .map(|l| {
+            l.split_whitespace()
+                .skip(2)
+                .take(3)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .collect()
+}
+
+/// A deleted file under a write lease is read through its holder's own description
+/// (any open of it would break the lease, and wait out the break): the dump neither
+/// breaks the lease nor moves the holder's file position, and the restore brings
+/// back the bytes and the lease. Held open only for writing, it cannot be read that
+/// way: the dump says so and writes nothing.
+#[test]
+fn a_leased_deleted_file_is_dumped_without_breaking_its_lease() {
+    require_root();
+    let agent = Agent::start();
+    let dir = Scratch::new();
+    let cg = Cgroup::new(false);
+    let mut p = quiet_locker(&cg);
+    let path = dir.0.join("leased").display().to_string();
+    let fd = fd_of(&p.cmd(&format!("open l {path}")));
+    p.cmd("pwrite l 0 leased-bytes");
+    p.cmd("lease l w");
+    p.cmd(&format!("unlink {path}"));
+    p.cmd("seek l 5");
+    let pid = p.pid();
+    assert_eq!(leases_of(pid, fd), ["LEASE ACTIVE WRITE"]);
+
+    let images = Scratch::new();
+    let img = images.file("img");
+    let (code, _, err) = agent.dump(&cg.path, &img, &[]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(p.cmd("sigcount"), "ok 0", "the dump broke the lease");
+    assert_eq!(leases_of(pid, fd), ["LEASE ACTIVE WRITE"]);
+    assert_eq!(fdinfo(pid, fd).0, 5, "the holder's position moved");
+    p.kill();
+    let (_into, report) = restore(&img, &["--exec-cmd", &format!("{pid}=exec sleep 600")]);
+    let np = new_pid(&report, pid);
+    assert_eq!(leases_of(np, fd), ["LEASE ACTIVE WRITE"]);
+    assert_eq!(pread_dup(np, fd), b"leased-bytes");
+    assert_eq!(fdinfo(np, fd).0, 5);
+    assert_ghost_target("tmpfs", np, fd, &dir.0);
+
+    // Open only for writing: refused, nothing written.
+    let cg = Cgroup::new(false);
+    let mut w = quiet_locker(&cg);
+    let path = dir.0.join("write-only").display().to_string();
+    std::fs::write(&path, "x").unwrap();
+    w.cmd(&format!("openmode l {path} w"));
+    w.cmd("lease l w");
+    w.cmd(&format!("unlink {path}"));
+    let images = Scratch::new();
+    let img = images.file("img");
+    std::fs::remove_file(&img).unwrap();
+    let (code, _, err) = agent.dump(&cg.path, &img, &[]);
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("is leased and not open for reading") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    assert!(!Path::new(&img).exists());
+    assert_eq!(w.cmd("sigcount"), "ok 0");
+}

@@ -26,9 +26,28 @@ use crate::image::{
 /// A deleted file to save, reachable through one of its holders' fds or mappings.
 #[derive(Clone, Debug)]
 pub struct Plan {
-    /// /proc/PID/fd/FD or /proc/PID/map_files/START-END.
-    pub link: String,
+    pub through: Through,
     pub ghost: Ghost,
+}
+
+/// How the frozen bytes are reached.
+#[derive(Clone, Debug)]
+pub enum Through {
+    /// A new open of /proc/PID/fd/FD or /proc/PID/map_files/START-END.
+    Link(String),
+    /// A pidfd_getfd dup of process `pid`'s fd `fd`, a description open for reading:
+    /// for a leased file, which any open would break (or wait on). Read with pread;
+    /// the description's position, which the extent search moves, is put back.
+    Dup { pid: u32, fd: i32 },
+}
+
+impl std::fmt::Display for Through {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Through::Link(l) => f.write_str(l),
+            Through::Dup { pid, fd } => write!(f, "a dup of process {pid}'s fd {fd}"),
+        }
+    }
 }
 
 /// The name memfd_create gave a file: its path is "/memfd:NAME".
@@ -37,7 +56,7 @@ fn memfd_name(path: &str) -> Option<&str> {
 }
 
 /// A readable handle on the frozen contents: our own description of the file (so no
-/// process's offset moves), or a reflinked clone of it.
+/// process's offset moves), a holder's (read with pread only), or a reflinked clone.
 pub struct Source {
     file: File,
     pub plan: Plan,
@@ -87,10 +106,16 @@ fn reflink(src: &File, dir: &Path) -> Option<File> {
 /// While frozen: opens the deleted file, measures its extents against `limit`, and
 /// reflinks it if possible.
 pub fn prepare(plan: Plan, limit: u64) -> Result<Source> {
-    let file = File::open(&plan.link).with_context(|| {
+    let file = match &plan.through {
+        Through::Link(link) => File::open(link).map_err(anyhow::Error::from),
+        Through::Dup { pid, fd } => crate::sys::pidfd::pidfd_open(*pid)
+            .and_then(|p| crate::sys::pidfd::pidfd_getfd(&p, *fd))
+            .map(File::from),
+    }
+    .with_context(|| {
         format!(
             "opening deleted file {} through {}",
-            plan.ghost.path, plan.link
+            plan.ghost.path, plan.through
         )
     })?;
     let mut plan = plan;
@@ -108,7 +133,21 @@ pub fn prepare(plan: Plan, limit: u64) -> Result<Source> {
                 .unwrap_or(0) as u32,
         });
     }
-    plan.ghost.extents = extents(&file, plan.ghost.size);
+    plan.ghost.extents = match plan.through {
+        Through::Link(_) => extents(&file, plan.ghost.size),
+        // The holder's own description: its position goes back where it was (the
+        // holder is frozen, so nothing sees it move).
+        Through::Dup { .. } => {
+            let pos = lseek(&file, 0, libc::SEEK_CUR);
+            let found = extents(&file, plan.ghost.size);
+            if let Some(pos) = pos {
+                lseek(&file, pos, libc::SEEK_SET).with_context(|| {
+                    format!("putting back the file position of {}", plan.ghost.path)
+                })?;
+            }
+            found
+        }
+    };
     let data: u64 = plan.ghost.extents.iter().map(|e| e.1).sum();
     if data > limit {
         bail!(

@@ -228,6 +228,13 @@ pub fn run(opts: &Options) -> Result<Report> {
     let nofile_soft = fd_limits(&plan)?;
     let ghosts = recreate_ghosts(&reader, &plan, opts, trust, &mut warnings)?;
     let files = open::descriptions(image, &plan, &ghosts, &checked)?;
+    // The recreated files' own fds (open for writing, to fill them) would count as
+    // other opens against a lease on them: their descriptions now keep them.
+    let ghosts = {
+        let n = ghosts.len();
+        drop(ghosts);
+        n
+    };
     check_cancel()?;
     let tree = spawn::spawn(
         &spawn::Setup {
@@ -275,7 +282,7 @@ pub fn run(opts: &Options) -> Result<Report> {
         files: plan.files.len(),
         locks: plan.procs.iter().map(|p| p.locks.len()).sum(),
         leases: lease_reports,
-        ghosts: ghosts.len(),
+        ghosts,
         lease_time: opts.lease_time.to_string(),
         released_monotonic_ns: released,
         total_ms: started.elapsed().as_secs_f64() * 1e3,
