@@ -567,6 +567,11 @@ fn lease_scenario(
 /// The tolerance around the deadline: 20 ms.
 const TOLERANCE_MS: f64 = 20.0;
 
+/// How late a process may see a deadline it waits on in `two_deadlines`: it runs when
+/// the scheduler lets it, which on a loaded TCG VM is tens of ms after the kernel
+/// acted (the deadlines themselves are checked against `TOLERANCE_MS`).
+const SEEN_LATE_MS: f64 = 100.0;
+
 #[test]
 fn a_breaking_lease_is_revoked_exactly_when_it_had_left() {
     require_root();
@@ -704,9 +709,16 @@ fn two_deadlines(holder_open: &str, writer_after: Duration, dump_after: Duration
     eprintln!(
         "downgrade: {downgrade:.1} ms left, a reader sent at {read_sent:.1} through {read_at:.1} ms after the release; unlock: {unlock:.1} ms left, gone {gone_at:.1} ms after it, writers through at {write_at:.1}"
     );
-    // The unlock deadline, kept in every case; the writer through once it has come.
+    // The unlock deadline as the restore set it, read back: where the image had it.
+    let set = report["leases"][0]["remaining_ns"].as_f64().unwrap() / 1e6;
     assert!(
-        (gone_at - unlock).abs() <= TOLERANCE_MS,
+        (set - unlock).abs() <= TOLERANCE_MS,
+        "the unlock was set {set:.1} ms after the release, {unlock:.1} ms expected"
+    );
+    // Seen by the holder: never before it, and after it by no more than the time a
+    // loaded VM takes to run the holder's next look (25 ms once on CI's 6.12 VM).
+    assert!(
+        (unlock - TOLERANCE_MS..=unlock + SEEN_LATE_MS).contains(&gone_at),
         "the lease went {gone_at:.1} ms after the release, {unlock:.1} ms expected"
     );
     assert!(write_at >= gone_at - TOLERANCE_MS, "{write_at:.1} ms");
@@ -733,8 +745,10 @@ fn a_downgrade_and_an_unlock_pending_on_one_lease_both_keep_their_time() {
         t.downgrade,
         t.unlock
     );
+    // Set where the image had it (checked in `two_deadlines`); seen by a blocked
+    // reader never before it, and late by no more than its wake-up on a loaded VM.
     assert!(
-        (t.read_at - t.downgrade).abs() <= TOLERANCE_MS,
+        (t.downgrade - TOLERANCE_MS..=t.downgrade + SEEN_LATE_MS).contains(&t.read_at),
         "a reader got through {:.1} ms after the release, {:.1} ms expected",
         t.read_at,
         t.downgrade
