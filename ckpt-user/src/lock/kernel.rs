@@ -92,9 +92,10 @@ pub struct KernelLocks {
     pub blocked: Vec<KLock>,
     /// Command names from the iterator's process records (shared by their rows).
     pub comms: HashMap<u32, Arc<str>>,
-    /// (pid, fd) whose held locks came from fdinfo because their lists changed under
-    /// the walk, or were too long to walk, and mappings that could not be read: say
-    /// so.
+    /// (pid, fd) whose held locks came from fdinfo: because their lists still
+    /// changed under the walk when read again (`from_fdinfo`), or held more locks and
+    /// waiters than a walk reads (`too_long`); and mappings that could not be read.
+    /// Each is said to the reader.
     pub from_fdinfo: Vec<(u32, i32)>,
     pub too_long: Vec<(u32, i32)>,
     pub unread_mappings: usize,
